@@ -1,0 +1,124 @@
+"""Command line: parse, look up presets and studies, apply overrides, dispatch. Kept thin.
+
+    rankscope run [STUDY] [--preset P] [--tokens N] [--seeds S ...] [--out DIR] [--data PATH] [--set k=v ...]
+    rankscope report DIR [DIR ...] [--out DIR]
+    rankscope list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import ConfigError, RankscopeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rankscope", description="Train QK-Norm x optimizer arms and probe the rank of every attention head.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a study (default: the built-in qk-muon) and write its report")
+    run.add_argument("study", nargs="?", default=None, help="a built-in study name or a study TOML file (default: qk-muon)")
+    run.add_argument("--preset", help="model and training preset: tiny, seed-88m, seed-1.5b")
+    run.add_argument("--tokens", help="token budget per run, e.g. 2M")
+    run.add_argument("--seeds", nargs="+", type=int, help="seeds to run (default: the study's)")
+    run.add_argument("--out", help="study folder (default: rankscope-out/STUDY)")
+    run.add_argument("--data", help="text files/folder or .bin token shards (default: the embedded corpus)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+
+    rep = sub.add_parser("report", help="write report.md and plots for one or more study folders")
+    rep.add_argument("dirs", nargs="+", help="study folders (several are merged)")
+    rep.add_argument("--out", help="where to write the report (default: the first folder)")
+
+    sub.add_parser("list", help="list built-in studies, presets and settings")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import parse_count, parse_set
+    from .study import BUILTIN, DEFAULT_STUDY, load_study, run_study
+
+    study = load_study(args.study or DEFAULT_STUDY)
+    if args.preset:
+        study = replace(study, preset=args.preset)
+    overrides: dict[str, object] = {}
+    if args.tokens:
+        try:
+            overrides["train.tokens"] = parse_count(args.tokens)
+        except ValueError:
+            raise ConfigError(f"--tokens expects a count such as 2M or 500000, got {args.tokens!r}") from None
+    if args.data:
+        if not Path(args.data).exists():
+            raise ConfigError(f"--data: no such file or folder: {args.data}")
+        overrides["data.path"] = str(Path(args.data).resolve())
+    overrides.update(parse_set(args.overrides))
+    out = Path(args.out or Path("rankscope-out") / study.name)
+    seeds = tuple(args.seeds) if args.seeds else None
+
+    summaries = run_study(study, out, overrides, seeds, progress=not args.no_progress)
+    diverged = [s for s in summaries if s.get("status") == "diverged"]
+    if not args.no_report:
+        from .report import paradox_text, write_report
+        path = write_report(out)
+        print(paradox_text(out))
+        print(f"\nreport: {path}")
+    if diverged:
+        print(f"rankscope: {len(diverged)} run(s) diverged; see the report", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import paradox_text, write_report
+    from .store import run_dirs
+
+    for d in args.dirs:
+        if not Path(d).is_dir():
+            raise ConfigError(f"no such study folder: {d}")
+        if not run_dirs(d):
+            raise ConfigError(f"{d}: no runs found (expected <arm>/seed-<k>/scalars.csv)")
+    path = write_report(args.dirs if len(args.dirs) > 1 else args.dirs[0], args.out)
+    print(paradox_text(args.dirs if len(args.dirs) > 1 else args.dirs[0]))
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .config import PRESETS, known_keys
+    from .study import BUILTIN
+
+    print("studies:")
+    for name, s in BUILTIN.items():
+        print(f"  {name:10s} {s.description}\n  {'':10s} arms: {', '.join(s.arms)}")
+    print("presets:")
+    for name, cfg in PRESETS.items():
+        m = cfg.model
+        print(f"  {name:10s} {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, "
+              f"vocab {m.vocab_size}, {cfg.train.tokens:,} tokens")
+    print("settings (--set KEY=VALUE):")
+    print("  " + "\n  ".join(known_keys()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from .data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = RankscopeError
+    try:
+        return {"run": _run, "report": _report, "list": _list}[args.command](args)
+    except (RankscopeError, DataError) as e:
+        print(f"rankscope: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rankscope: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

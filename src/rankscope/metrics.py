@@ -1,0 +1,95 @@
+"""Spectrum metrics of activation matrices: pure tensor math, no hooks, files or plots.
+
+For one head at one site, X is the (n tokens x d) activation matrix and s its singular values.
+Everything follows from the d x d Gram matrix XᵀX (eigenvalues s²) and, for the centered
+covariance, the column sum Σx: so a probe can accumulate Grams batch by batch and never keep X.
+
+- pr_sv:       (Σ s)² / Σ s²            the seed's participation ratio, uncentered; 1 ≤ pr_sv ≤ d
+- pr_eig:      (Σ λ)² / Σ λ²            λ = eigenvalues of the centered covariance (Gao et al. 2017)
+- erank:       exp(H(p)), p = s / Σ s   effective rank (Roy & Vetterli 2007)
+- stable_rank: Σ s² / max s²
+- r90:         fewest directions holding 90% of Σ s²
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("pr_sv", "pr_eig", "erank", "stable_rank", "r90")
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """XᵀX in float64 for x of shape (..., n, d) -> (..., d, d)."""
+    x = x.double()
+    return x.mT @ x
+
+
+def _eig(g: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of symmetric PSD matrices, descending, float64. Values below the round-off floor
+    λ_max · d · eps (numpy's matrix_rank tolerance) are set to zero: otherwise a truly null direction
+    gets a singular value of about sqrt(eps) · s_max, which the sqrt in pr_sv would count."""
+    ev = torch.linalg.eigvalsh(g.double()).flip(-1)
+    floor = ev[..., :1].clamp_min(0) * g.shape[-1] * torch.finfo(torch.float64).eps
+    return torch.where(ev > floor, ev, torch.zeros_like(ev))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den with 0/0 -> 0, for all-zero activations (a dead head)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
+                      n: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """All metrics from Gram matrices g (..., d, d); col_sum (..., d) and row count n (scalar or
+    (...)) enable pr_eig.
+
+    One batched eigen-decomposition per kind (uncentered, centered) for every head and layer.
+    """
+    ev = _eig(g)                       # s², descending
+    s = ev.sqrt()
+    s_sum, ev_sum = s.sum(-1), ev.sum(-1)
+    p = _ratio(s, s_sum.unsqueeze(-1))
+    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    share = _ratio(ev.cumsum(-1), ev_sum.unsqueeze(-1))
+    out = {
+        "pr_sv": _ratio(s_sum.square(), ev_sum),
+        "erank": torch.where(s_sum > 0, entropy.exp(), torch.zeros_like(entropy)),
+        "stable_rank": _ratio(ev_sum, ev[..., 0]),
+        # count directions strictly below 90% and add the one that crosses it
+        "r90": torch.where(ev_sum > 0, (share < 0.9 - 1e-12).sum(-1) + 1.0, torch.zeros_like(ev_sum)),
+    }
+    if col_sum is not None and n is not None:
+        n = torch.as_tensor(n, dtype=torch.float64, device=g.device)  # scalar or (...)
+        mean = col_sum.double() / n[..., None]  # (..., d)
+        centered = g.double() - n[..., None, None] * mean.unsqueeze(-1) * mean.unsqueeze(-2)  # XᵀX - n μμᵀ
+        lam = _eig(centered)
+        out["pr_eig"] = _ratio(lam.sum(-1).square(), lam.square().sum(-1))
+    return out
+
+
+def participation_ratio(x: torch.Tensor, kind: str = "sv") -> torch.Tensor:
+    """Participation ratio of activations x (..., n, d) -> (...).
+
+    kind="sv": the seed's (Σ s)² / Σ s² over singular values of the uncentered x.
+    kind="eig": the standard (Σ λ)² / Σ λ² over eigenvalues of the centered covariance.
+    """
+    if kind == "sv":
+        return metrics_from_gram(gram(x))["pr_sv"]
+    if kind == "eig":
+        return metrics_from_gram(gram(x), x.double().sum(-2), x.shape[-2])["pr_eig"]
+    raise ValueError(f"kind must be 'sv' or 'eig', got {kind!r}")
+
+
+def effective_rank(x: torch.Tensor) -> torch.Tensor:
+    """exp of the entropy of the normalised singular values of x (..., n, d) -> (...)."""
+    return metrics_from_gram(gram(x))["erank"]
+
+
+def stable_rank(x: torch.Tensor) -> torch.Tensor:
+    """Σ s² / max s² of x (..., n, d) -> (...)."""
+    return metrics_from_gram(gram(x))["stable_rank"]
+
+
+def r90(x: torch.Tensor) -> torch.Tensor:
+    """Fewest singular directions of x (..., n, d) holding 90% of Σ s² -> (...)."""
+    return metrics_from_gram(gram(x))["r90"]

@@ -1,0 +1,229 @@
+"""The seed's GPT, top to bottom like the math.
+
+RMSNorm pre-norm blocks; attention with separate Q, K, V, O weights, grouped-query heads, optional
+QK-Norm (before RoPE), RoPE, causal scaled-dot-product attention; squared-ReLU MLP; tied embeddings
+scaled by sqrt(d_model). Identity `Tap` modules mark where probes attach; they cost nothing.
+
+Shapes: B batch, T tokens, D d_model, H query heads, G key/value heads, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 2
+    n_kv_head: int = 1
+    head_dim: int = 64
+    d_mlp: int = 512
+    max_seq_len: int = 256
+    rope_base: float = 10000.0
+    qk_norm: str = "learned"  # learned | frozen | parameter_free | none
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+class Tap(nn.Identity):
+    """A named point in the forward pass where a probe can hook. Layout (B, T, heads, E)."""
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension. gain: 'learned' (trained), 'frozen' (fixed at 1, kept as a
+    parameter that never trains, so it is visible and counted), or 'parameter_free' (no gain)."""
+
+    def __init__(self, dim: int, eps: float, gain: str = "learned"):
+        super().__init__()
+        self.eps = eps
+        self.weight = None
+        if gain in ("learned", "frozen"):
+            self.weight = nn.Parameter(torch.ones(dim), requires_grad=(gain == "learned"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, E/2) for rotary position embeddings (Su et al. 2021)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1[i], x2[i]) of the two halves of the head dimension. x: (B, T, heads, E)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)  # (1, T, 1, E/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm != "none":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.qk_norm)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.qk_norm)
+        # probe taps, all (B, T, heads, E)
+        self.q_pre, self.k_pre = Tap(), Tap()  # after QK-Norm, before RoPE
+        self.q, self.k, self.v = Tap(), Tap(), Tap()  # q, k after RoPE
+        self.o = Tap()  # each head's attention output, before the output projection
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, E)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, G, E)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, G, E)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_pre(q), self.k_pre(k)
+        q, k, v = self.q(apply_rope(q, cos, sin)), self.k(apply_rope(k, cos, sin)), self.v(v)
+        y = F.scaled_dot_product_attention(  # (B, H, T, E); head h reads kv head h // (H/G)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = self.o(y.transpose(1, 2))  # (B, T, H, E)
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp, bias=False)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())  # squared ReLU (So et al. 2021, Primer)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits h @ wᵀ, computed in row chunks that stay in cache.
+
+    The loss is the graph's end, so each chunk's gradient (softmax - onehot) is formed right away
+    and folded into dh and dw; the (N, V) logits never exist whole and are never recomputed
+    (the idea behind fused linear-cross-entropy kernels such as Liger's). On two CPU cores this
+    makes the output layer about 1.7x faster than logits + F.cross_entropy.
+    """
+
+    CHUNK = 512  # rows; 512 x V floats fit in cache for V up to a few thousand
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        N = h.shape[0]  # h (N, D), w (V, D), targets (N,)
+        dh, dw = torch.empty_like(h), torch.zeros_like(w)
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for i in range(0, N, LinearCrossEntropy.CHUNK):
+            hc, tc = h[i:i + LinearCrossEntropy.CHUNK], targets[i:i + LinearCrossEntropy.CHUNK, None]
+            logits = hc @ w.T  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
+            total += lse.sum() - logits.gather(1, tc).sum()
+            p = logits.sub_(lse).exp_()  # softmax, in place
+            p.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # softmax - onehot
+            torch.mm(p, w, out=dh[i:i + LinearCrossEntropy.CHUNK])
+            dw.addmm_(p.T, hc)
+        ctx.save_for_backward(dh, dw)
+        ctx.n = N
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        scale = grad / ctx.n
+        return dh * scale, dw * scale, None
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # tied with the output head
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters(seed=0)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy if targets are given."""
+        T = idx.size(1)
+        x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        x = self.final_norm(x)
+        if targets is None:
+            return F.linear(x, self.embed.weight)  # (B, T, V)
+        if x.requires_grad and x.device.type == "cpu":
+            return LinearCrossEntropy.apply(x.flatten(0, 1), self.embed.weight, targets.flatten())
+        return F.cross_entropy(F.linear(x, self.embed.weight).flatten(0, 1).float(), targets.flatten())
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Initialise each parameter from a generator seeded by (seed, parameter name), so models
+        that differ only in some modules (QK-Norm or not) start from identical shared weights."""
+        n_out = 2 * self.cfg.n_layer  # residual-branch outputs, scaled as in GPT-2
+        for name, p in self.named_parameters():
+            if p.is_meta:  # shape-only model (parameter counts): nothing to fill
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0)  # norm gains
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+            std = self.cfg.init_std
+            if name.endswith(("o_proj.weight", "down.weight")):
+                std /= math.sqrt(n_out)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def param_roles(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Each trainable parameter's role, declared by module type (never by name):
+        'matrix' = 2D hidden weights (Muon's), 'embedding', 'gain' = norm gains."""
+        roles: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embedding": [], "gain": []}
+        for mod_name, mod in self.named_modules():
+            role = {nn.Linear: "matrix", nn.Embedding: "embedding", RMSNorm: "gain"}.get(type(mod))
+            if role is None:
+                continue
+            for p_name, p in mod.named_parameters(recurse=False):
+                if p.requires_grad:
+                    roles[role].append((f"{mod_name}.{p_name}", p))
+        return roles
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters (the tied head counts once, the embedding
+        lookup not at all), plus attention's 12 x layers x heads x head_dim x T (PaLM, Chowdhery et al.
+        2022, appendix B), halved for the causal mask that flash kernels skip."""
+        c = self.cfg
+        matmul = sum(p.numel() for _, p in self.param_roles()["matrix"]) + c.vocab_size * c.d_model
+        attention = 12 * c.n_layer * c.n_head * c.head_dim * seq_len / 2
+        return 6 * matmul + attention

@@ -1,0 +1,239 @@
+"""Probes: forward hooks that feed `metrics.py`, attachable to any model.
+
+A site is a module-path pattern plus a head layout, so the same probe reads rankscope's GPT or
+another model's attention modules. The hooks accumulate each head's Gram matrix XᵀX and column
+sum Σx in one batched pass (no per-head loops, no stored activations); `measure` then runs one
+batched eigen-decomposition for every layer, head and site. Probes never change the model: the
+hooks return nothing and run under `no_grad`, and they are removed when the pass ends.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .metrics import METRICS, metrics_from_gram
+
+LAYER_WIDE = -1  # head index of per-layer rows (gain statistics); the store's convention
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where to read one kind of per-head activation.
+
+    pattern: fnmatch pattern over module paths; the layer index is the first integer in the path.
+    layout:  'BTHE' (batch, tokens, heads, head dim), 'BHTE', or 'BTC' (heads*head_dim flattened,
+             which needs head_dim).
+    """
+
+    name: str
+    pattern: str
+    layout: str = "BTHE"
+    head_dim: int | None = None
+
+    def to_bthe(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "BTHE":
+            return x
+        if self.layout == "BHTE":
+            return x.transpose(1, 2)
+        if self.layout == "BTC":
+            return x.unflatten(-1, (-1, self.head_dim))
+        raise ValueError(f"unknown layout {self.layout!r}")
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Per-head attention entropy and max logit from the post-RoPE query and key sites of a layer."""
+
+    q: Site
+    k: Site
+    scale: float | None = None      # default 1/sqrt(head_dim)
+    causal: bool = True
+    query_chunk: int = 256          # bounds the (B, H, chunk, T) logits held at once
+
+
+def gpt_sites(names: Iterable[str]) -> list[Site]:
+    """Sites of rankscope's own GPT: q_pre, q, k_pre, k, v, o taps in every block."""
+    return [Site(n, f"blocks.*.attn.{n}") for n in names]
+
+
+def _layer_of(path: str) -> int:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    if m is None:
+        raise ValueError(f"no layer index in module path {path!r}")
+    return int(m.group(1))
+
+
+def _matching(model: nn.Module, pattern: str) -> list[tuple[int, nn.Module]]:
+    found = [(_layer_of(p), m) for p, m in model.named_modules() if fnmatch.fnmatchcase(p, pattern)]
+    if not found:
+        raise ValueError(f"no module matches {pattern!r}")
+    return sorted(found, key=lambda t: t[0])
+
+
+class Probe:
+    """Measure rank metrics (and attention statistics, gain statistics) on fixed batches.
+
+    >>> probe = Probe(model, gpt_sites(["k"]), attention=AttentionStats(*gpt_sites(["q", "k"])))
+    >>> rows = probe.measure([x_batch])   # [{'layer', 'head', 'site', 'metric', 'value'}, ...]
+    """
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], attention: AttentionStats | None = None,
+                 gains: dict[str, str] | None = None):
+        self.model, self.sites, self.attention = model, list(sites), attention
+        self.gains = dict(gains or {})  # row site name -> module pattern whose .weight is a gain
+        # validate patterns now, so a bad site fails before any training
+        for s in self.sites + ([attention.q, attention.k] if attention else []):
+            _matching(model, s.pattern)
+
+    # --- accumulation inside the hooks --------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._gram: dict[tuple[str, int], torch.Tensor] = {}
+        self._sum: dict[tuple[str, int], torch.Tensor] = {}
+        self._n: dict[tuple[str, int], int] = {}
+        self._pending: dict[tuple[str, int], torch.Tensor] = {}
+        self._ent: dict[int, torch.Tensor] = {}
+        self._ent_n: dict[int, int] = {}
+        self._maxlogit: dict[int, torch.Tensor] = {}
+
+    def _accumulate(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        x = site.to_bthe(x).float().flatten(0, 1)  # (N, H, E), N = B*T
+        g = torch.einsum("nhe,nhf->hef", x, x)  # (H, E, E): every head in one batched matmul
+        key = (site.name, layer)
+        if key in self._gram:
+            self._gram[key] += g
+            self._sum[key] += x.sum(0)
+            self._n[key] += x.shape[0]
+        else:
+            self._gram[key], self._sum[key], self._n[key] = g.double(), x.sum(0).double(), x.shape[0]
+
+    def _attend(self, which: str, layer: int, x: torch.Tensor) -> None:
+        spec = self.attention
+        other = "k" if which == "q" else "q"
+        if (other, layer) not in self._pending:
+            self._pending[(which, layer)] = x
+            return
+        q = x if which == "q" else self._pending.pop((other, layer))
+        k = x if which == "k" else self._pending.pop((other, layer))
+        q = spec.q.to_bthe(q).transpose(1, 2).float()  # (B, H, T, E)
+        k = spec.k.to_bthe(k).transpose(1, 2).float()  # (B, G, T, E)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, E): query head h reads kv head h // (H/G)
+        B, H, T, E = q.shape
+        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(E)
+        ent, mx = torch.zeros(H, dtype=torch.float64, device=q.device), None
+        for i in range(0, T, spec.query_chunk):
+            logits = (q[:, :, i:i + spec.query_chunk] @ k.mT) * scale  # (B, H, c, T)
+            if spec.causal:
+                rows = torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
+                logits = logits.masked_fill(torch.arange(T, device=q.device)[None, :] > rows, float("-inf"))
+            chunk_max = logits.amax(dim=(0, 2, 3))  # (H,)
+            mx = chunk_max if mx is None else torch.maximum(mx, chunk_max)
+            logp = torch.log_softmax(logits, dim=-1)
+            ent += -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1).sum((0, 2)).double()
+        self._ent[layer] = self._ent.get(layer, 0) + ent
+        self._ent_n[layer] = self._ent_n.get(layer, 0) + B * T
+        self._maxlogit[layer] = mx if layer not in self._maxlogit else torch.maximum(self._maxlogit[layer], mx)
+
+    def _hooks(self) -> list[Any]:
+        handles = []
+        for site in self.sites:
+            for layer, mod in _matching(self.model, site.pattern):
+                handles.append(mod.register_forward_hook(
+                    lambda m, i, out, s=site, l=layer: self._accumulate(s, l, out)))
+        if self.attention:
+            for which, site in (("q", self.attention.q), ("k", self.attention.k)):
+                for layer, mod in _matching(self.model, site.pattern):
+                    handles.append(mod.register_forward_hook(
+                        lambda m, i, out, w=which, l=layer: self._attend(w, l, out)))
+        return handles
+
+    # --- one measurement ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def measure(self, batches: Iterable[torch.Tensor], forward: Any = None) -> list[dict[str, Any]]:
+        """Run the model on each batch of token ids with the hooks attached; return tidy rows."""
+        self._reset()
+        forward = forward or self.model
+        handles = self._hooks()
+        try:
+            for x in batches:
+                forward(x)
+        finally:
+            for h in handles:
+                h.remove()
+        rows = self._spectral_rows() + self._attention_rows() + self._gain_rows()
+        self._reset()
+        return rows
+
+    def _spectral_rows(self) -> list[dict[str, Any]]:
+        keys = list(self._gram)
+        if not keys:
+            return []
+        by_dim: dict[int, list[tuple[str, int]]] = {}
+        for key in keys:  # one batched eigendecomposition per head size (normally just one)
+            by_dim.setdefault(self._gram[key].shape[-1], []).append(key)
+        rows = []
+        for group in by_dim.values():
+            heads = [self._gram[k].shape[0] for k in group]
+            g = torch.cat([self._gram[k] for k in group])  # (sum of heads, E, E)
+            s = torch.cat([self._sum[k] for k in group])
+            n = torch.tensor([self._n[k] for k, h in zip(group, heads) for _ in range(h)],
+                             dtype=torch.float64, device=g.device)
+            values = metrics_from_gram(g, s, n)
+            table = torch.stack([values[m] for m in METRICS], -1).cpu().tolist()  # one host sync
+            i = 0
+            for (site, layer), h in zip(group, heads):
+                for head in range(h):
+                    rows += [dict(layer=layer, head=head, site=site, metric=m, value=v)
+                             for m, v in zip(METRICS, table[i])]
+                    i += 1
+        return rows
+
+    def _attention_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer in sorted(self._ent):
+            ent = (self._ent[layer] / self._ent_n[layer]).cpu().tolist()
+            mx = self._maxlogit[layer].cpu().tolist()
+            for head, (e, m) in enumerate(zip(ent, mx)):
+                rows += [dict(layer=layer, head=head, site="attn", metric="entropy", value=e),
+                         dict(layer=layer, head=head, site="attn", metric="max_logit", value=m)]
+        return rows
+
+    def _gain_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, pattern in self.gains.items():
+            for layer, mod in _matching(self.model, pattern):
+                w = getattr(mod, "weight", None)
+                if w is None:
+                    continue
+                for metric, v in gain_stats(w.detach()).items():
+                    rows.append(dict(layer=layer, head=LAYER_WIDE, site=name, metric=metric, value=v))
+        return rows
+
+
+def gain_stats(w: torch.Tensor, near_zero: float = 0.1) -> dict[str, float]:
+    """Mean, coefficient of variation (std / |mean|) and share of |gain| < near_zero of a gain vector."""
+    w = w.double()
+    mean = w.mean()
+    return {
+        "gain_mean": mean.item(),
+        "gain_cv": (w.std(unbiased=False) / mean.abs()).item() if mean != 0 else float("inf"),
+        "gain_near_zero": (w.abs() < near_zero).double().mean().item(),
+    }
+
+
+def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) -> Probe:
+    """The probe for rankscope's GPT: rank metrics at `sites`, attention statistics from the
+    post-RoPE q and k, and QK-Norm gain statistics when the model has learned or frozen gains."""
+    q, k = gpt_sites(["q", "k"])
+    gains = {}
+    if getattr(model.blocks[0].attn, "q_norm", None) is not None and model.blocks[0].attn.q_norm.weight is not None:
+        gains = {"q_gain": "blocks.*.attn.q_norm", "k_gain": "blocks.*.attn.k_norm"}
+    return Probe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gains)

@@ -1,0 +1,227 @@
+"""Studies: arms x seeds on identical data and initial weights; built-in studies and TOML files.
+
+A study file::
+
+    name = "my-study"           # optional; default: the file's stem
+    description = "what it asks"
+    preset = "tiny"             # tiny | seed-88m | seed-1.5b
+    tokens = "2M"               # token budget per run (train.tokens)
+    probe_every = "200K"        # tokens between evaluations and probes (train.eval_every)
+    seeds = [0, 1, 2]
+
+    [settings]                  # overrides for every arm
+    optim.muon_lr = 0.024
+
+    [arms.qk-norm]              # one table of overrides per arm
+    model.qk_norm = "learned"
+    [arms.no-norm]
+    model.qk_norm = "none"
+
+Settings apply in order: preset, study settings, the arm's overrides, then the command line.
+Re-running a study skips its finished runs and redoes unfinished ones from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .config import RunConfig, apply_overrides, parse_count, preset
+from .errors import ConfigError, RankscopeError
+from . import store
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    arms: dict[str, dict[str, Any]]
+    preset: str = "tiny"
+    seeds: tuple[int, ...] = (0,)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+_MUON, _ADAMW = {"optim.name": "muon"}, {"optim.name": "adamw"}
+
+BUILTIN: dict[str, Study] = {
+    "qk-muon": Study(
+        "qk-muon", "Muon with learned QK-Norm vs Muon without: the seed's comparison.",
+        {"qk-norm": {"model.qk_norm": "learned", **_MUON}, "no-norm": {"model.qk_norm": "none", **_MUON}},
+    ),
+    "qk-4way": Study(
+        "qk-4way", "QK-Norm on/off under Muon and under AdamW: the seed's 4-way comparison.",
+        {"qk-norm-muon": {"model.qk_norm": "learned", **_MUON}, "no-norm-muon": {"model.qk_norm": "none", **_MUON},
+         "qk-norm-adamw": {"model.qk_norm": "learned", **_ADAMW}, "no-norm-adamw": {"model.qk_norm": "none", **_ADAMW}},
+    ),
+    "gamma": Study(
+        "gamma", "Under Muon: QK-Norm with a learned gain, with the gain frozen at 1, and no QK-Norm "
+                 "(the seed author's 1.5B follow-up).",
+        {"learned-gain": {"model.qk_norm": "learned", **_MUON}, "frozen-gain": {"model.qk_norm": "frozen", **_MUON},
+         "no-norm": {"model.qk_norm": "none", **_MUON}},
+    ),
+}
+DEFAULT_STUDY = "qk-muon"
+
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'qk_norm': 'none'}} -> {'model.qk_norm': 'none'} (TOML dotted keys make tables)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_study(spec: str) -> Study:
+    """A built-in study by name, or a study TOML file by path."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"no built-in study or study file named {spec!r} (built in: {', '.join(BUILTIN)})")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return study_from_dict(raw, default_name=path.stem, where=str(path))
+
+
+def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: str = "study") -> Study:
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+
+    def typed(key: str, typ: type | tuple, what: str) -> Any:
+        value = raw[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+        return value
+
+    settings: dict[str, Any] = {}
+    if "settings" in raw:
+        settings.update(_flatten(typed("settings", dict, "a table of overrides")))
+    for key, target in (("tokens", "train.tokens"), ("probe_every", "train.eval_every")):
+        if key in raw:
+            value = typed(key, (int, str), "a token count such as 2000000 or \"2M\"")
+            try:
+                settings[target] = parse_count(value) if isinstance(value, str) else value
+            except ValueError:
+                raise ConfigError(f"{where}: {key} must be a token count such as \"2M\", got {value!r}") from None
+    arms_raw = typed("arms", dict, "a table of arms") if "arms" in raw else {}
+    if not arms_raw:
+        raise ConfigError(f"{where}: no arms (add tables such as [arms.qk-norm])")
+    arms = {}
+    for name, overrides in arms_raw.items():
+        if not _ARM_NAME.match(name):
+            raise ConfigError(f"{where}: arm name {name!r} must be letters, digits, '-', '_', '.' or '+'")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: arms.{name} must be a table of overrides, got {overrides!r}")
+        arms[name] = _flatten(overrides)
+    seeds = (0,)
+    if "seeds" in raw:
+        seeds_raw = typed("seeds", list, "a list of integers")
+        if not seeds_raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw):
+            raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds_raw!r}")
+        seeds = tuple(seeds_raw)
+    study = Study(
+        name=typed("name", str, "a string") if "name" in raw else default_name,
+        description=typed("description", str, "a string") if "description" in raw else "",
+        arms=arms, preset=typed("preset", str, "a preset name") if "preset" in raw else "tiny",
+        seeds=seeds, settings=settings,
+    )
+    resolve(study, {})  # fail now on unknown keys or wrong types, before any run starts
+    return study
+
+
+def resolve(study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] | None = None) -> list[tuple[str, RunConfig]]:
+    """Every (arm, config) of the study, seed-major, so partial results hold whole seeds."""
+    runs = []
+    base = preset(study.preset)
+    for seed in seeds or study.seeds:
+        for arm, arm_overrides in study.arms.items():
+            try:
+                cfg = apply_overrides(base, {**study.settings, **arm_overrides, **overrides, "seed": seed})
+            except ConfigError as e:
+                raise ConfigError(f"study {study.name}, arm {arm}: {e}") from None
+            runs.append((arm, cfg))
+    return runs
+
+
+# Settings that change where or how fast a run goes, not what it computes.
+_NOT_IDENTITY = ("train.device", "train.threads")
+
+
+def _identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flatten({k: cfg_dict[k] for k in ("model", "optim", "train", "probe", "data", "seed") if k in cfg_dict})
+    return {k: v for k, v in json.loads(json.dumps(flat)).items() if k not in _NOT_IDENTITY}
+
+
+def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
+              seeds: tuple[int, ...] | None = None, progress: bool = True,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[dict[str, Any]]:
+    """Run every unfinished (arm, seed) of the study into out_dir; return each run's summary."""
+    from .data import load_data
+    from .train import RunDiverged, train
+
+    overrides = dict(overrides or {})
+    runs = resolve(study, overrides, seeds)
+    out_dir = Path(out_dir)
+
+    # finished runs are kept only when they were made with the same settings
+    todo = []
+    for arm, cfg in runs:
+        rd = store.run_dir(out_dir, arm, cfg.seed)
+        if store.is_done(rd):
+            old = store.read_json(rd / "config.json")
+            if _identity(old) != _identity(cfg.to_dict()):
+                diff = sorted(k for k in set(_identity(old)) | set(_identity(cfg.to_dict()))
+                              if _identity(old).get(k) != _identity(cfg.to_dict()).get(k))
+                raise RankscopeError(f"{rd} finished with different settings ({', '.join(diff[:4])}); "
+                                     f"use another --out or remove it")
+        todo.append((arm, cfg, rd))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.write_json(out_dir / "study.json", {
+        "name": study.name, "description": study.description, "preset": study.preset,
+        "seeds": sorted({cfg.seed for _, cfg in runs}), "arms": study.arms, "settings": study.settings,
+        "overrides": overrides, "tokens": runs[0][1].train.tokens,
+    })
+
+    pending = [(a, c, rd) for a, c, rd in todo if not store.is_done(rd)]
+    if len(pending) < len(todo):
+        log(f"rankscope: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out_dir}; skipping them")
+    data = None
+    summaries = []
+    for i, (arm, cfg, rd) in enumerate(pending):
+        if data is None:
+            sources = {(c.data.path, c.model.vocab_size) for _, c, _ in pending}
+            if len(sources) > 1:
+                raise ConfigError("all arms of a study must share data.path and model.vocab_size")
+            data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
+            log(f"rankscope: data: {data.source}")
+        store.clear_run(rd)  # an unfinished run is redone from the start
+        try:
+            summaries.append(train(cfg, rd, data, arm=arm, progress=progress,
+                                   progress_desc=f"[{i + 1}/{len(pending)}] {arm} seed {cfg.seed}"))
+        except RunDiverged as e:
+            log(f"rankscope: {e}")
+            summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}
+            store.write_json(rd / store.DONE, summary)
+            summaries.append(summary)
+    return summaries

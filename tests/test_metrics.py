@@ -1,0 +1,72 @@
+"""Metric functions against closed forms on matrices with chosen spectra."""
+
+import math
+
+import pytest
+import torch
+
+from rankscope import metrics
+from rankscope.metrics import effective_rank, participation_ratio, r90, stable_rank
+
+
+def with_singular_values(s: list[float], n: int = 200, seed: int = 0) -> torch.Tensor:
+    """An (n, d) matrix U diag(s) Vᵀ with orthonormal U (n x d) and V (d x d)."""
+    g = torch.Generator().manual_seed(seed)
+    d = len(s)
+    u, _ = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ v.T
+
+
+def test_closed_forms_for_chosen_singular_values():
+    s = [4.0, 2.0, 1.0, 1.0, 0.5, 0.0]
+    x = with_singular_values(s)
+    total, squares = sum(s), sum(v * v for v in s)
+    assert participation_ratio(x).item() == pytest.approx(total**2 / squares, rel=1e-9)
+    p = [v / total for v in s if v > 0]
+    assert effective_rank(x).item() == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)), rel=1e-9)
+    assert stable_rank(x).item() == pytest.approx(squares / 16.0, rel=1e-9)
+    # cumulative shares of Σs² = 22.25: 16 -> .719, 20 -> .899 (just short of 90%), 21 -> .944
+    assert r90(x).item() == 3
+
+
+def test_pr_eig_matches_covariance_eigenvalues():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 8, generator=g, dtype=torch.float64) * torch.tensor([3, 2, 2, 1, 1, 1, 0.5, 0.1]) + 7.0
+    lam = torch.linalg.eigvalsh(torch.cov(x.T))
+    assert participation_ratio(x, kind="eig").item() == pytest.approx((lam.sum() ** 2 / (lam**2).sum()).item(), rel=1e-9)
+
+
+def test_rank_one_gives_one_and_isotropic_gives_d():
+    d = 16
+    one = torch.outer(torch.randn(100, dtype=torch.float64), torch.randn(d, dtype=torch.float64))
+    for f in (participation_ratio, effective_rank, stable_rank):
+        assert f(one).item() == pytest.approx(1.0, abs=1e-6)
+    assert participation_ratio(one, kind="eig").item() == pytest.approx(1.0, abs=1e-6)
+    iso = with_singular_values([1.0] * d, n=64)
+    for f in (participation_ratio, effective_rank, stable_rank):
+        assert f(iso).item() == pytest.approx(d, rel=1e-9)
+    assert r90(iso).item() == math.ceil(0.9 * d)
+
+
+def test_batched_shapes_and_bounds():
+    x = torch.randn(3, 5, 40, 8)  # (..., n, d)
+    for f in (participation_ratio, effective_rank, stable_rank, r90):
+        out = f(x)
+        assert out.shape == (3, 5)
+        assert bool(((out >= 1 - 1e-9) & (out <= 8 + 1e-9)).all())
+    # batched equals one at a time
+    assert torch.allclose(participation_ratio(x)[1, 2], participation_ratio(x[1, 2]))
+
+
+def test_scale_invariance_and_zero_input():
+    x = torch.randn(50, 8, dtype=torch.float64)
+    assert participation_ratio(7.5 * x).item() == pytest.approx(participation_ratio(x).item(), rel=1e-9)
+    zero = torch.zeros(10, 4)
+    for name, v in metrics.metrics_from_gram(metrics.gram(zero), zero.sum(0), 10).items():
+        assert v.item() == 0.0, name  # a dead head reports 0, not NaN
+
+
+def test_unknown_kind_rejected():
+    with pytest.raises(ValueError):
+        participation_ratio(torch.randn(4, 4), kind="nope")

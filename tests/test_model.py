@@ -1,0 +1,144 @@
+"""The GPT: preset sizes, causality, QK-Norm placement, attention against a reference, shared init."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rankscope.config import PRESETS
+from rankscope.model import GPT, LinearCrossEntropy, ModelConfig, apply_rope
+
+SMALL = ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return GPT(cfg).num_params()
+
+
+def test_seed_88m_has_the_seeds_parameter_count():
+    cfg = PRESETS["seed-88m"].model
+    assert count_params(cfg) == 88_630_528
+    # without QK-Norm: two 64-gain norms fewer in each of 22 layers
+    assert count_params(replace(cfg, qk_norm="none")) == 88_630_528 - 22 * 128
+    assert count_params(replace(cfg, qk_norm="parameter_free")) == 88_630_528 - 22 * 128
+    assert count_params(replace(cfg, qk_norm="frozen")) == 88_630_528
+
+
+def test_seed_1_5b_and_tiny_counts_match_closed_form():
+    for name in ("seed-1.5b", "tiny"):
+        c = PRESETS[name].model
+        q_o = 2 * c.d_model * c.n_head * c.head_dim
+        k_v = 2 * c.d_model * c.n_kv_head * c.head_dim
+        mlp = 2 * c.d_model * c.d_mlp
+        norms = 2 * c.d_model + 2 * c.head_dim
+        expected = c.n_layer * (q_o + k_v + mlp + norms) + c.vocab_size * c.d_model + c.d_model
+        assert count_params(c) == expected, name
+    c = PRESETS["seed-1.5b"].model
+    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_mlp) == (32, 2048, 16, 8, 128, 8192)
+
+
+def test_causal():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    x = torch.randint(0, 97, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_same_seed_gives_same_shared_weights_across_arms():
+    a = GPT(SMALL)
+    a.reset_parameters(5)
+    b = GPT(replace(SMALL, qk_norm="none"))
+    b.reset_parameters(5)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert set(pb) < set(pa)
+    for name, p in pb.items():
+        assert torch.equal(p, pa[name]), name
+    c = GPT(SMALL)
+    c.reset_parameters(6)
+    assert not torch.equal(c.embed.weight, a.embed.weight)
+
+
+def test_frozen_gain_equals_parameter_free():
+    a, b = GPT(replace(SMALL, qk_norm="frozen")), GPT(replace(SMALL, qk_norm="parameter_free"))
+    a.reset_parameters(1)
+    b.reset_parameters(1)
+    x = torch.randint(0, 97, (2, 10))
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+    assert not a.blocks[0].attn.q_norm.weight.requires_grad
+
+
+def reference_attention(model: GPT, block: int, h: torch.Tensor) -> torch.Tensor:
+    """Attention written out by hand: explicit GQA repeat, causal softmax, QK-Norm before RoPE."""
+    attn, cfg = model.blocks[block].attn, model.cfg
+    B, T, _ = h.shape
+    q = (h @ attn.q_proj.weight.T).view(B, T, cfg.n_head, cfg.head_dim)
+    k = (h @ attn.k_proj.weight.T).view(B, T, cfg.n_kv_head, cfg.head_dim)
+    v = (h @ attn.v_proj.weight.T).view(B, T, cfg.n_kv_head, cfg.head_dim)
+    if attn.q_norm is not None:
+        q = q / q.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * attn.q_norm.weight
+        k = k / k.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * attn.k_norm.weight
+    q, k = apply_rope(q, model.rope_cos[:T], model.rope_sin[:T]), apply_rope(k, model.rope_cos[:T], model.rope_sin[:T])
+    rep = cfg.n_head // cfg.n_kv_head
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthe,bshe->bhts", q, k) / math.sqrt(cfg.head_dim)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhts,bshe->bthe", scores.softmax(-1), v).reshape(B, T, -1)
+    return y @ attn.o_proj.weight.T
+
+
+@pytest.mark.parametrize("qk_norm", ["learned", "none"])
+def test_attention_matches_reference(qk_norm):
+    model = GPT(replace(SMALL, qk_norm=qk_norm))
+    model.reset_parameters(3)
+    with torch.no_grad():
+        for blk in model.blocks:
+            if blk.attn.q_norm is not None:  # non-trivial gains
+                blk.attn.q_norm.weight.uniform_(0.5, 1.5)
+                blk.attn.k_norm.weight.uniform_(0.5, 1.5)
+    h = torch.randn(2, 11, SMALL.d_model)
+    out = model.blocks[1].attn(h, model.rope_cos[:11], model.rope_sin[:11])
+    assert torch.allclose(out, reference_attention(model, 1, h), atol=1e-5)
+
+
+def test_rope_preserves_norm_and_is_relative():
+    cos, sin = GPT(SMALL).rope_cos, GPT(SMALL).rope_sin
+    x = torch.randn(1, 16, 1, 8)
+    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # <R_m q, R_n k> depends only on m - n
+    q, k = torch.randn(8), torch.randn(8)
+    rq = apply_rope(q.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
+    rk = apply_rope(k.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
+    assert torch.allclose(rq[5] @ rk[2], rq[12] @ rk[9], atol=1e-5)
+
+
+def test_linear_cross_entropy_matches_reference():
+    torch.manual_seed(0)
+    h = torch.randn(1100, 16, dtype=torch.float64, requires_grad=True)  # not a multiple of the chunk
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (1100,))
+    ref = F.cross_entropy(h @ w.T, t)
+    gh, gw = torch.autograd.grad(ref * 3.0, (h, w))
+    loss = LinearCrossEntropy.apply(h, w, t)
+    fh, fw = torch.autograd.grad(loss * 3.0, (h, w))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.allclose(fh, gh, atol=1e-12) and torch.allclose(fw, gw, atol=1e-12)
+
+
+def test_training_loss_equals_eval_loss():
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 10))
+    train_loss = model(x, y)  # the fused CPU path (parameters require grad)
+    with torch.no_grad():
+        eval_loss = model(x, y)
+        direct = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert train_loss.item() == pytest.approx(eval_loss.item(), rel=1e-5)
+    assert eval_loss.item() == pytest.approx(direct.item(), rel=1e-6)
+    assert train_loss.item() == pytest.approx(math.log(97), rel=0.1)  # near uniform at init

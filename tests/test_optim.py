@@ -1,0 +1,77 @@
+"""Optimizer groups by role: coverage, Muon only on 2D hidden matrices; schedules in closed form."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rankscope.config import OptimConfig
+from rankscope.model import GPT, ModelConfig
+from rankscope.optim import build_optimizers, lr_scale, set_lr
+
+SMALL = ModelConfig(vocab_size=64, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
+
+
+@pytest.mark.parametrize("qk_norm", ["learned", "frozen", "parameter_free", "none"])
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+def test_every_trainable_parameter_in_exactly_one_group(qk_norm, name):
+    model = GPT(replace(SMALL, qk_norm=qk_norm))
+    opts, counts = build_optimizers(model, OptimConfig(name=name))
+    grouped = [p for o in opts for g in o.param_groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)
+    assert sum(counts.values()) == sum(p.numel() for p in trainable)
+    # per layer: q, k, v, o, up, down
+    assert counts["matrix"] == sum(p.numel() for b in model.blocks for p in b.parameters() if p.ndim == 2)
+    assert counts["embedding"] == 64 * 32
+    n_gains = 2 * 3 + 1 + (6 if qk_norm == "learned" else 0)
+    assert sum(1 for o in opts for g in o.param_groups if g["role"] == "gain" for _ in g["params"]) == n_gains
+    muon = [o for o in opts if isinstance(o, torch.optim.Muon)]
+    if name == "muon":
+        assert len(muon) == 1
+        assert all(p.ndim == 2 for g in muon[0].param_groups for p in g["params"])
+        assert len(muon[0].param_groups[0]["params"]) == 6 * 3  # Q, K, V, O separate, not stacked
+    else:
+        assert not muon
+
+
+def test_seed_defaults():
+    c = OptimConfig()
+    assert (c.muon_lr, c.muon_momentum, c.muon_nesterov, c.muon_ns_steps) == (0.012, 0.95, True, 5)
+    assert (c.adamw_lr, c.adamw_weight_decay, c.grad_clip, c.schedule) == (0.006, 0.2, 1.0, "constant")
+
+
+def test_schedules_closed_form():
+    c = OptimConfig(schedule="cosine", warmup_tokens=100, min_lr_ratio=0.1)
+    assert lr_scale(0, 1100, c) == pytest.approx(1 / 100)
+    assert lr_scale(99, 1100, c) == pytest.approx(1.0)
+    assert lr_scale(100, 1100, c) == pytest.approx(1.0)
+    assert lr_scale(600, 1100, c) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert lr_scale(1100, 1100, c) == pytest.approx(0.1)
+    lin = replace(c, schedule="linear")
+    assert lr_scale(350, 1100, lin) == pytest.approx(0.1 + 0.9 * 0.75)
+    assert lr_scale(10**6, 1100, OptimConfig()) == 1.0  # the seed's constant LR
+
+
+def test_set_lr_scales_every_group_from_its_base():
+    opts, _ = build_optimizers(GPT(SMALL), OptimConfig())
+    set_lr(opts, 0.5)
+    for o in opts:
+        for g in o.param_groups:
+            assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])
+    muon = next(o for o in opts if isinstance(o, torch.optim.Muon))
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.006)
+
+
+def test_frozen_gain_never_changes():
+    model = GPT(replace(SMALL, qk_norm="frozen"))
+    opts, _ = build_optimizers(model, OptimConfig())
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(3):
+        model(x, x).backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    assert torch.equal(model.blocks[0].attn.k_norm.weight, torch.ones(8))
+    assert not math.isnan(model(x, x).item())
