@@ -27,7 +27,7 @@ def test_overrides_are_typed():
     ("model.qk_norm", "sometimes", "model.qk_norm must be"),
     ("optim.name", "sgd", "optim.name must be"),
     ("probe.sites", "k,z", "probe.sites must be among"),
-    ("model.n_kv_head", "3", "multiple of model.n_kv_head"),
+    ("model.n_kv_head", "2", "multiple of model.n_kv_head"),
     ("train.seq_len", "4096", "exceeds model.max_seq_len"),
 ])
 def test_bad_overrides_rejected_with_one_clear_line(key, value, needle):

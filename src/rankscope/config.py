@@ -43,10 +43,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     tokens: int = 1_000_000            # token budget
-    batch_size: int = 16               # sequences per step
-    seq_len: int = 256
+    batch_size: int = 32               # sequences per step
+    seq_len: int = 128
     eval_every: int = 100_000          # tokens between evaluations and probes (and at token 0 and the end)
-    eval_batches: int = 4              # fixed validation batches per evaluation
+    eval_batches: int = 2              # fixed validation batches per evaluation
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # CPU threads for torch; 0 = torch's default
 
@@ -54,7 +54,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ProbeConfig:
     sites: tuple[str, ...] = ("k",)    # any of q_pre, q, k_pre, k, v, o
-    batch_size: int = 4                # sequences in the fixed probe batch (seq_len tokens each)
+    batch_size: int = 16               # sequences in the fixed probe batch (seq_len tokens each)
     attention: bool = True             # per-head attention entropy and max logit
     enabled: bool = True
 

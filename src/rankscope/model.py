@@ -22,11 +22,11 @@ from torch import nn
 class ModelConfig:
     vocab_size: int = 4096
     n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 2
-    n_kv_head: int = 1
+    d_model: int = 192
+    n_head: int = 3
+    n_kv_head: int = 3
     head_dim: int = 64
-    d_mlp: int = 512
+    d_mlp: int = 768
     max_seq_len: int = 256
     rope_base: float = 10000.0
     qk_norm: str = "learned"  # learned | frozen | parameter_free | none

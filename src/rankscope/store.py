@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -82,8 +83,12 @@ class TableWriter:
 
 
 def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return repr(v)  # shortest exact round-trip
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return repr(float(v))  # shortest exact round-trip; numpy and torch scalars as plain numbers
     return v
 
 

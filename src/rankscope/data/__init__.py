@@ -1,0 +1,31 @@
+"""Data for rankscope: corpora, byte-level BPE, token shards, and batch sampling.
+
+The default corpus is the running Python's standard library source (nothing to download), with
+the ``help()`` topics prose as an out-of-distribution set. User text folders and modded-nanogpt
+``.bin`` shards are accepted too; see :func:`load_data`.
+"""
+
+from .cache import default_cache_dir
+from .corpus import embedded_corpus_files
+from .errors import DataError
+from .loader import TokenData, load_data
+from .sampler import BatchSampler, fixed_batches
+from .shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, ShardWriter, read_shard, write_shard
+from .tokenizer import EOT_TOKEN
+
+__all__ = [
+    "BatchSampler",
+    "DataError",
+    "EOT_TOKEN",
+    "MAX_VOCAB",
+    "SHARD_MAGIC",
+    "SHARD_VERSION",
+    "ShardWriter",
+    "TokenData",
+    "default_cache_dir",
+    "embedded_corpus_files",
+    "fixed_batches",
+    "load_data",
+    "read_shard",
+    "write_shard",
+]

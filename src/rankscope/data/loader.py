@@ -1,0 +1,238 @@
+"""``load_data``: one entry point for the embedded corpus, user text, and pre-tokenized shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import corpus
+from .cache import CorpusPlan, cached_corpus, human_count
+from .errors import DataError
+from .shards import max_token_id, padded_vocab_size, read_shard
+from .tokenizer import check_vocab_size
+
+if TYPE_CHECKING:
+    import tokenizers
+
+SHARD_SUFFIX = ".bin"
+# Share of a single shard file held out as validation (its tail).
+SHARD_VAL_PERCENT = 5
+
+
+@dataclass
+class TokenData:
+    """Token streams ready for :class:`~rankscope.data.BatchSampler` / :func:`fixed_batches`.
+
+    ``vocab_size`` is the size the model's embedding must have: every id in every array is below
+    it (for trained tokenizers it is the requested size; the trained vocabulary may be smaller
+    when the text is too small to supply that many merges).
+    """
+
+    train: list[np.ndarray]  # 1-D uint16 token arrays (memmaps), one per shard
+    val: list[np.ndarray]
+    ood: list[np.ndarray] | None  # the pydoc prose for the embedded corpus, else None
+    vocab_size: int
+    tokenizer: tokenizers.Tokenizer | None
+    source: str  # one human line, e.g. "python stdlib 3.11 (697 train files, 3.1M tokens)"
+    eot_id: int | None  # id of <|endoftext|> when known
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(int(a.shape[0]) for a in self.train)
+
+    @property
+    def val_tokens(self) -> int:
+        return sum(int(a.shape[0]) for a in self.val)
+
+    @property
+    def ood_tokens(self) -> int:
+        return sum(int(a.shape[0]) for a in self.ood) if self.ood else 0
+
+
+def load_data(
+    path: str | Path | None,
+    vocab_size: int,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    val_percent: int = 5,
+) -> TokenData:
+    """Load token data for training.
+
+    - ``None`` (or ``""``): the embedded corpus (this interpreter's standard library source),
+      with the ``help()`` topics prose as an out-of-distribution set; tokenized once and cached.
+    - a ``.bin`` file, or a folder holding ``*.bin`` files: modded-nanogpt shards, used as they
+      are (no tokenizer). In a folder, files whose name contains ``val`` are validation; a single
+      file gives its last 5% as validation. Every id must be below ``vocab_size``.
+    - any other file or folder: UTF-8 text, searched recursively, tokenized with a BPE trained on
+      its train split, and cached.
+
+    ``cache_dir`` defaults to ``$RANKSCOPE_CACHE`` or ``~/.cache/rankscope``; ``progress`` logs
+    cache builds on stderr; ``val_percent`` is the per-file validation share (and the tail share
+    when too few files exist for it). Problems with the data raise :class:`DataError`.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise DataError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    vocab_size = int(vocab_size)
+    if isinstance(val_percent, bool) or not isinstance(val_percent, int) or not 0 < val_percent < 100:
+        raise DataError(f"val_percent must be an integer between 1 and 99, got {val_percent!r}")
+    if path is None or str(path) == "":
+        # "" is how the config spells "no path" (data.path defaults to the embedded corpus).
+        return _load_embedded(vocab_size, cache_dir, progress, val_percent)
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {path} does not exist")
+    try:
+        return _load_path(p, vocab_size, cache_dir, progress, val_percent)
+    except PermissionError as e:
+        raise DataError(f"data path {path}: permission denied reading {e.filename or path}") from None
+
+
+def _load_path(
+    p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
+) -> TokenData:
+    if p.is_file():
+        if p.suffix.lower() == SHARD_SUFFIX:
+            return _load_shard_file(p, vocab_size)
+        return _load_text(p, vocab_size, cache_dir, progress, val_percent)
+    if not p.is_dir():
+        raise DataError(f"data path {p} is neither a file nor a folder")
+    shards = sorted(
+        (q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file()),
+        key=lambda q: q.name,
+    )
+    if shards:
+        return _load_shard_folder(p, shards, vocab_size)
+    if not any(p.iterdir()):
+        raise DataError(f"data folder {p} is empty")
+    return _load_text(p, vocab_size, cache_dir, progress, val_percent)
+
+
+def _load_embedded(
+    vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
+) -> TokenData:
+    check_vocab_size(vocab_size)
+    train, val, ood = corpus.stdlib_source_files(val_percent)
+    if not train:
+        raise DataError(f"no Python source found in the standard library at {corpus.stdlib_root()}")
+    version = corpus.python_version()
+    plan = CorpusPlan(
+        kind="stdlib",
+        description=f"python stdlib {version} at {corpus.stdlib_root()}",
+        train=train,
+        val=val,
+        read=lambda f: corpus.read_document(f.path, python_source=True),
+        val_percent=val_percent,
+        ood_files=ood,
+        ood_docs=corpus.pydoc_topics if ood else list,
+    )
+    c = cached_corpus(plan, vocab_size, cache_dir, progress=progress)
+    m = c.meta
+    source = (
+        f"python stdlib {version} ({m['files']['train']} train files, "
+        f"{human_count(m['tokens']['train'])} tokens)"
+    )
+    return TokenData(
+        train=[c.train], val=[c.val], ood=[c.ood] if c.ood is not None else None,
+        vocab_size=vocab_size, tokenizer=c.tokenizer, source=source, eot_id=m["eot_id"],
+    )
+
+
+def _load_text(
+    p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
+) -> TokenData:
+    check_vocab_size(vocab_size)
+    files = corpus.text_source_files(p)
+    if not files:
+        exts = " ".join(sorted(corpus.TEXT_SUFFIXES))
+        raise DataError(
+            f"data folder {p} has no usable text files (looked for UTF-8 files ending in {exts}, "
+            f"or with no extension, or .bin shards)"
+        )
+    train, val = corpus.split_files(files, val_percent)
+    if not train:
+        # Every file hashed into validation (typically a single file): train on all of them and
+        # hold out the tail instead.
+        train, val = files, []
+    plan = CorpusPlan(
+        kind="text",
+        description=f"text {p}",
+        train=train,
+        val=val,
+        read=lambda f: corpus.read_document(f.path),
+        val_percent=val_percent,
+    )
+    c = cached_corpus(plan, vocab_size, cache_dir, progress=progress)
+    m = c.meta
+    n_files = m["files"]["train"]
+    tokens = human_count(m["tokens"]["train"])
+    source = f"text {p} ({n_files} train file{'s' if n_files != 1 else ''}, {tokens} tokens"
+    source += f"; val = last {val_percent}% of tokens)" if m["val_split"] == "tail" else ")"
+    return TokenData(
+        train=[c.train], val=[c.val], ood=None, vocab_size=vocab_size,
+        tokenizer=c.tokenizer, source=source, eot_id=m["eot_id"],
+    )
+
+
+def _check_ids(shards: list[tuple[Path, np.ndarray]], vocab_size: int) -> None:
+    """Every id must index the model's embedding; catch a mismatch here, not as a CUDA assert."""
+    worst: tuple[int, Path] | None = None
+    for path, arr in shards:
+        m = max_token_id(arr)
+        if worst is None or m > worst[0]:
+            worst = (m, path)
+    if worst is not None and worst[0] >= vocab_size:
+        max_id, path = worst
+        raise DataError(
+            f"shard {path} has token id {max_id} but vocab_size is {vocab_size}; "
+            f"use --set model.vocab_size={padded_vocab_size(max_id)}"
+        )
+
+
+def _load_shard_file(p: Path, vocab_size: int) -> TokenData:
+    tokens = read_shard(p)
+    _check_ids([(p, tokens)], vocab_size)
+    n = int(tokens.shape[0])
+    if n < 2:
+        raise DataError(f"shard {p}: only {n} token(s), too few to split into train and validation")
+    n_val = max(1, n * SHARD_VAL_PERCENT // 100)
+    train, val = tokens[: n - n_val], tokens[n - n_val :]
+    return TokenData(
+        train=[train], val=[val], ood=None, vocab_size=vocab_size, tokenizer=None,
+        source=(
+            f"shard {p} ({human_count(int(train.shape[0]))} train tokens; "
+            f"val = last {SHARD_VAL_PERCENT}%)"
+        ),
+        eot_id=None,
+    )
+
+
+def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> TokenData:
+    loaded = [(q, read_shard(q)) for q in paths]
+    _check_ids(loaded, vocab_size)
+    train = [a for q, a in loaded if "val" not in q.name.lower()]
+    val = [a for q, a in loaded if "val" in q.name.lower()]
+    if not train:
+        raise DataError(
+            f"data folder {folder} has only validation shards (every *.bin name contains 'val')"
+        )
+    note = f"{len(val)} val"
+    if not val:
+        # No file marked as validation: hold out the tail of the last train shard, as for a
+        # single file, rather than evaluate on training data.
+        last = train[-1]
+        if last.shape[0] < 2:
+            raise DataError(f"data folder {folder} has no 'val' shard and too few tokens to hold some out")
+        n_val = max(1, int(last.shape[0]) * SHARD_VAL_PERCENT // 100)
+        train[-1], val = last[:-n_val], [last[-n_val:]]
+        note = f"val = last {SHARD_VAL_PERCENT}% of {paths[-1].name}"
+    n_train = sum(int(a.shape[0]) for a in train)
+    return TokenData(
+        train=train, val=val, ood=None, vocab_size=vocab_size, tokenizer=None,
+        source=f"shards {folder} ({len(train)} train, {note}; {human_count(n_train)} train tokens)",
+        eot_id=None,
+    )
