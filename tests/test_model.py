@@ -142,3 +142,10 @@ def test_training_loss_equals_eval_loss():
     assert train_loss.item() == pytest.approx(eval_loss.item(), rel=1e-5)
     assert eval_loss.item() == pytest.approx(direct.item(), rel=1e-6)
     assert train_loss.item() == pytest.approx(math.log(97), rel=0.1)  # near uniform at init
+
+
+def test_relu_squared_matches_autograd():
+    from rankscope.model import ReluSquared
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    assert torch.equal(ReluSquared.apply(x), F.relu(x).square())

@@ -101,6 +101,22 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, D)
 
 
+class ReluSquared(torch.autograd.Function):
+    """relu(x)² with a one-pass backward, 2·relu(x)·g: autograd's pow + threshold backward would
+    take three passes over the (B, T, d_mlp) activations, about 7% of a CPU training step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = F.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return r.mul(grad).mul_(2.0)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,7 +124,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.relu(self.up(x)).square())  # squared ReLU (So et al. 2021, Primer)
+        return self.down(ReluSquared.apply(self.up(x)))  # squared ReLU (So et al. 2021, Primer)
 
 
 class Block(nn.Module):

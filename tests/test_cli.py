@@ -1,0 +1,213 @@
+"""The command line end to end: a tiny study, a killed-and-rerun study, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rankscope import store
+from rankscope.cli import main
+
+SMALL = """
+[settings]
+model.n_layer = 2
+model.d_model = 64
+model.n_head = 1
+model.n_kv_head = 1
+model.d_mlp = 128
+model.vocab_size = 512
+train.batch_size = 4
+train.seq_len = 64
+train.eval_batches = 2
+probe.batch_size = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small text folder: sentences from a toy grammar, enough for a 512-token BPE."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    nouns = "model head layer token key query value norm rank gain loss seed".split()
+    verbs = "drops keeps loses finds learns spreads collapses trains".split()
+    for i in range(12):
+        lines = [f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} at step {rng.randint(0, 999)}."
+                 for _ in range(400)]
+        (root / f"doc{i:02d}.txt").write_text("\n".join(lines))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def write_study(path: Path, arms: str, tokens: str = "2048", every: str = "1024", seeds: str = "[0]") -> Path:
+    path.write_text(f'description = "test"\ntokens = "{tokens}"\nprobe_every = "{every}"\nseeds = {seeds}\n{SMALL}\n{arms}')
+    return path
+
+
+def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
+    study = write_study(tmp_path / "s.toml", '[arms.frozen]\nmodel.qk_norm = "frozen"\n'
+                                             '[arms.free]\nmodel.qk_norm = "parameter_free"\n'
+                                             '[arms.none]\nmodel.qk_norm = "none"\n', seeds="[0, 1]")
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--data", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "val loss @" in printed and "mean key PR @" in printed and "report:" in printed
+
+    scalars, probes = store.load_scalars(out), store.load_probes(out)
+    assert sorted(scalars["tokens"].unique()) == [0, 1024, 2048]
+    assert len(scalars) == 3 * 2 * 3  # arms x seeds x eval points
+    # every layer x head x metric at every eval point of every run, for the keys
+    k = probes[probes.site == "k"]
+    assert len(k) == 3 * 2 * 3 * 2 * 1 * 5
+    assert k["value"].between(1, 64).all()
+    # frozen gain (= 1) and no gain are the same function: identical init and batches make
+    # identical trajectories, which only holds if arms really share weights and data order
+    a = scalars[scalars.arm == "frozen"].sort_values(["seed", "tokens"])
+    b = scalars[scalars.arm == "free"].sort_values(["seed", "tokens"])
+    np.testing.assert_allclose(a["val_loss"].to_numpy(), b["val_loss"].to_numpy(), rtol=1e-5)
+    c = scalars[scalars.arm == "none"].sort_values(["seed", "tokens"])
+    assert not np.allclose(a["val_loss"].to_numpy()[1:], c["val_loss"].to_numpy()[1:], rtol=1e-5)
+    # different seeds: different initial weights
+    s0, s1 = a[a.seed == 0]["val_loss"].to_numpy(), a[a.seed == 1]["val_loss"].to_numpy()
+    assert s0[0] != s1[0]
+
+    report = (out / "report.md").read_text()
+    assert "| val loss @" in report
+    for png in ["loss_pr.png", "layer_pr_frozen.png", "pr_heatmap_none.png"]:
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "none" / "seed-1" / "config.json").read_text())
+    assert config["model"]["qk_norm"] == "none" and config["seed"] == 1
+    prov = json.loads((out / "none" / "seed-1" / "provenance.json").read_text())
+    assert {"git_commit", "git_dirty", "torch", "device", "seed"} <= set(prov)
+
+    # a rerun skips everything; `rankscope report` rewrites the report from the tables
+    mtime = (out / "none" / "seed-1" / "done.json").stat().st_mtime_ns
+    assert main(["run", str(study), "--data", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    assert "6 of 6 runs already finished" in capsys.readouterr().err
+    assert (out / "none" / "seed-1" / "done.json").stat().st_mtime_ns == mtime
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").exists()
+
+    # changing a setting of finished runs is refused, not silently mixed
+    assert main(["run", str(study), "--data", str(corpus), "--out", str(out), "--no-progress",
+                 "--set", "optim.muon_lr=0.02"]) == 2
+    assert "finished with different settings (optim.muon_lr)" in capsys.readouterr().err
+
+
+def test_killed_study_keeps_rows_and_rerun_redoes_only_the_broken_run(tmp_path, corpus):
+    study = write_study(tmp_path / "s.toml", '[arms.a]\nmodel.qk_norm = "learned"\n[arms.b]\nmodel.qk_norm = "none"\n',
+                        tokens="60K", every="4096")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "rankscope", "run", str(study), "--data", str(corpus), "--out", str(out),
+           "--no-progress", "--no-report"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    b_scalars = out / "b" / "seed-0" / "scalars.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until run a is finished and run b has written rows
+        if b_scalars.exists() and b_scalars.read_text().count("\n") >= 3:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert store.is_done(out / "a" / "seed-0") and not store.is_done(out / "b" / "seed-0")
+    partial = store.load_scalars(out)
+    assert len(partial[partial.arm == "b"]) >= 2  # rows written before the kill are readable
+    assert store.load_probes(out)["value"].notna().all()
+    done_a = (out / "a" / "seed-0" / "done.json").stat().st_mtime_ns
+    rows_a = (out / "a" / "seed-0" / "scalars.csv").read_bytes()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 of 2 runs already finished" in rerun.stderr
+    assert (out / "a" / "seed-0" / "done.json").stat().st_mtime_ns == done_a
+    assert (out / "a" / "seed-0" / "scalars.csv").read_bytes() == rows_a
+    full = store.load_scalars(out)
+    b = full[full.arm == "b"]
+    assert b["tokens"].is_unique and b["tokens"].max() >= 60_000  # redone from the start, no duplicates
+    assert len(b) == len(full[full.arm == "a"])
+
+
+def test_torn_last_line_is_dropped(tmp_path):
+    rs = store.RunStore(tmp_path / "r")
+    rs.scalars.append([dict(arm="x", seed=0, step=0, tokens=0, train_loss=1.5, val_loss=2.5)])
+    rs.close()
+    with open(tmp_path / "r" / "scalars.csv", "a") as f:
+        f.write("x,0,1,40")  # a write cut off by a kill
+    df = store.load_scalars(tmp_path)
+    assert len(df) == 1 and df["val_loss"].iloc[0] == 2.5
+
+
+def bad_shard(path: Path) -> Path:
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, 7, 10)  # version 7
+    path.write_bytes(header.tobytes() + np.arange(10, dtype=np.uint16).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("malformed", "not valid TOML"),
+    ("unknown_top", "unknown key 'colour'"),
+    ("unknown_override", "unknown setting 'model.qk_nrom'"),
+    ("wrong_type", "model.n_layer: expected int"),
+    ("bad_value", "model.qk_norm must be"),
+    ("no_arms", "no arms"),
+    ("bad_seeds", "seeds must be a non-empty list of integers"),
+    ("missing_study", "no built-in study or study file named"),
+    ("missing_data", "--data: no such file or folder"),
+    ("bad_shard", "version 7"),
+    ("bad_set", "--set expects key=value"),
+    ("bad_tokens", "--tokens expects a count"),
+    ("unknown_preset", "unknown preset 'huge'"),
+    ("missing_report_dir", "no such study folder"),
+])
+def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, capsys, case, needle):
+    arms = '[arms.a]\nmodel.qk_norm = "learned"\n'
+    s = tmp_path / "s.toml"
+    args = {
+        "malformed": lambda: s.write_text("preset = [unclosed\n") and ["run", str(s)],
+        "unknown_top": lambda: s.write_text(f'colour = "red"\n{arms}') and ["run", str(s)],
+        "unknown_override": lambda: s.write_text('[arms.a]\nmodel.qk_nrom = "none"\n') and ["run", str(s)],
+        "wrong_type": lambda: s.write_text('[arms.a]\nmodel.n_layer = "four"\n') and ["run", str(s)],
+        "bad_value": lambda: s.write_text('[arms.a]\nmodel.qk_norm = "maybe"\n') and ["run", str(s)],
+        "no_arms": lambda: s.write_text('preset = "tiny"\n') and ["run", str(s)],
+        "bad_seeds": lambda: s.write_text(f'seeds = ["one"]\n{arms}') and ["run", str(s)],
+        "missing_study": lambda: ["run", str(tmp_path / "nope.toml")],
+        "missing_data": lambda: ["run", "--data", str(tmp_path / "nowhere")],
+        "bad_shard": lambda: ["run", "--data", str(bad_shard(tmp_path / "x.bin")), "--out", str(tmp_path / "o")],
+        "bad_set": lambda: ["run", "--set", "model.qk_norm"],
+        "bad_tokens": lambda: ["run", "--tokens", "lots"],
+        "unknown_preset": lambda: ["run", "--preset", "huge"],
+        "missing_report_dir": lambda: ["report", str(tmp_path / "nothing")],
+    }[case]()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("rankscope: error:")
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    s = tmp_path / "s.toml"
+    s.write_text("[arms.a]\nmodel.qk_norm = 1\n")
+    r = subprocess.run([sys.executable, "-m", "rankscope", "run", str(s)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "rankscope: error: study s, arm a: model.qk_norm: expected str, got 1"
+
+
+def test_list_shows_studies_and_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "qk-muon" in out and "qk-4way" in out and "gamma" in out and "seed-88m" in out and "model.qk_norm" in out
