@@ -149,3 +149,14 @@ def test_relu_squared_matches_autograd():
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
     assert torch.equal(ReluSquared.apply(x), F.relu(x).square())
+
+
+@pytest.mark.parametrize("with_gain", [True, False])
+def test_rms_norm_function_matches_reference(with_gain):
+    from rankscope.model import RMSNormFunction
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(8, dtype=torch.float64, requires_grad=True) + 0.5 if with_gain else None
+    args = (x, w) if with_gain else (x,)
+    f = (lambda x, w: RMSNormFunction.apply(x, w, 1e-6)) if with_gain else (lambda x: RMSNormFunction.apply(x, None, 1e-6))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.allclose(f(*args), F.rms_norm(x, (8,), w, 1e-6))
