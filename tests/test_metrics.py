@@ -70,3 +70,10 @@ def test_scale_invariance_and_zero_input():
 def test_unknown_kind_rejected():
     with pytest.raises(ValueError):
         participation_ratio(torch.randn(4, 4), kind="nope")
+
+
+def test_non_finite_input_gives_nan_not_an_error():
+    g = torch.stack([metrics.gram(torch.randn(20, 4)), torch.full((4, 4), float("nan"))])
+    out = metrics.metrics_from_gram(g, torch.zeros(2, 4), 20)
+    for name, v in out.items():
+        assert torch.isfinite(v[0]) and torch.isnan(v[1]), name

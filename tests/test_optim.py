@@ -8,7 +8,7 @@ import torch
 
 from rankscope.config import OptimConfig
 from rankscope.model import GPT, ModelConfig
-from rankscope.optim import build_optimizers, lr_scale, set_lr
+from rankscope.optim import _balanced_owners, build_optimizers, lr_scale
 
 SMALL = ModelConfig(vocab_size=64, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
 
@@ -17,7 +17,8 @@ SMALL = ModelConfig(vocab_size=64, n_layer=3, d_model=32, n_head=4, n_kv_head=2,
 @pytest.mark.parametrize("name", ["muon", "adamw"])
 def test_every_trainable_parameter_in_exactly_one_group(qk_norm, name):
     model = GPT(replace(SMALL, qk_norm=qk_norm))
-    opts, counts = build_optimizers(model, OptimConfig(name=name))
+    built = build_optimizers(model, OptimConfig(name=name))
+    opts, counts = built.optimizers, built.counts
     grouped = [p for o in opts for g in o.param_groups for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)
@@ -55,8 +56,9 @@ def test_schedules_closed_form():
 
 
 def test_set_lr_scales_every_group_from_its_base():
-    opts, _ = build_optimizers(GPT(SMALL), OptimConfig())
-    set_lr(opts, 0.5)
+    built = build_optimizers(GPT(SMALL), OptimConfig())
+    built.set_lr(0.5)
+    opts = built.optimizers
     for o in opts:
         for g in o.param_groups:
             assert g["lr"] == pytest.approx(0.5 * g["initial_lr"])
@@ -66,12 +68,47 @@ def test_set_lr_scales_every_group_from_its_base():
 
 def test_frozen_gain_never_changes():
     model = GPT(replace(SMALL, qk_norm="frozen"))
-    opts, _ = build_optimizers(model, OptimConfig())
+    opts = build_optimizers(model, OptimConfig())
     x = torch.randint(0, 64, (2, 8))
     for _ in range(3):
         model(x, x).backward()
-        for o in opts:
-            o.step()
-            o.zero_grad()
+        opts.step()
+        opts.zero_grad()
     assert torch.equal(model.blocks[0].attn.k_norm.weight, torch.ones(8))
     assert not math.isnan(model(x, x).item())
+
+
+def test_muon_shards_partition_the_matrices_and_balance_them():
+    model = GPT(SMALL)
+    matrices = [p for _, p in model.param_roles()["matrix"]]
+    for world in (1, 2, 3, 5):
+        owners = _balanced_owners([p.numel() for p in matrices], world)
+        assert len(owners) == len(matrices) and set(owners) <= set(range(world))
+        load = [sum(p.numel() for p, o in zip(matrices, owners) if o == r) for r in range(world)]
+        assert max(load) - min(load) <= max(p.numel() for p in matrices)  # greedy bound
+    # every rank builds the same partition; rank r's Muon holds exactly its share
+    shares = []
+    for rank in range(3):
+        built = build_optimizers(model, OptimConfig(), rank=rank, world_size=3)
+        muon = [o for o in built.optimizers if isinstance(o, torch.optim.Muon)]
+        shares.append({id(p) for o in muon for g in o.param_groups for p in g["params"]})
+        assert built.world_size == 3
+    assert set().union(*shares) == {id(p) for p in matrices}
+    assert sum(len(s) for s in shares) == len(matrices)
+
+
+def test_optimizer_state_round_trips():
+    model = GPT(SMALL)
+    built = build_optimizers(model, OptimConfig())
+    x = torch.randint(0, 64, (2, 8))
+    model(x, x).backward()
+    built.step()
+    other = build_optimizers(model, OptimConfig())
+    other.load_state_dict(built.state_dict())
+    a, b = built.state_dict(), other.state_dict()
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for k in sa["state"]:
+            for name, v in sa["state"][k].items():
+                assert torch.equal(v, sb["state"][k][name])
+    with pytest.raises(ValueError, match="processes"):
+        other.load_state_dict(dict(a, world_size=2))

@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="text files/folder or .bin token shards (default: the embedded corpus)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable)")
+    run.add_argument("--shard", help="run only slice i of n of the study's runs, e.g. 0/4 (for job arrays)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
 
@@ -36,12 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where to write the report (default: the first folder)")
 
     sub.add_parser("list", help="list built-in studies, presets and settings")
+
+    from . import bench
+    bench.add_arguments(sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost"))
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import dist as rdist
     from .config import parse_count, parse_set
-    from .study import BUILTIN, DEFAULT_STUDY, load_study, run_study
+    from .study import DEFAULT_STUDY, load_study, parse_shard, run_study
 
     study = load_study(args.study or DEFAULT_STUDY)
     if args.preset:
@@ -59,16 +64,21 @@ def _run(args: argparse.Namespace) -> int:
     overrides.update(parse_set(args.overrides))
     out = Path(args.out or Path("rankscope-out") / study.name)
     seeds = tuple(args.seeds) if args.seeds else None
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
 
-    summaries = run_study(study, out, overrides, seeds, progress=not args.no_progress)
-    diverged = [s for s in summaries if s.get("status") == "diverged"]
+    summaries = run_study(study, out, overrides, seeds, progress=not args.no_progress, shard=shard)
+    if not rdist.world().main:
+        return 0
     if not args.no_report:
         from .report import paradox_text, write_report
         path = write_report(out)
         print(paradox_text(out))
         print(f"\nreport: {path}")
+    diverged = [s for s in summaries if s.get("status") == "diverged"]
     if diverged:
-        print(f"rankscope: {len(diverged)} run(s) diverged; see the report", file=sys.stderr)
+        print(f"rankscope: error: {len(diverged)} run(s) diverged: "
+              + ", ".join(f"{s['arm']} seed {s['seed']}" for s in diverged), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,6 +114,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -111,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         DataError = RankscopeError
     try:
-        return {"run": _run, "report": _report, "list": _list}[args.command](args)
+        return {"run": _run, "report": _report, "list": _list, "bench": _bench}[args.command](args)
     except (RankscopeError, DataError) as e:
         print(f"rankscope: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rankscope: interrupted; finished runs are kept, rerun the same command to continue", file=sys.stderr)
+        print("rankscope: interrupted; finished runs and checkpoints are kept, rerun the same command to "
+              "continue", file=sys.stderr)
         return 130
+    finally:
+        from .dist import shutdown
+        shutdown()
 
 
 if __name__ == "__main__":

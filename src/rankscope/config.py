@@ -49,6 +49,11 @@ class TrainConfig:
     eval_batches: int = 2              # fixed validation batches per evaluation
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # CPU threads for torch; 0 = torch's default
+    compile: str = "auto"              # torch.compile: auto (on for CUDA) | on | off
+    grad_accum: int = 1                # micro-batches per optimizer step (batch_size is the global batch)
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    checkpoint_every: int = 250_000    # tokens between checkpoints (and one at the end); 0 = only at the end
+    keep_checkpoints: int = 2          # most recent checkpoints kept
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(vocab_size=49152, n_layer=22, d_model=512, n_head=8, n_kv_head=4,
                           head_dim=64, d_mlp=2048, max_seq_len=2048),
         train=TrainConfig(tokens=25_000_000, batch_size=4, seq_len=2048, eval_every=819_200,
-                          eval_batches=8),
+                          eval_batches=8, checkpoint_every=5_000_000),
         probe=ProbeConfig(batch_size=4),
     ),
     # The seed author's follow-up scale: 32 layers, 128-dim heads.
@@ -94,7 +99,7 @@ PRESETS: dict[str, RunConfig] = {
         model=ModelConfig(vocab_size=49152, n_layer=32, d_model=2048, n_head=16, n_kv_head=8,
                           head_dim=128, d_mlp=8192, max_seq_len=2048),
         train=TrainConfig(tokens=50_000_000, batch_size=4, seq_len=2048, eval_every=2_000_000,
-                          eval_batches=8),
+                          eval_batches=8, checkpoint_every=10_000_000, activation_checkpointing=True),
         probe=ProbeConfig(batch_size=4),
     ),
 }
@@ -234,6 +239,11 @@ def validate(cfg: RunConfig) -> None:
          "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive"),
         (all(s in _SITES for s in p.sites), f"probe.sites must be among {', '.join(_SITES)}, got {','.join(p.sites)}"),
         (p.batch_size > 0, "probe.batch_size must be positive"),
+        (t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {t.compile!r}"),
+        (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+         f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
+        (t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,
+         "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}"),
     ]

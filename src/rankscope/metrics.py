@@ -44,7 +44,10 @@ def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
     (...)) enable pr_eig.
 
     One batched eigen-decomposition per kind (uncentered, centered) for every head and layer.
+    A Gram matrix holding NaN or inf (a diverged model) gives NaN metrics instead of failing.
     """
+    finite = torch.isfinite(g).all(-1).all(-1)  # (...)
+    g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
     ev = _eig(g)                       # s², descending
     s = ev.sqrt()
     s_sum, ev_sum = s.sum(-1), ev.sum(-1)
@@ -59,12 +62,13 @@ def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
         "r90": torch.where(ev_sum > 0, (share < 0.9 - 1e-12).sum(-1) + 1.0, torch.zeros_like(ev_sum)),
     }
     if col_sum is not None and n is not None:
+        col_sum = torch.where(torch.isfinite(col_sum), col_sum.double(), torch.zeros((), dtype=torch.float64, device=g.device))
         n = torch.as_tensor(n, dtype=torch.float64, device=g.device)  # scalar or (...)
         mean = col_sum.double() / n[..., None]  # (..., d)
         centered = g.double() - n[..., None, None] * mean.unsqueeze(-1) * mean.unsqueeze(-2)  # XᵀX - n μμᵀ
         lam = _eig(centered)
         out["pr_eig"] = _ratio(lam.sum(-1).square(), lam.square().sum(-1))
-    return out
+    return {k: torch.where(finite, v, torch.full_like(v, float("nan"))) for k, v in out.items()}
 
 
 def participation_ratio(x: torch.Tensor, kind: str = "sv") -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -209,6 +210,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward (set by the trainer)
         self.reset_parameters(seed=0)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,8 +218,12 @@ class GPT(nn.Module):
         T = idx.size(1)
         x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if recompute:  # keep only each block's input; redo its forward during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         x = self.final_norm(x)
         if targets is None:
             return F.linear(x, self.embed.weight)  # (B, T, V)

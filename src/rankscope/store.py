@@ -28,7 +28,7 @@ import pandas as pd
 
 SCALAR_COLUMNS = (
     "arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale",
-    "grad_norm", "elapsed_s", "probe_s",
+    "grad_norm", "elapsed_s", "probe_s", "eval_s",
 )
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
 # head == LAYER_WIDE marks a per-layer value (for example QK-Norm gain statistics)
@@ -120,6 +120,27 @@ def clear_run(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not is_done(path):
         shutil.rmtree(path)
+
+
+def truncate_after(run_path: str | Path, step: int) -> None:
+    """Drop the rows of steps after `step` (and any torn last line) from a run's tables, so a run
+    resumed from its checkpoint at `step` appends exactly what an uninterrupted run would have."""
+    for name in (SCALARS, PROBES):
+        path = Path(run_path) / name
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].decode().rstrip("\n").split(",").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(next(csv.reader([ln.decode()]))[col]) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -164,7 +164,8 @@ def resolve(study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] |
 
 
 # Settings that change where or how fast a run goes, not what it computes.
-_NOT_IDENTITY = ("train.device", "train.threads")
+_NOT_IDENTITY = ("train.device", "train.threads", "train.compile", "train.activation_checkpointing",
+                 "train.checkpoint_every", "train.keep_checkpoints")
 
 
 def _identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,40 +173,66 @@ def _identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(flat)).items() if k not in _NOT_IDENTITY}
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n: the i-th of n disjoint slices of a study's runs."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects i/n such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard_runs(runs: list, i: int, n: int) -> list:
+    """Slice i of n: every n-th run starting at i, so slices are disjoint, cover every run once,
+    and each holds a mix of arms and seeds (for a Slurm array, i = $SLURM_ARRAY_TASK_ID)."""
+    return runs[i::n]
+
+
 def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-              seeds: tuple[int, ...] | None = None, progress: bool = True,
+              seeds: tuple[int, ...] | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[dict[str, Any]]:
-    """Run every unfinished (arm, seed) of the study into out_dir; return each run's summary."""
+    """Run every unfinished (arm, seed) of the study (or of its slice `shard`) into out_dir.
+
+    Finished runs are skipped; unfinished ones resume from their newest checkpoint, or start over
+    when they have none. Under torchrun every rank walks the same list; rank 0 alone writes.
+    """
+    from . import checkpoint
+    from . import dist as rdist
     from .data import load_data
     from .train import RunDiverged, train
 
+    world = rdist.world()
+    say = log if world.main else (lambda s: None)
     overrides = dict(overrides or {})
     runs = resolve(study, overrides, seeds)
     out_dir = Path(out_dir)
 
-    # finished runs are kept only when they were made with the same settings
+    # a run folder is kept only when it was made with the same settings
     todo = []
-    for arm, cfg in runs:
+    for arm, cfg in shard_runs(runs, *shard):
         rd = store.run_dir(out_dir, arm, cfg.seed)
-        if store.is_done(rd):
-            old = store.read_json(rd / "config.json")
-            if _identity(old) != _identity(cfg.to_dict()):
-                diff = sorted(k for k in set(_identity(old)) | set(_identity(cfg.to_dict()))
-                              if _identity(old).get(k) != _identity(cfg.to_dict()).get(k))
-                raise RankscopeError(f"{rd} finished with different settings ({', '.join(diff[:4])}); "
+        if (rd / "config.json").exists():
+            old, new = _identity(store.read_json(rd / "config.json")), _identity(cfg.to_dict())
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                state = "finished" if store.is_done(rd) else "was started"
+                raise RankscopeError(f"{rd} {state} with different settings ({', '.join(diff[:4])}); "
                                      f"use another --out or remove it")
         todo.append((arm, cfg, rd))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store.write_json(out_dir / "study.json", {
-        "name": study.name, "description": study.description, "preset": study.preset,
-        "seeds": sorted({cfg.seed for _, cfg in runs}), "arms": study.arms, "settings": study.settings,
-        "overrides": overrides, "tokens": runs[0][1].train.tokens,
-    })
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        store.write_json(out_dir / "study.json", {
+            "name": study.name, "description": study.description, "preset": study.preset,
+            "seeds": sorted({cfg.seed for _, cfg in runs}), "arms": study.arms, "settings": study.settings,
+            "overrides": overrides, "tokens": runs[0][1].train.tokens,
+        })
 
     pending = [(a, c, rd) for a, c, rd in todo if not store.is_done(rd)]
     if len(pending) < len(todo):
-        log(f"rankscope: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out_dir}; skipping them")
+        say(f"rankscope: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out_dir}; skipping them")
     data = None
     summaries = []
     for i, (arm, cfg, rd) in enumerate(pending):
@@ -213,15 +240,25 @@ def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | 
             sources = {(c.data.path, c.model.vocab_size) for _, c, _ in pending}
             if len(sources) > 1:
                 raise ConfigError("all arms of a study must share data.path and model.vocab_size")
-            data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
-            log(f"rankscope: data: {data.source}")
-        store.clear_run(rd)  # an unfinished run is redone from the start
+            if world.main:  # rank 0 builds the tokenizer cache; the others then read it
+                data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
+            rdist.barrier(world)
+            if not world.main:
+                data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
+            say(f"rankscope: data: {data.source}")
+        if world.main:
+            if checkpoint.steps(rd):
+                say(f"rankscope: {arm} seed {cfg.seed}: resuming from the checkpoint at step {checkpoint.steps(rd)[-1]}")
+            else:
+                store.clear_run(rd)  # an unfinished run without a checkpoint starts over
+        rdist.barrier(world)
         try:
             summaries.append(train(cfg, rd, data, arm=arm, progress=progress,
                                    progress_desc=f"[{i + 1}/{len(pending)}] {arm} seed {cfg.seed}"))
         except RunDiverged as e:
-            log(f"rankscope: {e}")
+            say(f"rankscope: {e}")
             summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}
-            store.write_json(rd / store.DONE, summary)
+            if world.main:
+                store.write_json(rd / store.DONE, summary)
             summaries.append(summary)
     return summaries

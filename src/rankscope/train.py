@@ -4,6 +4,12 @@ For a given seed every arm starts from the same initial weights (per-parameter s
 `GPT.reset_parameters`) and sees the same batches in the same order (`BatchSampler` is a pure
 function of (seed, step)); validation and probe batches are fixed by the data alone. So arms
 compare seed by seed.
+
+A run checkpoints every `train.checkpoint_every` tokens and at the end; calling train() again on
+the same folder resumes from the newest checkpoint and, on CPU in float32, reproduces the rows of
+an uninterrupted run bit for bit. Under torchrun the global batch is split across ranks
+(DistributedDataParallel), Muon's work is divided between them, and rank 0 alone evaluates,
+probes and writes.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
-import os
 import platform
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -20,29 +26,32 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, checkpoint
+from . import dist as rdist
 from .config import RunConfig
-from .data import TokenData, BatchSampler, fixed_batches, load_data
+from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import RankscopeError
 from .model import GPT
-from .optim import build_optimizers, lr_scale, set_lr
+from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
-from .store import RunStore, write_json
+from .store import RunStore, truncate_after, write_json
 
 
 class RunDiverged(RankscopeError):
-    """The loss became NaN or infinite; the rows written so far are kept."""
+    """The loss became NaN or infinite; the rows and the last good checkpoint are kept."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RankscopeError(f"train.device={name} but CUDA is not available on this machine")
+    if name == "cuda" and world is not None and world.distributed:
+        name = f"cuda:{world.local_rank}"
     return torch.device(name)
 
 
-def provenance(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def provenance(cfg: RunConfig, device: torch.device, world: rdist.World) -> dict[str, Any]:
     """Where and with what a run was made (modded-nanogpt's habit of logging its environment)."""
     src = Path(__file__).resolve().parent
 
@@ -59,163 +68,257 @@ def provenance(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         "git_commit": commit,
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        "world_size": world.size,
         "seed": cfg.seed,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def eval_steps(total_steps: int, tokens_per_step: int, every_tokens: int) -> list[int]:
-    """Steps (0..total_steps) at which to evaluate: token 0, every `every_tokens`, and the end."""
+def schedule(total_steps: int, tokens_per_step: int, every_tokens: int) -> list[int]:
+    """Steps (0..total_steps) at which something recurs every `every_tokens`: the first step at or
+    after each multiple, plus step 0 and the last step. every_tokens == 0: only the ends."""
     steps = {0, total_steps}
     k = 1
-    while k * every_tokens < total_steps * tokens_per_step:
+    while every_tokens and k * every_tokens < total_steps * tokens_per_step:
         steps.add(math.ceil(k * every_tokens / tokens_per_step))
         k += 1
     return sorted(steps)
 
 
+eval_steps = schedule  # evaluation and probing follow the same rule
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *, arm: str = "",
           progress: bool = True, progress_desc: str | None = None) -> dict[str, Any]:
-    # --- setup: device, model, optimizers, data --------------------------------------------
+    # --- setup: processes, device, model, optimizers -------------------------------------------
     tc = cfg.train
-    device = resolve_device(tc.device)
+    world = rdist.world()
+    device = resolve_device(tc.device, world)
+    use_cuda = device.type == "cuda"
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if data is None:
-        data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
-    if data.vocab_size > cfg.model.vocab_size:
-        raise RankscopeError(f"data has vocab_size {data.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
-    use_cuda = device.type == "cuda"
     if use_cuda:
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    per_rank, rem = divmod(tc.batch_size, world.size * tc.grad_accum)
+    if rem or per_rank == 0:
+        raise RankscopeError(f"train.batch_size ({tc.batch_size}) must be a multiple of processes x "
+                             f"train.grad_accum ({world.size} x {tc.grad_accum})")
+    if data is None:
+        data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress and world.main)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise RankscopeError(f"data has vocab_size {data.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     model.reset_parameters(cfg.seed)
     model.to(device)
-    optimizers, role_counts = build_optimizers(model, cfg.optim, fused=use_cuda)
+    model.activation_checkpointing = tc.activation_checkpointing
+    opt = build_optimizers(model, cfg.optim, fused=use_cuda, rank=world.rank, world_size=world.size)
+    step_model: torch.nn.Module = model
+    ddp = None
+    if world.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if use_cuda else None, gradient_as_bucket_view=True)
+        step_model = ddp
+    if tc.compile == "on" or (tc.compile == "auto" and use_cuda):
+        step_model = torch.compile(step_model)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else contextlib.nullcontext
 
+    # --- data: training batches by step; fixed validation, out-of-distribution and probe batches --
     tokens_per_step = tc.batch_size * tc.seq_len
     total_steps = max(1, math.ceil(tc.tokens / tokens_per_step))
     sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, seed=cfg.seed)
-    val_batches = [(x.to(device), y.to(device)) for x, y in fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len)]
-    ood_batches = ([(x.to(device), y.to(device)) for x, y in fixed_batches(data.ood, tc.eval_batches, tc.batch_size, tc.seq_len)]
-                   if data.ood else [])
-    probe_batch = fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len)[0][0].to(device)
-    probe = gpt_probe(model, cfg.probe.sites, attention=cfg.probe.attention) if cfg.probe.enabled else None
+    my_rows = slice(world.rank * per_rank * tc.grad_accum, (world.rank + 1) * per_rank * tc.grad_accum)
 
+    def fetch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch of `step`, on its way to the device."""
+        x, y = sampler.batch(step)
+        x, y = x[my_rows], y[my_rows]
+        if use_cuda:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def on_device(batches: list) -> list:
+        return [(x.to(device), y.to(device)) for x, y in batches]
+
+    val_batches = ood_batches = []
+    probe_batch = probe = None
+    if world.main:
+        val_batches = on_device(fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len))
+        if data.ood:
+            ood_batches = on_device(fixed_batches(data.ood, tc.eval_batches, tc.batch_size, tc.seq_len))
+        if cfg.probe.enabled:
+            probe_batch = fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len)[0][0].to(device)
+            probe = gpt_probe(model, cfg.probe.sites, attention=cfg.probe.attention)
+
+    # --- resume from the newest checkpoint, or start fresh ----------------------------------------
     out_dir = Path(out_dir)
-    store = RunStore(out_dir)
-    write_json(out_dir / "config.json", {
-        "arm": arm, **cfg.to_dict(), "n_params": model.num_params(), "param_roles": role_counts,
-        "data_source": data.source, "tokens_per_step": tokens_per_step, "steps": total_steps,
-        "flops_per_token": model.flops_per_token(tc.seq_len),
-    })
-    write_json(out_dir / "provenance.json", provenance(cfg, device))
+    loss_sum = torch.zeros((), device=device)
+    norm_sum = torch.zeros((), device=device)
+    timers = {"n_since": 0, "probe_s": 0.0, "eval_s": 0.0, "elapsed_s": 0.0}
+    start_step = 0
+    state = checkpoint.load(out_dir, world.rank, device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        try:
+            opt.load_state_dict(state["optim"])
+        except ValueError as e:
+            raise RankscopeError(f"{out_dir}: cannot resume: {e}") from None
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if use_cuda and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+        loss_sum.copy_(state["loss_sum"])
+        norm_sum.copy_(state["norm_sum"])
+        timers.update(state["timers"])
+        start_step = state["step"]
+    if world.main:
+        if state is not None:
+            truncate_after(out_dir, start_step)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / "config.json", {
+                "arm": arm, **cfg.to_dict(), "n_params": model.num_params(), "param_roles": opt.counts,
+                "data_source": data.source, "tokens_per_step": tokens_per_step, "steps": total_steps,
+                "flops_per_token": model.flops_per_token(tc.seq_len), "world_size": world.size,
+            })
+            write_json(out_dir / "provenance.json", provenance(cfg, device, world))
+    store = RunStore(out_dir) if world.main else None
 
-    # --- evaluation and probing (on fixed batches, the same for every arm) ---------------------
+    # --- evaluation, probing and checkpoints (rank 0 evaluates; everyone checkpoints) -------------
     @torch.no_grad()
     def mean_loss(batches: list) -> float:
-        model.eval()
         with autocast():
             losses = [model(x, y) for x, y in batches]
-        model.train()
         return torch.stack(losses).mean().item() if losses else float("nan")
 
-    probe_seconds = 0.0
-
-    def evaluate(step: int, train_loss: float, grad_norm: float, scale: float, t0: float) -> dict[str, Any]:
-        nonlocal probe_seconds
+    def evaluate(step: int, train_loss: float, grad_norm: float, scale: float, elapsed: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
         base = dict(arm=arm, seed=cfg.seed, step=step, tokens=step * tokens_per_step)
+        model.eval()
         row = dict(base, train_loss=train_loss, val_loss=mean_loss(val_batches),
                    ood_loss=mean_loss(ood_batches) if ood_batches else "", lr_scale=scale, grad_norm=grad_norm)
-        probe_rows = []
+        probe_rows: list[dict[str, Any]] = []
         if probe is not None:
             tp = time.perf_counter()
-            model.eval()
             with autocast():
                 probe_rows = probe.measure([probe_batch])
-            model.train()
-            probe_seconds += time.perf_counter() - tp
+            timers["probe_s"] += time.perf_counter() - tp
             store.probes.append(dict(base, **r) for r in probe_rows)
-        row.update(elapsed_s=time.perf_counter() - t0, probe_s=probe_seconds)
+        model.train()
+        timers["eval_s"] += time.perf_counter() - t0
+        row.update(elapsed_s=elapsed + time.perf_counter() - t0, probe_s=timers["probe_s"], eval_s=timers["eval_s"])
         store.scalars.append([row])
         key = [r["value"] for r in probe_rows if r["site"] == "k" and r["metric"] == "pr_sv"]
         row["key_pr"] = sum(key) / len(key) if key else float("nan")
         return row
 
-    # --- the loop ------------------------------------------------------------------------------
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "format": 1, "step": step, "tokens": step * tokens_per_step, "model": model.state_dict(),
+            "optim": opt.state_dict(), "rng_cpu": torch.get_rng_state(), "loss_sum": loss_sum,
+            "norm_sum": norm_sum, "timers": dict(timers), "world_size": world.size,
+        }
+        if use_cuda:
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        checkpoint.save(out_dir, step, state, world.rank, tc.keep_checkpoints, lambda: rdist.barrier(world))
+
+    # --- the loop ---------------------------------------------------------------------------------
     evals = set(eval_steps(total_steps, tokens_per_step, tc.eval_every))
+    saves = set(schedule(total_steps, tokens_per_step, tc.checkpoint_every)) - {0}
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps * tokens_per_step, unit="tok", unit_scale=True, dynamic_ncols=True,
-                   desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}", leave=True)
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    n_since = 0
-    scale = lr_scale(0, tc.tokens, cfg.optim)
+        bar = tqdm(total=total_steps * tokens_per_step, initial=start_step * tokens_per_step, unit="tok",
+                   unit_scale=True, dynamic_ncols=True, desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}")
+    scale = lr_scale(start_step * tokens_per_step, tc.tokens, cfg.optim)
     last: dict[str, Any] = {}
-    t0 = time.perf_counter()
+    t_start = time.perf_counter() - timers["elapsed_s"]
     model.train()
+    batch = fetch(start_step) if start_step < total_steps else None
     try:
-        for step in range(total_steps + 1):
-            # evaluate + probe at the scheduled points; the only place losses are read on the host
-            if step in evals:
-                train_loss = (loss_sum / n_since).item() if n_since else float("nan")
-                grad_norm = (norm_sum / n_since).item() if n_since else float("nan")
-                last = evaluate(step, train_loss, grad_norm, scale, t0)
+        for step in range(start_step, total_steps + 1):
+            resumed_here = state is not None and step == start_step  # its eval and checkpoint exist
+            if step in evals and not resumed_here:
+                # the only place losses are read on the host: once per evaluation
+                n = timers["n_since"]
+                means = torch.stack([loss_sum, norm_sum]) / max(n, 1)
+                if world.distributed:
+                    torch.distributed.all_reduce(means, op=torch.distributed.ReduceOp.AVG)
+                train_loss, grad_norm = means.tolist() if n else (float("nan"), float("nan"))
                 loss_sum.zero_(), norm_sum.zero_()
-                n_since = 0
-                bad = [k for k in ("train_loss", "val_loss") if step > 0 and not math.isfinite(last[k])]
-                if bad:
-                    raise RunDiverged(f"run {arm or ''} seed {cfg.seed} diverged: {bad[0]} is {last[bad[0]]} "
-                                      f"at {step * tokens_per_step:,} tokens (rows up to here are kept)")
-                if bar is not None:
-                    bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last['val_loss']:.3f}",
-                                    pr=f"{last['key_pr']:.1f}", refresh=False)
+                timers["n_since"] = 0
+                bad = ""
+                if world.main:
+                    last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
+                    bad = next((f"{k} is {last[k]}" for k in ("train_loss", "val_loss")
+                                if step > 0 and not math.isfinite(last[k])), "")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last['val_loss']:.3f}",
+                                        pr=f"{last['key_pr']:.1f}", refresh=False)
+                elif step > 0 and not math.isfinite(train_loss):
+                    bad = f"train_loss is {train_loss}"
+                if rdist.any_rank(bool(bad), world, device):
+                    raise RunDiverged(f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
+                                      f"{': ' + bad if bad else ''}; its rows and last good checkpoint are kept")
+            if step in saves and not resumed_here:
+                if step not in evals and rdist.any_rank(not bool(torch.isfinite(loss_sum)), world, device):
+                    raise RunDiverged(f"run {arm} seed {cfg.seed} diverged before {step * tokens_per_step:,} "
+                                      f"tokens; its rows and last good checkpoint are kept")
+                timers["elapsed_s"] = time.perf_counter() - t_start
+                save_checkpoint(step)
             if step == total_steps:
                 break
 
-            # one optimizer step on the next batch
+            # one optimizer step on the global batch: this rank's rows, in grad_accum micro-batches
             scale = lr_scale(step * tokens_per_step, tc.tokens, cfg.optim)
-            set_lr(optimizers, scale)
-            x, y = sampler.batch(step)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                loss = model(x, y)
-            loss.backward()
+            opt.set_lr(scale)
+            x, y = batch
+            for i, (xm, ym) in enumerate(zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum))):
+                sync = ddp is None or i == tc.grad_accum - 1  # all-reduce gradients once, after the last
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast():
+                    loss = step_model(xm, ym) / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
             if cfg.optim.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             else:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            for opt in optimizers:
-                opt.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            opt.step()
+            opt.zero_grad()
             norm_sum += norm.detach()
-            n_since += 1
+            timers["n_since"] += 1
+            if step + 1 < total_steps:
+                batch = fetch(step + 1)  # prepared while the device works on this step
             if bar is not None:
                 bar.update(tokens_per_step)
     finally:
         if bar is not None:
             bar.close()
-        store.close()
+        if store is not None:
+            store.close()
 
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t_start
     summary = {
         "status": "done", "arm": arm, "seed": cfg.seed, "steps": total_steps,
-        "tokens": total_steps * tokens_per_step, "elapsed_s": elapsed, "probe_s": probe_seconds,
-        "tokens_per_s": total_steps * tokens_per_step / elapsed, "final_val_loss": last.get("val_loss"),
-        "final_key_pr": last.get("key_pr"),
+        "tokens": total_steps * tokens_per_step, "elapsed_s": elapsed, "probe_s": timers["probe_s"],
+        "eval_s": timers["eval_s"], "tokens_per_s": total_steps * tokens_per_step / max(elapsed, 1e-9),
+        "final_val_loss": last.get("val_loss"), "final_key_pr": last.get("key_pr"),
+        "peak_memory_bytes": peak_memory_bytes(device), "world_size": world.size,
     }
-    store.finish(summary)
+    if store is not None:
+        store.finish(summary)
     return summary

@@ -193,7 +193,7 @@ def plot_layer_pr(layer_stats: pd.DataFrame, arm: str, color, path: Path, *, yma
 
     `layer_stats`: one arm's rows of (layer, mean, min, max, n, tokens) at one eval point.
     """
-    if not len(layer_stats):
+    if not len(layer_stats) or layer_stats["mean"].isna().all():  # nothing yet, or a diverged arm
         return None
     s = layer_stats.sort_values("layer")
     layers = s["layer"].to_numpy()

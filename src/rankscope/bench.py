@@ -1,0 +1,132 @@
+"""`rankscope bench`: throughput, model FLOPs utilisation, peak memory and probe cost of the real
+training loop on this machine.
+
+It runs `train()` itself (compile, autocast, data loading, evaluation and probes as in a study)
+for a short budget with four evaluation points, and measures the steady state between the second
+and the last: tokens per second of training alone (evaluation and probe time taken out), model
+FLOPs per second (6 x matmul parameters + attention, see `GPT.flops_per_token`) against the
+device's bf16 peak where known and against a matmul rate measured here before and after, and
+what the probe would cost over a whole run at the preset's own cadence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
+             "B200": 2250e12, "GH200": 989e12}
+
+
+def device_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(BF16_PEAK, key=len, reverse=True):
+        if key in name:
+            return BF16_PEAK[key]
+    return None
+
+
+def matmul_rate(device: torch.device, reps: int = 10) -> float:
+    """Measured FLOP/s of a large square matmul: bf16 on CUDA, float32 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
+    from .config import apply_overrides, preset as get_preset
+    from .data import load_data
+    from .store import load_scalars, read_json
+    from .train import eval_steps, resolve_device, train
+
+    cfg = apply_overrides(get_preset(preset), overrides)
+    tps = cfg.train.batch_size * cfg.train.seq_len
+    budget = tokens or 40 * tps
+    steps = max(4, -(-budget // tps))
+    bench_cfg = apply_overrides(cfg, {"train.tokens": steps * tps, "train.eval_every": steps * tps // 4,
+                                      "train.checkpoint_every": 0})
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
+    rates = [matmul_rate(device)]
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train(bench_cfg, Path(tmp) / "run", data, arm="bench", progress=progress)
+        rows = load_scalars(tmp).sort_values("tokens")
+        config = read_json(Path(tmp) / "run" / "config.json")
+    rates.append(matmul_rate(device))
+    first, last = rows.iloc[1], rows.iloc[-1]  # skip the first interval: compilation and warm-up
+    train_s = (last.elapsed_s - last.eval_s) - (first.elapsed_s - first.eval_s)
+    tok_s = (last.tokens - first.tokens) / train_s
+    flops = config["flops_per_token"] * tok_s
+    n_evals = len(rows)
+    probe_each = summary["probe_s"] / n_evals
+    eval_each = summary["eval_s"] / n_evals
+    full_steps = -(-cfg.train.tokens // tps)
+    full_evals = len(eval_steps(full_steps, tps, cfg.train.eval_every))
+    full_s = cfg.train.tokens / tok_s + full_evals * eval_each
+    rate = statistics.mean(rates)
+    peak = device_peak(device)
+    return {
+        "preset": preset, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU"),
+        "params": config["n_params"], "tokens_per_s": tok_s, "model_tflops": flops / 1e12,
+        "mfu_peak": flops / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
+        "mfu_matmul": flops / rate, "matmul_tflops": rate / 1e12,
+        "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
+        "probe_ms": probe_each * 1e3, "probe_share": full_evals * probe_each / full_s,
+        "eval_share": full_evals * eval_each / full_s, "full_run_min": full_s / 60,
+        "compile": cfg.train.compile, "bench_tokens": int(last.tokens),
+    }
+
+
+def format_result(r: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{v:.1%}"
+    lines = [
+        f"rankscope bench: preset {r['preset']} on {r['device_name']} ({r['device']}), {r['params'] / 1e6:.1f}M parameters",
+        f"  tokens/s (training, steady state)   {r['tokens_per_s']:,.0f}",
+        f"  model TFLOP/s                       {r['model_tflops']:.2f}",
+        f"  MFU vs bf16 peak                    {pct(r['mfu_peak'])}"
+        + (f" (peak {r['peak_tflops']:.0f} TFLOP/s)" if r["peak_tflops"] else " (peak unknown for this device)"),
+        f"  MFU vs measured matmul              {pct(r['mfu_matmul'])} (measured {r['matmul_tflops']:.3f} TFLOP/s)",
+        f"  peak memory                         {r['peak_memory_gib']:.2f} GiB",
+        f"  probe per evaluation                {r['probe_ms']:.0f} ms",
+        f"  probe share of a full run           {pct(r['probe_share'])} (evaluation {pct(r['eval_share'])})",
+        f"  full run at this speed              {r['full_run_min']:.1f} min",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--tokens", help="training tokens to time (default: 40 steps)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .config import parse_count, parse_set
+
+    tokens = parse_count(args.tokens) if args.tokens else None
+    print(format_result(run_bench(args.preset, tokens, parse_set(args.overrides), not args.no_progress)))
+    return 0

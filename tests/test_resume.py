@@ -1,0 +1,159 @@
+"""Checkpoints and resume: a run killed with SIGKILL and resumed writes exactly the rows of an
+uninterrupted run (CPU float32, compared bitwise); divergence; untrusted checkpoints refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rankscope import checkpoint, store
+from rankscope.config import RunConfig, apply_overrides
+from rankscope.data import write_shard
+from rankscope.data.loader import TokenData
+from rankscope.errors import RankscopeError
+from rankscope.train import RunDiverged, train
+
+SETTINGS = {
+    "model.n_layer": 2, "model.d_model": 64, "model.n_head": 2, "model.n_kv_head": 1, "model.head_dim": 32,
+    "model.d_mlp": 128, "model.vocab_size": 256, "model.max_seq_len": 32, "train.batch_size": 4,
+    "train.seq_len": 32, "train.eval_batches": 1, "probe.batch_size": 2, "probe.sites": "k,q,v,o",
+    "train.tokens": 16 * 128, "train.eval_every": 2 * 128, "train.checkpoint_every": 5 * 128,
+    "train.keep_checkpoints": 2, "train.threads": 1,
+}
+METRIC_COLUMNS = ["arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale", "grad_norm"]
+
+
+def shards(tmp: Path) -> Path:
+    """A folder of token shards: structured enough that the loss moves."""
+    rng = np.random.default_rng(0)
+    base = np.tile(np.arange(40, dtype=np.uint16), 400) + rng.integers(0, 3, 16000).astype(np.uint16)
+    folder = tmp / "shards"
+    folder.mkdir(exist_ok=True)
+    write_shard(folder / "train_000.bin", base[:14000])
+    write_shard(folder / "val_000.bin", base[14000:])
+    return folder
+
+
+def config(data: Path, **extra) -> RunConfig:
+    return apply_overrides(RunConfig(), {**SETTINGS, "data.path": str(data), **extra})
+
+
+def metric_rows(run: Path) -> tuple[str, str]:
+    scal = store.read_table(run / "scalars.csv")[METRIC_COLUMNS].to_csv(index=False)
+    probes = (run / "probes.csv").read_text()
+    return scal, probes
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    data = shards(tmp_path)
+    cfg = config(data)
+    whole = tmp_path / "whole"
+    train(cfg, whole, progress=False, arm="a")
+
+    # the same run in a child process, killed with SIGKILL once it has written rows past its
+    # second checkpoint (step 10) -- the rows of step 12 must be dropped on resume
+    killed = tmp_path / "killed"
+    child = textwrap.dedent(f"""
+        import os, sys, time
+        from rankscope import store
+        from rankscope.config import RunConfig, apply_overrides
+        from rankscope.train import train
+        append = store.TableWriter.append
+        def append_then_wait(self, rows):
+            rows = list(rows)
+            append(self, rows)
+            if self.path.name == "scalars.csv" and rows and rows[0]["step"] == 12:
+                print("wrote step 12", flush=True)
+                time.sleep(120)
+        store.TableWriter.append = append_then_wait
+        cfg = apply_overrides(RunConfig(), {{**{SETTINGS!r}, "data.path": {str(data)!r}}})
+        train(cfg, {str(killed)!r}, progress=False, arm="a")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.strip() == "wrote step 12", proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.is_done(killed)
+    assert checkpoint.steps(killed) == [5, 10]  # keep_checkpoints=2 pruned older ones
+    assert store.read_table(killed / "scalars.csv")["step"].max() == 12
+
+    train(cfg, killed, progress=False, arm="a")  # resumes from step 10
+    assert store.is_done(killed)
+    assert metric_rows(killed) == metric_rows(whole)
+    assert checkpoint.steps(killed) == checkpoint.steps(whole) == [15, 16]
+    a = torch.load(whole / "checkpoints" / "step-000000016.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "step-000000016.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_diverging_run_stops_clearly_and_keeps_rows_and_checkpoint(tmp_path):
+    data = shards(tmp_path)
+    cfg = config(data, **{"optim.name": "adamw", "optim.adamw_lr": 1e6, "optim.adamw_matrix_lr": 1e6,
+                          "optim.grad_clip": 0.0, "train.checkpoint_every": 128})
+    with pytest.raises(RunDiverged, match="diverged at") as e:
+        train(cfg, tmp_path / "run", progress=False, arm="hot")
+    assert "\n" not in str(e.value)
+    rows = store.read_table(tmp_path / "run" / "scalars.csv")
+    assert len(rows) >= 1 and not store.is_done(tmp_path / "run")
+    kept = checkpoint.load(tmp_path / "run")
+    if kept is not None:  # whatever checkpoint survives holds finite weights
+        assert all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_cli_study_continues_after_a_diverging_run(tmp_path, capsys):
+    from rankscope.cli import main
+    data = shards(tmp_path)
+    study = tmp_path / "s.toml"
+    sets = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in SETTINGS.items())
+    study.write_text(f'[settings]\n{sets}\n\n[arms.hot]\noptim.name = "adamw"\noptim.adamw_lr = 1e6\n'
+                     f'optim.adamw_matrix_lr = 1e6\noptim.grad_clip = 0.0\n[arms.ok]\nmodel.qk_norm = "learned"\n')
+    assert main(["run", str(study), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "hot seed 0 diverged" in err and "1 run(s) diverged: hot seed 0" in err
+    assert store.is_done(tmp_path / "o" / "ok" / "seed-0")
+    assert store.read_json(tmp_path / "o" / "hot" / "seed-0" / "done.json")["status"] == "diverged"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    folder = tmp_path / "run" / checkpoint.FOLDER
+    folder.mkdir(parents=True)
+    torch.save({"step": 3, "model": Payload()}, folder / "step-000000003.pt")
+    with pytest.raises(RankscopeError, match="cannot read checkpoint"):
+        checkpoint.load(tmp_path / "run")
+
+
+def test_truncated_checkpoint_is_refused_clearly(tmp_path):
+    folder = tmp_path / "run" / checkpoint.FOLDER
+    folder.mkdir(parents=True)
+    torch.save({"step": 3, "w": torch.ones(1000)}, folder / "step-000000003.pt")
+    data = (folder / "step-000000003.pt").read_bytes()
+    (folder / "step-000000003.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RankscopeError, match="cannot read checkpoint"):
+        checkpoint.load(tmp_path / "run")
+
+
+def test_truncate_after_keeps_rows_up_to_the_step(tmp_path):
+    rs = store.RunStore(tmp_path)
+    rs.scalars.append([dict(arm="a", seed=0, step=s, tokens=s * 10, val_loss=1.0 / (s + 1)) for s in range(5)])
+    rs.probes.append([dict(arm="a", seed=0, step=s, tokens=s, layer=0, head=0, site="k", metric="pr_sv", value=2.0)
+                      for s in range(5)])
+    rs.close()
+    with open(tmp_path / "probes.csv", "a") as f:
+        f.write("a,0,9,9,0,0,k,pr")  # torn
+    store.truncate_after(tmp_path, 2)
+    assert list(store.read_table(tmp_path / "scalars.csv")["step"]) == [0, 1, 2]
+    assert list(store.read_table(tmp_path / "probes.csv")["step"]) == [0, 1, 2]
