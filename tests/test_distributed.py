@@ -54,7 +54,7 @@ def test_two_processes_match_one(tmp_path):
         assert v[-1] < v[0] - 0.5  # it really trained
     one_p, two_p = (store.load_probes(tmp_path / d).sort_values(["arm", "step", "site", "layer", "head", "metric"])
                     for d in ("one", "two"))
-    np.testing.assert_allclose(two_p["value"].to_numpy(), one_p["value"].to_numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(two_p["value"].to_numpy(), one_p["value"].to_numpy(), rtol=5e-3, atol=1e-4)
     prov = store.read_json(tmp_path / "two" / "muon" / "seed-0" / "provenance.json")
     assert prov["world_size"] == 2
     assert not (tmp_path / "two" / "muon" / "seed-1").exists()
