@@ -98,7 +98,7 @@ def main() -> None:
             model.train()
         tokens_per_step = tc.batch_size * tc.seq_len
         steps = math.ceil(tc.tokens / tokens_per_step)
-        n_evals = len(eval_steps(steps, tokens_per_step, tc.eval_every))
+        n_evals = len(eval_steps(steps, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
         med = statistics.median
         run_s = steps * med(step_s) + n_evals * (med(probe_s) + 2 * med(eval_s))  # val + ood
         results[qk] = dict(

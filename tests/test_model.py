@@ -160,3 +160,41 @@ def test_rms_norm_function_matches_reference(with_gain):
     f = (lambda x, w: RMSNormFunction.apply(x, w, 1e-6)) if with_gain else (lambda x: RMSNormFunction.apply(x, None, 1e-6))
     assert torch.autograd.gradcheck(f, args)
     assert torch.allclose(f(*args), F.rms_norm(x, (8,), w, 1e-6))
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
+    from rankscope.model import causal_max_logit, qk_clip
+    model = GPT(replace(SMALL, qk_norm="none", n_kv_head=n_kv_head))
+    model.reset_parameters(0)
+    with torch.no_grad():  # large weights so some heads have large logits
+        for b in model.blocks:
+            b.attn.q_proj.weight.mul_(torch.linspace(1, 20, 32)[:, None])
+            b.attn.k_proj.weight.mul_(5)
+    x = torch.randint(0, 97, (3, 16))
+    taps = {}
+    hooks = [b.attn.q.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("q", l), o)) for l, b in enumerate(model.blocks)]
+    hooks += [b.attn.k.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("k", l), o)) for l, b in enumerate(model.blocks)]
+    for b in model.blocks:
+        b.attn.track_max_logit = True
+    model.train()
+    model(x)
+    attn = model.blocks[0].attn
+    before = attn.max_logit.clone()
+    assert torch.allclose(before, causal_max_logit(taps[("q", 0)], taps[("k", 0)]))
+    tau = float(before.median())
+    wq_before = attn.q_proj.weight.clone()
+    assert qk_clip(model, tau) >= 1
+    assert torch.equal(attn.max_logit, torch.zeros(4))  # reset for the next step
+    # layer 0's input is unchanged by the clip, so its new logits are exactly the old ones x gamma
+    model(x)
+    after = causal_max_logit(taps[("q", 0)], taps[("k", 0)])
+    expected = torch.minimum(before, torch.full_like(before, tau))
+    assert torch.allclose(after, expected, rtol=1e-4)
+    unclipped = before <= tau
+    E = 8
+    for h in range(4):
+        if unclipped[h] and n_kv_head == 4:  # a head under tau keeps its weights
+            assert torch.equal(attn.q_proj.weight[h * E:(h + 1) * E], wq_before[h * E:(h + 1) * E])
+    for h in hooks:
+        h.remove()

@@ -65,7 +65,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     budget = tokens or 40 * tps
     steps = max(4, -(-budget // tps))
     bench_cfg = apply_overrides(cfg, {"train.tokens": steps * tps, "train.eval_every": steps * tps // 4,
-                                      "train.checkpoint_every": 0})
+                                      "train.eval_schedule": "linear", "train.checkpoint_every": 0})
     device = resolve_device(cfg.train.device)
     data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
     rates = [matmul_rate(device)]
@@ -82,7 +82,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     probe_each = summary["probe_s"] / n_evals
     eval_each = summary["eval_s"] / n_evals
     full_steps = -(-cfg.train.tokens // tps)
-    full_evals = len(eval_steps(full_steps, tps, cfg.train.eval_every))
+    full_evals = len(eval_steps(full_steps, tps, cfg.train.eval_every, cfg.train.eval_schedule, cfg.train.eval_points))
     full_s = cfg.train.tokens / tok_s + full_evals * eval_each
     rate = statistics.mean(rates)
     peak = device_peak(device)

@@ -38,6 +38,7 @@ class OptimConfig:
     schedule: str = "constant"         # constant | cosine | linear (decay after warmup)
     warmup_tokens: int = 0
     min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of the peak
+    qk_clip_tau: float = 0.0           # QK-Clip threshold on each head's max attention logit; 0 = off
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TrainConfig:
     seq_len: int = 128
     eval_every: int = 100_000          # tokens between evaluations and probes (and at token 0 and the end)
     eval_batches: int = 2              # fixed validation batches per evaluation
+    eval_schedule: str = "linear"      # linear: every eval_every tokens | log: eval_points log-spaced
+    eval_points: int = 24              # evaluation points of the log schedule (plus token 0)
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # CPU threads for torch; 0 = torch's default
     compile: str = "auto"              # torch.compile: auto (on for CUDA) | on | off
@@ -240,6 +243,9 @@ def validate(cfg: RunConfig) -> None:
         (all(s in _SITES for s in p.sites), f"probe.sites must be among {', '.join(_SITES)}, got {','.join(p.sites)}"),
         (p.batch_size > 0, "probe.batch_size must be positive"),
         (t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {t.compile!r}"),
+        (t.eval_schedule in ("linear", "log"), f"train.eval_schedule must be linear or log, got {t.eval_schedule!r}"),
+        (t.eval_points >= 1, "train.eval_points must be positive"),
+        (o.qk_clip_tau >= 0, "optim.qk_clip_tau must be >= 0"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
          f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
         (t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,

@@ -91,6 +91,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def causal_max_logit(q: torch.Tensor, k: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Largest pre-softmax logit q·k/sqrt(E) of each query head under the causal mask.
+    q (B, T, H, E), k (B, T, G, E) -> (H,). Computed in query chunks; no gradient."""
+    H, G, E = q.shape[2], k.shape[2], q.shape[3]
+    qh = q.transpose(1, 2).float() / math.sqrt(E)  # (B, H, T, E)
+    kh = k.transpose(1, 2).float().repeat_interleave(H // G, dim=1)  # (B, H, T, E)
+    T = q.shape[1]
+    best = torch.full((H,), float("-inf"), device=q.device)
+    for i in range(0, T, chunk):
+        logits = qh[:, :, i:i + chunk] @ kh.mT  # (B, H, c, T)
+        future = torch.arange(T, device=q.device)[None, :] > torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
+        best = torch.maximum(best, logits.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+    return best
+
+
+@torch.no_grad()
+def qk_clip(model: "GPT", tau: float) -> int:
+    """QK-Clip (Kimi K2, 2025): after an optimizer step, rescale the query and key weights of every
+    head whose largest logit S_h exceeded tau so that its logits shrink by γ_h = tau / S_h, leaving
+    the forward pass itself unchanged. With grouped-query attention a key head is shared: it takes
+    sqrt(min γ) of its group and each query head the rest, γ_h / sqrt(min γ). Resets the tracked
+    maxima and returns the number of heads clipped. Under QK-Norm the rescaling is undone by the
+    normalisation, so QK-Clip is meant for models without it."""
+    clipped = 0
+    for block in model.blocks:
+        attn = block.attn
+        gamma = (tau / attn.max_logit.clamp_min(1e-30)).clamp(max=1.0)  # (H,)
+        clipped += int((gamma < 1).sum())
+        group = attn.n_head // attn.n_kv_head
+        gamma_k = gamma.view(attn.n_kv_head, group).amin(dim=1).sqrt()  # (G,)
+        gamma_q = gamma / gamma_k.repeat_interleave(group)  # (H,)
+        E = attn.head_dim
+        attn.q_proj.weight.mul_(gamma_q.repeat_interleave(E)[:, None].to(attn.q_proj.weight.dtype))
+        attn.k_proj.weight.mul_(gamma_k.repeat_interleave(E)[:, None].to(attn.k_proj.weight.dtype))
+        attn.max_logit.zero_()
+    return clipped
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -103,6 +141,9 @@ class Attention(nn.Module):
         if cfg.qk_norm != "none":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.qk_norm)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.qk_norm)
+        # QK-Clip (Kimi K2): the largest attention logit of each head seen in training forwards
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.zeros(cfg.n_head), persistent=False)
         # probe taps, all (B, T, heads, E)
         self.q_pre, self.k_pre = Tap(), Tap()  # after QK-Norm, before RoPE
         self.q, self.k, self.v = Tap(), Tap(), Tap()  # q, k after RoPE
@@ -117,6 +158,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.q_pre(q), self.k_pre(k)
         q, k, v = self.q(apply_rope(q, cos, sin)), self.k(apply_rope(k, cos, sin)), self.v(v)
+        if self.track_max_logit and self.training:
+            with torch.no_grad():
+                self.max_logit.copy_(torch.maximum(self.max_logit, causal_max_logit(q, k)))
         y = F.scaled_dot_product_attention(  # (B, H, T, E); head h reads kv head h // (H/G)
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
@@ -215,15 +259,27 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy if targets are given."""
-        T = idx.size(1)
-        x = self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+        return self.head(self.forward_blocks(self.embed_tokens(idx)), targets)
+
+    # The forward pass in three stages, so an evaluation can cache the residual stream at a layer
+    # and re-run only the layers after it (functional rank does, once per projection rank).
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.embed(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks start..stop-1 on the residual stream x (B, T, D) -> (B, T, D)."""
+        T = x.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        for block in self.blocks[start:stop]:
             if recompute:  # keep only each block's input; redo its forward during backward
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
+        return x
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and tied output layer: logits (B, T, V), or the mean cross-entropy."""
         x = self.final_norm(x)
         if targets is None:
             return F.linear(x, self.embed.weight)  # (B, T, V)

@@ -68,6 +68,18 @@ BUILTIN: dict[str, Study] = {
         {"learned-gain": {"model.qk_norm": "learned", **_MUON}, "frozen-gain": {"model.qk_norm": "frozen", **_MUON},
          "no-norm": {"model.qk_norm": "none", **_MUON}},
     ),
+    "clip": Study(
+        "clip", "Under Muon: QK-Clip (MuonClip, Kimi K2; threshold 15 on each head's max logit) vs "
+                "QK-Norm vs neither. Is bounding logits without normalising enough to keep keys high-rank?",
+        {"qk-clip": {"model.qk_norm": "none", "optim.qk_clip_tau": 15.0, **_MUON},
+         "qk-norm": {"model.qk_norm": "learned", **_MUON}, "no-norm": {"model.qk_norm": "none", **_MUON}},
+    ),
+    "norm-variants": Study(
+        "norm-variants", "Under Muon: QK-Norm with a learned gain, a gain frozen at 1, no gain "
+                         "(parameter-free, as modded-nanogpt), and no QK-Norm.",
+        {"learned": {"model.qk_norm": "learned", **_MUON}, "frozen": {"model.qk_norm": "frozen", **_MUON},
+         "parameter-free": {"model.qk_norm": "parameter_free", **_MUON}, "none": {"model.qk_norm": "none", **_MUON}},
+    ),
 }
 DEFAULT_STUDY = "qk-muon"
 

@@ -31,7 +31,7 @@ from . import dist as rdist
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import RankscopeError
-from .model import GPT
+from .model import GPT, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
 from .store import RunStore, truncate_after, write_json
@@ -91,7 +91,22 @@ def schedule(total_steps: int, tokens_per_step: int, every_tokens: int) -> list[
     return sorted(steps)
 
 
-eval_steps = schedule  # evaluation and probing follow the same rule
+def log_schedule(total_steps: int, points: int) -> list[int]:
+    """Step 0, the last step, and `points` steps spaced evenly in log(step): dense early, where the
+    geometry moves fast, sparse late, so a 100M-token run costs few evaluations."""
+    steps = {0, total_steps}
+    if total_steps > 1 and points > 1:
+        ratio = total_steps ** (1 / (points - 1))
+        steps |= {min(total_steps, round(ratio**i)) for i in range(points)}
+    return sorted(steps)
+
+
+def eval_steps(total_steps: int, tokens_per_step: int, every_tokens: int, kind: str = "linear",
+               points: int = 24) -> list[int]:
+    """The steps at which to evaluate and probe."""
+    if kind == "log":
+        return log_schedule(total_steps, points)
+    return schedule(total_steps, tokens_per_step, every_tokens)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -127,6 +142,9 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
     model.reset_parameters(cfg.seed)
     model.to(device)
     model.activation_checkpointing = tc.activation_checkpointing
+    clip_tau = cfg.optim.qk_clip_tau
+    for block in model.blocks:
+        block.attn.track_max_logit = clip_tau > 0
     opt = build_optimizers(model, cfg.optim, fused=use_cuda, rank=world.rank, world_size=world.size)
     step_model: torch.nn.Module = model
     ddp = None
@@ -237,7 +255,7 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
         checkpoint.save(out_dir, step, state, world.rank, tc.keep_checkpoints, lambda: rdist.barrier(world))
 
     # --- the loop ---------------------------------------------------------------------------------
-    evals = set(eval_steps(total_steps, tokens_per_step, tc.eval_every))
+    evals = set(eval_steps(total_steps, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
     saves = set(schedule(total_steps, tokens_per_step, tc.checkpoint_every)) - {0}
     bar = None
     if progress and world.main:
@@ -299,6 +317,13 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
                 norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             opt.step()
             opt.zero_grad()
+            if clip_tau > 0:
+                if world.distributed:  # every rank must clip the same heads: use the global maxima
+                    maxima = torch.stack([b.attn.max_logit for b in model.blocks])
+                    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+                    for b, m in zip(model.blocks, maxima):
+                        b.attn.max_logit.copy_(m)
+                qk_clip(model, clip_tau)
             norm_sum += norm.detach()
             timers["n_since"] += 1
             if step + 1 < total_steps:
