@@ -55,7 +55,7 @@ def main() -> None:
     results = {}
     for qk in ("learned", "none"):
         model = GPT(apply_overrides(cfg, {"model.qk_norm": qk}).model)
-        opts, _ = build_optimizers(model, cfg.optim)
+        opt = build_optimizers(model, cfg.optim)
         sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, seed=0)
         val = fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len)
         probe_x = fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len)[0][0]
@@ -68,9 +68,8 @@ def main() -> None:
             step_i += 1
             model(x, y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            for o in opts:
-                o.step()
-                o.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad()
 
         for _ in range(3):
             train_step()  # warm up

@@ -65,6 +65,9 @@ class ProbeConfig:
     batch_size: int = 16               # sequences in the fixed probe batch (seq_len tokens each)
     attention: bool = True             # per-head attention entropy and max logit
     enabled: bool = True
+    downstream: bool = True            # ICL score, induction loss and head scores, W_Q/W_K spectra
+    induction_batch: int = 8           # sequences of repeated random tokens for the induction eval
+    functional_rank: str = "middle-end"  # off | end | middle-end | every evaluation
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ def validate(cfg: RunConfig) -> None:
          "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive"),
         (all(s in _SITES for s in p.sites), f"probe.sites must be among {', '.join(_SITES)}, got {','.join(p.sites)}"),
         (p.batch_size > 0, "probe.batch_size must be positive"),
+        (p.functional_rank in ("off", "end", "middle-end", "every"),
+         f"probe.functional_rank must be off, end, middle-end or every, got {p.functional_rank!r}"),
+        (p.induction_batch > 0, "probe.induction_batch must be positive"),
         (t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {t.compile!r}"),
         (t.eval_schedule in ("linear", "log"), f"train.eval_schedule must be linear or log, got {t.eval_schedule!r}"),
         (t.eval_points >= 1, "train.eval_points must be positive"),

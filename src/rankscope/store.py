@@ -28,7 +28,7 @@ import pandas as pd
 
 SCALAR_COLUMNS = (
     "arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale",
-    "grad_norm", "elapsed_s", "probe_s", "eval_s",
+    "grad_norm", "icl_score", "induction_loss", "elapsed_s", "probe_s", "eval_s",
 )
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
 # head == LAYER_WIDE marks a per-layer value (for example QK-Norm gain statistics)

@@ -31,6 +31,7 @@ from . import dist as rdist
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import RankscopeError
+from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
 from .model import GPT, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
@@ -174,14 +175,19 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
         return [(x.to(device), y.to(device)) for x, y in batches]
 
     val_batches = ood_batches = []
-    probe_batch = probe = None
+    probe_batch = probe = induction = None
+    downstream = cfg.probe.enabled and cfg.probe.downstream
     if world.main:
         val_batches = on_device(fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len))
         if data.ood:
             ood_batches = on_device(fixed_batches(data.ood, tc.eval_batches, tc.batch_size, tc.seq_len))
         if cfg.probe.enabled:
-            probe_batch = fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len)[0][0].to(device)
+            probe_batch = on_device(fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len))[0]
             probe = gpt_probe(model, cfg.probe.sites, attention=cfg.probe.attention)
+        if downstream:  # repeated random tokens, the same for every arm and evaluation
+            half = tc.seq_len // 2
+            induction_x = induction_batch(data.vocab_size, cfg.probe.induction_batch, half, seed=0).to(device)
+            induction = gpt_induction_scores(model, half)
 
     # --- resume from the newest checkpoint, or start fresh ----------------------------------------
     out_dir = Path(out_dir)
@@ -227,15 +233,25 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
         t0 = time.perf_counter()
         base = dict(arm=arm, seed=cfg.seed, step=step, tokens=step * tokens_per_step)
         model.eval()
-        row = dict(base, train_loss=train_loss, val_loss=mean_loss(val_batches),
-                   ood_loss=mean_loss(ood_batches) if ood_batches else "", lr_scale=scale, grad_norm=grad_norm)
-        probe_rows: list[dict[str, Any]] = []
-        if probe is not None:
-            tp = time.perf_counter()
-            with autocast():
-                probe_rows = probe.measure([probe_batch])
-            timers["probe_s"] += time.perf_counter() - tp
-            store.probes.append(dict(base, **r) for r in probe_rows)
+        with torch.no_grad(), autocast():
+            # validation loss and the in-context learning score from the same forward passes
+            val_loss, icl = loss_and_icl(model, val_batches) if downstream else (mean_loss(val_batches), "")
+            row = dict(base, train_loss=train_loss, val_loss=val_loss, icl_score=icl,
+                       ood_loss=mean_loss(ood_batches) if ood_batches else "", lr_scale=scale, grad_norm=grad_norm)
+            probe_rows: list[dict[str, Any]] = []
+            extra: list[dict[str, Any]] = []
+            healthy = math.isfinite(val_loss)  # a diverged model has no geometry left to measure
+            if probe is not None and healthy:
+                tp = time.perf_counter()
+                probe_rows = probe.measure([probe_batch[0]])
+                timers["probe_s"] += time.perf_counter() - tp
+            if induction is not None and healthy:
+                row["induction_loss"], extra = induction.measure_with_loss(induction_x)
+                extra += weight_spectra(model)
+            if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
+                extra += functional_rank(model, *probe_batch)
+        if probe_rows or extra:
+            store.probes.append(dict(base, **r) for r in probe_rows + extra)
         model.train()
         timers["eval_s"] += time.perf_counter() - t0
         row.update(elapsed_s=elapsed + time.perf_counter() - t0, probe_s=timers["probe_s"], eval_s=timers["eval_s"])
@@ -256,6 +272,10 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
 
     # --- the loop ---------------------------------------------------------------------------------
     evals = set(eval_steps(total_steps, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
+    rank_steps = {
+        "off": set(), "end": {total_steps}, "every": evals,
+        "middle-end": {total_steps, min(evals, key=lambda s: (abs(s - total_steps / 2), s))},
+    }[cfg.probe.functional_rank] if cfg.probe.enabled else set()
     saves = set(schedule(total_steps, tokens_per_step, tc.checkpoint_every)) - {0}
     bar = None
     if progress and world.main:
