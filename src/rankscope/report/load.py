@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..errors import RankscopeError
 from ..store import (
+    DONE,
     PROBE_COLUMNS,
     SCALAR_COLUMNS,
     is_done,
@@ -28,6 +30,7 @@ from ..store import (
 )
 
 StudyDirs = str | Path | Sequence[str | Path]
+FINISHED, DIVERGED, UNFINISHED = "finished", "diverged", "unfinished"
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,17 @@ class Run:
     arm: str
     seed: int
     path: Path
-    done: bool
+    done: bool                 # finished normally (done.json present and not marked diverged)
     config: dict[str, Any]
     target_tokens: int | None  # the run's token budget, from its config (or the study's)
     last_tokens: int | None    # the last evaluation point it wrote; None = no rows yet
+    status: str = "unfinished"  # "finished" | "diverged" | "unfinished" (still running, or stopped)
+    message: str | None = None  # why it stopped, for a diverged run (from its done.json)
+    last_finite_tokens: int | None = None  # the last eval point whose val loss is a number
+
+    @property
+    def diverged(self) -> bool:
+        return self.status == DIVERGED
 
 
 @dataclass
@@ -69,7 +79,13 @@ class StudyData:
 
     @property
     def finished(self) -> set[tuple[str, int]]:
+        """Runs that reached their budget. A diverged run has a done.json too, but it stopped early:
+        counting it here would pull an arm's END back to where it blew up."""
         return {(r.arm, r.seed) for r in self.runs if r.done}
+
+    @property
+    def diverged(self) -> set[tuple[str, int]]:
+        return {(r.arm, r.seed) for r in self.runs if r.diverged}
 
     def seeds(self, arm: str | None = None) -> list[int]:
         return sorted({r.seed for r in self.runs if arm is None or r.arm == arm})
@@ -105,8 +121,16 @@ def _identify(rd: Path, config: dict[str, Any], scalars: pd.DataFrame) -> tuple[
     return str(arm), int(seed)
 
 
-def _normalise(df: pd.DataFrame, columns: Sequence[str], arm: str, seed: int) -> pd.DataFrame:
-    """Give every table the store's columns and stable dtypes, whatever pandas inferred."""
+def _normalise(df: pd.DataFrame, columns: Sequence[str], arm: str, seed: int,
+               keep_extra: bool = False) -> pd.DataFrame:
+    """Give every table the store's columns and stable dtypes, whatever pandas inferred.
+
+    With `keep_extra`, columns a newer trainer wrote beyond `columns` (icl_score, induction_loss,
+    ...) are kept as numbers too, so the report can use them whether or not this version of the
+    store lists them; a table of an older run simply lacks them (NaN after merging).
+    """
+    if keep_extra:
+        columns = list(columns) + [c for c in df.columns if c not in columns and not str(c).startswith("Unnamed")]
     df = df.reindex(columns=list(columns)).copy()
     df["arm"] = arm
     df["seed"] = seed
@@ -142,11 +166,15 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
             scalars = load_scalars(rd)
             probes = load_probes(rd)
             arm, seed = _identify(rd, config, scalars)
-            scalars = _normalise(scalars, SCALAR_COLUMNS, arm, seed)
+            scalars = _normalise(scalars, SCALAR_COLUMNS, arm, seed, keep_extra=True)
             probes = _normalise(probes, PROBE_COLUMNS, arm, seed)
             target = (config.get("train") or {}).get("tokens", study.get("tokens"))
             last = int(scalars["tokens"].max()) if len(scalars) else None
-            run = Run(arm, seed, rd, is_done(rd), config, None if target is None else int(target), last)
+            finite = scalars.loc[np.isfinite(scalars["val_loss"].to_numpy(dtype=float)), "tokens"]
+            last_finite = int(finite.max()) if len(finite) else None
+            status, message = _status(rd)
+            run = Run(arm, seed, rd, status == FINISHED, config, None if target is None else int(target), last,
+                      status, message, last_finite)
             key = (arm, seed)
             if key in chosen:
                 old = chosen[key][0]
@@ -168,6 +196,22 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
     order = {a: i for i, a in enumerate(study.arms)}
     study.runs.sort(key=lambda r: (order[r.arm], r.seed))
     return study
+
+
+def _status(rd: Path) -> tuple[str, str | None]:
+    """(status, message) of a run folder from its done.json: `rankscope.study` writes
+    ``{"status": "diverged", "message": ...}`` there for a run whose loss became NaN or infinite;
+    a normal finish writes the run's summary (no status, or any other status)."""
+    if not is_done(rd):
+        return UNFINISHED, None
+    try:
+        done = read_json(rd / DONE)
+    except (OSError, ValueError):
+        return FINISHED, None  # present but unreadable: the run got to the end of its loop
+    if isinstance(done, dict) and str(done.get("status", "")).lower() == DIVERGED:
+        msg = done.get("message")
+        return DIVERGED, None if msg is None else str(msg)
+    return FINISHED, None
 
 
 def _empty(columns: Sequence[str]) -> pd.DataFrame:

@@ -1,44 +1,92 @@
-"""report.md for one or more study folders: setup, arms, run status, the paradox table and figures.
+"""report.md and report.html for one or more study folders: a written summary, setup, arms, run
+status, the paradox table with seed-by-seed intervals, comparisons, correlations and figures.
 
-Works on whatever is on disk: runs still going or killed (their complete rows are used and the
-run is listed as unfinished), arms with no runs yet, probes not yet written (figures that need
-them are skipped), any number of arms, seeds and eval points.
+Works on whatever is on disk: runs still going, killed or diverged (their complete rows are used
+and the run is listed as such), arms with no runs yet, probes or downstream measures not written
+(figures and tables that need them are skipped), any number of arms, seeds and eval points.
+
+The report is built once as a list of blocks (`doc.py`) and rendered to markdown (figures as
+relative links) and to one self-contained HTML file (figures embedded), so the two always agree.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
+from .doc import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown
+from .layers import (
+    DIAGNOSIS,
+    Diagnosis,
+    collapse_rule,
+    collapsed_rows,
+    diagnoses,
+    functional_rank_data,
+    rank_sweep_curves,
+)
 from .load import Run, StudyData, StudyDirs, load_study
 from .plots import (
     Plot,
     arm_colors,
+    plot_diagnosis,
+    plot_downstream,
+    plot_functional_rank,
     plot_layer_pr,
     plot_loss_pr,
     plot_pr_heatmap,
+    plot_rank_scatter,
+    plot_rank_sweep,
     safe_names,
 )
+from .stats import fmt_interval, signed
+from .summary import seed_reference, summary_paragraphs
 from .tables import (
     SITE_DESCRIPTIONS,
+    VAL_LOSS,
     choose_points,
+    decimals_for,
+    downstream_series,
+    _bare_p,
+    fmt_mean_ci,
     fmt_tokens,
     format_table,
-    head_layer_mean,
     layer_means,
-    loss_series,
-    md_escape,
     metric_summary,
+    paradox_blocks,
     paradox_table,
+    probe_quantity,
     quantity_name,
+    quantity_series,
     seed_stats,
 )
 
-# --- figures --------------------------------------------------------------------------------------
+RANK_LIKE = ("pr_sv", "pr_eig", "erank", "stable_rank", "r90")
+
+
+# --- everything computed once ------------------------------------------------------------------------
+
+@dataclass
+class Analysis:
+    """The numbers behind one report, computed once and shared by the figures and the text."""
+
+    study: StudyData
+    site: str
+    metric: str
+    table: pd.DataFrame                    # the paradox table
+    pairwise: pd.DataFrame                 # every pair of arms at the end (compare.pairwise_comparisons)
+    correlations: pd.DataFrame             # compare.correlation_table
+    series: dict[str, pd.DataFrame]        # quantity key -> series
+    ends: dict[str, int]                   # per arm: END of the probe quantity
+    diagnoses: list[Diagnosis]
+    n_layers: int
+    head_dim: int | None
+
 
 def _head_dim(study: StudyData) -> int | None:
     """The head dimension every run shares (the most a head's PR can reach), or None."""
@@ -51,32 +99,99 @@ def _head_dim(study: StudyData) -> int | None:
     return dims.pop() if len(dims) == 1 else None
 
 
-def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str = "pr_sv") -> list[Plot]:
+def analyse(study: StudyData, site: str = "k", metric: str = "pr_sv") -> Analysis:
+    arms = study.arms
+    table = paradox_table(study.scalars, study.probes, site, metric, arms=arms, finished=study.finished)
+    pr_q = probe_quantity(site, metric)
+    pr = quantity_series(study.scalars, study.probes, pr_q)
+    series = {VAL_LOSS.key: quantity_series(study.scalars, study.probes, VAL_LOSS), pr_q.key: pr}
+    down = downstream_series(study.scalars, study.probes)
+    series.update({q.key: s for q, s in down})
+    quantities = [(VAL_LOSS, series[VAL_LOSS.key]), (pr_q, pr)] + down
+    pairwise = pairwise_comparisons([(q, s) for q, s in quantities if len(s)], arms, study.finished)
+    corr = correlation_table(study.scalars, study.probes, site=site, metric=metric, finished=study.finished)
+    _, ends = choose_points(pr, arms, study.finished) if len(pr) else (None, {})
+    head_dim = _head_dim(study)
+    # the diagnosis is about the seed's key PR, whatever quantity the table was asked for
+    key_pr = pr if (site, metric) == ("k", "pr_sv") else quantity_series(study.scalars, study.probes, "k:pr_sv")
+    _, key_ends = choose_points(key_pr, arms, study.finished) if len(key_pr) else (None, {})
+    diags, n_layers = diagnoses(study.probes, arms, key_ends, head_dim) if key_ends else ([], 0)
+    return Analysis(study, site, metric, table, pairwise, corr, series, ends, diags, n_layers, head_dim)
+
+
+# --- figures --------------------------------------------------------------------------------------
+
+def _seed_counts(*frames: pd.DataFrame) -> dict[str, int]:
+    """Seeds drawn per arm (runs that have written nothing yet are not counted)."""
+    parts = [f[["arm", "seed"]] for f in frames if len(f)]
+    if not parts:
+        return {}
+    return pd.concat(parts).drop_duplicates().groupby("arm")["seed"].nunique().to_dict()
+
+
+def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str = "pr_sv", *,
+               analysis: Analysis | None = None) -> list[Plot]:
     """Every figure the data allows, in report order."""
+    an = analysis or analyse(study, site, metric)
     arms, colors, stems = study.arms, arm_colors(study.arms), safe_names(study.arms)
-    head_dim = _head_dim(study) if metric in ("pr_sv", "pr_eig", "erank", "stable_rank", "r90") else None
+    head_dim = an.head_dim if metric in RANK_LIKE else None
     quantity = quantity_name(site, metric)
+    pr_key = probe_quantity(site, metric).key
     plots: list[Plot] = []
 
-    loss = loss_series(study.scalars)
-    pr = head_layer_mean(study.probes, site, metric)
-    # the legend counts the seeds drawn, not runs that have written nothing yet
-    drawn = pd.concat([loss[["arm", "seed"]], pr[["arm", "seed"]]]).drop_duplicates()
-    seeds = drawn.groupby("arm")["seed"].nunique().to_dict()
+    loss, pr = an.series[VAL_LOSS.key], an.series[pr_key]
     p = plot_loss_pr(seed_stats(loss), seed_stats(pr), arms, colors, plots_dir / "loss_pr.png",
                      head_dim=head_dim, quantity=quantity, site_text=SITE_DESCRIPTIONS.get(site, f"{site} site"),
-                     seeds=seeds)
+                     seeds=_seed_counts(loss, pr))
     if p:
         plots.append(p)
+
+    down = downstream_series(study.scalars, study.probes)
+    if down:
+        p = plot_downstream([(q, seed_stats(s)) for q, s in down], arms, colors, plots_dir / "downstream.png",
+                            seeds=_seed_counts(*[s for _, s in down]))
+        if p:
+            plots.append(p)
+
+    # why do some layers collapse: one figure per arm, each quantity's y-range shared by all arms
+    for d in an.diagnoses:
+        p = plot_diagnosis(d.arm, d.panels, colors[d.arm], plots_dir / f"diagnosis_{stems[d.arm]}.png",
+                           tokens=d.tokens, n_seeds=d.n_seeds, n_layers=an.n_layers, flagged=d.flagged,
+                           flag_rule=collapse_rule())
+        if p:
+            plots.append(p)
+
+    fr, fr_tokens, fr_seeds = functional_rank_data(study.probes, arms, study.finished)
+    if fr:
+        p = plot_functional_rank(fr, arms, colors, plots_dir / "functional_rank.png", head_dim=an.head_dim,
+                                 tokens=fr_tokens, n_seeds=fr_seeds)
+        if p:
+            plots.append(p)
+        curves = rank_sweep_curves(study.probes, fr_tokens)
+        p = plot_rank_sweep(curves, arms, plots_dir / "rank_sweep.png", tokens=fr_tokens)
+        if p:
+            plots.append(p)
+
+    frame, targets = rank_downstream_frame(study.scalars, study.probes, site, metric)
+    if targets and len(frame):
+        ends = an.correlations[an.correlations["scope"] == "run ends"]
+        stats = {r.key: (r.pearson, r.pearson_p, r.n) for r in ends.itertuples()}
+        p = plot_rank_scatter(frame, targets, arms, colors, plots_dir / "pr_vs_downstream.png", stats=stats,
+                              x_label=quantity)
+        if p:
+            plots.append(p)
 
     lm = layer_means(study.probes, site, metric)
     if not len(lm):
         return plots
     # per-layer bars at each arm's END, the same point the paradox table reports
-    _, ends = choose_points(pr, arms, study.finished)
-    at_end = pd.concat([lm[(lm["arm"] == a) & (lm["tokens"] == t)] for a, t in ends.items()], ignore_index=True)
+    at_end = pd.concat([lm[(lm["arm"] == a) & (lm["tokens"] == t)] for a, t in an.ends.items()], ignore_index=True)
     bars = seed_stats(at_end, by=("arm", "layer", "tokens"))
-    ymax = float(np.nanmax(bars["max"].to_numpy(float))) if len(bars) else 1.0
+    means = bars["mean"].to_numpy(float) if len(bars) else np.array([1.0])
+    ymax = float(np.nanmax(means)) if np.isfinite(means).any() else 1.0
+    hi = bars["hi"].to_numpy(float) if len(bars) else np.array([])
+    if np.isfinite(hi).any():  # whiskers may reach a little above the bars, never set the scale
+        ymax = max(ymax, min(float(np.nanmax(hi)), ymax * 1.25))
     ymax = max(ymax, head_dim or 0) * 1.1  # headroom for the value printed over each bar
     for a in arms:
         p = plot_layer_pr(bars[bars["arm"] == a], a, colors[a], plots_dir / f"layer_pr_{stems[a]}.png",
@@ -86,7 +201,7 @@ def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str =
 
     # heatmaps: mean over seeds per (layer, eval point), one colour scale for all arms
     grid = lm.groupby(["arm", "layer", "tokens"], as_index=False)["value"].mean()
-    vmin, vmax = float(grid["value"].min()), float(grid["value"].max())
+    vmin, vmax = float(np.nanmin(grid["value"])), float(np.nanmax(grid["value"]))
     if not vmax > vmin:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     for a in arms:
@@ -97,7 +212,7 @@ def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str =
     return plots
 
 
-# --- markdown pieces --------------------------------------------------------------------------------
+# --- report pieces ------------------------------------------------------------------------------------
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -163,104 +278,178 @@ def _model_line(cfg: dict[str, Any]) -> str | None:
     return ", ".join(bits) if bits else None
 
 
-def _setup_lines(study: StudyData) -> list[str]:
+def _setup_items(study: StudyData) -> list[str]:
     meta = [s for s in study.studies if s]
     cfg = next((r.config for r in study.runs if r.config and r.done), None) or \
         next((r.config for r in study.runs if r.config), {})
     lines = []
     presets = sorted({str(s["preset"]) for s in meta if s.get("preset")})
     if presets:
-        lines.append(f"- **preset:** {', '.join(f'`{p}`' for p in presets)}")
+        lines.append(f"**preset:** {', '.join(code(p) for p in presets)}")
     budgets = sorted({int(s["tokens"]) for s in meta if s.get("tokens")} |
                      {r.target_tokens for r in study.runs if r.target_tokens})
     if budgets:
-        lines.append(f"- **tokens per run:** {' / '.join(fmt_tokens(b) for b in budgets)}")
+        lines.append(f"**tokens per run:** {' / '.join(fmt_tokens(b) for b in budgets)}")
     seeds = study.seeds() or sorted({int(x) for s in meta for x in (s.get("seeds") or [])})
     if seeds:
-        lines.append(f"- **seeds:** {', '.join(map(str, seeds))}")
+        lines.append(f"**seeds:** {', '.join(map(str, seeds))}")
     model = _model_line(cfg)
     if model:
-        lines.append(f"- **model:** {model}")
+        lines.append(f"**model:** {model}")
     train = cfg.get("train") or {}
     if train.get("batch_size") and train.get("seq_len"):
-        lines.append(f"- **batch:** {train['batch_size']} x {train['seq_len']} tokens"
-                     + (f"; eval and probe every {fmt_tokens(train['eval_every'])} tokens"
-                        if train.get("eval_every") else ""))
+        if train.get("eval_schedule") == "log":
+            when = f"; eval and probe at {train.get('eval_points', '?')} log-spaced points (and token 0)"
+        elif train.get("eval_every"):
+            when = f"; eval and probe every {fmt_tokens(train['eval_every'])} tokens"
+        else:
+            when = ""
+        lines.append(f"**batch:** {train['batch_size']} x {train['seq_len']} tokens{when}")
+    points = sorted(set(study.scalars["tokens"].tolist())) if len(study.scalars) else []
+    if points:
+        lines.append(f"**eval points found:** {len(points)}, from {fmt_tokens(points[0])} to {fmt_tokens(points[-1])} tokens")
     data = cfg.get("data") or {}
     if data:
         path = data.get("path", "")
-        lines.append(f"- **data:** {f'`{path}`' if path else 'the embedded corpus'}")
+        lines.append(f"**data:** {code(path) if path else 'the embedded corpus'}")
     probe = cfg.get("probe") or {}
     if probe.get("sites"):
-        lines.append(f"- **probe sites:** {', '.join(f'`{s}`' for s in probe['sites'])}"
+        lines.append(f"**probe sites:** {', '.join(code(s) for s in probe['sites'])}"
                      + (f" on a fixed batch of {probe['batch_size']} sequences" if probe.get("batch_size") else ""))
     return lines
 
 
-def _arms_table(study: StudyData) -> list[str]:
+def _arms_table(study: StudyData) -> Table:
     overrides: dict[str, dict[str, Any]] = {}
     for s in study.studies:
         for a, o in (s.get("arms") or {}).items():
             overrides.setdefault(str(a), dict(o or {}))
     _, varying = _config_split(study.runs)
     planned = sorted({int(x) for s in study.studies for x in (s.get("seeds") or [])})
-    lines = ["| arm | settings | runs finished | tokens reached |", "| :--- | :--- | :--- | :--- |"]
+    rows = []
     for a in study.arms:
         o = overrides.get(a) or varying.get(a) or {}
-        text = ", ".join(f"`{k}={_value(v)}`" for k, v in sorted(o.items())) or "(base settings)"
+        text = ", ".join(code(f"{k}={_value(v)}") for k, v in sorted(o.items())) or "(base settings)"
         runs = [r for r in study.runs if r.arm == a]
         total = max(len(planned), len(runs))
         done = sum(r.done for r in runs)
+        div = sum(r.diverged for r in runs)
         reached = sorted({r.last_tokens for r in runs if r.last_tokens is not None})
         where = ("–" if not reached else fmt_tokens(reached[0]) if len(reached) == 1
                  else f"{fmt_tokens(reached[0])} – {fmt_tokens(reached[-1])}")
-        lines.append(f"| **{md_escape(a)}** | {text} | {done} of {total} | {where} |")
-    return lines
+        status = f"{done} of {total}" + (f" ({div} diverged)" if div else "")
+        rows.append([f"**{md_escape(a)}**", text, status, where])
+    return Table(["arm", "settings", "runs finished", "tokens reached"], rows)
 
 
-def _unfinished_lines(study: StudyData) -> list[str]:
-    lines = []
+def _status_items(study: StudyData) -> list[str]:
+    """Diverged runs first (they need attention), then runs still going or stopped, then planned
+    runs that never started."""
+    items = []
     for r in study.runs:
-        if r.done:
+        if not r.diverged:
+            continue
+        of = f" of {fmt_tokens(r.target_tokens)}" if r.target_tokens else ""
+        where = (f"last finite eval at {fmt_tokens(r.last_finite_tokens)}{of} tokens"
+                 if r.last_finite_tokens is not None else "no finite eval point")
+        why = f"; {md_escape(r.message)}" if r.message else ""
+        items.append(f"{code(r.arm)} seed {r.seed}: **diverged** ({where}{why}) — {code(r.path)}")
+    for r in study.runs:
+        if r.done or r.diverged:
             continue
         of = f" of {fmt_tokens(r.target_tokens)}" if r.target_tokens else ""
         where = (f"last eval at {fmt_tokens(r.last_tokens)}{of} tokens" if r.last_tokens is not None
                  else "no eval point written yet")
-        lines.append(f"- `{r.arm}` seed {r.seed}: **unfinished** ({where}; still running, or stopped) — `{r.path}`")
+        items.append(f"{code(r.arm)} seed {r.seed}: **unfinished** ({where}; still running, or stopped) — {code(r.path)}")
     planned = sorted({int(x) for s in study.studies for x in (s.get("seeds") or [])})
     have = {(r.arm, r.seed) for r in study.runs}
     for s in study.studies:
         for a in (s.get("arms") or {}):
             for k in planned:
                 if (str(a), k) not in have:
-                    lines.append(f"- `{a}` seed {k}: **not started**")
+                    items.append(f"{code(a)} seed {k}: **not started**")
                     have.add((str(a), k))
-    return lines
+    return items
 
 
-def _summary_table(summary: pd.DataFrame, arms: list[str]) -> list[str]:
+def _summary_table(summary: pd.DataFrame, arms: list[str]) -> Table | None:
     if not len(summary):
-        return []
-    header = "| site | metric | " + " | ".join(md_escape(a) for a in arms) + " |"
-    lines = [header, "| :--- | :--- " + "| ---: " * len(arms) + "|"]
+        return None
+    rows = []
     for (site, metric), row in summary.iterrows():
+        d = decimals_for([row[(a, "mean")] for a in arms])
         cells = []
-        vals = [row[(a, "mean")] for a in arms]
-        finite = [abs(v) for v in vals if np.isfinite(v)]
-        top = max(finite) if finite else 0
-        d = 1 if top >= 10 else 2 if top >= 0.1 else 3
         for a in arms:
-            m, sd, n = row[(a, "mean")], row[(a, "sd")], row[(a, "n")]
-            if not n or not np.isfinite(m):
-                cells.append("–")
-                continue
-            cells.append(f"{m:.{d}f}" + (f" ± {sd:.{d}f}" if n >= 2 and np.isfinite(sd) else ""))
-        lines.append(f"| `{site}` | `{metric}` | " + " | ".join(cells) + " |")
-    return lines
+            m, n = row[(a, "mean")], int(row[(a, "n")])
+            cells.append("–" if not n or not np.isfinite(m) else fmt_mean_ci(m, row[(a, "lo")], row[(a, "hi")], n, d))
+        rows.append([code(site), code(metric)] + cells)
+    return Table(["site", "metric"] + [md_escape(a) for a in arms], rows, ["l", "l"] + ["r"] * len(arms))
 
 
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path, start)).as_posix()
+def _pairwise_blocks(pairwise: pd.DataFrame) -> list[Block]:
+    if not len(pairwise):
+        return []
+    rows = []
+    for r in pairwise.itertuples():
+        if r.test == "not comparable":
+            rows.append([r.quantity, f"{md_escape(r.a)} − {md_escape(r.b)}", "–", "–", "–", "–", "–", r.verdict])
+            continue
+        d = int(r.decimals)
+        diff = signed(r.mean, d) + (f" {fmt_interval(r.lo, r.hi, d)}" if np.isfinite(r.lo) else "")
+        p = "undefined (sd 0)" if r.test == "paired (constant)" else _bare_p(r.p) if np.isfinite(r.p) else "–"
+        pw = _bare_p(r.p_wilcoxon) if np.isfinite(r.p_wilcoxon) else "–"
+        ph = _bare_p(r.p_holm) if np.isfinite(r.p_holm) else "–"
+        reading = r.verdict
+        if r.resolved and r.test != "paired (constant)" and np.isfinite(r.p_holm) and r.p_holm >= 0.05:
+            reading += " (not after Holm adjustment)"
+        rows.append([f"{r.quantity} @ {fmt_tokens(r.tokens)}", f"{md_escape(r.a)} − {md_escape(r.b)}", diff, p, pw,
+                     ph, str(r.n) + (" (Welch)" if r.test == "Welch t" else ""), md_escape(reading)])
+    return [
+        Para("Every pair of arms at the end of training, seed by seed (later arm minus earlier arm, on the seeds "
+             "both ran). p: paired t-test; Wilcoxon: signed-rank test, from 6 seeds up, a check that no single "
+             "seed carries the result; Holm: the paired p adjusted for the number of pairs compared on that "
+             "quantity (with many pairs, one p below 0.05 is expected by chance)."),
+        Table(["quantity", "comparison", "difference [95% CI]", "p", "Wilcoxon p", "Holm p", "seeds", "reading"],
+              rows, ["l", "l", "r", "r", "r", "r", "r", "l"]),
+    ]
+
+
+def _correlation_blocks(corr: pd.DataFrame, quantity: str) -> list[Block]:
+    if not len(corr):
+        return []
+    rows = []
+    for r in corr.itertuples():
+        if np.isfinite(r.pearson):
+            pearson = f"{signed(r.pearson, 2)}" + (f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}"
+                                                     if np.isfinite(r.pearson_lo) else "")
+            rows.append([r.quantity, r.scope, str(r.n), str(r.runs), pearson, _bare_p(r.pearson_p),
+                         signed(r.spearman, 2), _bare_p(r.spearman_p)])
+        else:
+            rows.append([r.quantity, r.scope, str(r.n), str(r.runs), "–", "–", "–", "–"])
+    return [
+        Para(f"Correlation of {quantity} with each downstream measure. **eval points**: every eval point after "
+             "token 0 of every run, pooled across arms and checkpoints — points within one run are not "
+             "independent (they share one trajectory) and both quantities drift with training time, so these "
+             "p-values overstate the evidence. **run ends**: one point per run at its last eval point (finished "
+             "runs), independent runs and the fairer test. Pearson r with its 95% interval (Fisher z), "
+             "Spearman ρ for monotone but non-linear relations."),
+        Table(["measure", "scope", "n points", "runs", "Pearson r [95% CI]", "p", "Spearman ρ", "p"], rows,
+              ["l", "l", "r", "r", "r", "r", "r", "r"]),
+    ]
+
+
+def _collapsed_blocks(an: Analysis) -> list[Block]:
+    titles = {spec.key: spec.title.split(" (")[0] for spec in DIAGNOSIS}
+    blocks: list[Block] = []
+    for d in an.diagnoses:
+        rows = collapsed_rows(d, titles)
+        if not rows:
+            continue
+        cols = ["layer"] + [titles[k] for k in d.layer_values]
+        blocks.append(Para(f"**{md_escape(d.arm)}** at {fmt_tokens(d.tokens)} tokens: each collapsed layer next to "
+                           "the median of the arm's other layers."))
+        blocks.append(Table(cols, [[r.get(c, "–") for c in cols] for r in rows], ["l"] + ["r"] * (len(cols) - 1)))
+    return blocks
 
 
 def _title(study: StudyData) -> str:
@@ -268,69 +457,107 @@ def _title(study: StudyData) -> str:
     return " + ".join(names) if names else study.dirs[0].resolve().name
 
 
-def render_markdown(study: StudyData, table: pd.DataFrame, plots: list[Plot], out_dir: Path,
-                    site: str = "k", metric: str = "pr_sv") -> str:
+def _figures(plots: list[Plot], pick) -> list[Block]:
+    return [Figure(p.path, p.caption, p.path.stem.replace("_", " ")) for p in plots if pick(p.path.name)]
+
+
+def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
+    """The whole report as blocks, in reading order."""
+    study, table, site, metric = an.study, an.table, an.site, an.metric
     arms = study.arms
     quantity = quantity_name(site, metric)
+    cap = quantity[0].upper() + quantity[1:]
     n_done = sum(r.done for r in study.runs)
-    md = [f"# {_title(study)}", ""]
+    n_div = sum(r.diverged for r in study.runs)
+    b: list[Block] = [Heading(1, md_escape(_title(study)))]
     for desc in dict.fromkeys(str(s["description"]).strip() for s in study.studies if s.get("description")):
-        md += [desc, ""]
-    sources = ", ".join(f"`{d}`" for d in study.dirs)
-    md += [f"_rankscope report over {len(study.runs)} runs ({n_done} finished) from {sources}._", ""]
+        b.append(Para(md_escape(desc)))
+    sources = ", ".join(code(d) for d in study.dirs)
+    b.append(Para(f"*rankscope report over {len(study.runs)} runs ({n_done} finished"
+                  + (f", {n_div} diverged" if n_div else "") + f") from {sources}.*", css="meta"))
 
-    md += ["## Setup", ""] + _setup_lines(study) + [""]
-    md += ["## Arms", ""] + _arms_table(study) + [""]
-    unfinished = _unfinished_lines(study)
-    if unfinished:
-        md += ["## Runs not finished", "",
-               "Their complete rows are used; they drop out of a point they have not reached.", ""]
-        md += unfinished + [""]
+    ref_header, ref_rows, ref_sentences = seed_reference(study, an.series)
+    b.append(Heading(2, "Summary"))
+    b.append(Box("summary", [Para(p) for p in summary_paragraphs(study, table, an.correlations, an.diagnoses,
+                                                                 ref_sentences)]))
+
+    b += [Heading(2, "Setup"), Bullets(_setup_items(study)) if _setup_items(study) else Para("(no settings found)")]
+    b += [Heading(2, "Arms"), _arms_table(study)]
+    status = _status_items(study)
+    if status:
+        b += [Heading(2, "Runs that did not finish"),
+              Para("Their complete rows are used up to the last point they reached (a diverged run: its last "
+                   "finite point); they drop out of the points they did not reach, and a diverged run never "
+                   "counts as finished."),
+              Bullets(status)]
     if study.notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
+        b += [Heading(2, "Notes"), Bullets([md_escape(n) for n in study.notes])]
 
-    md += ["## The paradox table", ""]
+    b.append(Heading(2, "The paradox table"))
     if len(table):
-        md += [f"Validation loss and {quantity} (`{metric}` at site `{site}`: "
-               f"{SITE_DESCRIPTIONS.get(site, site)}, averaged over heads, then layers) at the middle and "
-               "at the end of training; mean over seeds. The middle is the eval point closest to half of "
-               "the last point every arm reached; an arm's end is the last point all its finished runs "
-               "reached. Arms at different token counts are not compared.", ""]
-        md += [format_table(table, "markdown"), ""]
+        b.append(Para(f"Validation loss and {quantity} ({code(metric)} at site {code(site)}: "
+                      f"{SITE_DESCRIPTIONS.get(site, site)}, averaged over heads, then layers) at the middle and "
+                      "at the end of training, then the downstream measures at the end; mean over seeds with a 95% "
+                      "t-interval. The middle is the eval point closest to half of the last point every arm "
+                      "reached; an arm's end is the last point all its finished runs reached. Arms at different "
+                      "token counts are not compared."))
+        b += paradox_blocks(table)
     else:
-        md += ["No evaluation point written yet.", ""]
+        b.append(Para("No evaluation point written yet."))
 
-    sections = [("Loss and rank over training", lambda p: p.path.name == "loss_pr.png"),
-                (f"{quantity[0].upper() + quantity[1:]} per layer at the end of training",
-                 lambda p: p.path.name.startswith("layer_pr_")),
-                (f"{quantity[0].upper() + quantity[1:]} per layer over training",
-                 lambda p: p.path.name.startswith("pr_heatmap_"))]
-    md += ["## Figures", ""]
+    def section(title: str, blocks: list[Block]) -> None:
+        if blocks:
+            b.append(Heading(2, title))
+            b.extend(blocks)
+
+    section("Over training", _figures(plots, lambda n: n in ("loss_pr.png", "downstream.png")))
+    if len(arms) > 2:
+        section("Every pair of arms, seed by seed", _pairwise_blocks(an.pairwise))
+    diag = _figures(plots, lambda n: n.startswith("diagnosis_"))
+    if diag:
+        intro = Para("For each arm at the end of training, each layer's key PR next to "
+                     "what shapes its keys: how unevenly its QK-Norm gains grew (gain CV), how sharp its attention "
+                     "became (entropy, max logit) and whether its key weights lost rank (W_K stable rank). Layers "
+                     f"flagged as collapsed ({collapse_rule()}) are shaded. These are associations at one point in "
+                     "training, not causes.")
+        section("Why do some layers collapse?", [intro] + diag + _collapsed_blocks(an))
+    section("Functional rank", _figures(plots, lambda n: n in ("functional_rank.png", "rank_sweep.png")))
+    corr = _correlation_blocks(an.correlations, quantity)
+    section(f"{cap} and downstream measures", corr + _figures(plots, lambda n: n == "pr_vs_downstream.png"))
+    section(f"{cap} per layer at the end of training", _figures(plots, lambda n: n.startswith("layer_pr_")))
+    section(f"{cap} per layer over training", _figures(plots, lambda n: n.startswith("pr_heatmap_")))
     if not plots:
-        md += ["No data to plot yet.", ""]
-    for heading, pick in sections:
-        chosen = [p for p in plots if pick(p)]
-        if not chosen:
-            continue
-        md += [f"### {heading}", ""]
-        for p in chosen:
-            alt = p.path.stem.replace("_", " ")
-            md += [f"![{alt}]({_rel(p.path, out_dir)})", "", f"*{p.caption}*", ""]
+        b += [Heading(2, "Figures"), Para("No data to plot yet.")]
+
+    if ref_rows:
+        section("Compared with the seed study", [
+            Para("The seed's published single-seed numbers (DESIGN.md; ≈: read off its figures) next to this "
+                 "study's means over seeds at the same token counts (Muon with learned QK-Norm vs Muon without); "
+                 "\"interpolated\": linearly in log tokens between a run's two neighbouring eval points."),
+            Table(ref_header, ref_rows, ["l", "r", "r", "r", "r"])] + [Para(s) for s in ref_sentences])
 
     summary = metric_summary(study.probes, arms=arms, finished=study.finished)
-    if len(summary):
-        md += ["## Every probe metric at the end of training", "",
-               "Mean over heads, then layers (per-layer metrics: over layers), then seeds (± one sd), "
-               "at each arm's end point.", ""]
-        md += _summary_table(summary, arms) + [""]
+    st = _summary_table(summary, arms)
+    if st is not None:
+        sweep = any(p.path.name == "rank_sweep.png" for p in plots)
+        section("Every probe metric at the end of training", [
+            Para("Mean over heads, then layers (per-layer metrics: over layers), then seeds, with a 95% t-interval "
+                 "over seeds, at each arm's end point."
+                 + (" The rank sweep `dloss_r*` is drawn above instead." if sweep else "")), st])
 
     shared, _ = _config_split(study.runs)
     if shared:
-        md += ["<details><summary>Settings shared by every run</summary>", "",
-               "| setting | value |", "| :--- | :--- |"]
-        md += [f"| `{k}` | `{_value(v)}` |" for k, v in shared.items()]
-        md += ["", "</details>", ""]
-    return "\n".join(md).rstrip() + "\n"
+        b.append(Details("Settings shared by every run",
+                         [Table(["setting", "value"], [[code(k), code(_value(v))] for k, v in shared.items()])]))
+    return b
+
+
+def render_markdown(study: StudyData, table: pd.DataFrame, plots: list[Plot], out_dir: Path,
+                    site: str = "k", metric: str = "pr_sv") -> str:
+    """report.md's text (kept for callers of earlier versions; `write_report` uses `build_blocks`)."""
+    an = analyse(study, site, metric)
+    an.table = table
+    return to_markdown(build_blocks(an, plots, out_dir), out_dir)
 
 
 # --- public entry points ------------------------------------------------------------------------------
@@ -344,7 +571,8 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_report(study_dirs: StudyDirs, out_dir: str | Path | None = None, *,
                  site: str = "k", metric: str = "pr_sv") -> Path:
-    """Write ``out_dir/report.md`` and its figures under ``out_dir/plots/``; return the report's path.
+    """Write ``out_dir/report.md``, ``out_dir/report.html`` (self-contained: figures embedded) and the
+    figures under ``out_dir/plots/``; return the path of report.md.
 
     `study_dirs`: one study folder or several to merge. `out_dir` defaults to the first of them.
     `site`/`metric` choose the probe quantity of the table and figures (default: the seed's key PR).
@@ -352,25 +580,36 @@ def write_report(study_dirs: StudyDirs, out_dir: str | Path | None = None, *,
     study = load_study(study_dirs)
     out = Path(out_dir) if out_dir is not None else study.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    table = paradox_table(study.scalars, study.probes, site, metric, arms=study.arms, finished=study.finished)
-    plots = draw_plots(study, out / "plots", site, metric)
+    an = analyse(study, site, metric)
+    plots = draw_plots(study, out / "plots", site, metric, analysis=an)
+    blocks = build_blocks(an, plots, out)
     path = out / "report.md"
-    _write_text(path, render_markdown(study, table, plots, out, site, metric))
+    _write_text(path, to_markdown(blocks, out))
+    _write_text(out / "report.html", to_html(blocks, f"{_title(study)} — rankscope report"))
     return path
 
 
 def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv") -> str:
-    """The paradox table as aligned plain text, for the terminal at the end of `rankscope run`."""
+    """The paradox table as aligned plain text, for the terminal at the end of `rankscope run`:
+    means with 95% intervals over seeds, then each arm minus the first, seed by seed, in words."""
     study = load_study(study_dirs)
     table = paradox_table(study.scalars, study.probes, site, metric, arms=study.arms, finished=study.finished)
     n_done = sum(r.done for r in study.runs)
-    head = f"{_title(study)}: {len(study.runs)} runs, {n_done} finished"
+    n_div = sum(r.diverged for r in study.runs)
+    seeds = max((len({r.seed for r in study.runs if r.arm == a}) for a in study.arms), default=0)
+    head = (f"{_title(study)}: {len(study.runs)} runs, {n_done} finished" + (f", {n_div} diverged" if n_div else "")
+            + (f"; up to {seeds} seeds per arm" if seeds > 1 else "; one seed per arm: no interval is possible"
+               if seeds == 1 else ""))
     lines = [head, "", format_table(table, "text")]
+    div = [f"{r.arm}/seed-{r.seed}" + (f" after {fmt_tokens(r.last_finite_tokens)}" if r.last_finite_tokens is not None
+                                        else "") for r in study.runs if r.diverged]
+    if div:
+        lines += ["", "diverged: " + ", ".join(div)]
     open_runs = [f"{r.arm}/seed-{r.seed}" + (f" at {fmt_tokens(r.last_tokens)}" if r.last_tokens is not None else "")
-                 for r in study.runs if not r.done]
+                 for r in study.runs if not r.done and not r.diverged]
     if open_runs:
         lines += ["", "unfinished: " + ", ".join(open_runs)]
     return "\n".join(lines)
 
 
-__all__ = ["write_report", "paradox_text", "draw_plots", "render_markdown"]
+__all__ = ["write_report", "paradox_text", "draw_plots", "render_markdown", "build_blocks", "analyse", "Analysis"]
