@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from . import bench
     bench.add_arguments(sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost"))
+
+    from .data import prepare
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    prepare.add_arguments(data.add_parser(
+        "prepare", help="tokenize text, JSONL, Parquet or a saved Hugging Face dataset into token shards"))
     return p
 
 
@@ -114,6 +119,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from .data.prepare import run
+    return run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
     return bench_main(args)
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         DataError = RankscopeError
     try:
-        return {"run": _run, "report": _report, "list": _list, "bench": _bench}[args.command](args)
+        return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data}[args.command](args)
     except (RankscopeError, DataError) as e:
         print(f"rankscope: error: {e}", file=sys.stderr)
         return 2

@@ -211,7 +211,38 @@ def _load_shard_file(p: Path, vocab_size: int) -> TokenData:
     )
 
 
+def _prepared_folder(folder: Path) -> tuple[dict, tokenizers.Tokenizer | None] | None:
+    """The meta.json and tokenizer of a ``rankscope data prepare`` output, None for other folders.
+
+    An unfinished prepare (its state file present, no complete meta) is refused: its shards are
+    a prefix of the data and training on them would silently use less than was asked for.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    from .prepare import META_FILE, PREPARE_FORMAT, STATE_FILE, TOKENIZER_FILE
+
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != PREPARE_FORMAT:
+        if (folder / STATE_FILE).is_file():
+            raise DataError(
+                f"data folder {folder} is an unfinished 'rankscope data prepare' output; "
+                "re-run the same prepare command to finish it"
+            )
+        return None
+    try:
+        tok = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception:  # a missing or unreadable copy only loses decoding, not the data
+        tok = None
+    return meta, tok
+
+
 def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> TokenData:
+    prepared = _prepared_folder(folder)
     loaded = [(q, read_shard(q)) for q in paths]
     _check_ids(loaded, vocab_size)
     train = [a for q, a in loaded if "val" not in q.name.lower()]
@@ -231,8 +262,10 @@ def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> Toke
         train[-1], val = last[:-n_val], [last[-n_val:]]
         note = f"val = last {SHARD_VAL_PERCENT}% of {paths[-1].name}"
     n_train = sum(int(a.shape[0]) for a in train)
+    meta, tok = prepared if prepared is not None else ({}, None)
+    origin = f"; tokenizer {meta['tokenizer']}" if meta.get("tokenizer") else ""
     return TokenData(
-        train=train, val=val, ood=None, vocab_size=vocab_size, tokenizer=None,
-        source=f"shards {folder} ({len(train)} train, {note}; {human_count(n_train)} train tokens)",
-        eot_id=None,
+        train=train, val=val, ood=None, vocab_size=vocab_size, tokenizer=tok,
+        source=f"shards {folder} ({len(train)} train, {note}; {human_count(n_train)} train tokens{origin})",
+        eot_id=meta.get("eot_id"),
     )
