@@ -13,7 +13,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,15 +27,35 @@ LAYER_WIDE = -1  # head index of per-layer rows (gain statistics); the store's c
 class Site:
     """Where to read one kind of per-head activation.
 
-    pattern: fnmatch pattern over module paths; the layer index is the first integer in the path.
-    layout:  'BTHE' (batch, tokens, heads, head dim), 'BHTE', or 'BTC' (heads*head_dim flattened,
-             which needs head_dim).
+    pattern:   fnmatch pattern over module paths; the layer index is the first integer in the path.
+    layout:    'BTHE' (batch, tokens, heads, head dim), 'BHTE', or 'BTC' (heads*head_dim flattened,
+               which needs head_dim).
+    read:      'output' (what the module returns) or 'input' (its first argument: e.g. the input of
+               an output projection holds every head's attention output).
+    transform: optional `f(x, layer) -> x` applied to what was read, before the layout. It lets a site
+               read what a model never materialises in a module of its own: one third of a fused
+               QKV projection, or keys with the model's rotary embedding applied (see
+               `rankscope.attach`). It must not modify x in place.
     """
 
     name: str
     pattern: str
     layout: str = "BTHE"
     head_dim: int | None = None
+    read: str = "output"
+    transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+    def capture(self, layer: int, args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        """The (B, T, heads, E) activation of one forward call of a matching module."""
+        if self.read == "output":
+            x = output[0] if isinstance(output, (tuple, list)) else output
+        elif self.read == "input":
+            x = args[0] if args else next(iter(kwargs.values()))
+        else:
+            raise ValueError(f"unknown read {self.read!r} (output or input)")
+        if self.transform is not None:
+            x = self.transform(x, layer)
+        return self.to_bthe(x)
 
     def to_bthe(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "BTHE":
@@ -53,9 +73,19 @@ class AttentionStats:
 
     q: Site
     k: Site
-    scale: float | None = None      # default 1/sqrt(head_dim)
+    scale: float | Mapping[int, float] | None = None  # default 1/sqrt(head_dim); or per layer
     causal: bool = True
     query_chunk: int = 256          # bounds the (B, H, chunk, T) logits held at once
+    # sliding-window attention: query i sees keys j with i - window < j <= i (Mistral's and
+    # Hugging Face's convention); None = full causal; a mapping gives each layer its own (or None)
+    window: int | Mapping[int, int | None] | None = None
+
+    def layer_scale(self, layer: int, head_dim: int) -> float:
+        s = self.scale.get(layer) if isinstance(self.scale, Mapping) else self.scale
+        return s if s is not None else 1.0 / math.sqrt(head_dim)
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.window.get(layer) if isinstance(self.window, Mapping) else self.window
 
 
 def gpt_sites(names: Iterable[str]) -> list[Site]:
@@ -104,7 +134,7 @@ class Probe:
         self._maxlogit: dict[int, torch.Tensor] = {}
 
     def _accumulate(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        x = site.to_bthe(x).float().flatten(0, 1)  # (N, H, E), N = B*T
+        x = x.float().flatten(0, 1)  # (B, T, H, E) -> (N, H, E), N = B*T
         g = torch.einsum("nhe,nhf->hef", x, x)  # (H, E, E): every head in one batched matmul
         key = (site.name, layer)
         if key in self._gram:
@@ -122,17 +152,21 @@ class Probe:
             return
         q = x if which == "q" else self._pending.pop((other, layer))
         k = x if which == "k" else self._pending.pop((other, layer))
-        q = spec.q.to_bthe(q).transpose(1, 2).float()  # (B, H, T, E)
-        k = spec.k.to_bthe(k).transpose(1, 2).float()  # (B, G, T, E)
+        q = q.transpose(1, 2).float()  # (B, T, H, E) -> (B, H, T, E)
+        k = k.transpose(1, 2).float()  # (B, G, T, E)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, E): query head h reads kv head h // (H/G)
         B, H, T, E = q.shape
-        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(E)
+        scale = spec.layer_scale(layer, E)
+        window = spec.layer_window(layer)
         ent, mx = torch.zeros(H, dtype=torch.float64, device=q.device), None
         for i in range(0, T, spec.query_chunk):
             logits = (q[:, :, i:i + spec.query_chunk] @ k.mT) * scale  # (B, H, c, T)
+            rows = torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
+            cols = torch.arange(T, device=q.device)[None, :]
             if spec.causal:
-                rows = torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
-                logits = logits.masked_fill(torch.arange(T, device=q.device)[None, :] > rows, float("-inf"))
+                logits = logits.masked_fill(cols > rows, float("-inf"))
+            if window is not None:
+                logits = logits.masked_fill(cols <= rows - window, float("-inf"))
             chunk_max = logits.amax(dim=(0, 2, 3))  # (H,)
             mx = chunk_max if mx is None else torch.maximum(mx, chunk_max)
             logp = torch.log_softmax(logits, dim=-1)
@@ -146,12 +180,14 @@ class Probe:
         for site in self.sites:
             for layer, mod in _matching(self.model, site.pattern):
                 handles.append(mod.register_forward_hook(
-                    lambda m, i, out, s=site, l=layer: self._accumulate(s, l, out)))
+                    lambda m, a, kw, out, s=site, l=layer: self._accumulate(s, l, s.capture(l, a, kw, out)),
+                    with_kwargs=True))
         if self.attention:
             for which, site in (("q", self.attention.q), ("k", self.attention.k)):
                 for layer, mod in _matching(self.model, site.pattern):
                     handles.append(mod.register_forward_hook(
-                        lambda m, i, out, w=which, l=layer: self._attend(w, l, out)))
+                        lambda m, a, kw, out, w=which, s=site, l=layer: self._attend(w, l, s.capture(l, a, kw, out)),
+                        with_kwargs=True))
         return handles
 
     # --- one measurement ----------------------------------------------------------------------
@@ -211,6 +247,8 @@ class Probe:
         for name, pattern in self.gains.items():
             for layer, mod in _matching(self.model, pattern):
                 w = getattr(mod, "weight", None)
+                if w is None:  # TransformerLens names a norm's gain `w`
+                    w = getattr(mod, "w", None)
                 if w is None:
                     continue
                 for metric, v in gain_stats(w.detach()).items():
