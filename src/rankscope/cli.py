@@ -3,6 +3,9 @@
     rankscope run [STUDY] [--preset P] [--tokens N] [--seeds S ...] [--out DIR] [--data PATH] [--set k=v ...]
     rankscope report DIR [DIR ...] [--out DIR]
     rankscope list
+    rankscope bench [--preset P]
+    rankscope data prepare SRC --tokenizer T --out DIR
+    rankscope analyze PATH [--data PATH]
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
 
     from . import bench
     bench.add_arguments(sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost"))
+
+    from . import analyze
+    analyze.add_arguments(sub.add_parser(
+        "analyze", help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder"))
 
     from .data import prepare
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -119,6 +126,11 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import run
+    return run(args)
+
+
 def _data(args: argparse.Namespace) -> int:
     from .data.prepare import run
     return run(args)
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         DataError = RankscopeError
     try:
-        return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data}[args.command](args)
+        return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data,
+                "analyze": _analyze}[args.command](args)
     except (RankscopeError, DataError) as e:
         print(f"rankscope: error: {e}", file=sys.stderr)
         return 2

@@ -134,6 +134,10 @@ class Probe:
         self._maxlogit: dict[int, torch.Tensor] = {}
 
     def _accumulate(self, site: Site, layer: int, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):  # else a float32 einsum runs in bf16 on GPU
+            self._accumulate_gram(site, layer, x)
+
+    def _accumulate_gram(self, site: Site, layer: int, x: torch.Tensor) -> None:
         x = x.float().flatten(0, 1)  # (B, T, H, E) -> (N, H, E), N = B*T
         g = torch.einsum("nhe,nhf->hef", x, x)  # (H, E, E): every head in one batched matmul
         key = (site.name, layer)
@@ -145,6 +149,10 @@ class Probe:
             self._gram[key], self._sum[key], self._n[key] = g.double(), x.sum(0).double(), x.shape[0]
 
     def _attend(self, which: str, layer: int, x: torch.Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):  # attention logits in float32, not bf16
+            self._attend_f32(which, layer, x)
+
+    def _attend_f32(self, which: str, layer: int, x: torch.Tensor) -> None:
         spec = self.attention
         other = "k" if which == "q" else "q"
         if (other, layer) not in self._pending:

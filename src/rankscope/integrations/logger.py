@@ -1,0 +1,336 @@
+"""`ProbeLogger`: probe a model inside someone else's training loop and keep rankscope's tables.
+
+Two lines in a plain PyTorch loop::
+
+    logger = ProbeLogger(model, "runs/mine", every_tokens=1_000_000, batch=held_out_ids)
+    ...
+        logger.step(tokens_seen, loss=loss)       # after each optimizer step
+    logger.close()
+
+Every `every_tokens` tokens (or `every_steps` steps) the probe measures the fixed batch and the
+rows are appended to a rankscope results folder, `<out>/<arm>/seed-<k>/`, with the same files a
+`rankscope run` writes (config.json, provenance.json, scalars.csv, probes.csv, and done.json on
+close), so `rankscope report <out>` compares arms and seeds written this way. A summary (mean key
+PR per layer and overall, attention entropy) goes to TensorBoard and Weights & Biases when they
+are there: a handful of scalars per probe instead of layers x heads x sites x metrics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import __version__
+from ..attach import SITE_NAMES, Probe, Site, token_batches
+from ..errors import RankscopeError
+from ..store import RunStore, is_done, run_dir, write_json
+
+TAG = "rankscope"  # prefix of every TensorBoard / W&B key
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """The few numbers worth a dashboard from one probe table: for each site the mean PR (pr_sv)
+    over all heads, for keys also per layer, and mean attention entropy and the largest logit.
+
+    Keys: `rankscope/k_pr/mean`, `rankscope/k_pr/layer_00`, ..., `rankscope/q_pr/mean`, ...,
+    `rankscope/attn_entropy/mean`, `rankscope/max_logit/max`.
+    """
+    out: dict[str, float] = {}
+    pr = table[table["metric"] == "pr_sv"]
+    for site in [s for s in SITE_NAMES if s in set(pr["site"])] + sorted(set(pr["site"]) - set(SITE_NAMES)):
+        rows = pr[pr["site"] == site]
+        out[f"{TAG}/{site}_pr/mean"] = float(rows["value"].mean())
+        if site == "k":
+            for layer, v in rows.groupby("layer")["value"].mean().items():
+                out[f"{TAG}/k_pr/layer_{int(layer):02d}"] = float(v)
+    attn = table[table["site"] == "attn"]
+    if len(attn):
+        out[f"{TAG}/attn_entropy/mean"] = float(attn[attn["metric"] == "entropy"]["value"].mean())
+        out[f"{TAG}/max_logit/max"] = float(attn[attn["metric"] == "max_logit"]["value"].max())
+    return out
+
+
+class _TensorBoard:
+    """Scalars against training tokens, rankscope's x axis, in `<run>/tensorboard` by default."""
+
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.logdir = logdir
+        self.writer = SummaryWriter(str(logdir))
+
+    def log(self, summary: Mapping[str, float], step: int, tokens: int) -> None:
+        for key, value in summary.items():
+            self.writer.add_scalar(key, value, global_step=tokens)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """Logs into the active W&B run (the one a Trainer or the user started), or starts one.
+
+    The probe's keys get their own x axis, `rankscope/tokens` (`define_metric`), so they never
+    fight the step counter of whoever else logs to the run; a run started here is finished on
+    close, someone else's is left open.
+    """
+
+    def __init__(self, init: Mapping[str, Any], run_path: Path):
+        import wandb
+
+        self.wandb = wandb
+        self.own = wandb.run is None
+        if self.own:
+            kwargs = {"dir": str(run_path), "project": "rankscope", "name": f"{run_path.parent.name}/{run_path.name}"}
+            self.run: Any = wandb.init(**{**kwargs, **dict(init)})
+        else:
+            self.run = wandb.run
+        self.run.define_metric(f"{TAG}/tokens")
+        self.run.define_metric(f"{TAG}/*", step_metric=f"{TAG}/tokens")
+
+    def log(self, summary: Mapping[str, float], step: int, tokens: int) -> None:
+        self.run.log({**summary, f"{TAG}/tokens": tokens, f"{TAG}/step": step})
+
+    def close(self) -> None:
+        if self.own:
+            self.run.finish()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+class ProbeLogger:
+    """Probe `model` on a fixed batch every N tokens or steps and keep the rows.
+
+    model: any model `rankscope.attach.Probe` understands (or give `probe=` for explicit sites).
+    out: the results folder; rows go to `<out>/<arm>/seed-<seed>/`.
+    every_tokens / every_steps: the cadence (exactly one). A probe happens at the first `step()`
+        call and then whenever the count reaches the next multiple.
+    batch: the held-out token ids (B, T) to measure on, or a list of such batches; or `text` and
+        `tokenizer` (cut into one batch of `batch_size` x `seq_len` tokens).
+    sites, attention: what to measure (see `Probe`); keys after QK-Norm and RoPE by default.
+    arm, seed: how `rankscope report` groups this run among others.
+    config: anything worth keeping with the run (written into config.json; a `train.tokens` entry
+        tells the report the run's budget).
+    tensorboard: None = when the tensorboard package is installed, True = required, False = off,
+        or a log folder (default `<run>/tensorboard`).
+    wandb: None = only into an already active W&B run, True = start one when none is active
+        (offline with WANDB_MODE=offline), False = off, or a dict of `wandb.init` arguments.
+    overwrite: a finished run folder of the same arm and seed is refused unless True (then it is
+        replaced). An unfinished one is continued: its rows are kept and new rows appended.
+    """
+
+    def __init__(self, model: nn.Module, out: str | Path, *, every_tokens: int | None = None,
+                 every_steps: int | None = None, batch: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                 text: str | Iterable[str] | None = None, tokenizer: Any = None, seq_len: int = 256,
+                 batch_size: int = 8, sites: Iterable[str | Site] = ("k",), attention: bool = True,
+                 arm: str = "run", seed: int = 0, config: Mapping[str, Any] | None = None,
+                 tensorboard: bool | str | Path | None = None, wandb: bool | Mapping[str, Any] | None = None,
+                 overwrite: bool = False, probe: Probe | None = None):
+        if (every_tokens is None) == (every_steps is None):
+            raise RankscopeError("give exactly one of every_tokens and every_steps")
+        every = every_tokens if every_tokens is not None else every_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise RankscopeError(f"every_tokens / every_steps must be a positive integer, got {every!r}")
+        if (batch is None) == (text is None):
+            raise RankscopeError("give the held-out probe batch: batch= (token ids) or text= with tokenizer=")
+        if not str(arm) or "/" in str(arm):
+            raise RankscopeError(f"arm must be a plain folder name, got {arm!r}")
+        self.model = model
+        self.probe = probe or Probe(model, sites, attention=attention)
+        if text is not None:
+            if tokenizer is None:
+                raise RankscopeError("text= needs the model's tokenizer (tokenizer=...)")
+            batch = token_batches(text, tokenizer, seq_len, batch_size)
+        assert batch is not None
+        self.batches = [batch] if isinstance(batch, torch.Tensor) else list(batch)
+        self.every_tokens, self.every_steps = every_tokens, every_steps
+        self.arm, self.seed = str(arm), int(seed)
+        self.path = run_dir(out, self.arm, self.seed)
+        if is_done(self.path):
+            if not overwrite:
+                raise RankscopeError(f"{self.path} holds a finished run; choose another arm or seed, or overwrite=True")
+            shutil.rmtree(self.path)
+        self.store = RunStore(self.path)
+        self._write_config(config or {})
+
+        self._t0 = time.perf_counter()
+        self.probe_s = 0.0
+        self._next = 0           # the next token (or step) count due for a probe
+        self._calls = 0          # step() calls that counted as optimizer steps
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_n = 0
+        self._val_loss: float | None = None
+        self.last_step = 0
+        self.last_tokens = 0
+        self.n_probes = 0
+        self._probed_at: tuple[int, int] | None = None
+        self.closed = False
+        self.sinks: list[Any] = []
+        self._open_sinks(tensorboard, wandb)
+
+    # -- setup --
+
+    def _write_config(self, user: Mapping[str, Any]) -> None:
+        att = self.probe.attachment
+        model = {**(att.config() if att is not None else {}), **dict(user.get("model") or {})}
+        shapes = [list(b.shape) for b in self.batches]
+        write_json(self.path / "config.json", {
+            **dict(user), "arm": self.arm, "seed": self.seed, "model": model,
+            "probe": {"sites": self.probe.sites, "every_tokens": self.every_tokens, "every_steps": self.every_steps,
+                      "batches": shapes, "notes": list(self.probe.notes)},
+            "source": "rankscope.integrations.ProbeLogger",
+        })
+        versions: dict[str, Any] = {"rankscope": __version__, "torch": torch.__version__,
+                                    "python": platform.python_version()}
+        for name in ("transformers", "lightning", "transformer_lens"):
+            mod = sys.modules.get(name)
+            if mod is not None:
+                versions[name] = getattr(mod, "__version__", None)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        write_json(self.path / "provenance.json", {
+            **versions, "platform": platform.platform(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "seed": self.seed, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+
+    def _open_sinks(self, tensorboard: bool | str | Path | None, wandb: bool | Mapping[str, Any] | None) -> None:
+        if tensorboard is not False and (tensorboard is not None or _installed("tensorboard")):
+            logdir = Path(tensorboard) if isinstance(tensorboard, (str, Path)) else self.path / "tensorboard"
+            try:
+                self.sinks.append(_TensorBoard(logdir))
+            except ImportError:
+                raise RankscopeError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+        if wandb is False:
+            return
+        if wandb is None:
+            mod = sys.modules.get("wandb")  # only into a run that someone already started
+            if mod is not None and getattr(mod, "run", None) is not None:
+                self.sinks.append(_Wandb({}, self.path))
+            return
+        if not _installed("wandb"):
+            raise RankscopeError("wandb=True needs the wandb package: pip install wandb")
+        self.sinks.append(_Wandb(wandb if isinstance(wandb, Mapping) else {}, self.path))
+
+    # -- in the loop --
+
+    def step(self, tokens: int, *, step: int | None = None, loss: float | torch.Tensor | None = None,
+             val_loss: float | None = None) -> pd.DataFrame | None:
+        """Call after each optimizer step with the training tokens seen so far (and, if you like,
+        this step's loss: losses are averaged between probes, and a tensor is read only then, so
+        passing one costs no device sync). Call once with tokens=0 before the loop to also measure
+        the initial model. Returns the probe table when this call probed, else None.
+
+        step: the optimizer step count; by default the logger counts its calls (a call with
+        tokens=0 is step 0).
+        """
+        if self.closed:
+            raise RankscopeError("this ProbeLogger is closed")
+        if step is None:
+            if tokens > 0:
+                self._calls += 1
+            step = self._calls
+        else:
+            self._calls = step
+        if loss is not None:
+            self.add_loss(loss)
+        if val_loss is not None:
+            self._val_loss = float(val_loss)
+        self.last_step, self.last_tokens = step, tokens
+        count = tokens if self.every_tokens is not None else step
+        if count < self._next:
+            return None
+        every = self.every_tokens if self.every_tokens is not None else self.every_steps
+        assert every is not None  # exactly one was given (checked in __init__)
+        self._next = (count // every + 1) * every
+        return self.measure(tokens, step)
+
+    def add_loss(self, loss: float | torch.Tensor) -> None:
+        """Count one training loss towards the mean written at the next probe (for callers that
+        see several losses per optimizer step, such as micro-batches)."""
+        self._loss_sum = self._loss_sum + (loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss))
+        self._loss_n += 1
+
+    def measure(self, tokens: int, step: int) -> pd.DataFrame:
+        """Probe now, whatever the cadence; append the rows and a scalars row; log the summary."""
+        t = time.perf_counter()
+        table = self.probe.measure(self.batches)
+        self.probe_s += time.perf_counter() - t
+        base = {"arm": self.arm, "seed": self.seed, "step": step, "tokens": tokens}
+        self.store.probes.append({**base, **r} for r in table.to_dict("records"))
+        row = dict(base, elapsed_s=time.perf_counter() - self._t0, probe_s=self.probe_s)
+        if self._loss_n:
+            total = self._loss_sum
+            row["train_loss"] = (total.item() if isinstance(total, torch.Tensor) else total) / self._loss_n
+            self._loss_sum, self._loss_n = 0.0, 0
+        if self._val_loss is not None:
+            row["val_loss"], self._val_loss = self._val_loss, None
+        self.store.scalars.append([row])
+        summary = summarize(table)
+        for sink in self.sinks:
+            sink.log(summary, step, tokens)
+        self.n_probes += 1
+        self._probed_at = (step, tokens)
+        return table
+
+    def log_scalars(self, step: int, tokens: int, **values: float | None) -> None:
+        """Append one scalars row (train_loss, val_loss, grad_norm, ... of `store.SCALAR_COLUMNS`)
+        now, for callers that learn their losses elsewhere than at probe points (a Trainer's logs)."""
+        row = {k: v for k, v in values.items() if v is not None}
+        if row:
+            self.store.scalars.append([dict(arm=self.arm, seed=self.seed, step=step, tokens=tokens,
+                                            elapsed_s=time.perf_counter() - self._t0, **row)])
+
+    # -- the end --
+
+    def close(self, status: str = "done", probe_last: bool = True) -> None:
+        """Probe the final model (unless the last probe was at this very step: the end of training
+        is the point a study compares), write done.json (the run is finished for `rankscope
+        report`) and close every sink."""
+        if self.closed:
+            return
+        if probe_last and self.n_probes and self._probed_at != (self.last_step, self.last_tokens):
+            self.measure(self.last_tokens, self.last_step)
+        self.closed = True
+        try:
+            self.store.finish({"status": status, "arm": self.arm, "seed": self.seed, "step": self.last_step,
+                               "tokens": self.last_tokens, "probes": self.n_probes,
+                               "elapsed_s": time.perf_counter() - self._t0, "probe_s": self.probe_s})
+        finally:
+            for sink in self.sinks:
+                sink.close()
+
+    def abandon(self) -> None:
+        """Close the files and sinks without marking the run finished (it stays 'unfinished')."""
+        if self.closed:
+            return
+        self.closed = True
+        self.store.close()
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> "ProbeLogger":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # a loop that failed leaves an unfinished run, as a killed `rankscope run` does
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+__all__ = ["ProbeLogger", "summarize"]

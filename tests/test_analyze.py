@@ -1,0 +1,192 @@
+"""`rankscope analyze`: rankscope runs and checkpoints, Hugging Face folders, and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from matplotlib.image import imread
+
+from rankscope import analyze as analyze_cmd
+from rankscope import store
+from rankscope.analyze import analyze
+from rankscope.errors import RankscopeError
+from rankscope.train import train
+
+from test_resume import config, shards
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A finished tiny rankscope run on token shards (checkpoints at steps 15 and 16)."""
+    root = tmp_path_factory.mktemp("study")
+    data = shards(root)
+    path = root / "qk" / "seed-0"
+    train(config(data), path, progress=False, arm="qk")
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    analyze_cmd.add_arguments(parser)
+    return analyze_cmd.run(parser.parse_args(argv))
+
+
+def key_pr(df) -> np.ndarray:
+    return df[(df.site == "k") & (df.metric == "pr_sv")].sort_values(["layer", "head"])["value"].to_numpy()
+
+
+def test_a_run_folder_reproduces_the_runs_own_final_probe(run, capsys):
+    assert cli([str(run)]) == 0
+    out = run / "analyze" / "step-16"
+    printed = capsys.readouterr().out
+    assert "Most collapsed layers" in printed and str(out / "key_pr_heatmap.png") in printed
+    table = store.read_table(out / "probes.csv")
+    assert list(table.columns) == list(store.PROBE_COLUMNS)
+    assert set(table["step"]) == {16} and set(table["arm"]) == {"qk/seed-0"}
+    logged = store.read_table(run / "probes.csv")
+    final = logged[logged["step"] == 16]
+    np.testing.assert_allclose(key_pr(table), key_pr(final), rtol=1e-9)  # the same probe batch, the same model
+    image = imread(out / "key_pr_heatmap.png")
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# rankscope analyze: qk/seed-0") and "| layer | mean key PR |" in summary
+    info = json.loads((out / "analyze.json").read_text())
+    assert info["kind"] == "rankscope" and info["batch"] == [2, 32] and info["model"]["n_kv_head"] == 1
+    assert not store.run_dirs(run.parent.parent) or all(d.name == "seed-0" for d in store.run_dirs(run.parent.parent))
+
+
+def test_a_checkpoint_file_and_other_sites(run, tmp_path):
+    ckpt = run / "checkpoints" / "step-000000015.pt"
+    result = analyze(ckpt, out=tmp_path / "out", sites=("v", "q"), batch_size=3, seq_len=16)
+    assert result.info["step"] == 15 and result.info["batch"] == [3, 16]
+    assert set(result.table["site"]) >= {"k", "v", "q", "attn", "k_gain", "q_gain"}
+    assert (tmp_path / "out" / "summary.md").exists()
+    result = analyze(run, data=run.parent.parent / "shards", out=tmp_path / "out2")  # the run's data, given
+    logged = store.read_table(run / "probes.csv")
+    np.testing.assert_allclose(key_pr(result.table), key_pr(logged[logged["step"] == 16]), rtol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A Qwen3 model with random weights and a small byte-level BPE saved the way from_pretrained reads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 20, "keys lose dimensions"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=8, intermediate_size=64, vocab_size=len(fast), max_position_embeddings=128,
+                                   bos_token_id=0, eos_token_id=0)
+    path = tmp_path_factory.mktemp("hf") / "tiny-qwen3"
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_a_hugging_face_folder_on_the_embedded_corpus(hf_folder):
+    result = analyze(hf_folder, batch_size=2, seq_len=64)
+    assert result.out == hf_folder.parent / "tiny-qwen3-analyze"
+    assert "python stdlib" in result.info["data"] and result.info["model"]["family"] == "hf-qwen3"
+    assert len(key_pr(result.table)) == 2 * 2  # layers x key/value heads
+    assert (result.out / "key_pr_heatmap.png").exists()
+    # the same batch through the public Probe gives the same numbers
+    from rankscope.attach import Probe, token_batches
+    from rankscope.data import corpus
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
+    _, val, _ = corpus.embedded_corpus_files()
+    ids = token_batches([corpus.read_document(p, python_source=True) for p in val], tok, 64, 2)
+    np.testing.assert_allclose(key_pr(result.table), key_pr(Probe(model).measure(ids)), rtol=1e-6)
+
+
+def test_a_trainer_checkpoint_folder_says_where_training_was(hf_folder, tmp_path):
+    ckpt = tmp_path / "checkpoint-500"
+    ckpt.mkdir()
+    for f in hf_folder.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 500, "num_input_tokens_seen": 2_048_000}))
+    result = analyze(ckpt, batch_size=2, seq_len=32)
+    table = store.read_table(result.out / "probes.csv")
+    assert set(table["step"]) == {500} and set(table["tokens"]) == {2_048_000}
+    assert "step 500, 2.05M tokens" in result.summary
+
+
+def test_a_hugging_face_folder_on_given_text_and_shards(hf_folder, tmp_path):
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("keys lose dimensions faster with QK-Norm. " * 40)
+    result = analyze(hf_folder, data=text, out=tmp_path / "o1", batch_size=2, seq_len=32)
+    assert result.info["data"].startswith(f"text {text}")
+    from rankscope.data import write_shard
+
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "val_000.bin", np.arange(2000, dtype=np.uint16) % 250)
+    result = analyze(hf_folder, data=tmp_path / "shards", out=tmp_path / "o2", batch_size=2, seq_len=32)
+    assert result.info["data"].startswith("validation shards")
+
+
+def one_line_error(argv: list[str]) -> str:
+    with pytest.raises(RankscopeError) as e:
+        cli(argv)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_input_gets_one_clear_line(run, hf_folder, tmp_path):
+    assert "no such file or folder" in one_line_error([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    assert "neither a rankscope run folder" in one_line_error([str(tmp_path / "empty")])
+    assert "is a study folder" in one_line_error([str(run.parent.parent)])
+
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "config.json").write_text((run / "config.json").read_text())
+    (broken / "checkpoints" / "step-000000001.pt").write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in one_line_error([str(broken)])
+    assert "cannot read checkpoint" in one_line_error([str(broken / "checkpoints" / "step-000000001.pt")])
+
+    lost = tmp_path / "lost" / "checkpoints"
+    lost.mkdir(parents=True)
+    (lost / "step-000000016.pt").write_bytes((run / "checkpoints" / "step-000000016.pt").read_bytes())
+    assert "no config.json" in one_line_error([str(lost.parent)])
+
+    mismatch = tmp_path / "mismatch"
+    (mismatch / "checkpoints").mkdir(parents=True)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["n_layer"] = 3
+    (mismatch / "config.json").write_text(json.dumps(cfg))
+    (mismatch / "checkpoints" / "step-000000016.pt").write_bytes((run / "checkpoints" / "step-000000016.pt").read_bytes())
+    assert "do not fit the run's config.json" in one_line_error([str(mismatch)])
+
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((hf_folder / f).read_bytes())
+    assert "has no tokenizer" in one_line_error([str(no_tok)])
+    bad_hf = tmp_path / "bad-hf"
+    bad_hf.mkdir()
+    (bad_hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "cannot load the Hugging Face model" in one_line_error([str(bad_hf)])
+
+    assert "no such file or folder" in one_line_error([str(run), "--data", str(tmp_path / "nothing")])
+    (tmp_path / "doc.txt").write_text("some text " * 100)
+    assert "no tokenizer for text" in one_line_error([str(run), "--data", str(tmp_path / "doc.txt")])
+    assert "unknown site" in one_line_error([str(run), "--sites", "k,keys"])
+    assert "exceeds" in one_line_error([str(run), "--seq-len", "4096"])
