@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from _common import train_step_fn
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
 from rankscope.evals import (functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, rank_ladder,
@@ -72,16 +73,7 @@ def main() -> None:
     probe = gpt_probe(model, cfg.probe.sites, attention=cfg.probe.attention)
     ind_x = induction_batch(mc.vocab_size, args.induction_batch, args.half_len, seed=0)
     ind = gpt_induction_scores(model, args.half_len)
-    step_i = 0
-
-    def train_step() -> None:
-        nonlocal step_i
-        x, y = sampler.batch(step_i)
-        step_i += 1
-        model(x, y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad()
+    train_step = train_step_fn(model, opt, sampler, cfg.optim.grad_clip)
 
     @torch.no_grad()
     def val_loss() -> float:

@@ -22,23 +22,14 @@ import time
 
 import torch
 
+from _common import train_step_fn
+from rankscope.bench import matmul_rate
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
 from rankscope.model import GPT
 from rankscope.optim import build_optimizers
 from rankscope.probe import gpt_probe
 from rankscope.train import eval_steps
-
-
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def main() -> None:
@@ -60,23 +51,14 @@ def main() -> None:
         val = fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len)
         probe_x = fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len)[0][0]
         probe = gpt_probe(model, cfg.probe.sites)
-        step_i = 0
-
-        def train_step() -> None:
-            nonlocal step_i
-            x, y = sampler.batch(step_i)
-            step_i += 1
-            model(x, y).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad()
+        train_step = train_step_fn(model, opt, sampler, cfg.optim.grad_clip)
 
         for _ in range(3):
             train_step()  # warm up
         step_s, mfu, rate, probe_s, eval_s = [], [], [], [], []
         flops = model.flops_per_token(tc.seq_len) * tc.batch_size * tc.seq_len
         for _ in range(args.rounds):
-            r = matmul_rate()
+            r = matmul_rate(torch.device("cpu"))
             t = time.perf_counter()
             for _ in range(args.steps):
                 train_step()

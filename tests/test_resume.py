@@ -17,7 +17,6 @@ import torch
 from rankscope import checkpoint, store
 from rankscope.config import RunConfig, apply_overrides
 from rankscope.data import write_shard
-from rankscope.data.loader import TokenData
 from rankscope.errors import RankscopeError
 from rankscope.train import RunDiverged, train
 

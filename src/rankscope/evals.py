@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Tap
-from .probe import LAYER_WIDE, Site, _matching, gpt_sites
+from .probe import LAYER_WIDE, Site, _matching, gpt_sites, pair_qk
 
 Row = dict[str, Any]
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)
@@ -203,14 +203,10 @@ class InductionScores:
         self._q_mods, self._k_mods = _matching(model, q.pattern), _matching(model, k.pattern)  # fail early
 
     def _attend(self, which: str, layer: int, x: torch.Tensor) -> None:
-        other = "k" if which == "q" else "q"
-        if (other, layer) not in self._pending:
-            self._pending[(which, layer)] = x
-            return
-        q = x if which == "q" else self._pending.pop((other, layer))
-        k = x if which == "k" else self._pending.pop((other, layer))
-        with _no_autocast(x):
-            self._score(layer, q, k)
+        pair = pair_qk(self._pending, which, layer, x)
+        if pair is not None:
+            with _no_autocast(x):
+                self._score(layer, *pair)
 
     def _score(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         L = self.half_len

@@ -88,6 +88,17 @@ class AttentionStats:
         return self.window.get(layer) if isinstance(self.window, Mapping) else self.window
 
 
+def pair_qk(pending: dict, which: str, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Hooks on a layer's q and k fire one after the other: hold the first in `pending` until its
+    partner arrives, then return (q, k); None while one is still missing."""
+    other = "k" if which == "q" else "q"
+    if (other, layer) not in pending:
+        pending[(which, layer)] = x
+        return None
+    y = pending.pop((other, layer))
+    return (x, y) if which == "q" else (y, x)
+
+
 def gpt_sites(names: Iterable[str]) -> list[Site]:
     """Sites of rankscope's own GPT: q_pre, q, k_pre, k, v, o taps in every block."""
     return [Site(n, f"blocks.*.attn.{n}") for n in names]
@@ -154,12 +165,10 @@ class Probe:
 
     def _attend_f32(self, which: str, layer: int, x: torch.Tensor) -> None:
         spec = self.attention
-        other = "k" if which == "q" else "q"
-        if (other, layer) not in self._pending:
-            self._pending[(which, layer)] = x
+        pair = pair_qk(self._pending, which, layer, x)
+        if pair is None:
             return
-        q = x if which == "q" else self._pending.pop((other, layer))
-        k = x if which == "k" else self._pending.pop((other, layer))
+        q, k = pair
         q = q.transpose(1, 2).float()  # (B, T, H, E) -> (B, H, T, E)
         k = k.transpose(1, 2).float()  # (B, G, T, E)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, E): query head h reads kv head h // (H/G)
