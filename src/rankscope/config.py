@@ -19,22 +19,26 @@ from .model import ModelConfig
 
 @dataclass(frozen=True)
 class OptimConfig:
+    # Every default is the seed's 88M/20M-token study (its code at 772cf07), unless a comment says not.
     name: str = "muon"                 # muon | adamw
-    # Muon on the 2D hidden matrices (the seed's settings; Muon's weight decay is ours: 0, as Muon's author)
+    # Muon on the 2D hidden matrices
     muon_lr: float = 0.012
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
-    muon_ns_steps: int = 5
+    muon_qkvo: str = "stacked"         # stacked (the seed's one QKVO matrix per layer) | separate | per_head
+    muon_ns: str = "polar_express"     # polar_express (the seed's) | newton_schulz (torch.optim.Muon's)
+    muon_ns_steps: int = 5             # at most 5 for polar_express (it has five coefficient triples)
     muon_weight_decay: float = 0.0
-    # AdamW on embeddings and gains (and on everything when name == "adamw")
+    # AdamW on embeddings and gains (and on everything when name == "adamw"); torch's betas
     adamw_lr: float = 0.006
     adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.95
+    adamw_beta2: float = 0.999
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.2
+    adamw_gain_weight_decay: float = 0.2  # on norm gains, QK-Norm's included (the seed decays every AdamW parameter)
     # AdamW's learning rate for the hidden matrices when name == "adamw"
     adamw_matrix_lr: float = 0.006
-    grad_clip: float = 1.0             # max global grad norm; 0 turns clipping off
+    grad_clip: float = 0.0             # max global grad norm; 0 = off (the seed's 20M study did not clip)
     schedule: str = "constant"         # constant | cosine | linear (decay after warmup)
     warmup_tokens: int = 0
     min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of the peak
@@ -239,6 +243,16 @@ def validate(cfg: RunConfig) -> None:
          "model sizes must be positive"),
         (t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"),
         (o.name in ("muon", "adamw"), f"optim.name must be muon or adamw, got {o.name!r}"),
+        (o.muon_qkvo in ("separate", "stacked", "per_head"),
+         f"optim.muon_qkvo must be separate, stacked or per_head, got {o.muon_qkvo!r}"),
+        (o.muon_ns in ("newton_schulz", "polar_express"),
+         f"optim.muon_ns must be newton_schulz or polar_express, got {o.muon_ns!r}"),
+        (1 <= o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
+         f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
+         f"got {o.muon_ns_steps}"),
+        (o.name != "muon" or o.muon_qkvo != "stacked" or m.n_head * m.head_dim == m.d_model,
+         f"optim.muon_qkvo=stacked stacks O's weight under Q, K and V by rows, which needs model.n_head x "
+         f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head"),
         (o.schedule in ("constant", "cosine", "linear"),
          f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}"),
         (t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,

@@ -31,8 +31,9 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_base: float = 10000.0
     qk_norm: str = "learned"  # learned | frozen | parameter_free | none
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    norm_eps: float = 1.1920928955078125e-07  # float32 machine epsilon: nn.RMSNorm's default, as the seed
+    init_std: float = 0.02  # every matrix and the embedding ~ N(0, init_std²), as the seed
+    scaled_residual_init: bool = False  # GPT-2's std / sqrt(2 n_layer) on O and the MLP's down; the seed: no
 
 
 class Tap(nn.Identity):
@@ -291,7 +292,7 @@ class GPT(nn.Module):
     def reset_parameters(self, seed: int) -> None:
         """Initialise each parameter from a generator seeded by (seed, parameter name), so models
         that differ only in some modules (QK-Norm or not) start from identical shared weights."""
-        n_out = 2 * self.cfg.n_layer  # residual-branch outputs, scaled as in GPT-2
+        n_out = 2 * self.cfg.n_layer  # residual-branch outputs (GPT-2's scaling, when asked for)
         for name, p in self.named_parameters():
             if p.is_meta:  # shape-only model (parameter counts): nothing to fill
                 continue
@@ -300,7 +301,7 @@ class GPT(nn.Module):
                 continue
             g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
             std = self.cfg.init_std
-            if name.endswith(("o_proj.weight", "down.weight")):
+            if self.cfg.scaled_residual_init and name.endswith(("o_proj.weight", "down.weight")):
                 std /= math.sqrt(n_out)
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
@@ -316,6 +317,12 @@ class GPT(nn.Module):
                 if p.requires_grad:
                     roles[role].append((f"{mod_name}.{p_name}", p))
         return roles
+
+    def attention_matrices(self) -> list[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]]:
+        """Each layer's Q, K, V and O weights, in the order the seed stacks them by rows into one
+        (H·E + 2·G·E + D, D) matrix; the optimizer's grouping (`optim.muon_qkvo`) reads this."""
+        return [(b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight, b.attn.o_proj.weight)
+                for b in self.blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

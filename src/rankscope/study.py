@@ -80,6 +80,14 @@ BUILTIN: dict[str, Study] = {
         {"learned": {"model.qk_norm": "learned", **_MUON}, "frozen": {"model.qk_norm": "frozen", **_MUON},
          "parameter-free": {"model.qk_norm": "parameter_free", **_MUON}, "none": {"model.qk_norm": "none", **_MUON}},
     ),
+    "muon-grouping": Study(
+        "muon-grouping", "Under Muon (Polar Express): QK-Norm on and off, each with Q, K, V, O orthogonalized "
+                         "stacked in one matrix (the seed's), separately, and per head. How much of the key-PR "
+                         "gap belongs to QK-Norm, and how much to the grouping?",
+        {f"{norm}.{name}": {"model.qk_norm": qk, "optim.muon_qkvo": grouping, **_MUON}
+         for norm, qk in (("qk-norm", "learned"), ("no-norm", "none"))
+         for name, grouping in (("stacked", "stacked"), ("separate", "separate"), ("per-head", "per_head"))},
+    ),
 }
 DEFAULT_STUDY = "qk-muon"
 
