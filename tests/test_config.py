@@ -52,3 +52,25 @@ def test_presets_round_trip_through_dicts():
         assert from_dict(cfg.to_dict()) == cfg, name
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("huge")
+
+
+def test_seed_presets_are_the_seeds_runs():
+    """Every setting read from the seed's code (seedref) holds in the presets that restage it."""
+    from rankscope.seedref import SEED_1_5B, SEED_88M, differences
+    assert differences(preset("seed-88m").to_dict(), SEED_88M) == []
+    assert differences(preset("seed-1.5b").to_dict(), SEED_1_5B) == []
+    c = preset("seed-1.5b")
+    assert c.train.batch_size * c.train.seq_len == 65_536 and c.train.batch_size // c.train.grad_accum == 8
+    assert "k_pre" in c.probe.sites  # the 1.5B figures read keys before RoPE
+    # tiny is the seed's training at CPU size: only sizes, batch and schedule differ
+    diffs = {k for k, _, _ in differences(preset("tiny").to_dict(), SEED_88M)}
+    assert diffs == {"model.vocab_size", "model.max_seq_len", "model.n_layer", "model.d_model", "model.n_head",
+                     "model.n_kv_head", "model.d_mlp", "train.batch_size", "train.seq_len", "train.eval_every",
+                     "probe.batch_size"}
+    # a changed setting is named with both values; a key an older run lacks counts as differing
+    from rankscope.seedref import differences_text
+    text = differences_text(apply_overrides(preset("seed-88m"), {"optim.muon_qkvo": "separate"}).to_dict())
+    assert text == "optim.muon_qkvo separate (seed stacked)"
+    old = preset("seed-88m").to_dict()
+    del old["optim"]["muon_ns"]
+    assert differences(old) == [("optim.muon_ns", None, "polar_express")]

@@ -13,6 +13,7 @@ eval points from 0 and seed noise; it also builds the demo study looked at by ha
 from __future__ import annotations
 
 import html.parser
+import json
 import math
 import re
 import subprocess
@@ -531,9 +532,9 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
             write_json(rd / "config.json", {
                 "arm": arm, "seed": s,
                 "model": {"n_layer": n_layer, "n_head": n_head, "n_kv_head": n_head, "head_dim": head_dim,
-                          "d_model": n_head * head_dim, "qk_norm": qk, "vocab_size": 49152,
-                          **({"qk_clip": 100.0} if arm == "qk-clip" else {})},
-                "optim": {"name": opt},
+                          "d_model": n_head * head_dim, "qk_norm": qk, "vocab_size": 49152},
+                "optim": {"name": opt, "muon_qkvo": "stacked", "muon_ns": "polar_express",
+                          **({"qk_clip_tau": 100.0} if arm == "qk-clip" else {})},
                 "train": {"tokens": top, "batch_size": 4, "seq_len": 2048, "eval_schedule": "log",
                           "eval_points": n_points},
                 "probe": {"sites": list(spectral_sites)}})
@@ -636,7 +637,16 @@ def test_realistic_study_report(tmp_path):
     # the seed comparison: Muon + learned QK-Norm (qk-norm) vs Muon without (no-norm; qk-clip is excluded)
     assert "## Compared with the seed study" in md
     assert "| mean key PR @ 16M | 43.5 |" in md and "| ≈30 |" in md
-    assert "At 16M and 25M tokens the key PR order of **qk-norm** and **no-norm** matches the seed's finding" in md
+    assert "At 16M and 25M tokens the key PR order of **qk-norm** and **no-norm** matches the seed's figure" in md
+    assert "25M: a separate 25M-token run with Muon lr 0.024" in md  # the 25M figure's own settings
+    # the setup says how the runs differ from the seed's 88M study, setting by setting
+    assert "**differs from the seed's 88M study**" in md and "`model.n_layer` 4 (seed 22)" in md
+    # a Muon arm not trained as the seed trained (Q, K, V, O separate) is not set next to its figures
+    for rd in (root / "qk-norm").iterdir():
+        cfg = json.loads((rd / "config.json").read_text())
+        cfg["optim"]["muon_qkvo"] = "separate"
+        (rd / "config.json").write_text(json.dumps(cfg))
+    assert "## Compared with the seed study" not in write_report(root).read_text()
 
 
 def test_log_token_axis_with_token_zero():

@@ -111,16 +111,21 @@ def _report(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from .config import PRESETS, known_keys
+    from .seedref import SEED_DATA, differences_text, reference_for
     from .study import BUILTIN
 
     print("studies:")
     for name, s in BUILTIN.items():
-        print(f"  {name:10s} {s.description}\n  {'':10s} arms: {', '.join(s.arms)}")
+        print(f"  {name:14s} {s.description}\n  {'':14s} arms: {', '.join(s.arms)}")
     print("presets:")
     for name, cfg in PRESETS.items():
         m = cfg.model
         print(f"  {name:10s} {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, "
               f"vocab {m.vocab_size}, {cfg.train.tokens:,} tokens")
+        seed_run, reference = reference_for(name)
+        print(f"  {'':10s} differs from {seed_run} in: {differences_text(cfg.to_dict(), reference)}")
+    print(f"  {'':10s} and every preset trains on --data (default: the embedded corpus), where the seed used "
+          f"{SEED_DATA}")
     print("settings (--set KEY=VALUE):")
     print("  " + "\n  ".join(known_keys()))
     return 0

@@ -96,21 +96,25 @@ PRESETS: dict[str, RunConfig] = {
     # The CPU default: 64-dim heads so PR is on the seed's 0..64 scale, small enough for ~1M tokens
     # per arm in a few minutes on two cores.
     "tiny": RunConfig(),
-    # Exactly the seed's model and batch (88,630,528 parameters with learned QK-Norm).
+    # The seed's 88M study as it ran (seedref.SEED_88M lists every setting; a test holds them equal):
+    # its model (88,630,528 parameters with learned QK-Norm), batch, optimizer and probe schedule.
     "seed-88m": RunConfig(
         model=ModelConfig(vocab_size=49152, n_layer=22, d_model=512, n_head=8, n_kv_head=4,
                           head_dim=64, d_mlp=2048, max_seq_len=2048),
         train=TrainConfig(tokens=25_000_000, batch_size=4, seq_len=2048, eval_every=819_200,
-                          eval_batches=8, checkpoint_every=5_000_000),
+                          eval_batches=20, checkpoint_every=5_000_000),
         probe=ProbeConfig(batch_size=4),
     ),
-    # The seed author's follow-up scale: 32 layers, 128-dim heads.
+    # The seed author's 1.5B follow-up (seedref.SEED_1_5B): 32 layers, 128-dim heads, 65,536 tokens
+    # a step in 4 accumulated micro-batches, AdamW lr 0.003, clipping at 1, probed every 120 steps on
+    # 8 sequences; its PR figures read keys before RoPE (k_pre), so both sites are probed.
     "seed-1.5b": RunConfig(
         model=ModelConfig(vocab_size=49152, n_layer=32, d_model=2048, n_head=16, n_kv_head=8,
                           head_dim=128, d_mlp=8192, max_seq_len=2048),
-        train=TrainConfig(tokens=50_000_000, batch_size=4, seq_len=2048, eval_every=2_000_000,
-                          eval_batches=8, checkpoint_every=10_000_000, activation_checkpointing=True),
-        probe=ProbeConfig(batch_size=4),
+        optim=OptimConfig(adamw_lr=0.003, grad_clip=1.0),
+        train=TrainConfig(tokens=50_000_000, batch_size=32, grad_accum=4, seq_len=2048, eval_every=7_864_320,
+                          eval_batches=1, checkpoint_every=10_000_000, activation_checkpointing=True),
+        probe=ProbeConfig(batch_size=8, sites=("k_pre", "k")),
     ),
 }
 

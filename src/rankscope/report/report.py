@@ -46,6 +46,9 @@ from .plots import (
 )
 from .stats import fmt_interval, signed
 from .summary import seed_reference, summary_paragraphs
+from .factorial import Grid, effect_rows, effects_table, find_grid
+from .factorial import sentences as factorial_sentences
+from ..seedref import SEED_DATA, differences, reference_for, show_value
 from .tables import (
     SITE_DESCRIPTIONS,
     VAL_LOSS,
@@ -86,6 +89,8 @@ class Analysis:
     diagnoses: list[Diagnosis]
     n_layers: int
     head_dim: int | None
+    grid: Grid | None = None               # two settings the arms cross (factorial.find_grid)
+    effects: pd.DataFrame | None = None    # their effects on every quantity (factorial.effects_table)
 
 
 def _head_dim(study: StudyData) -> int | None:
@@ -116,7 +121,12 @@ def analyse(study: StudyData, site: str = "k", metric: str = "pr_sv") -> Analysi
     key_pr = pr if (site, metric) == ("k", "pr_sv") else quantity_series(study.scalars, study.probes, "k:pr_sv")
     _, key_ends = choose_points(key_pr, arms, study.finished) if len(key_pr) else (None, {})
     diags, n_layers = diagnoses(study.probes, arms, key_ends, head_dim) if key_ends else ([], 0)
-    return Analysis(study, site, metric, table, pairwise, corr, series, ends, diags, n_layers, head_dim)
+    configs = {}
+    for r in study.runs:
+        configs.setdefault(r.arm, r.config)
+    grid = find_grid(configs, arms)
+    fx = effects_table(grid, [(q, s) for q, s in quantities if len(s)], study.finished) if grid else None
+    return Analysis(study, site, metric, table, pairwise, corr, series, ends, diags, n_layers, head_dim, grid, fx)
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -312,10 +322,41 @@ def _setup_items(study: StudyData) -> list[str]:
     if data:
         path = data.get("path", "")
         lines.append(f"**data:** {code(path) if path else 'the embedded corpus'}")
+    lines += _seed_difference_items(study)
     probe = cfg.get("probe") or {}
     if probe.get("sites"):
         lines.append(f"**probe sites:** {', '.join(code(s) for s in probe['sites'])}"
                      + (f" on a fixed batch of {probe['batch_size']} sequences" if probe.get("batch_size") else ""))
+    return lines
+
+
+def _seed_difference_items(study: StudyData) -> list[str]:
+    """How the runs differ from the seed run their preset restages (seedref): what every run
+    shares, then what only some arms change."""
+    presets = [str(s["preset"]) for s in study.studies if s.get("preset")]
+    seed_run, reference = reference_for(presets[0] if presets else None)
+    per_arm: dict[str, set] = {}
+    for r in study.runs:
+        if r.config:
+            diffs = {(k, show_value(v), show_value(s)) for k, v, s in differences(r.config, reference)}
+            per_arm[r.arm] = per_arm[r.arm] & diffs if r.arm in per_arm else diffs
+    if not per_arm:
+        return []
+    common = set.intersection(*per_arm.values())
+    order = {k: i for i, k in enumerate(reference)}
+
+    def words(items: set) -> str:
+        ordered = sorted(items, key=lambda d: order[d[0]])
+        known = [f"{code(k)} {v} (seed {s})" for k, v, s in ordered if v != "unset"]
+        unset = [code(k) for k, v, _ in ordered if v == "unset"]
+        return ", ".join(known + ([f"not recorded by the rankscope that ran them: {', '.join(unset)}"] if unset else []))
+
+    lines = [f"**differs from {seed_run}** (read from its code; arms' QK-Norm and optimizer aside): "
+             + (words(common) if common else "in nothing else") + f"; and its data: {SEED_DATA}"]
+    extra = {arm: d - common for arm, d in per_arm.items() if d - common}
+    if extra:
+        lines.append("**arms that differ from it further:** "
+                     + "; ".join(f"{md_escape(arm)}: {words(d)}" for arm, d in extra.items()))
     return lines
 
 
@@ -477,9 +518,13 @@ def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
                   + (f", {n_div} diverged" if n_div else "") + f") from {sources}.*", css="meta"))
 
     ref_header, ref_rows, ref_sentences = seed_reference(study, an.series)
+    crossed = []
+    if an.grid is not None and an.effects is not None and len(an.effects):
+        crossed = factorial_sentences(an.effects, an.grid, f"{site}:{metric}", quantity) + \
+            factorial_sentences(an.effects, an.grid, VAL_LOSS.key, "validation loss")
     b.append(Heading(2, "Summary"))
     b.append(Box("summary", [Para(p) for p in summary_paragraphs(study, table, an.correlations, an.diagnoses,
-                                                                 ref_sentences)]))
+                                                                 ref_sentences, crossed)]))
 
     b += [Heading(2, "Setup"), Bullets(_setup_items(study)) if _setup_items(study) else Para("(no settings found)")]
     b += [Heading(2, "Arms"), _arms_table(study)]
@@ -510,6 +555,16 @@ def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
             b.append(Heading(2, title))
             b.extend(blocks)
 
+    if crossed:
+        header, rows = effect_rows(an.effects, an.grid)
+        section("Two settings crossed", [
+            Para(f"The arms cross {code(an.grid.a.key)} ({', '.join(an.grid.a.levels)}) with {code(an.grid.b.key)} "
+                 f"({', '.join(an.grid.b.levels)}). Each effect is a difference computed seed by seed at the arms' "
+                 "common end point, then a 95% t-interval over seeds: a setting's effect at each level of the "
+                 "other (simple), averaged over the other (main), and how much the first setting's effect changes "
+                 "between levels of the second (interaction; a difference of differences). The first level named "
+                 "is the reference."),
+            Table(header, rows, ["l"] + ["r"] * (len(header) - 1))])
     section("Over training", _figures(plots, lambda n: n in ("loss_pr.png", "downstream.png")))
     if len(arms) > 2:
         section("Every pair of arms, seed by seed", _pairwise_blocks(an.pairwise))
@@ -532,9 +587,10 @@ def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
     if ref_rows:
         section("Compared with the seed study", [
             Para("The seed's published single-seed numbers (DESIGN.md; ≈: read off its figures) next to this "
-                 "study's means over seeds at the same token counts (Muon with learned QK-Norm vs Muon without); "
-                 "\"interpolated\": linearly in log tokens between a run's two neighbouring eval points."),
-            Table(ref_header, ref_rows, ["l", "r", "r", "r", "r"])] + [Para(s) for s in ref_sentences])
+                 "study's means over seeds at the same token counts, for the arms trained as the seed trained "
+                 "(its Muon: Q, K, V, O stacked, Polar Express); \"interpolated\": linearly in log tokens "
+                 "between a run's two neighbouring eval points."),
+            Table(ref_header, ref_rows, ["l"] + ["r"] * (len(ref_header) - 1))] + [Para(s) for s in ref_sentences])
 
     summary = metric_summary(study.probes, arms=arms, finished=study.finished)
     st = _summary_table(summary, arms)

@@ -18,16 +18,23 @@ from .doc import md_escape
 from .layers import Diagnosis, collapse_rule
 from .load import StudyData
 from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference, fmt_interval, fmt_p, seeds_text, signed
-from .tables import BETTER, decimals_for, fmt_tokens
+from .tables import BETTER, decimals_for, fmt_tokens, quantity_series
 
-# DESIGN.md: the seed's 88M study (Muon, learned QK-Norm vs none; 22 layers, 64-dim heads)
-SEED_PRESETS = ("seed-88m",)
-SEED_REFERENCE: tuple[tuple[str, str, int, float, float, bool], ...] = (
-    # (label, quantity key, tokens, QK-Norm value, no-QK-Norm value, read off a figure: approximate)
-    ("val loss", "val_loss", 16_000_000, 4.233, 4.253, False),
-    ("mean key PR", "k:pr_sv", 16_000_000, 43.5, 46.8, False),
-    ("mean key PR", "k:pr_sv", 25_000_000, 30.0, 51.0, True),
-)
+# The seed's published single-seed figures (DESIGN.md), by the preset that restages each run:
+# (label, quantity key, tokens, {arm kind: value}, read off a figure (approximate), source in seedref)
+SEED_REFERENCE: dict[str, tuple[tuple[str, str, int, dict[str, float], bool, str], ...]] = {
+    "seed-88m": (
+        ("val loss", "val_loss", 16_000_000, {"qk": 4.233, "none": 4.253}, False, "16M"),
+        ("mean key PR", "k:pr_sv", 16_000_000, {"qk": 43.5, "none": 46.8}, False, "16M"),
+        ("mean key PR", "k:pr_sv", 25_000_000, {"qk": 30.0, "none": 51.0}, True, "25M"),
+    ),
+    "seed-1.5b": (
+        ("mean key PR before RoPE", "k_pre:pr_sv", 50_000_000, {"qk": 65.7, "frozen": 59.6, "none": 63.3},
+         False, "1.5B"),
+    ),
+}
+SEED_PRESETS = tuple(SEED_REFERENCE)
+_KIND_NAMES = {"qk": "QK-Norm", "frozen": "QK-Norm, gain frozen", "none": "no QK-Norm"}
 
 
 def _b(arm: str) -> str:
@@ -167,8 +174,10 @@ def _correlation_sentence(corr: pd.DataFrame) -> str | None:
 
 
 def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame, diags: Sequence[Diagnosis],
-                       reference_lines: Sequence[str] = ()) -> list[str]:
-    """The report's opening paragraphs, in markdown."""
+                       reference_lines: Sequence[str] = (), crossed_lines: Sequence[str] = ()) -> list[str]:
+    """The report's opening paragraphs, in markdown. `crossed_lines`: when the arms cross two
+    settings, the effects in words (factorial.sentences); they replace the arm-by-arm sentences
+    against the first arm, which a grid makes arbitrary."""
     arms = study.arms
     runs = study.runs
     n_done = sum(r.done for r in runs)
@@ -201,7 +210,8 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
                "and could be seed noise. Run more seeds (e.g. `--seeds 0 1 2`) to get intervals.")
     out.append(f"This study ran {scope}. {how}")
 
-    ref = table.attrs.get("reference") if len(table) else None
+    out += list(crossed_lines)
+    ref = table.attrs.get("reference") if len(table) and not crossed_lines else None
     tests = 0
     if ref is not None:
         for a in arms:
@@ -246,13 +256,16 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
 # --- the seed's reference figures ----------------------------------------------------------------
 
 def _arm_kind(config: dict[str, Any]) -> str | None:
-    """'qk' for the seed's QK-Norm arm (Muon, learned gain), 'none' for its plain arm (Muon, no
-    QK-Norm, no QK-Clip); None for anything else."""
+    """'qk' for the seed's QK-Norm arm (Muon, learned gain), 'frozen' for its gain-frozen arm, 'none'
+    for its plain arm (Muon, no QK-Norm, no QK-Clip); None for anything else, including Muon that is
+    not the seed's (Q, K, V, O not stacked, or not Polar Express; a run from before these settings
+    existed trained them separately with Newton-Schulz)."""
     m, o = config.get("model") or {}, config.get("optim") or {}
-    if str(o.get("name", "")).lower() != "muon" or m.get("qk_clip"):
+    if str(o.get("name", "")).lower() != "muon" or float(o.get("qk_clip_tau") or 0) > 0:
         return None
-    qk = str(m.get("qk_norm", "")).lower()
-    return "qk" if qk == "learned" else "none" if qk == "none" else None
+    if o.get("muon_qkvo") != "stacked" or o.get("muon_ns") != "polar_express":
+        return None
+    return {"learned": "qk", "frozen": "frozen", "none": "none"}.get(str(m.get("qk_norm", "")).lower())
 
 
 def _value_at(series: pd.DataFrame, arm: str, tokens: int) -> tuple[list[float], bool]:
@@ -276,47 +289,59 @@ def _value_at(series: pd.DataFrame, arm: str, tokens: int) -> tuple[list[float],
 
 def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, sentences) comparing this study with the seed's published numbers, for studies
-    with the seed's preset and both a Muon + learned QK-Norm arm and a Muon + no QK-Norm arm.
-    `series`: quantity key -> series. Empty when not applicable."""
-    presets = {str(s.get("preset")) for s in study.studies if s.get("preset")}
-    if not presets & set(SEED_PRESETS):
+    with a seed preset and the seed's arms (its Muon, with and without QK-Norm; at 1.5B also the
+    frozen gain). `series`: quantity key -> series; missing keys are read from the study. Empty
+    when not applicable."""
+    from ..seedref import SEED_FIGURES_NOTE
+
+    presets = [p for p in dict.fromkeys(str(s.get("preset")) for s in study.studies if s.get("preset"))
+               if p in SEED_REFERENCE]
+    if not presets:
         return [], [], []
+    reference = SEED_REFERENCE[presets[0]]
     kinds: dict[str, str] = {}
     for r in study.runs:
         k = _arm_kind(r.config)
         if k and k not in kinds:
             kinds[k] = r.arm
-    if set(kinds) != {"qk", "none"}:
+    wanted = [k for k in ("qk", "frozen", "none") if any(k in row[3] for row in reference)]
+    if not {"qk", "none"} <= set(kinds):
         return [], [], []
-    qk, none = kinds["qk"], kinds["none"]
-    header = ["quantity", "seed: QK-Norm", md_escape(qk), "seed: no QK-Norm", md_escape(none)]
-    rows, sentences, checks = [], [], []
-    for label, key, tokens, ref_qk, ref_none, approx in SEED_REFERENCE:
+    shown = [k for k in wanted if k in kinds]
+    header = ["quantity"] + [h for k in shown for h in (f"seed: {_KIND_NAMES[k]}", md_escape(kinds[k]))]
+    rows, sentences, checks, sources = [], [], [], []
+    for label, key, tokens, values, approx, source in reference:
         s = series.get(key)
+        if s is None:
+            s = quantity_series(study.scalars, study.probes, key)
         if s is None or not len(s):
             continue
         dec = 3 if "loss" in label else 1
         cells, means = [], {}
-        for arm in (qk, none):
+        for kind in shown:
+            arm = kinds[kind]
             vals, interp = _value_at(s, arm, tokens)
+            ref = values.get(kind)
+            cells.append("–" if ref is None else (f"≈{ref:.0f}" if approx else f"{ref:.{dec}f}"))
             if not vals:
                 cells.append("not reached")
                 continue
-            means[arm] = float(np.mean(vals))
+            means[kind] = float(np.mean(vals))
             notes = ([seeds_text(len(vals))] if len(vals) > 1 else []) + (["interpolated"] if interp else [])
-            cells.append(f"{means[arm]:.{dec}f}" + (f" ({', '.join(notes)})" if notes else ""))
-        ref = (lambda v: f"≈{v:.0f}") if approx else (lambda v: f"{v:.{dec}f}")  # noqa: E731
-        rows.append([f"{label} @ {fmt_tokens(tokens)}", ref(ref_qk), cells[0], ref(ref_none), cells[1]])
-        if len(means) == 2 and key == "k:pr_sv":
-            checks.append((fmt_tokens(tokens), (means[qk] < means[none]) == (ref_qk < ref_none)))
+            cells.append(f"{means[kind]:.{dec}f}" + (f" ({', '.join(notes)})" if notes else ""))
+        rows.append([f"{label} @ {fmt_tokens(tokens)}"] + cells)
+        sources.append(f"{fmt_tokens(tokens)}: {SEED_FIGURES_NOTE[source]}")
+        if "pr_sv" in key and {"qk", "none"} <= set(means):
+            checks.append((fmt_tokens(tokens), (means["qk"] < means["none"]) == (values["qk"] < values["none"])))
     for same in (True, False):
         where = [w for w, ok in checks if ok == same]
         if where:
-            sentences.append(f"At {' and '.join(where)} tokens the key PR order of {_b(qk)} and {_b(none)} "
-                             + ("matches" if same else "is the reverse of")
-                             + " the seed's finding (QK-Norm below no QK-Norm under Muon)"
-                             + ("." if same else "; the seed's 1.5B follow-up also found the order reversed."))
+            sentences.append(f"At {' and '.join(where)} tokens the key PR order of {_b(kinds['qk'])} and "
+                             f"{_b(kinds['none'])} " + ("matches" if same else "is the reverse of")
+                             + " the seed's figure at the same point.")
+    if sources:
+        sentences.append("The seed's figures come from different runs: " + "; ".join(dict.fromkeys(sources)) + ".")
     return header, rows, sentences
 
 
-__all__ = ["summary_paragraphs", "seed_reference", "SEED_REFERENCE"]
+__all__ = ["summary_paragraphs", "seed_reference", "SEED_REFERENCE", "SEED_PRESETS"]
