@@ -39,8 +39,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = preset(args.preset)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda" and not args.optimizer_only:
+        ap.error("on CUDA, time only the optimizer (--optimizer-only); `rankscope bench` times training there")
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = GPT(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     opts = {c: build_optimizers(model, apply_overrides(cfg, {"optim.muon_qkvo": c[0], "optim.muon_ns": c[1]}).optim)
@@ -64,9 +68,11 @@ def main() -> None:
     for r in range(args.rounds):
         order = COMBOS[r % len(COMBOS):] + COMBOS[:r % len(COMBOS)]
         for c in order:
+            sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 opt_step(c)
+            sync()
             times["opt"][c].append((time.perf_counter() - t0) / args.steps)
             if steps:
                 t0 = time.perf_counter()
@@ -75,7 +81,8 @@ def main() -> None:
                 times["step"][c].append((time.perf_counter() - t0) / args.steps)
 
     med = {k: {c: statistics.median(v) for c, v in d.items() if v} for k, d in times.items()}
-    print(f"{datetime.date.today()} {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"{datetime.date.today()} {where}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"Python {platform.python_version()}; preset {args.preset}; {args.rounds} rounds x {args.steps} steps, "
           "medians")
     head = "| grouping | iteration | optimizer step ms | vs torch.optim.Muon |"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3, as one script for a machine with one CUDA GPU (about 10 minutes on an
-# H100/H200): the seed-88m benchmark, then a short real study, with results under $OUT (or ./gpu-out).
+# The GPU checks, as one script for a machine with one CUDA GPU (about 10 minutes on an H100/H200):
+# the seed-88m benchmark, Muon's cost by grouping and iteration at the seed's shapes, then a short
+# real muon-grouping study at the seed's scale, with results under $OUT (or ./gpu-out).
+# FINDINGS.md's full GPU command is the same study at 25M tokens and 3 seeds (about 6 GPU-hours).
 set -euo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -8,7 +10,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 # 1. throughput, MFU, memory, probe share for the seed's model (embedded corpus, 49k vocabulary)
 rankscope bench --preset seed-88m --tokens 3M --no-progress 2>&1 | tee "$OUT/bench-seed-88m.txt"
-# 2. a short real study: qk-muon at the seed's scale, 2M tokens per arm, timed
-/usr/bin/time -v rankscope run qk-muon --preset seed-88m --tokens 2M --out "$OUT/study" --no-progress \
+# 2. the optimizer step alone at the seed's shapes, per grouping and iteration
+(cd benchmarks && python bench_muon.py --preset seed-88m --optimizer-only --rounds 5 --steps 3) \
+    2>&1 | tee "$OUT/bench-muon-seed-88m.txt"
+# 3. a short real study: the grouping confound at the seed's scale, 1M tokens per arm, timed
+/usr/bin/time -v rankscope run muon-grouping --preset seed-88m --tokens 1M --out "$OUT/study" --no-progress \
     2>&1 | tail -40 | tee "$OUT/study.txt"
 cp "$OUT/study/report.md" "$OUT/report.md"
