@@ -216,3 +216,5 @@ def test_list_shows_studies_and_presets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "qk-muon" in out and "qk-4way" in out and "gamma" in out and "seed-88m" in out and "model.qk_norm" in out
+    assert "muon-grouping" in out and "optim.muon_qkvo" in out
+    assert "differs from the seed's 88M study in: none" in out  # seed-88m is the seed's run

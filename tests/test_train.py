@@ -1,6 +1,7 @@
 """Schedules of evaluation points, and a QK-Clip run end to end."""
 
 import math
+from dataclasses import replace
 
 from rankscope import store
 from rankscope.study import BUILTIN, resolve
@@ -29,9 +30,17 @@ def test_log_schedule_is_dense_early_and_sparse_late():
 
 
 def test_built_in_studies_resolve():
-    for name in ("qk-muon", "qk-4way", "gamma", "clip", "norm-variants"):
+    for name in ("qk-muon", "qk-4way", "gamma", "clip", "norm-variants", "muon-grouping"):
         runs = resolve(BUILTIN[name], {})
         assert len(runs) == len(BUILTIN[name].arms)
+        for preset_name in ("tiny", "seed-88m", "seed-1.5b"):  # every preset trains as the seed
+            for _, c in resolve(replace(BUILTIN[name], preset=preset_name), {}):
+                assert c.optim.muon_ns == "polar_express"
+                assert c.optim.muon_qkvo == "stacked" or name == "muon-grouping"
+    grouping = {(c.model.qk_norm, c.optim.muon_qkvo) for _, c in resolve(BUILTIN["muon-grouping"], {})}
+    assert grouping == {(q, g) for q in ("learned", "none") for g in ("stacked", "separate", "per_head")}
+    gamma = resolve(replace(BUILTIN["gamma"], preset="seed-1.5b"), {})
+    assert all("k_pre" in c.probe.sites for _, c in gamma)  # where the 1.5B study read its keys
     clip = dict(resolve(BUILTIN["clip"], {}))
     assert clip["qk-clip"].optim.qk_clip_tau == 15.0 and clip["qk-clip"].model.qk_norm == "none"
     assert {c.model.qk_norm for _, c in resolve(BUILTIN["norm-variants"], {})} == {

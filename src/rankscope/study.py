@@ -64,9 +64,11 @@ BUILTIN: dict[str, Study] = {
     ),
     "gamma": Study(
         "gamma", "Under Muon: QK-Norm with a learned gain, with the gain frozen at 1, and no QK-Norm "
-                 "(the seed author's 1.5B follow-up).",
+                 "(the seed author's 1.5B follow-up; run it with --preset seed-1.5b for its settings). Keys are "
+                 "probed before RoPE too, where that study read them.",
         {"learned-gain": {"model.qk_norm": "learned", **_MUON}, "frozen-gain": {"model.qk_norm": "frozen", **_MUON},
          "no-norm": {"model.qk_norm": "none", **_MUON}},
+        settings={"probe.sites": "k_pre,k"},
     ),
     "clip": Study(
         "clip", "Under Muon: QK-Clip (MuonClip, Kimi K2; threshold 15 on each head's max logit) vs "
