@@ -40,7 +40,6 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-MUON_QKVO = ("separate", "stacked", "per_head")
 MUON_NS = ("newton_schulz", "polar_express")
 
 
@@ -60,13 +59,14 @@ def orthogonalize(g: torch.Tensor, method: str = "polar_express", steps: int = 5
             B = b * A + c * (A @ A)
             x = a * x + B @ x
     elif method == "newton_schulz":  # torch.optim.Muon's arithmetic: fused multiply-adds
-        batched = x.ndim == 3
-        x = (x / norm.clamp_min(1e-7)) if batched else (x / norm.clamp_min(1e-7))[None]
+        single = x.ndim == 2
+        x = x / norm.clamp_min(1e-7)
+        x = x[None] if single else x  # baddbmm wants a batch
         a, b, c = NEWTON_SCHULZ
         for _ in range(steps):
             A = x @ x.mT
             x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
-        x = x if batched else x[0]
+        x = x[0] if single else x
     else:
         raise ValueError(f"unknown orthogonalization {method!r}")
     return x.mT if tall else x
