@@ -56,6 +56,10 @@ def make(root: Path) -> Path:
                                        "elapsed_s": float(i), "probe_s": 0.0}])
                 store.probes.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "layer": 0, "head": 0,
                                       "site": "k", "metric": "pr_sv", "value": 64 - (64 - pr(q, g, seed)) * f}])
+                if t == TOKENS[-1]:  # functional rank at the end only, per layer (head -1)
+                    store.probes.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "layer": 0,
+                                          "head": -1, "site": "k", "metric": "functional_rank",
+                                          "value": 8 + 2 * (q == "learned") + seed}])
             store.finish({"status": "done"})
     return root
 
@@ -102,6 +106,10 @@ def test_effects_equal_seed_by_seed_arithmetic(tmp_path):
     loss_fx = an.effects[(an.effects["key"] == "val_loss") & (an.effects.kind == "simple")
                          & (an.effects.factor == "model.qk_norm")]
     assert loss_fx["mean"].to_numpy() == pytest.approx([-0.02] * 3)
+    # functional rank, measured at the end only: QK-Norm adds exactly 2 dimensions in every seed
+    fr = an.effects[(an.effects["key"] == "k:functional_rank") & (an.effects.kind == "main")
+                    & (an.effects.factor == "model.qk_norm")]
+    assert fr["mean"].to_numpy() == pytest.approx([2.0]) and fr["n"].to_numpy()[0] == len(SEEDS)
 
 
 def test_report_has_the_crossed_section_and_words(tmp_path):

@@ -29,6 +29,12 @@ from ..seedref import SEED_88M, flatten
 from .stats import Difference, paired_difference
 from .tables import Quantity, choose_points, seed_values
 
+# The keys' functional rank (evals.functional_rank, per layer, averaged over layers): the fewest
+# key dimensions that keep the loss within 1%. No direction: fewer needed is neither good nor bad.
+KEY_FUNCTIONAL_RANK = Quantity("k:functional_rank", "key functional rank", None,
+                               "the fewest principal key directions per layer that keep the loss within 1%, "
+                               "averaged over layers", "dimensions", 1)
+
 _SECTIONS = ("model.", "optim.", "train.", "probe.", "data.")
 _OFF = ("none", "off", "false", "0", "0.0", "")
 

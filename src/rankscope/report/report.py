@@ -46,7 +46,7 @@ from .plots import (
 )
 from .stats import fmt_interval, signed
 from .summary import seed_reference, summary_paragraphs
-from .factorial import Grid, effect_rows, effects_table, find_grid
+from .factorial import KEY_FUNCTIONAL_RANK, Grid, effect_rows, effects_table, find_grid
 from .factorial import sentences as factorial_sentences
 from ..seedref import SEED_DATA, differences, reference_for, show_value
 from .tables import (
@@ -125,7 +125,11 @@ def analyse(study: StudyData, site: str = "k", metric: str = "pr_sv") -> Analysi
     for r in study.runs:
         configs.setdefault(r.arm, r.config)
     grid = find_grid(configs, arms)
-    fx = effects_table(grid, [(q, s) for q, s in quantities if len(s)], study.finished) if grid else None
+    fx = None
+    if grid:  # the effects also on the keys' functional rank: is a PR gap "ghost compute"?
+        fr = quantity_series(study.scalars, study.probes, KEY_FUNCTIONAL_RANK)
+        fx = effects_table(grid, [(q, s) for q, s in quantities + [(KEY_FUNCTIONAL_RANK, fr)] if len(s)],
+                           study.finished)
     return Analysis(study, site, metric, table, pairwise, corr, series, ends, diags, n_layers, head_dim, grid, fx)
 
 
