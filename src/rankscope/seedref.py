@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .flat import flatten
+
 # What the seed's 88M and 1.5B runs share (its Muon, AdamW and init; no schedule).
 _COMMON: dict[str, Any] = {
     "model.vocab_size": 49152, "model.max_seq_len": 2048, "model.rope_base": 10000.0,
@@ -52,17 +54,6 @@ SEED_FIGURES_NOTE = {
     "25M": "a separate 25M-token run with Muon lr 0.024 and batch 2 x 2048 (read off its figure)",
     "1.5B": "the 1.5B follow-up: keys read before RoPE (site k_pre), 65,536 tokens a step, 50M tokens",
 }
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}"""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def reference_for(preset: str | None) -> tuple[str, dict[str, Any]]:

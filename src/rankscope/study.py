@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping
 from .config import RunConfig, apply_overrides, parse_count, preset
 from .errors import ConfigError, RankscopeError
 from . import store
+from .flat import flatten
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,17 +98,6 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"}
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'model': {'qk_norm': 'none'}} -> {'model.qk_norm': 'none'} (TOML dotted keys make tables)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def load_study(spec: str) -> Study:
     """A built-in study by name, or a study TOML file by path."""
     if spec in BUILTIN:
@@ -137,7 +127,7 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
 
     settings: dict[str, Any] = {}
     if "settings" in raw:
-        settings.update(_flatten(typed("settings", dict, "a table of overrides")))
+        settings.update(flatten(typed("settings", dict, "a table of overrides")))
     for key, target in (("tokens", "train.tokens"), ("probe_every", "train.eval_every")):
         if key in raw:
             value = typed(key, (int, str), "a token count such as 2000000 or \"2M\"")
@@ -154,7 +144,7 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
             raise ConfigError(f"{where}: arm name {name!r} must be letters, digits, '-', '_', '.' or '+'")
         if not isinstance(overrides, dict):
             raise ConfigError(f"{where}: arms.{name} must be a table of overrides, got {overrides!r}")
-        arms[name] = _flatten(overrides)
+        arms[name] = flatten(overrides)
     seeds = (0,)
     if "seeds" in raw:
         seeds_raw = typed("seeds", list, "a list of integers")
@@ -191,7 +181,7 @@ _NOT_IDENTITY = ("train.device", "train.threads", "train.compile", "train.activa
 
 
 def _identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
-    flat = _flatten({k: cfg_dict[k] for k in ("model", "optim", "train", "probe", "data", "seed") if k in cfg_dict})
+    flat = flatten({k: cfg_dict[k] for k in ("model", "optim", "train", "probe", "data", "seed") if k in cfg_dict})
     return {k: v for k, v in json.loads(json.dumps(flat)).items() if k not in _NOT_IDENTITY}
 
 

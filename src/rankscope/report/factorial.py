@@ -25,7 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from ..seedref import SEED_88M, flatten
+from ..flat import flatten
+from ..seedref import SEED_88M
 from .stats import Difference, paired_difference
 from .tables import Quantity, choose_points, seed_values
 

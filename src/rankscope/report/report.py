@@ -48,6 +48,7 @@ from .stats import fmt_interval, signed
 from .summary import seed_reference, summary_paragraphs
 from .factorial import KEY_FUNCTIONAL_RANK, Grid, effect_rows, effects_table, find_grid
 from .factorial import sentences as factorial_sentences
+from ..flat import flatten
 from ..seedref import SEED_DATA, differences, reference_for, show_value
 from .tables import (
     SITE_DESCRIPTIONS,
@@ -228,16 +229,6 @@ def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str =
 
 # --- report pieces ------------------------------------------------------------------------------------
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(map(str, v)) if v else "(none)"
@@ -250,7 +241,7 @@ def _value(v: Any) -> str:
 
 def _config_split(runs: list[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(settings shared by every run, {arm: settings that set it apart})."""
-    flats = [(r.arm, _flat(r.config)) for r in runs if r.config]
+    flats = [(r.arm, flatten(r.config)) for r in runs if r.config]
     if not flats:
         return {}, {}
     keys = sorted({k for _, f in flats for k in f} - {"arm", "seed"})
