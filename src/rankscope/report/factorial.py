@@ -197,7 +197,7 @@ def effect_rows(table: pd.DataFrame, grid: Grid) -> tuple[list[str], list[list[s
 def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]:
     """Plain words for quantity `key` (e.g. 'k:pr_sv', named 'mean key PR'): the first setting's
     effect at each level of the second, and whether it changes (the interaction)."""
-    from .stats import fmt_interval, fmt_p, signed
+    from .stats import fmt_interval, fmt_p, seeds_text, signed
 
     t = table[table["key"] == key]
     if not len(t):
@@ -213,7 +213,8 @@ def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]
         parts = [f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)} at {b.key} = {r.at}"
                  if math.isfinite(r.lo) else f"{signed(r.mean, dec)} at {b.key} = {r.at}"
                  for r in simple.itertuples()]
-        out.append(f"{name[0].upper() + name[1:]}, {a.key} {la} − {a.levels[0]} over {n} seeds: " + "; ".join(parts) + ".")
+        out.append(f"{name[0].upper() + name[1:]}, {a.key} {la} − {a.levels[0]} over {seeds_text(n)}: "
+                   + "; ".join(parts) + ".")
         inter = t[(t["kind"] == "interaction") & (t["level"] == la)]
         for r in inter.itertuples():
             at, ref = r.at.split(" vs ")

@@ -644,7 +644,8 @@ def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv
     """The paradox table as aligned plain text, for the terminal at the end of `rankscope run`:
     means with 95% intervals over seeds, then each arm minus the first, seed by seed, in words."""
     study = load_study(study_dirs)
-    table = paradox_table(study.scalars, study.probes, site, metric, arms=study.arms, finished=study.finished)
+    an = analyse(study, site, metric)
+    table = an.table
     n_done = sum(r.done for r in study.runs)
     n_div = sum(r.diverged for r in study.runs)
     seeds = max((len({r.seed for r in study.runs if r.arm == a}) for a in study.arms), default=0)
@@ -652,6 +653,10 @@ def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv
             + (f"; up to {seeds} seeds per arm" if seeds > 1 else "; one seed per arm: no interval is possible"
                if seeds == 1 else ""))
     lines = [head, "", format_table(table, "text")]
+    if an.grid is not None and an.effects is not None and len(an.effects):
+        words = (factorial_sentences(an.effects, an.grid, f"{site}:{metric}", quantity_name(site, metric))
+                 + factorial_sentences(an.effects, an.grid, VAL_LOSS.key, "validation loss"))
+        lines += ["", "two settings crossed (report.md has every effect):"] + [f"  {w}" for w in words]
     div = [f"{r.arm}/seed-{r.seed}" + (f" after {fmt_tokens(r.last_finite_tokens)}" if r.last_finite_tokens is not None
                                         else "") for r in study.runs if r.diverged]
     if div:
