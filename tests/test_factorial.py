@@ -130,3 +130,16 @@ def test_no_grid_when_arms_do_not_cross_two_settings():
     assert grid is not None and grid.a.levels == ("none", "learned") and grid.b.levels == ("muon", "adamw")
     del cross["none.adamw"]  # an incomplete grid is not read as one
     assert find_grid(cross, list(cross)) is None
+
+
+def test_crossed_arms_get_a_hue_per_first_setting_and_a_shade_per_second():
+    import matplotlib
+
+    from rankscope.report.plots import arm_colors
+
+    grid = {f"{a}.{b}": (i, j) for i, a in enumerate(("none", "learned")) for j, b in enumerate(GROUPING)}
+    colors = arm_colors(list(grid), grid, (2, 3))
+    assert colors["none.stacked"] == matplotlib.colormaps["Blues"](0.95)
+    assert colors["learned.per_head"] == matplotlib.colormaps["Oranges"](0.45)
+    assert len(set(colors.values())) == 6
+    assert arm_colors(["a", "b"]) == arm_colors(["a", "b"], None)  # no grid: the study's palette

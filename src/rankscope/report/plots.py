@@ -48,9 +48,18 @@ class Plot:
     arm: str | None = None
 
 
-def arm_colors(arms: Iterable[str]) -> dict[str, tuple[float, ...]]:
-    """One colour per arm, fixed by the arm's position in the study so every figure agrees."""
+def arm_colors(arms: Iterable[str], grid: dict[str, tuple[int, int]] | None = None,
+               shape: tuple[int, int] = (0, 0)) -> dict[str, tuple[float, ...]]:
+    """One colour per arm, fixed by the arm's position in the study so every figure agrees. For
+    arms that cross two settings (`grid`: arm -> (level of the first, level of the second), with
+    `shape` levels of each), a hue per level of the first and a shade per level of the second, so
+    the eye groups them as the study does."""
     arms = list(arms)
+    families = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+    if grid and set(arms) <= set(grid) and shape[0] <= len(families):
+        nb = max(shape[1], 1)
+        return {a: matplotlib.colormaps[families[grid[a][0]]](0.95 - 0.5 * grid[a][1] / max(nb - 1, 1))
+                for a in arms}
     palette = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"].colors
     return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
 

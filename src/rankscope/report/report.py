@@ -148,7 +148,10 @@ def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str =
                analysis: Analysis | None = None) -> list[Plot]:
     """Every figure the data allows, in report order."""
     an = analysis or analyse(study, site, metric)
-    arms, colors, stems = study.arms, arm_colors(study.arms), safe_names(study.arms)
+    grid = an.grid and {arm: (an.grid.a.levels.index(la), an.grid.b.levels.index(lb))
+                        for (la, lb), arm in an.grid.cells.items()}
+    shape = (len(an.grid.a.levels), len(an.grid.b.levels)) if an.grid else (0, 0)
+    arms, colors, stems = study.arms, arm_colors(study.arms, grid, shape), safe_names(study.arms)
     head_dim = an.head_dim if metric in RANK_LIKE else None
     quantity = quantity_name(site, metric)
     pr_key = probe_quantity(site, metric).key
