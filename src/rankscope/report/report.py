@@ -350,7 +350,7 @@ def _seed_difference_items(study: StudyData) -> list[str]:
         return ", ".join(known + ([f"not recorded by the rankscope that ran them: {', '.join(unset)}"] if unset else []))
 
     lines = [f"**differs from {seed_run}** (read from its code; arms' QK-Norm and optimizer aside): "
-             + (words(common) if common else "in nothing else") + f"; and its data: {SEED_DATA}"]
+             + (words(common) if common else "in nothing else") + f"; the seed trained on {SEED_DATA}"]
     extra = {arm: d - common for arm, d in per_arm.items() if d - common}
     if extra:
         lines.append("**arms that differ from it further:** "
