@@ -140,6 +140,6 @@ def test_crossed_arms_get_a_hue_per_first_setting_and_a_shade_per_second():
     grid = {f"{a}.{b}": (i, j) for i, a in enumerate(("none", "learned")) for j, b in enumerate(GROUPING)}
     colors = arm_colors(list(grid), grid, (2, 3))
     assert colors["none.stacked"] == matplotlib.colormaps["Blues"](0.95)
-    assert colors["learned.per_head"] == matplotlib.colormaps["Oranges"](0.45)
+    assert colors["learned.per_head"] == matplotlib.colormaps["Oranges"](0.55)
     assert len(set(colors.values())) == 6
     assert arm_colors(["a", "b"]) == arm_colors(["a", "b"], None)  # no grid: the study's palette

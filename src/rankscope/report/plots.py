@@ -58,7 +58,7 @@ def arm_colors(arms: Iterable[str], grid: dict[str, tuple[int, int]] | None = No
     families = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
     if grid and set(arms) <= set(grid) and shape[0] <= len(families):
         nb = max(shape[1], 1)
-        return {a: matplotlib.colormaps[families[grid[a][0]]](0.95 - 0.5 * grid[a][1] / max(nb - 1, 1))
+        return {a: matplotlib.colormaps[families[grid[a][0]]](0.95 - 0.4 * grid[a][1] / max(nb - 1, 1))
                 for a in arms}
     palette = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"].colors
     return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
