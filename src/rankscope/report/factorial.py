@@ -208,13 +208,13 @@ def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]
         simple = t[(t["kind"] == "simple") & (t["factor"] == a.key) & (t["level"] == la)]
         if not len(simple):
             continue
-        n = int(simple["n"].max())
+        ns = set(simple["n"].astype(int))
         dec = int(simple["decimals"].iloc[0])
-        parts = [f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)} at {b.key} = {r.at}"
-                 if math.isfinite(r.lo) else f"{signed(r.mean, dec)} at {b.key} = {r.at}"
-                 for r in simple.itertuples()]
-        out.append(f"{name[0].upper() + name[1:]}, {a.key} {la} − {a.levels[0]} over {seeds_text(n)}: "
-                   + "; ".join(parts) + ".")
+        parts = [(f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)}" if math.isfinite(r.lo)
+                  else signed(r.mean, dec)) + f" at {b.key} = {r.at}"
+                 + ("" if len(ns) == 1 else f" ({seeds_text(int(r.n))})") for r in simple.itertuples()]
+        over = f" over {seeds_text(ns.pop())}" if len(ns) == 1 else ""
+        out.append(f"{name[0].upper() + name[1:]}, {a.key} {la} − {a.levels[0]}{over}: " + "; ".join(parts) + ".")
         inter = t[(t["kind"] == "interaction") & (t["level"] == la)]
         for r in inter.itertuples():
             at, ref = r.at.split(" vs ")
