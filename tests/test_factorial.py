@@ -118,6 +118,8 @@ def test_report_has_the_crossed_section_and_words(tmp_path):
     assert "interaction: (model.qk_norm: learned − none) at optim.muon_qkvo = separate minus at stacked" in md
     assert "From optim.muon_qkvo = stacked to separate that effect changes by 4.0 [" in md
     assert "beyond seed noise" in md
+    # arm-by-arm comparisons are against the arm with both reference levels, not the first in order
+    assert "each arm minus **no-norm.stacked** (the reference arm)" in md
 
 
 def test_no_grid_when_arms_do_not_cross_two_settings():

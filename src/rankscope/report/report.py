@@ -107,7 +107,15 @@ def _head_dim(study: StudyData) -> int | None:
 
 def analyse(study: StudyData, site: str = "k", metric: str = "pr_sv") -> Analysis:
     arms = study.arms
-    table = paradox_table(study.scalars, study.probes, site, metric, arms=arms, finished=study.finished)
+    configs = {}
+    for r in study.runs:
+        configs.setdefault(r.arm, r.config)
+    grid = find_grid(configs, arms)
+    # crossed arms: compare each with the arm that has both reference levels (for the seed's grid,
+    # its own no-QK-Norm arm), not with whichever sorts first
+    reference = grid.cells[(grid.a.levels[0], grid.b.levels[0])] if grid else None
+    table = paradox_table(study.scalars, study.probes, site, metric, arms=arms, finished=study.finished,
+                          reference=reference)
     pr_q = probe_quantity(site, metric)
     pr = quantity_series(study.scalars, study.probes, pr_q)
     series = {VAL_LOSS.key: quantity_series(study.scalars, study.probes, VAL_LOSS), pr_q.key: pr}
@@ -122,10 +130,6 @@ def analyse(study: StudyData, site: str = "k", metric: str = "pr_sv") -> Analysi
     key_pr = pr if (site, metric) == ("k", "pr_sv") else quantity_series(study.scalars, study.probes, "k:pr_sv")
     _, key_ends = choose_points(key_pr, arms, study.finished) if len(key_pr) else (None, {})
     diags, n_layers = diagnoses(study.probes, arms, key_ends, head_dim) if key_ends else ([], 0)
-    configs = {}
-    for r in study.runs:
-        configs.setdefault(r.arm, r.config)
-    grid = find_grid(configs, arms)
     fx = None
     if grid:  # the effects also on the keys' functional rank: is a PR gap "ghost compute"?
         fr = quantity_series(study.scalars, study.probes, KEY_FUNCTIONAL_RANK)

@@ -653,6 +653,11 @@ def comparison_rows(table: pd.DataFrame, fmt: str = "markdown") -> tuple[list[st
     return header, out
 
 
+def _ref_words(table: pd.DataFrame) -> str:
+    arms = [a for a in dict.fromkeys(table.columns.get_level_values(0)) if a != BETTER]
+    return "the first arm" if arms and table.attrs.get("reference") == arms[0] else "the reference arm"
+
+
 def paradox_blocks(table: pd.DataFrame, *, legend: bool = True) -> list[Block]:
     """The paradox table and its seed-by-seed comparisons as report blocks."""
     if not len(table):
@@ -664,7 +669,7 @@ def paradox_blocks(table: pd.DataFrame, *, legend: bool = True) -> list[Block]:
     ch, crows = comparison_rows(table, "markdown")
     ref = table.attrs.get("reference")
     if crows:
-        blocks.append(Para(f"Seed by seed: each arm minus **{md_escape(ref)}** (the first arm), on the seeds both "
+        blocks.append(Para(f"Seed by seed: each arm minus **{md_escape(ref)}** ({_ref_words(table)}), on the seeds both "
                            "ran (same seed = same initial weights and batches), with a 95% paired t interval and "
                            "p-value; \"not distinguishable from seed noise\" when the interval covers 0."))
         blocks.append(Table(ch, crows, ["l", "l", "r", "r", "r", "l"]))
@@ -695,7 +700,7 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown", *, legend: bool = T
     diffs = [(label, d) for label, ds in table.attrs.get("diffs", {}).items() for d in ds if d.test != NONE]
     if diffs:
         ref = table.attrs.get("reference")
-        out += ["", f"seed by seed, each arm minus {ref} (the first arm), on the seeds both ran:"]
+        out += ["", f"seed by seed, each arm minus {ref} ({_ref_words(table)}), on the seeds both ran:"]
         rows_meta = table.attrs.get("rows", {})
         width = max(len(label) for label, _ in diffs)
         for label, diff in diffs:
