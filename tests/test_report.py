@@ -649,6 +649,17 @@ def test_realistic_study_report(tmp_path):
     assert "## Compared with the seed study" not in write_report(root).read_text()
 
 
+def test_seed_1_5b_reference_reads_keys_before_rope(tmp_path):
+    """The 1.5B follow-up's figures are set next to a seed-1.5b study on site k_pre, its own."""
+    root = make_realistic_study(tmp_path / "big", n_layer=2, n_head=2, head_dim=64, n_points=6,
+                                spectral_sites=("k", "k_pre"), rank_grid=(1, 64), preset="seed-1.5b")
+    md = write_report(root).read_text()
+    assert "| mean key PR before RoPE @ 50M | 65.7 |" in md and "| 63.3 |" in md
+    assert "50M: the 1.5B follow-up: keys read before RoPE (site k_pre)" in md
+    assert "mean key PR @ 16M" not in md  # the 88M figures belong to the 88M preset
+    assert "**differs from the seed's 1.5B follow-up**" in md
+
+
 def test_log_token_axis_with_token_zero():
     import io
 

@@ -495,6 +495,14 @@ def _collapsed_blocks(an: Analysis) -> list[Block]:
     return blocks
 
 
+def _crossed_sentences(an: Analysis) -> list[str]:
+    """When the arms cross two settings: their effects on the probe quantity and on the loss, in words."""
+    if an.grid is None or an.effects is None or not len(an.effects):
+        return []
+    return (factorial_sentences(an.effects, an.grid, f"{an.site}:{an.metric}", quantity_name(an.site, an.metric))
+            + factorial_sentences(an.effects, an.grid, VAL_LOSS.key, "validation loss"))
+
+
 def _title(study: StudyData) -> str:
     names = list(dict.fromkeys(str(s["name"]) for s in study.studies if s.get("name")))
     return " + ".join(names) if names else study.dirs[0].resolve().name
@@ -520,10 +528,7 @@ def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
                   + (f", {n_div} diverged" if n_div else "") + f") from {sources}.*", css="meta"))
 
     ref_header, ref_rows, ref_sentences = seed_reference(study, an.series)
-    crossed = []
-    if an.grid is not None and an.effects is not None and len(an.effects):
-        crossed = factorial_sentences(an.effects, an.grid, f"{site}:{metric}", quantity) + \
-            factorial_sentences(an.effects, an.grid, VAL_LOSS.key, "validation loss")
+    crossed = _crossed_sentences(an)
     b.append(Heading(2, "Summary"))
     b.append(Box("summary", [Para(p) for p in summary_paragraphs(study, table, an.correlations, an.diagnoses,
                                                                  ref_sentences, crossed)]))
@@ -660,10 +665,9 @@ def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv
             + (f"; up to {seeds} seeds per arm" if seeds > 1 else "; one seed per arm: no interval is possible"
                if seeds == 1 else ""))
     lines = [head, "", format_table(table, "text")]
-    if an.grid is not None and an.effects is not None and len(an.effects):
-        words = (factorial_sentences(an.effects, an.grid, f"{site}:{metric}", quantity_name(site, metric))
-                 + factorial_sentences(an.effects, an.grid, VAL_LOSS.key, "validation loss"))
-        lines += ["", "two settings crossed (report.md has every effect):"] + [f"  {w}" for w in words]
+    crossed = _crossed_sentences(an)
+    if crossed:
+        lines += ["", "two settings crossed (report.md has every effect):"] + [f"  {w}" for w in crossed]
     div = [f"{r.arm}/seed-{r.seed}" + (f" after {fmt_tokens(r.last_finite_tokens)}" if r.last_finite_tokens is not None
                                         else "") for r in study.runs if r.diverged]
     if div:
