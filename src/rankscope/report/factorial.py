@@ -27,8 +27,8 @@ import pandas as pd
 
 from ..flat import flatten
 from ..seedref import SEED_88M
-from .stats import Difference, paired_difference
-from .tables import Quantity, choose_points, seed_values
+from .stats import SINGLE, Difference, fmt_interval, fmt_p, paired_difference, seeds_text, signed
+from .tables import Quantity, choose_points, decimals_for, seed_values
 
 # The keys' functional rank (evals.functional_rank, per layer, averaged over layers): the fewest
 # key dimensions that keep the loss within 1%. No direction: fewer needed is neither good nor bad.
@@ -139,8 +139,6 @@ def effects_table(grid: Grid, quantities: Sequence[tuple[Quantity, pd.DataFrame]
                   finished: Collection[tuple[str, int]] | None = None) -> pd.DataFrame:
     """One row per (effect, quantity): kind, factor, level, reference, at, quantity, key, mean, lo,
     hi, p, n, test, resolved, decimals (taken from the quantity)."""
-    from .tables import decimals_for
-
     rows = []
     for q, series in quantities:
         if not len(series):
@@ -156,8 +154,6 @@ def effects_table(grid: Grid, quantities: Sequence[tuple[Quantity, pd.DataFrame]
 
 
 def _cell(row: Mapping[str, Any]) -> str:
-    from .stats import SINGLE, fmt_interval, signed
-
     dec = int(row["decimals"])
     if not math.isfinite(row["mean"]):
         return "–"
@@ -184,21 +180,17 @@ def effect_rows(table: pd.DataFrame, grid: Grid) -> tuple[list[str], list[list[s
         return [], []
     quantities = list(dict.fromkeys(table["quantity"]))
     header = ["effect (seed-by-seed difference, 95% interval; bold: beyond seed noise)"] + quantities
-    rows = []
-    for _, g in table.groupby(["kind", "factor", "level", "at"], sort=False):
-        first = g.iloc[0]
-        by_q = {r["quantity"]: _cell(r) for _, r in g.iterrows()}
-        rows.append([effect_label(first, grid)] + [by_q.get(q, "–") for q in quantities])
     order = {"main": 0, "simple": 1, "interaction": 2}
-    rows_kinds = [order[k] for k, *_ in table.groupby(["kind", "factor", "level", "at"], sort=False).groups]
-    return header, [r for _, r in sorted(zip(rows_kinds, rows), key=lambda x: x[0])]
+    rows = []
+    for (kind, *_), g in table.groupby(["kind", "factor", "level", "at"], sort=False):
+        by_q = {r["quantity"]: _cell(r) for _, r in g.iterrows()}
+        rows.append((order[kind], [effect_label(g.iloc[0], grid)] + [by_q.get(q, "–") for q in quantities]))
+    return header, [r for _, r in sorted(rows, key=lambda x: x[0])]  # stable: study order within a kind
 
 
 def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]:
     """Plain words for quantity `key` (e.g. 'k:pr_sv', named 'mean key PR'): the first setting's
     effect at each level of the second, and whether it changes (the interaction)."""
-    from .stats import fmt_interval, fmt_p, seeds_text, signed
-
     t = table[table["key"] == key]
     if not len(t):
         return []
