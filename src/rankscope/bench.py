@@ -125,7 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import parse_count, parse_set
+    from .config import parse_set
+    from .units import parse_count
 
     tokens = parse_count(args.tokens) if args.tokens else None
     print(format_result(run_bench(args.preset, tokens, parse_set(args.overrides), not args.no_progress)))

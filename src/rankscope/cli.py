@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from . import dist as rdist
-    from .config import parse_count, parse_set
+    from .config import parse_set
+    from .units import parse_count
     from .study import DEFAULT_STUDY, load_study, parse_shard, run_study
 
     study = load_study(args.study or DEFAULT_STUDY)

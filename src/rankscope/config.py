@@ -14,7 +14,25 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .model import ModelConfig
+from .units import parse_count
+from .vocab import PROBE_SITES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    d_model: int = 192
+    n_head: int = 3
+    n_kv_head: int = 3
+    head_dim: int = 64
+    d_mlp: int = 768
+    max_seq_len: int = 256
+    rope_base: float = 10000.0
+    qk_norm: str = "learned"  # learned | frozen | parameter_free | none
+    norm_eps: float = 1.1920928955078125e-07  # float32 machine epsilon: nn.RMSNorm's default, as the seed
+    init_std: float = 0.02  # every matrix and the embedding ~ N(0, init_std²), as the seed
+    scaled_residual_init: bool = False  # GPT-2's std / sqrt(2 n_layer) on O and the MLP's down; the seed: no
 
 
 @dataclass(frozen=True)
@@ -127,21 +145,6 @@ def preset(name: str) -> RunConfig:
 
 # --- overrides -------------------------------------------------------------------------------
 
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgG]?)\s*$")
-_SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """'25M' -> 25_000_000, '1.5e6' -> 1_500_000, '4096' -> 4096."""
-    m = _COUNT.match(text.replace("_", ""))
-    if not m:
-        raise ValueError(f"not a count: {text!r}")
-    value = float(m.group(1)) * _SCALE[m.group(2).lower()]
-    if value != int(value):
-        raise ValueError(f"not a whole number: {text!r}")
-    return int(value)
-
-
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or fail clearly."""
     origin = typing.get_origin(typ)
@@ -231,7 +234,6 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-_SITES = ("q_pre", "q", "k_pre", "k", "v", "o")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -261,7 +263,7 @@ def validate(cfg: RunConfig) -> None:
          f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}"),
         (t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,
          "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive"),
-        (all(s in _SITES for s in p.sites), f"probe.sites must be among {', '.join(_SITES)}, got {','.join(p.sites)}"),
+        (all(s in PROBE_SITES for s in p.sites), f"probe.sites must be among {', '.join(PROBE_SITES)}, got {','.join(p.sites)}"),
         (p.batch_size > 0, "probe.batch_size must be positive"),
         (p.functional_rank in ("off", "end", "middle-end", "every"),
          f"probe.functional_rank must be off, end, middle-end or every, got {p.functional_rank!r}"),

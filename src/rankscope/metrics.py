@@ -13,9 +13,43 @@ covariance, the column sum Σx: so a probe can accumulate Grams batch by batch a
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-METRICS = ("pr_sv", "pr_eig", "erank", "stable_rank", "r90")
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the math below, not here: the report reads this module's vocabulary
+# (the names and labels of the metrics) and never imports torch.
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One spectrum metric: its column name in the probe table, how the report names it, and
+    whether it counts dimensions (then more is better, the seed's convention: "higher")."""
+
+    name: str
+    label: str
+    dimensions: bool = True
+
+
+# Every metric `metrics_from_gram` returns, in table order. Adding a metric: a line here, its
+# formula in `metrics_from_gram`, and a test; the probe, the store and the report follow.
+SPECTRUM: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("pr_sv", "PR"),
+        Metric("pr_eig", "PR (covariance)"),
+        Metric("erank", "effective rank"),
+        Metric("stable_rank", "stable rank"),
+        Metric("r90", "r90"),
+    )
+}
+METRICS: tuple[str, ...] = tuple(SPECTRUM)
+
+
+def metric_label(metric: str) -> str:
+    return SPECTRUM[metric].label if metric in SPECTRUM else metric
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +62,8 @@ def _eig(g: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of symmetric PSD matrices, descending, float64. Values below the round-off floor
     λ_max · d · eps (numpy's matrix_rank tolerance) are set to zero: otherwise a truly null direction
     gets a singular value of about sqrt(eps) · s_max, which the sqrt in pr_sv would count."""
+    import torch
+
     ev = torch.linalg.eigvalsh(g.double()).flip(-1)
     floor = ev[..., :1].clamp_min(0) * g.shape[-1] * torch.finfo(torch.float64).eps
     return torch.where(ev > floor, ev, torch.zeros_like(ev))
@@ -35,6 +71,8 @@ def _eig(g: torch.Tensor) -> torch.Tensor:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den with 0/0 -> 0, for all-zero activations (a dead head)."""
+    import torch
+
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
@@ -46,6 +84,8 @@ def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
     One batched eigen-decomposition per kind (uncentered, centered) for every head and layer.
     A Gram matrix holding NaN or inf (a diverged model) gives NaN metrics instead of failing.
     """
+    import torch
+
     finite = torch.isfinite(g).all(-1).all(-1)  # (...)
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
     ev = _eig(g)                       # s², descending

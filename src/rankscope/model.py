@@ -11,29 +11,12 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 4096
-    n_layer: int = 4
-    d_model: int = 192
-    n_head: int = 3
-    n_kv_head: int = 3
-    head_dim: int = 64
-    d_mlp: int = 768
-    max_seq_len: int = 256
-    rope_base: float = 10000.0
-    qk_norm: str = "learned"  # learned | frozen | parameter_free | none
-    norm_eps: float = 1.1920928955078125e-07  # float32 machine epsilon: nn.RMSNorm's default, as the seed
-    init_std: float = 0.02  # every matrix and the embedding ~ N(0, init_std²), as the seed
-    scaled_residual_init: bool = False  # GPT-2's std / sqrt(2 n_layer) on O and the MLP's down; the seed: no
+from .config import ModelConfig  # the model's settings live with the others, torch-free
 
 
 class Tap(nn.Identity):

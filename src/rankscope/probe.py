@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .metrics import METRICS, metrics_from_gram
+from .vocab import LAYER_WIDE
 
-LAYER_WIDE = -1  # head index of per-layer rows (gain statistics); the store's convention
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,7 @@ SCALAR_COLUMNS = (
     "grad_norm", "icl_score", "induction_loss", "elapsed_s", "probe_s", "eval_s",
 )
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
-# head == LAYER_WIDE marks a per-layer value (for example QK-Norm gain statistics)
-LAYER_WIDE = -1
+from .vocab import LAYER_WIDE  # noqa: F401  (head index of a per-layer row; re-exported)
 
 SCALARS, PROBES, DONE = "scalars.csv", "probes.csv", "done.json"
 

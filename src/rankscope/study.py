@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import RunConfig, apply_overrides, parse_count, preset
+from .config import RunConfig, apply_overrides, preset
+from .units import parse_count
 from .errors import ConfigError, RankscopeError
 from . import store
 from .flat import flatten

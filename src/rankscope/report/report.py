@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..vocab import site_description
 from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
 from .doc import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown
 from .layers import (
@@ -51,7 +52,6 @@ from .factorial import sentences as factorial_sentences
 from ..flat import flatten
 from ..seedref import SEED_DATA, differences, reference_for, show_value
 from .tables import (
-    SITE_DESCRIPTIONS,
     VAL_LOSS,
     choose_points,
     decimals_for,
@@ -163,7 +163,7 @@ def draw_plots(study: StudyData, plots_dir: Path, site: str = "k", metric: str =
 
     loss, pr = an.series[VAL_LOSS.key], an.series[pr_key]
     p = plot_loss_pr(seed_stats(loss), seed_stats(pr), arms, colors, plots_dir / "loss_pr.png",
-                     head_dim=head_dim, quantity=quantity, site_text=SITE_DESCRIPTIONS.get(site, f"{site} site"),
+                     head_dim=head_dim, quantity=quantity, site_text=site_description(site),
                      seeds=_seed_counts(loss, pr))
     if p:
         plots.append(p)
@@ -548,7 +548,7 @@ def build_blocks(an: Analysis, plots: list[Plot], out_dir: Path) -> list[Block]:
     b.append(Heading(2, "The paradox table"))
     if len(table):
         b.append(Para(f"Validation loss and {quantity} ({code(metric)} at site {code(site)}: "
-                      f"{SITE_DESCRIPTIONS.get(site, site)}, averaged over heads, then layers) at the middle and "
+                      f"{site_description(site)}, averaged over heads, then layers) at the middle and "
                       "at the end of training, then the downstream measures at the end; mean over seeds with a 95% "
                       "t-interval. The middle is the eval point closest to half of the last point every arm "
                       "reached; an arm's end is the last point all its finished runs reached. Arms at different "

@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..metrics import SPECTRUM, metric_label
+from ..units import fmt_count as fmt_tokens
+from ..vocab import SITE_ORDER, site_description, site_label
 from .doc import Block, Para, Table, md_escape, to_markdown
 from .stats import (
     NONE,
@@ -44,47 +47,11 @@ from .stats import (
 
 BETTER = "better"  # level-0 column of the paradox table holding the verdict per row
 
-SITE_NAMES = {
-    "k": "key", "k_pre": "pre-RoPE key", "q": "query", "q_pre": "pre-RoPE query",
-    "v": "value", "o": "head-output", "attn": "attention", "q_gain": "query-gain", "k_gain": "key-gain",
-    "w_q": "W_Q", "w_k": "W_K",
-}
-SITE_DESCRIPTIONS = {
-    "k": "keys after QK-Norm and RoPE", "k_pre": "keys before RoPE",
-    "q": "queries after QK-Norm and RoPE", "q_pre": "queries before RoPE",
-    "v": "values", "o": "each head's attention output",
-    "w_q": "each head's slice of the query weight W_Q", "w_k": "each head's slice of the key weight W_K",
-}
-METRIC_NAMES = {
-    "pr_sv": "PR", "pr_eig": "PR (covariance)", "erank": "effective rank",
-    "stable_rank": "stable rank", "r90": "r90",
-}
-# Dimension counts: more is better, the seed's convention ("✅ higher"). Other metrics (entropy,
-# logits, gains) have no agreed direction, so no arm is marked better on them.
-RANK_METRICS = frozenset(METRIC_NAMES)
-# Order of sites in tables: where the seed looked first, then the rest of the attention block.
-SITE_ORDER = ("k", "k_pre", "q", "q_pre", "v", "o", "attn", "q_gain", "k_gain", "w_q", "w_k")
 # --- small formatting helpers ------------------------------------------------------------------
-
-def fmt_tokens(t: float) -> str:
-    """Token counts the way papers write them: 0, 50k, 0.5M, 1M, 16.4M, 25M, 1.5B."""
-    t = float(t)
-    if not math.isfinite(t):
-        return "?"
-    if t == 0:
-        return "0"
-    a = abs(t)
-    # from 100k up we say 0.1M rather than 100k, so one run's axis reads in one unit (0.5M, 1M)
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e5, "M"), (1e3, "k")):
-        if a >= div:
-            unit = {"M": 1e6, "k": 1e3}.get(suffix, div)
-            return f"{t / unit:.3g}{suffix}"
-    return f"{t:.0f}"
-
 
 def quantity_name(site: str, metric: str) -> str:
     """'mean key PR' for (k, pr_sv); 'mean value effective rank' for (v, erank), and so on."""
-    return f"mean {SITE_NAMES.get(site, site)} {METRIC_NAMES.get(metric, metric)}"
+    return f"mean {site_label(site)} {metric_label(metric)}"
 
 
 def is_rank_sweep(metric: str) -> bool:
@@ -132,12 +99,12 @@ DOWNSTREAM = ("ood_loss", "icl_score", "induction_loss", "induction_score", "ind
 
 
 def probe_quantity(site: str = "k", metric: str = "pr_sv") -> Quantity:
-    what = f"{METRIC_NAMES.get(metric, metric)} of the {SITE_DESCRIPTIONS.get(site, site + ' site')}"
-    higher = True if metric in RANK_METRICS else None
+    what = f"{metric_label(metric)} of the {site_description(site)}"
+    higher = True if metric in SPECTRUM and SPECTRUM[metric].dimensions else None
     if higher:
         what += ", averaged over heads then layers; higher = more dimensions used"
     return Quantity(f"{site}:{metric}", quantity_name(site, metric), higher, what,
-                    "dimensions" if metric in RANK_METRICS else "")
+                    "dimensions" if higher else "")
 
 
 def quantity_series(scalars: pd.DataFrame, probes: pd.DataFrame, q: Quantity | str) -> pd.DataFrame:

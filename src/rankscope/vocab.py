@@ -1,0 +1,55 @@
+"""The names every part of rankscope shares, in one place, torch-free.
+
+A *site* is where a per-head activation is read (the model's identity taps, or the matching
+point of another model found by `attach`); the `site` column of the probe table also holds a few
+layer-wide groups (attention statistics, QK-Norm gains, weight slices). Config validates against
+these names, the probes write them, the report displays them. Adding a site means a tap in the
+model and a line here. Metric names live with their math in `metrics.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# head index of per-layer rows (gain statistics, functional rank); the store's convention
+LAYER_WIDE = -1
+
+
+@dataclass(frozen=True)
+class SiteName:
+    """One value of the probe table's `site` column. `label` reads in a quantity's name
+    ("mean <label> PR"); `description` reads in a caption ("PR of the <description>")."""
+
+    name: str
+    label: str
+    description: str
+    activation: bool  # a per-head activation a probe reads (rather than a group of other rows)
+
+
+# In table order: where the seed looked first, then the rest of the attention block.
+_SITES = (
+    SiteName("k", "key", "keys after QK-Norm and RoPE", True),
+    SiteName("k_pre", "pre-RoPE key", "keys before RoPE", True),
+    SiteName("q", "query", "queries after QK-Norm and RoPE", True),
+    SiteName("q_pre", "pre-RoPE query", "queries before RoPE", True),
+    SiteName("v", "value", "values", True),
+    SiteName("o", "head-output", "each head's attention output", True),
+    SiteName("attn", "attention", "attention pattern", False),
+    SiteName("q_gain", "query-gain", "query QK-Norm gains", False),
+    SiteName("k_gain", "key-gain", "key QK-Norm gains", False),
+    SiteName("w_q", "W_Q", "each head's slice of the query weight W_Q", False),
+    SiteName("w_k", "W_K", "each head's slice of the key weight W_K", False),
+)
+SITES: dict[str, SiteName] = {s.name: s for s in _SITES}
+SITE_ORDER: tuple[str, ...] = tuple(SITES)
+# The activation sites a probe can read, in the order of the forward pass.
+PROBE_SITES: tuple[str, ...] = ("q_pre", "q", "k_pre", "k", "v", "o")
+assert set(PROBE_SITES) == {s.name for s in _SITES if s.activation}
+
+
+def site_label(site: str) -> str:
+    return SITES[site].label if site in SITES else site
+
+
+def site_description(site: str) -> str:
+    return SITES[site].description if site in SITES else f"{site} site"
