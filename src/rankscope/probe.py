@@ -288,7 +288,13 @@ def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) ->
     """The probe for rankscope's GPT: rank metrics at `sites`, attention statistics from the
     post-RoPE q and k, and QK-Norm gain statistics when the model has learned or frozen gains."""
     q, k = gpt_sites(["q", "k"])
-    gains = {}
-    if getattr(model.blocks[0].attn, "q_norm", None) is not None and model.blocks[0].attn.q_norm.weight is not None:
-        gains = {"q_gain": "blocks.*.attn.q_norm", "k_gain": "blocks.*.attn.k_norm"}
-    return Probe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gains)
+    return Probe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gpt_gains(model))
+
+
+def gpt_gains(model: nn.Module, attention: str = "blocks.*.attn") -> dict[str, str]:
+    """The gain sites of rankscope's GPT: {'q_gain': ..., 'k_gain': ...} module patterns under the
+    attention pattern, when its QK-Norm has gains (learned or frozen); {} otherwise."""
+    norm = getattr(model.blocks[0].attn, "q_norm", None)
+    if norm is None or norm.weight is None:
+        return {}
+    return {"q_gain": f"{attention}.q_norm", "k_gain": f"{attention}.k_norm"}

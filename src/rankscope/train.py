@@ -15,18 +15,15 @@ probes and writes.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
-import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, checkpoint
+from . import checkpoint
 from . import dist as rdist
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
@@ -35,6 +32,7 @@ from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_
 from .model import GPT, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
+from .provenance import environment, now
 from .store import RunStore, truncate_after, write_json
 
 
@@ -53,32 +51,8 @@ def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
 
 
 def provenance(cfg: RunConfig, device: torch.device, world: rdist.World) -> dict[str, Any]:
-    """Where and with what a run was made (modded-nanogpt's habit of logging its environment)."""
-    src = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    return {
-        "rankscope": __version__,
-        "git_commit": commit,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "world_size": world.size,
-        "seed": cfg.seed,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    """Where and with what a run was made (see `rankscope.provenance`), plus its world size and seed."""
+    return {**environment(device), "world_size": world.size, "seed": cfg.seed, "started": now()}
 
 
 def schedule(total_steps: int, tokens_per_step: int, every_tokens: int) -> list[int]:
