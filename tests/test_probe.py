@@ -8,7 +8,7 @@ import torch
 
 from rankscope.metrics import METRICS, effective_rank, participation_ratio, r90, stable_rank
 from rankscope.model import GPT, ModelConfig
-from rankscope.probe import AttentionStats, LAYER_WIDE, Probe, Site, gain_stats, gpt_probe, gpt_sites
+from rankscope.probe import AttentionStats, LAYER_WIDE, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
 
 CFG = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
 
@@ -85,7 +85,7 @@ def test_probe_never_changes_the_model():
 
 def test_attention_entropy_and_max_logit_against_direct_softmax():
     model, x = model_and_batch(seed=2)
-    rows = table(Probe(model, [], AttentionStats(*gpt_sites(["q", "k"]), query_chunk=7)).measure([x]))
+    rows = table(GramProbe(model, [], AttentionStats(*gpt_sites(["q", "k"]), query_chunk=7)).measure([x]))
     acts = capture(model, x, ["q", "k"])
     T = x.shape[1]
     for layer in range(3):
@@ -135,7 +135,7 @@ def test_layouts_agree_for_a_model_described_by_patterns():
     x = torch.randn(2, 3, 10, 4, 8)
     results = []
     for layout in ("BTHE", "BHTE", "BTC"):
-        probe = Probe(Wrapper(layout), [Site("k", "layers.*", layout, head_dim=8)])
+        probe = GramProbe(Wrapper(layout), [Site("k", "layers.*", layout, head_dim=8)])
         results.append(table(probe.measure([x], forward=probe.model)))
     assert results[0].keys() == results[1].keys() == results[2].keys()
     for k in results[0]:
@@ -145,4 +145,4 @@ def test_layouts_agree_for_a_model_described_by_patterns():
 def test_bad_pattern_fails_at_construction():
     model, _ = model_and_batch()
     with pytest.raises(ValueError, match="no module matches"):
-        Probe(model, [Site("k", "blocks.*.nothing")])
+        GramProbe(model, [Site("k", "blocks.*.nothing")])

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .errors import RankscopeError
-from .probe import AttentionStats, Probe as _HookProbe, Site, _layer_of
+from .probe import AttentionStats, GramProbe, Site, _layer_of
 
 SITE_NAMES = ("q_pre", "q", "k_pre", "k", "v", "o")
 COLUMNS = ("layer", "head", "site", "metric", "value")
@@ -596,7 +596,7 @@ class Probe:
         self.forward = forward or (att.forward if att is not None else model)
         self._contexts = att.contexts if att is not None else ()
         try:
-            self._probe = _HookProbe(model, chosen, stats, dict(att.gains) if (gains and att is not None) else None)
+            self._probe = GramProbe(model, chosen, stats, dict(att.gains) if (gains and att is not None) else None)
         except ValueError as e:  # an explicit pattern that matches nothing
             raise RankscopeError(f"{e} in {type(model).__name__}") from None
         self._site_order = {s.name: i for i, s in enumerate(chosen)}

@@ -118,10 +118,10 @@ def _matching(model: nn.Module, pattern: str) -> list[tuple[int, nn.Module]]:
     return sorted(found, key=lambda t: t[0])
 
 
-class Probe:
+class GramProbe:
     """Measure rank metrics (and attention statistics, gain statistics) on fixed batches.
 
-    >>> probe = Probe(model, gpt_sites(["k"]), attention=AttentionStats(*gpt_sites(["q", "k"])))
+    >>> probe = GramProbe(model, gpt_sites(["k"]), attention=AttentionStats(*gpt_sites(["q", "k"])))
     >>> rows = probe.measure([x_batch])   # [{'layer', 'head', 'site', 'metric', 'value'}, ...]
     """
 
@@ -284,11 +284,11 @@ def gain_stats(w: torch.Tensor, near_zero: float = 0.1) -> dict[str, float]:
     }
 
 
-def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) -> Probe:
+def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) -> GramProbe:
     """The probe for rankscope's GPT: rank metrics at `sites`, attention statistics from the
     post-RoPE q and k, and QK-Norm gain statistics when the model has learned or frozen gains."""
     q, k = gpt_sites(["q", "k"])
-    return Probe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gpt_gains(model))
+    return GramProbe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gpt_gains(model))
 
 
 def gpt_gains(model: nn.Module, attention: str = "blocks.*.attn") -> dict[str, str]:
