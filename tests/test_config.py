@@ -23,10 +23,10 @@ def test_overrides_are_typed():
     ("optim.muon_lr", "fast", "optim.muon_lr: expected float"),
     ("optim.muon_lr", True, "optim.muon_lr: expected float"),
     ("optim.muon_nesterov", "maybe", "expected bool"),
-    ("model.qk_norm", 3, "model.qk_norm: expected str"),
+    ("model.qk_norm", 3, "model.qk_norm must be learned, frozen, parameter_free or none, got 3"),
     ("model.qk_norm", "sometimes", "model.qk_norm must be"),
     ("optim.name", "sgd", "optim.name must be"),
-    ("probe.sites", "k,z", "probe.sites must be among"),
+    ("probe.sites", "k,z", "probe.sites must be"),
     ("model.n_kv_head", "2", "multiple of model.n_kv_head"),
     ("train.seq_len", "4096", "exceeds model.max_seq_len"),
 ])

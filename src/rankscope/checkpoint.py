@@ -9,13 +9,13 @@ file is written last, so its presence means the whole checkpoint is on disk. Loa
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import fsio
 from .errors import RankscopeError
 
 FOLDER = "checkpoints"
@@ -28,20 +28,8 @@ def _path(run_dir: Path, step: int, rank: int) -> Path:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with fsio.atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def steps(run_dir: str | Path) -> list[int]:

@@ -59,9 +59,9 @@ def _run(args: argparse.Namespace) -> int:
     from . import dist as rdist
     from .config import parse_set
     from .units import parse_count
-    from .study import DEFAULT_STUDY, load_study, parse_shard, run_study
+    from .study import DEFAULT_STUDY, parse_shard, read_study, run_study
 
-    study = load_study(args.study or DEFAULT_STUDY)
+    study = read_study(args.study or DEFAULT_STUDY)
     if args.preset:
         study = replace(study, preset=args.preset)
     overrides: dict[str, object] = {}
@@ -150,13 +150,9 @@ def _bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from .data import DataError
-    except ImportError:  # pragma: no cover
-        DataError = RankscopeError
-    try:
         return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data,
                 "analyze": _analyze}[args.command](args)
-    except (RankscopeError, DataError) as e:
+    except RankscopeError as e:  # DataError and ConfigError included
         print(f"rankscope: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,11 +11,16 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from .errors import ConfigError
 from .units import parse_count
-from .vocab import PROBE_SITES
+from .vocab import ProbeSite
+
+
+# Settings with a fixed set of values are typed with them: a wrong value is caught where it is
+# parsed, and the message lists the choices.
+QKNorm = Literal["learned", "frozen", "parameter_free", "none"]  # a gain that trains / stays 1 / none; no QK-Norm
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class ModelConfig:
     d_mlp: int = 768
     max_seq_len: int = 256
     rope_base: float = 10000.0
-    qk_norm: str = "learned"  # learned | frozen | parameter_free | none
+    qk_norm: QKNorm = "learned"
     norm_eps: float = 1.1920928955078125e-07  # float32 machine epsilon: nn.RMSNorm's default, as the seed
     init_std: float = 0.02  # every matrix and the embedding ~ N(0, init_std²), as the seed
     scaled_residual_init: bool = False  # GPT-2's std / sqrt(2 n_layer) on O and the MLP's down; the seed: no
@@ -38,13 +43,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     # Every default is the seed's 88M/20M-token study (its code at 772cf07), unless a comment says not.
-    name: str = "muon"                 # muon | adamw
+    name: Literal["muon", "adamw"] = "muon"
     # Muon on the 2D hidden matrices
     muon_lr: float = 0.012
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
-    muon_qkvo: str = "stacked"         # stacked (the seed's one QKVO matrix per layer) | separate | per_head
-    muon_ns: str = "polar_express"     # polar_express (the seed's) | newton_schulz (torch.optim.Muon's)
+    muon_qkvo: Literal["stacked", "separate", "per_head"] = "stacked"  # stacked: the seed's one QKVO matrix a layer
+    muon_ns: Literal["polar_express", "newton_schulz"] = "polar_express"  # the seed's | torch.optim.Muon's
     muon_ns_steps: int = 5             # at most 5 for polar_express (it has five coefficient triples)
     muon_weight_decay: float = 0.0
     # AdamW on embeddings and gains (and on everything when name == "adamw"); torch's betas
@@ -57,7 +62,7 @@ class OptimConfig:
     # AdamW's learning rate for the hidden matrices when name == "adamw"
     adamw_matrix_lr: float = 0.006
     grad_clip: float = 0.0             # max global grad norm; 0 = off (the seed's 20M study did not clip)
-    schedule: str = "constant"         # constant | cosine | linear (decay after warmup)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # cosine, linear: decay after warmup
     warmup_tokens: int = 0
     min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of the peak
     qk_clip_tau: float = 0.0           # QK-Clip threshold on each head's max attention logit; 0 = off
@@ -70,11 +75,11 @@ class TrainConfig:
     seq_len: int = 128
     eval_every: int = 100_000          # tokens between evaluations and probes (and at token 0 and the end)
     eval_batches: int = 2              # fixed validation batches per evaluation
-    eval_schedule: str = "linear"      # linear: every eval_every tokens | log: eval_points log-spaced
+    eval_schedule: Literal["linear", "log"] = "linear"  # linear: every eval_every tokens; log: eval_points log-spaced
     eval_points: int = 24              # evaluation points of the log schedule (plus token 0)
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # CPU threads for torch; 0 = torch's default
-    compile: str = "auto"              # torch.compile: auto (on for CUDA) | on | off
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA
     grad_accum: int = 1                # micro-batches per optimizer step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     checkpoint_every: int = 250_000    # tokens between checkpoints (and one at the end); 0 = only at the end
@@ -83,13 +88,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    sites: tuple[str, ...] = ("k",)    # any of q_pre, q, k_pre, k, v, o
+    sites: tuple[ProbeSite, ...] = ("k",)
     batch_size: int = 16               # sequences in the fixed probe batch (seq_len tokens each)
     attention: bool = True             # per-head attention entropy and max logit
     enabled: bool = True
     downstream: bool = True            # ICL score, induction loss and head scores, W_Q/W_K spectra
     induction_batch: int = 8           # sequences of repeated random tokens for the induction eval
-    functional_rank: str = "end"       # off | end | middle-end | every evaluation (each costs ~2.5% of a tiny run)
+    functional_rank: Literal["off", "end", "middle-end", "every"] = "end"  # every: each evaluation (~2.5% of a tiny run each)
 
 
 @dataclass(frozen=True)
@@ -172,12 +177,19 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         elif typ is str:
             if isinstance(value, str):
                 return value
+        elif origin is Literal:
+            choices = typing.get_args(typ)
+            if value in choices:
+                return value
+            raise ConfigError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
         elif origin is tuple:
             (inner, _) = typing.get_args(typ)
             items = value.split(",") if from_text else value
             if isinstance(items, (list, tuple)):
                 return tuple(_coerce(key, inner, v.strip() if isinstance(v, str) else v)
                              for v in items if v != "")
+    except ConfigError:
+        raise
     except ValueError:
         pass
     name = getattr(typ, "__name__", str(typ))
@@ -236,40 +248,40 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 
 
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every Literal-typed field (or tuple of them) holds one of its values, also in a config
+    built in code rather than parsed."""
+    for name, typ in _field_types(type(obj)).items():
+        value, key = getattr(obj, name), prefix + name
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+        elif typing.get_origin(typ) is Literal:
+            _coerce(key, typ, value)
+        elif typing.get_origin(typ) is tuple and typing.get_origin(typing.get_args(typ)[0]) is Literal:
+            _coerce(key, typ, tuple(value))
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks that a type alone cannot express."""
+    """The values of typed choices, then the cross-field checks that a type alone cannot express."""
+    _check_choices(cfg)
     m, o, t, p = cfg.model, cfg.optim, cfg.train, cfg.probe
     checks = [
-        (m.qk_norm in ("learned", "frozen", "parameter_free", "none"),
-         f"model.qk_norm must be learned, frozen, parameter_free or none, got {m.qk_norm!r}"),
         (m.n_head % max(m.n_kv_head, 1) == 0 and m.n_kv_head >= 1,
          f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})"),
         (m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}"),
         (min(m.n_layer, m.d_model, m.n_head, m.head_dim, m.d_mlp, m.vocab_size) > 0,
          "model sizes must be positive"),
         (t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"),
-        (o.name in ("muon", "adamw"), f"optim.name must be muon or adamw, got {o.name!r}"),
-        (o.muon_qkvo in ("separate", "stacked", "per_head"),
-         f"optim.muon_qkvo must be separate, stacked or per_head, got {o.muon_qkvo!r}"),
-        (o.muon_ns in ("newton_schulz", "polar_express"),
-         f"optim.muon_ns must be newton_schulz or polar_express, got {o.muon_ns!r}"),
         (1 <= o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
          f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
          f"got {o.muon_ns_steps}"),
         (o.name != "muon" or o.muon_qkvo != "stacked" or m.n_head * m.head_dim == m.d_model,
          f"optim.muon_qkvo=stacked stacks O's weight under Q, K and V by rows, which needs model.n_head x "
          f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head"),
-        (o.schedule in ("constant", "cosine", "linear"),
-         f"optim.schedule must be constant, cosine or linear, got {o.schedule!r}"),
         (t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,
          "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive"),
-        (all(s in PROBE_SITES for s in p.sites), f"probe.sites must be among {', '.join(PROBE_SITES)}, got {','.join(p.sites)}"),
         (p.batch_size > 0, "probe.batch_size must be positive"),
-        (p.functional_rank in ("off", "end", "middle-end", "every"),
-         f"probe.functional_rank must be off, end, middle-end or every, got {p.functional_rank!r}"),
         (p.induction_batch > 0, "probe.induction_batch must be positive"),
-        (t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got {t.compile!r}"),
-        (t.eval_schedule in ("linear", "log"), f"train.eval_schedule must be linear or log, got {t.eval_schedule!r}"),
         (t.eval_points >= 1, "train.eval_points must be positive"),
         (o.qk_clip_tau >= 0, "optim.qk_clip_tau must be >= 0"),
         (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,

@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import logit_chunks
+from .metrics import singular_value_metrics
 from .model import Tap
-from .probe import LAYER_WIDE, Site, _matching, gpt_sites, pair_qk
+from .probe import Site, _matching, gpt_sites, pair_qk
+from .vocab import LAYER_WIDE
 
 Row = dict[str, Any]
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)
@@ -210,19 +213,14 @@ class InductionScores:
 
     def _score(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         L = self.half_len
-        q = self.q.to_bthe(q)[:, L:].transpose(1, 2).float()  # (B, H, L, E): queries of the second copy
-        k = self.k.to_bthe(k).transpose(1, 2).float()  # (B, G, T, E)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, E)
-        B, H, _, E = q.shape
-        T = k.shape[2]
+        q = self.q.to_bthe(q)[:, L:]  # (B, L, H, E): queries of the second copy, at positions L .. 2L - 1
+        k = self.k.to_bthe(k)  # (B, T, G, E)
+        B, _, H, E = q.shape
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(E)
-        keys = torch.arange(T, device=q.device)
         ind = torch.zeros(H, dtype=torch.float64, device=q.device)
         prev = torch.zeros(H, dtype=torch.float64, device=q.device)
-        for j0 in range(0, L, self.query_chunk):
-            j = torch.arange(j0, min(j0 + self.query_chunk, L), device=q.device)  # second-copy offsets
-            logits = (q[:, :, j0:j0 + len(j)] @ k.mT) * scale  # (B, H, c, T)
-            logits = logits.masked_fill(keys[None, :] > (L + j)[:, None], float("-inf"))  # causal
+        for j0, logits in logit_chunks(q, k, scale, self.query_chunk, first=L):  # (B, H, c, T), causal
+            j = torch.arange(j0, j0 + logits.shape[2], device=q.device)  # second-copy offsets
             lse = torch.logsumexp(logits, dim=-1)  # (B, H, c)
             for acc, target in ((ind, j + 1), (prev, L + j - 1)):
                 idx = target[None, None, :, None].expand(B, H, -1, 1)
@@ -394,7 +392,8 @@ def weight_spectra(model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "
 
     Head h's slice is rows h*E:(h+1)*E of the projection's weight (E, d_model): the map from the
     residual stream to that head's queries (keys; one per KV head). Its singular values s
-    (batched `torch.linalg.svdvals`, float64, all heads of a layer at once) give
+    (batched `torch.linalg.svdvals`, float64, all heads of a layer at once) give, through
+    `metrics.singular_value_metrics`,
       pr_sv         (Σ s)² / Σ s²   the seed's participation ratio, applied to the weights
       stable_rank   Σ s² / s_max²
       spectral_norm s_max
@@ -416,14 +415,8 @@ def weight_spectra(model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "
     for layer in sorted(per_layer):
         mats = per_layer[layer]
         s = torch.linalg.svdvals(torch.cat([w for _, w in mats]).double())  # (heads, min(E, D)), descending
-        sq = s.square().sum(-1)
-        s_max = s[:, 0]
-        tiny = torch.finfo(torch.float64).tiny
-        stats.append(torch.stack([
-            torch.where(sq > 0, s.sum(-1).square() / sq.clamp_min(tiny), torch.zeros_like(sq)),  # a zero head: 0
-            torch.where(s_max > 0, sq / s_max.square().clamp_min(tiny), torch.zeros_like(sq)),
-            s_max,
-        ], -1))
+        m = singular_value_metrics(s)
+        stats.append(torch.stack([m["pr_sv"], m["stable_rank"], s[:, 0]], -1))
         index += [(layer, site, head) for site, w in mats for head in range(w.shape[0])]
     if not stats:
         return []

@@ -76,6 +76,25 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
 
 
+def singular_value_metrics(s: torch.Tensor, ev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """pr_sv, erank, stable_rank and r90 from singular values s (..., k), descending, and their
+    squares ev (computed from s when not given): the metrics that need no centering."""
+    import torch
+
+    ev = s.square() if ev is None else ev
+    s_sum, ev_sum = s.sum(-1), ev.sum(-1)
+    p = _ratio(s, s_sum.unsqueeze(-1))
+    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    share = _ratio(ev.cumsum(-1), ev_sum.unsqueeze(-1))
+    return {
+        "pr_sv": _ratio(s_sum.square(), ev_sum),
+        "erank": torch.where(s_sum > 0, entropy.exp(), torch.zeros_like(entropy)),
+        "stable_rank": _ratio(ev_sum, ev[..., 0]),
+        # count directions strictly below 90% and add the one that crosses it
+        "r90": torch.where(ev_sum > 0, (share < 0.9 - 1e-12).sum(-1) + 1.0, torch.zeros_like(ev_sum)),
+    }
+
+
 def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
                       n: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """All metrics from Gram matrices g (..., d, d); col_sum (..., d) and row count n (scalar or
@@ -89,18 +108,7 @@ def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
     finite = torch.isfinite(g).all(-1).all(-1)  # (...)
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
     ev = _eig(g)                       # s², descending
-    s = ev.sqrt()
-    s_sum, ev_sum = s.sum(-1), ev.sum(-1)
-    p = _ratio(s, s_sum.unsqueeze(-1))
-    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-    share = _ratio(ev.cumsum(-1), ev_sum.unsqueeze(-1))
-    out = {
-        "pr_sv": _ratio(s_sum.square(), ev_sum),
-        "erank": torch.where(s_sum > 0, entropy.exp(), torch.zeros_like(entropy)),
-        "stable_rank": _ratio(ev_sum, ev[..., 0]),
-        # count directions strictly below 90% and add the one that crosses it
-        "r90": torch.where(ev_sum > 0, (share < 0.9 - 1e-12).sum(-1) + 1.0, torch.zeros_like(ev_sum)),
-    }
+    out = singular_value_metrics(ev.sqrt(), ev)
     if col_sum is not None and n is not None:
         col_sum = torch.where(torch.isfinite(col_sum), col_sum.double(), torch.zeros((), dtype=torch.float64, device=g.device))
         n = torch.as_tensor(n, dtype=torch.float64, device=g.device)  # scalar or (...)

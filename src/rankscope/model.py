@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .attention import logit_chunks
 from .config import ModelConfig  # the model's settings live with the others, torch-free
 
 
@@ -78,15 +79,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def causal_max_logit(q: torch.Tensor, k: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Largest pre-softmax logit q·k/sqrt(E) of each query head under the causal mask.
     q (B, T, H, E), k (B, T, G, E) -> (H,). Computed in query chunks; no gradient."""
-    H, G, E = q.shape[2], k.shape[2], q.shape[3]
-    qh = q.transpose(1, 2).float() / math.sqrt(E)  # (B, H, T, E)
-    kh = k.transpose(1, 2).float().repeat_interleave(H // G, dim=1)  # (B, H, T, E)
-    T = q.shape[1]
-    best = torch.full((H,), float("-inf"), device=q.device)
-    for i in range(0, T, chunk):
-        logits = qh[:, :, i:i + chunk] @ kh.mT  # (B, H, c, T)
-        future = torch.arange(T, device=q.device)[None, :] > torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
-        best = torch.maximum(best, logits.masked_fill(future, float("-inf")).amax(dim=(0, 2, 3)))
+    best = torch.full((q.shape[2],), float("-inf"), device=q.device)
+    for _, logits in logit_chunks(q, k, 1.0 / math.sqrt(q.shape[3]), chunk):
+        best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
     return best
 
 

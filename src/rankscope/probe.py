@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .attention import logit_chunks
 from .metrics import METRICS, metrics_from_gram
 from .vocab import LAYER_WIDE
 
@@ -168,22 +169,11 @@ class GramProbe:
         pair = pair_qk(self._pending, which, layer, x)
         if pair is None:
             return
-        q, k = pair
-        q = q.transpose(1, 2).float()  # (B, T, H, E) -> (B, H, T, E)
-        k = k.transpose(1, 2).float()  # (B, G, T, E)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, E): query head h reads kv head h // (H/G)
-        B, H, T, E = q.shape
-        scale = spec.layer_scale(layer, E)
-        window = spec.layer_window(layer)
+        q, k = pair  # (B, T, H, E), (B, T, G, E)
+        B, T, H, E = q.shape
         ent, mx = torch.zeros(H, dtype=torch.float64, device=q.device), None
-        for i in range(0, T, spec.query_chunk):
-            logits = (q[:, :, i:i + spec.query_chunk] @ k.mT) * scale  # (B, H, c, T)
-            rows = torch.arange(i, i + logits.shape[2], device=q.device)[:, None]
-            cols = torch.arange(T, device=q.device)[None, :]
-            if spec.causal:
-                logits = logits.masked_fill(cols > rows, float("-inf"))
-            if window is not None:
-                logits = logits.masked_fill(cols <= rows - window, float("-inf"))
+        for _, logits in logit_chunks(q, k, spec.layer_scale(layer, E), spec.query_chunk, causal=spec.causal,
+                                      window=spec.layer_window(layer)):
             chunk_max = logits.amax(dim=(0, 2, 3))  # (H,)
             mx = chunk_max if mx is None else torch.maximum(mx, chunk_max)
             logp = torch.log_softmax(logits, dim=-1)

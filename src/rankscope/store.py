@@ -19,12 +19,13 @@ import csv
 import io
 import json
 import numbers
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
+
+from . import fsio
 
 SCALAR_COLUMNS = (
     "arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale",
@@ -41,15 +42,8 @@ def run_dir(study_dir: str | Path, arm: str, seed: int) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically: a temporary file, fsync, then rename over the target."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """JSON with sorted keys (anything else as its str), written atomically (`fsio`)."""
+    fsio.write_json(path, obj, sort_keys=True, default=str)
 
 
 def read_json(path: str | Path) -> Any:
@@ -134,12 +128,7 @@ def truncate_after(run_path: str | Path, step: int) -> None:
             continue
         col = lines[0].decode().rstrip("\n").split(",").index("step")
         kept = [lines[0]] + [ln for ln in lines[1:] if int(next(csv.reader([ln.decode()]))[col]) <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsio.write_bytes(path, b"".join(kept))
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

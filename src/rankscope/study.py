@@ -99,7 +99,7 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"}
 
 
-def load_study(spec: str) -> Study:
+def read_study(spec: str) -> Study:
     """A built-in study by name, or a study TOML file by path."""
     if spec in BUILTIN:
         return BUILTIN[spec]

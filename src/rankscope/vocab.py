@@ -9,7 +9,9 @@ model and a line here. Metric names live with their math in `metrics.py`.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 # head index of per-layer rows (gain statistics, functional rank); the store's convention
 LAYER_WIDE = -1
@@ -43,7 +45,8 @@ _SITES = (
 SITES: dict[str, SiteName] = {s.name: s for s in _SITES}
 SITE_ORDER: tuple[str, ...] = tuple(SITES)
 # The activation sites a probe can read, in the order of the forward pass.
-PROBE_SITES: tuple[str, ...] = ("q_pre", "q", "k_pre", "k", "v", "o")
+ProbeSite = Literal["q_pre", "q", "k_pre", "k", "v", "o"]
+PROBE_SITES: tuple[str, ...] = typing.get_args(ProbeSite)
 assert set(PROBE_SITES) == {s.name for s in _SITES if s.activation}
 
 
