@@ -77,3 +77,32 @@ def test_non_finite_input_gives_nan_not_an_error():
     out = metrics.metrics_from_gram(g, torch.zeros(2, 4), 20)
     for name, v in out.items():
         assert torch.isfinite(v[0]) and torch.isnan(v[1]), name
+
+
+def test_singular_value_metrics_agree_with_the_gram_path():
+    # The weight spectra (from svdvals) and the probe (from a Gram's eigenvalues) share one formula.
+    from rankscope.metrics import gram, metrics_from_gram, singular_value_metrics
+
+    torch.manual_seed(3)
+    x = torch.randn(5, 40, 12, dtype=torch.float64) * torch.linspace(0.1, 2.0, 12)
+    from_s = singular_value_metrics(torch.linalg.svdvals(x))
+    from_g = metrics_from_gram(gram(x))
+    for name in ("pr_sv", "erank", "stable_rank", "r90"):
+        torch.testing.assert_close(from_s[name], from_g[name], rtol=1e-10, atol=1e-10)
+
+
+def test_metric_vocabulary_matches_what_metrics_from_gram_returns():
+    # The report names metrics from SPECTRUM; the probe writes what metrics_from_gram returns.
+    from rankscope.metrics import METRICS, SPECTRUM, metrics_from_gram
+
+    out = metrics_from_gram(torch.eye(4, dtype=torch.float64)[None], torch.zeros(1, 4), 10)
+    assert set(out) == set(SPECTRUM) and METRICS == tuple(SPECTRUM)
+
+
+def test_vocabulary_modules_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, rankscope.config, rankscope.metrics, rankscope.vocab, rankscope.units, rankscope.fsio;"
+            " assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
