@@ -6,7 +6,8 @@ Layout of a study folder::
     <arm>/seed-<k>/config.json      resolved run config
     <arm>/seed-<k>/provenance.json  git commit + dirty flag, torch version, device, seed, start time
     <arm>/seed-<k>/scalars.csv      one row per eval point
-    <arm>/seed-<k>/probes.csv       one row per (tokens, layer, head, site, metric)
+    <arm>/seed-<k>/probes.csv       one row per (tokens, layer, head, site, metric); head -1 (vocab.LAYER_WIDE)
+                                    marks a per-layer value
     <arm>/seed-<k>/done.json        written last; its presence marks the run finished
 
 Rows are appended as whole lines with one write and a flush, so a run killed at any moment leaves
@@ -32,7 +33,6 @@ SCALAR_COLUMNS = (
     "grad_norm", "icl_score", "induction_loss", "elapsed_s", "probe_s", "eval_s",
 )
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
-from .vocab import LAYER_WIDE  # noqa: F401  (head index of a per-layer row; re-exported)
 
 SCALARS, PROBES, DONE = "scalars.csv", "probes.csv", "done.json"
 
