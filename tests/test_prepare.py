@@ -27,7 +27,7 @@ from tokenizers import Tokenizer, models  # noqa: E402
 
 import rankscope.data.prepare as prep  # noqa: E402
 from rankscope.data import BatchSampler, DataError, load_data, read_shard  # noqa: E402
-from rankscope.data.prepare import prepare  # noqa: E402
+from rankscope.data.prepare import encode, outdir, prepare, reader, tokenizer_spec  # noqa: E402
 from rankscope.data.tokenizer import EOT_TOKEN, train_tokenizer  # noqa: E402
 
 WORDS = (
@@ -260,7 +260,7 @@ def test_workers_give_identical_output(
 ) -> None:
     src, _ = _mixed_source(tmp_path / "src", docs)
     # Small batches so the two workers really share the work.
-    monkeypatch.setattr(prep, "TASK_BYTES", 2048)
+    monkeypatch.setattr(encode, "TASK_BYTES", 2048)
     kwargs: dict[str, Any] = dict(shard_tokens=600, val_tokens=200, progress=False)
     one = prepare(src, "train:300", tmp_path / "w1", workers=1, **kwargs)
     two = prepare(src, "train:300", tmp_path / "w2", workers=2, **kwargs)
@@ -275,8 +275,8 @@ def test_block_reading_is_exact(
     src = tmp_path / "big.txt"
     src.write_text("".join(docs), encoding="utf-8")
     prepare(src, tok_path, tmp_path / "whole", shard_tokens=500, val_tokens=100, progress=False)
-    monkeypatch.setattr(prep, "TEXT_BLOCK_BYTES", 1024)
-    monkeypatch.setattr(prep, "PIECE_CHARS", 300)
+    monkeypatch.setattr(reader, "TEXT_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(encode, "PIECE_CHARS", 300)
     prepare(src, tok_path, tmp_path / "blocks", shard_tokens=500, val_tokens=100, progress=False)
     assert _files(tmp_path / "whole") == _files(tmp_path / "blocks")
     assert _decoded_docs(tmp_path / "blocks") == ["".join(docs)]
@@ -288,7 +288,7 @@ class _Killed(Exception):
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int, *, before_record: bool = False) -> None:
     """Make the next prepare die when its n-th shard is done (after or before the state says so)."""
-    save = prep._save_state
+    save = outdir.save_state
 
     def dying(path: Path, state: dict[str, Any]) -> None:
         if len(state["shards"]) == n_shards and before_record:
@@ -297,7 +297,7 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int, *, before_r
         if len(state["shards"]) == n_shards:
             raise _Killed
 
-    monkeypatch.setattr(prep, "_save_state", dying)
+    monkeypatch.setattr(outdir, "save_state", dying)
 
 
 @pytest.mark.parametrize(
@@ -320,11 +320,11 @@ def test_resume_matches_an_uninterrupted_run(
     # Kill points land in text, JSONL, gzipped JSONL, Parquet and Arrow sources (54 shards in all).
     src, _ = _mixed_source(tmp_path / "src", docs)
     # Small blocks and batches put the resume points in the middle of text, JSONL and Parquet files.
-    monkeypatch.setattr(prep, "TEXT_BLOCK_BYTES", 512)
-    monkeypatch.setattr(prep, "JSONL_CHUNK_BYTES", 512)
-    monkeypatch.setattr(prep, "UNIT_ROWS", 3)
-    monkeypatch.setattr(prep, "BATCH_BYTES", 1024)
-    monkeypatch.setattr(prep, "TASK_BYTES", 1024)
+    monkeypatch.setattr(reader, "TEXT_BLOCK_BYTES", 512)
+    monkeypatch.setattr(reader, "JSONL_CHUNK_BYTES", 512)
+    monkeypatch.setattr(reader, "UNIT_ROWS", 3)
+    monkeypatch.setattr(encode, "BATCH_BYTES", 1024)
+    monkeypatch.setattr(encode, "TASK_BYTES", 1024)
     kwargs: dict[str, Any] = dict(shard_tokens=400, val_tokens=150, progress=False)
     ref = prepare(src, tok_path, tmp_path / "ref", **kwargs)
     assert len(ref["shards"]) > 50
@@ -340,20 +340,20 @@ def test_resume_matches_an_uninterrupted_run(
         shard.write_bytes(shard.read_bytes()[:-10])  # a torn file: redone from the one before
     if how == "smaller-batches":
         # The resumed run groups documents differently; it must still skip exactly what was written.
-        monkeypatch.setattr(prep, "BATCH_BYTES", 128)
+        monkeypatch.setattr(encode, "BATCH_BYTES", 128)
     if how == "two-workers":
         kwargs["workers"] = 2
 
     # Count what the second run tokenizes: it must not start over.
     calls = []
-    encode = prep._Encoder.__call__
-    monkeypatch.setattr(prep._Encoder, "__call__", lambda self, p: calls.append(1) or encode(self, p))
+    call = encode.Encoder.__call__
+    monkeypatch.setattr(encode.Encoder, "__call__", lambda self, p: calls.append(1) or call(self, p))
     meta = prepare(src, tok_path, out, **kwargs)
     assert meta["run"]["resumed"] is True
     assert _files(out) == _files(tmp_path / "ref")
     if how != "two-workers":  # pool workers count in their own processes
         full = []
-        monkeypatch.setattr(prep._Encoder, "__call__", lambda self, p: full.append(1) or encode(self, p))
+        monkeypatch.setattr(encode.Encoder, "__call__", lambda self, p: full.append(1) or call(self, p))
         prepare(src, tok_path, tmp_path / "ref2", **kwargs)
         assert len(calls) < len(full)
 
@@ -368,7 +368,7 @@ def test_resume_with_a_trained_tokenizer_reuses_it(
         with pytest.raises(_Killed):
             prepare(src, "train:300", tmp_path / "out", **kwargs)
     trained = []
-    monkeypatch.setattr(prep, "train_tokenizer", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(tokenizer_spec, "train_tokenizer", lambda *a, **k: trained.append(1))
     prepare(src, "train:300", tmp_path / "out", **kwargs)
     assert trained == []  # the saved tokenizer.json is used, not a new one
     assert _decoded_docs(tmp_path / "out") == docs
@@ -611,8 +611,8 @@ def test_hub_stream_reads_resumes_and_stops(
         return _FakeStream([{"id": i, "text": d} for i, d in enumerate(docs)])
 
     _fake_datasets(monkeypatch, load_dataset)
-    monkeypatch.setattr(prep, "UNIT_ROWS", 4)
-    monkeypatch.setattr(prep, "BATCH_BYTES", 1024)
+    monkeypatch.setattr(reader, "UNIT_ROWS", 4)
+    monkeypatch.setattr(encode, "BATCH_BYTES", 1024)
     kwargs: dict[str, Any] = dict(shard_tokens=400, val_tokens=100, max_tokens=6000, progress=False)
     src = "hf://datasets/org/name/cfg:validation"
     meta = prepare(src, tok_path, tmp_path / "hub", **kwargs)

@@ -8,9 +8,10 @@ the ``help()`` topics prose as an out-of-distribution set. User text folders and
 from .cache import default_cache_dir
 from .corpus import embedded_corpus_files
 from .errors import DataError
+from .format import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION
 from .loader import TokenData, load_data
 from .sampler import BatchSampler, fixed_batches
-from .shards import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION, ShardWriter, read_shard, write_shard
+from .shards import ShardWriter, read_shard, write_shard
 from .tokenizer import EOT_TOKEN
 
 __all__ = [

@@ -19,17 +19,20 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
+from ..fsio import write_json, write_text
 from .corpus import SourceFile
 from .errors import DataError
+from .messages import log
 from .shards import ShardWriter, read_shard, truncate_shard, write_shard
 from .tokenizer import EOT_ID, EOT_TOKEN, encode_documents, train_tokenizer
 
@@ -47,20 +50,6 @@ def default_cache_dir() -> Path:
     """``$RANKSCOPE_CACHE`` when set, else ``~/.cache/rankscope``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rankscope"
-
-
-def _log(progress: bool, msg: str) -> None:
-    # stderr only: stdout belongs to the CLI's machine-readable output.
-    if progress:
-        print(f"rankscope: {msg}", file=sys.stderr, flush=True)
-
-
-def human_count(n: int) -> str:
-    """3_141_592 -> '3.1M'; used in the one-line source description."""
-    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.1f}{suffix}"
-    return str(n)
 
 
 @dataclass
@@ -137,13 +126,6 @@ def tail_split(tokens: np.ndarray, val_percent: int, eot_id: int) -> tuple[int, 
     return target, target
 
 
-def _fsync_write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _sweep_stale_builds(root: Path) -> None:
     now = time.time()
     for entry in root.iterdir():
@@ -193,11 +175,11 @@ def _open_cached(folder: Path, key: str) -> CachedCorpus:
 
 def _build(plan: CorpusPlan, vocab_size: int, key: str, out: Path, progress: bool) -> None:
     t0 = time.perf_counter()
-    _log(progress, f"training a {vocab_size}-token BPE on {len(plan.train)} files ({plan.description})")
+    log(progress, f"training a {vocab_size}-token BPE on {len(plan.train)} files ({plan.description})")
     tok = train_tokenizer((plan.read(f) for f in plan.train), vocab_size)
-    _fsync_write_text(out / TOKENIZER_FILE, tok.to_str())
+    write_text(out / TOKENIZER_FILE, tok.to_str())
     t_train = time.perf_counter() - t0
-    _log(progress, f"tokenizer trained in {t_train:.1f}s ({tok.get_vocab_size()} tokens); tokenizing")
+    log(progress, f"tokenizer trained in {t_train:.1f}s ({tok.get_vocab_size()} tokens); tokenizing")
 
     def encode(name: str, texts: Iterable[str], total: int | None, desc: str) -> tuple[int, int]:
         with ShardWriter(out / name) as w:
@@ -261,7 +243,7 @@ def _build(plan: CorpusPlan, vocab_size: int, key: str, out: Path, progress: boo
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # Written last: a folder whose meta.json parses was built to the end.
-    _fsync_write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(out / META_FILE, meta, sort_keys=True)
 
 
 def cached_corpus(
@@ -277,7 +259,7 @@ def cached_corpus(
         except DataError as e:
             # Only something outside rankscope can damage a renamed-into-place folder; rebuild
             # rather than make the user find and delete it.
-            _log(True, f"rebuilding damaged cache: {e}")
+            log(True, f"rebuilding damaged cache: {e}")
             try:
                 os.rename(folder, root / f".stale-{folder.name}-{os.getpid()}")
             except OSError:
@@ -301,7 +283,7 @@ def cached_corpus(
                 raise
             # Another process finished the same build first; use its folder (same corpus, same key).
             shutil.rmtree(tmp, ignore_errors=True)
-        _log(progress, f"token cache ready in {time.perf_counter() - t0:.1f}s: {folder}")
+        log(progress, f"token cache ready in {time.perf_counter() - t0:.1f}s: {folder}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,7 +39,7 @@ TEXT_SUFFIXES = frozenset(
     }
 )
 # Never worth reading in a user folder: version-control internals, bytecode caches, virtualenvs.
-_USER_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
+USER_SKIPPED_DIRS = frozenset({"__pycache__", "node_modules"})
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def text_source_files(path: Path) -> list[SourceFile]:
 
     candidates: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in _USER_SKIPPED_DIRS]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in USER_SKIPPED_DIRS]
         candidates.extend(
             Path(dirpath) / f for f in filenames if not f.startswith(".") and _has_text_suffix(f)
         )

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from ..units import fmt_count
 from . import corpus
-from .cache import CorpusPlan, cached_corpus, human_count
+from .cache import CorpusPlan, cached_corpus
 from .errors import DataError
+from .format import META_FILE, PREPARE_FORMAT, SHARD_SUFFIX, STATE_FILE, TOKENIZER_FILE
 from .shards import max_token_id, padded_vocab_size, read_shard
 from .tokenizer import check_vocab_size
 
-if TYPE_CHECKING:
-    import tokenizers
-
-SHARD_SUFFIX = ".bin"
 # Share of a single shard file held out as validation (its tail).
 SHARD_VAL_PERCENT = 5
 
@@ -35,8 +34,8 @@ class TokenData:
     val: list[np.ndarray]
     ood: list[np.ndarray] | None  # the pydoc prose for the embedded corpus, else None
     vocab_size: int
-    tokenizer: tokenizers.Tokenizer | None
-    source: str  # one human line, e.g. "python stdlib 3.11 (697 train files, 3.1M tokens)"
+    tokenizer: Tokenizer | None
+    source: str  # one human line, e.g. "python stdlib 3.11 (697 train files, 3.14M tokens)"
     eot_id: int | None  # id of <|endoftext|> when known
 
     @property
@@ -134,7 +133,7 @@ def _load_embedded(
     m = c.meta
     source = (
         f"python stdlib {version} ({m['files']['train']} train files, "
-        f"{human_count(m['tokens']['train'])} tokens)"
+        f"{fmt_count(m['tokens']['train'])} tokens)"
     )
     return TokenData(
         train=[c.train], val=[c.val], ood=[c.ood] if c.ood is not None else None,
@@ -169,7 +168,7 @@ def _load_text(
     c = cached_corpus(plan, vocab_size, cache_dir, progress=progress)
     m = c.meta
     n_files = m["files"]["train"]
-    tokens = human_count(m["tokens"]["train"])
+    tokens = fmt_count(m["tokens"]["train"])
     source = f"text {p} ({n_files} train file{'s' if n_files != 1 else ''}, {tokens} tokens"
     source += f"; val = last {val_percent}% of tokens)" if m["val_split"] == "tail" else ")"
     return TokenData(
@@ -204,25 +203,19 @@ def _load_shard_file(p: Path, vocab_size: int) -> TokenData:
     return TokenData(
         train=[train], val=[val], ood=None, vocab_size=vocab_size, tokenizer=None,
         source=(
-            f"shard {p} ({human_count(int(train.shape[0]))} train tokens; "
+            f"shard {p} ({fmt_count(int(train.shape[0]))} train tokens; "
             f"val = last {SHARD_VAL_PERCENT}%)"
         ),
         eot_id=None,
     )
 
 
-def _prepared_folder(folder: Path) -> tuple[dict, tokenizers.Tokenizer | None] | None:
+def _prepared_folder(folder: Path) -> tuple[dict, Tokenizer | None] | None:
     """The meta.json and tokenizer of a ``rankscope data prepare`` output, None for other folders.
 
     An unfinished prepare (its state file present, no complete meta) is refused: its shards are
     a prefix of the data and training on them would silently use less than was asked for.
     """
-    import json
-
-    from tokenizers import Tokenizer
-
-    from .prepare import META_FILE, PREPARE_FORMAT, STATE_FILE, TOKENIZER_FILE
-
     try:
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -266,6 +259,6 @@ def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> Toke
     origin = f"; tokenizer {meta['tokenizer']}" if meta.get("tokenizer") else ""
     return TokenData(
         train=train, val=val, ood=None, vocab_size=vocab_size, tokenizer=tok,
-        source=f"shards {folder} ({len(train)} train, {note}; {human_count(n_train)} train tokens{origin})",
+        source=f"shards {folder} ({len(train)} train, {note}; {fmt_count(n_train)} train tokens{origin})",
         eot_id=meta.get("eot_id"),
     )

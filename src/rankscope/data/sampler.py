@@ -8,7 +8,7 @@ arrays, so the positions to draw from are the concatenation of each array's vali
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

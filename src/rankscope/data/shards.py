@@ -1,43 +1,32 @@
-"""Token shards in the modded-nanogpt ``.bin`` format.
+"""Reading and writing token shards (the modded-nanogpt ``.bin`` layout of :mod:`.format`).
 
-Layout: a header of 256 little-endian int32 — ``header[0]`` the magic 20240520, ``header[1]`` the
-version 1, ``header[2]`` the number of tokens — followed by exactly that many little-endian uint16
-tokens. Using this format unchanged means shards written by modded-nanogpt (or its FineWeb
-download scripts) can be trained on directly, and ours can be read by their code.
-
-Shards are written atomically (temporary file in the same folder, fsync, ``os.replace``) so a
-killed writer never leaves a file that looks complete, and they are read as memory maps so a
-100M-token shard costs no RAM until windows are actually gathered from it.
+Shards are written atomically (:mod:`rankscope.fsio`: a temporary file in the same folder,
+fsync, rename) so a killed writer never leaves a file that looks complete, and they are read as
+memory maps so a 100M-token shard costs no RAM until windows are actually gathered from it.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from ..fsio import commit, open_temp
 from .errors import DataError
-
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")
-TOKEN_BYTES = TOKEN_DTYPE.itemsize
-# uint16 holds ids 0..65535, so a vocabulary may have at most 65536 entries.
-MAX_VOCAB = int(np.iinfo(np.uint16).max) + 1
-# header[2] is an int32, which caps a single shard at 2**31 - 1 tokens.
-MAX_SHARD_TOKENS = int(np.iinfo(np.int32).max)
-
-
-def _header(n_tokens: int) -> bytes:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, n_tokens
-    return header.tobytes()
+from .format import (
+    HEADER_BYTES,
+    MAX_SHARD_TOKENS,
+    MAX_VOCAB,
+    SHARD_MAGIC,
+    SHARD_VERSION,
+    TOKEN_BYTES,
+    TOKEN_DTYPE,
+    pack_header,
+    unpack_header,
+)
 
 
 def _as_tokens(tokens: Any, where: str) -> np.ndarray:
@@ -61,21 +50,6 @@ def _as_tokens(tokens: Any, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=TOKEN_DTYPE)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened, and the
-    # data is already safe without it, so failure is ignored.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Stream tokens into a shard without holding them all in memory.
 
@@ -88,21 +62,13 @@ class ShardWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.n_tokens = 0
-        # A unique hidden name in the target's folder (so the final rename cannot cross file
-        # systems), created with O_EXCL and mode 0o666 so the umask decides the permissions as for
-        # any ordinary file (mkstemp would force 0o600).
-        while True:
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-                break
-            except FileExistsError:
-                continue
-            except FileNotFoundError:
-                raise DataError(f"shard {self.path}: folder {self.path.parent} does not exist") from None
+        try:
+            tmp, f = open_temp(self.path)
+        except FileNotFoundError:
+            raise DataError(f"shard {self.path}: folder {self.path.parent} does not exist") from None
         self._tmp = tmp
-        self._f: Any = os.fdopen(fd, "wb")
-        self._f.write(_header(0))
+        self._f: Any = f
+        self._f.write(pack_header(0))
 
     def write(self, tokens: Any) -> None:
         if self._f is None:
@@ -122,16 +88,12 @@ class ShardWriter:
         f, self._f = self._f, None
         try:
             f.seek(0)
-            f.write(_header(self.n_tokens))
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(pack_header(self.n_tokens))
         except BaseException:
             f.close()
             self._tmp.unlink(missing_ok=True)
             raise
-        f.close()
-        os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        commit(self._tmp, f, self.path)
 
     def abort(self) -> None:
         if self._f is None:
@@ -181,8 +143,7 @@ def read_shard(path: str | Path) -> np.ndarray:
         raise DataError(
             f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header"
         )
-    header = np.frombuffer(raw, dtype="<i4")
-    magic, version, n_tokens = int(header[0]), int(header[1]), int(header[2])
+    magic, version, n_tokens = unpack_header(raw)
     if magic != SHARD_MAGIC:
         raise DataError(f"shard {path}: bad magic {magic} (expected {SHARD_MAGIC})")
     if version != SHARD_VERSION:
@@ -211,7 +172,7 @@ def truncate_shard(path: str | Path, n_tokens: int) -> None:
     """
     path = Path(path)
     with open(path, "r+b") as f:
-        f.write(_header(n_tokens))
+        f.write(pack_header(n_tokens))
         f.truncate(HEADER_BYTES + n_tokens * TOKEN_BYTES)
         f.flush()
         os.fsync(f.fileno())

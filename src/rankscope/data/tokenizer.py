@@ -8,14 +8,15 @@ single special token ``<|endoftext|>``, which is always id 0.
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from .errors import DataError
-from .shards import MAX_VOCAB, ShardWriter
+from .format import MAX_VOCAB
+from .shards import ShardWriter
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 0
@@ -178,7 +179,7 @@ def encode_documents(
         for batch in _batches(texts):
             encodings = encode([piece for _, piece in batch], add_special_tokens=False)
             parts = []
-            for (first, piece), enc in zip(batch, encodings):
+            for (first, _piece), enc in zip(batch, encodings):
                 if first:
                     if n_docs:
                         parts.append(eot)
