@@ -11,14 +11,13 @@ import pytest
 import torch
 import transformers
 from matplotlib.image import imread
+from test_resume import config, shards
 
 from rankscope import analyze as analyze_cmd
 from rankscope import store
 from rankscope.analyze import analyze
 from rankscope.errors import RankscopeError
 from rankscope.train import train
-
-from test_resume import config, shards
 
 
 @pytest.fixture(autouse=True)
@@ -172,7 +171,8 @@ def test_bad_input_gets_one_clear_line(run, hf_folder, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"]["n_layer"] = 3
     (mismatch / "config.json").write_text(json.dumps(cfg))
-    (mismatch / "checkpoints" / "step-000000016.pt").write_bytes((run / "checkpoints" / "step-000000016.pt").read_bytes())
+    final = (run / "checkpoints" / "step-000000016.pt").read_bytes()
+    (mismatch / "checkpoints" / "step-000000016.pt").write_bytes(final)
     assert "do not fit the run's config.json" in one_line_error([str(mismatch)])
 
     no_tok = tmp_path / "no-tokenizer"

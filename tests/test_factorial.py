@@ -10,9 +10,9 @@ import pytest
 from scipy import stats as sps
 
 from rankscope.report import write_report
+from rankscope.report.analysis import compute_numbers
 from rankscope.report.factorial import find_grid
 from rankscope.report.load import load_study
-from rankscope.report.report import analyse
 from rankscope.store import RunStore, run_dir, write_json
 
 QK = ("learned", "none")
@@ -71,7 +71,7 @@ def t_interval(d: list[float]) -> tuple[float, float, float]:
 
 
 def test_effects_equal_seed_by_seed_arithmetic(tmp_path):
-    an = analyse(load_study(make(tmp_path)))
+    an = compute_numbers(load_study(make(tmp_path)))
     assert an.grid is not None
     assert (an.grid.a.key, an.grid.a.levels) == ("model.qk_norm", ("none", "learned"))  # "off" is the reference
     assert an.grid.b.key == "optim.muon_qkvo" and an.grid.b.levels[0] == "stacked"  # the seed's own
@@ -137,7 +137,7 @@ def test_no_grid_when_arms_do_not_cross_two_settings():
 def test_crossed_arms_get_a_hue_per_first_setting_and_a_shade_per_second():
     import matplotlib
 
-    from rankscope.report.plots import arm_colors
+    from rankscope.report.plotstyle import arm_colors
 
     grid = {f"{a}.{b}": (i, j) for i, a in enumerate(("none", "learned")) for j, b in enumerate(GROUPING)}
     colors = arm_colors(list(grid), grid, (2, 3))

@@ -12,6 +12,7 @@ eval points from 0 and seed noise; it also builds the demo study looked at by ha
 
 from __future__ import annotations
 
+import dataclasses
 import html.parser
 import json
 import math
@@ -37,10 +38,14 @@ from rankscope.report import (
     t_interval,
     write_report,
 )
+from rankscope.report.curves import tokens_axis, use_log_tokens
 from rankscope.report.doc import inline_html
-from rankscope.report.plots import _tokens_axis, safe_names, use_log_tokens
-from rankscope.report.stats import PAIRED_CONSTANT, SINGLE, WELCH, describe, holm
-from rankscope.report.tables import BETTER, fmt_tokens, t975, welch_ci95
+from rankscope.report.format import describe
+from rankscope.report.paradox import BETTER
+from rankscope.report.plotstyle import safe_names
+from rankscope.report.seedcompare import arm_kind, seed_reference
+from rankscope.report.series import INTERPOLATE, LATEST, NEAREST, runs_at, seed_values
+from rankscope.report.stats import PAIRED_CONSTANT, SINGLE, WELCH, holm, t_quantile
 from rankscope.store import PROBE_COLUMNS, SCALAR_COLUMNS, RunStore, TableWriter, run_dir, write_json
 
 LOSS_OFFSET = {"qk": 0.0, "none": 0.05, "frozen": 0.03}
@@ -97,8 +102,8 @@ def add_run(root: Path, arm: str, fam: str, seed: int, *, tokens=TOKENS, done=Tr
             break
     if diverge_at is not None:
         store.close()
-        write_json(rd / "done.json", {"status": "diverged", "arm": arm, "seed": seed,
-                                      "message": f"run {arm} seed {seed} diverged at {diverge_at:,} tokens: val_loss is nan"})
+        message = f"run {arm} seed {seed} diverged at {diverge_at:,} tokens: val_loss is nan"
+        write_json(rd / "done.json", {"status": "diverged", "arm": arm, "seed": seed, "message": message})
     elif done:
         store.finish({"tokens": tokens[-1]})
     else:
@@ -147,8 +152,8 @@ def test_t_interval_by_hand():
     assert one.n == 1 and one.mean == 3.0 and math.isnan(one.lo) and math.isnan(one.sd)
     same = t_interval([0.1, 0.1, 0.1])
     assert same.lo == same.hi == pytest.approx(0.1) and same.sd == 0.0
-    assert t975(2) == pytest.approx(4.302653, abs=1e-6) and t975(10) == pytest.approx(2.228139, abs=1e-6)
-    assert t975(1e6) == pytest.approx(1.96, abs=1e-3)
+    assert t_quantile(2) == pytest.approx(4.302653, abs=1e-6) and t_quantile(10) == pytest.approx(2.228139, abs=1e-6)
+    assert t_quantile(1e6) == pytest.approx(1.96, abs=1e-3)
 
 
 def test_constant_and_zero_differences_are_handled_explicitly():
@@ -191,7 +196,6 @@ def test_one_seed_and_unpaired_fallbacks():
     dof = (v1 + v2) ** 2 / (v1**2 / 2 + v2**2 / 1)
     half = sps.t.ppf(0.975, dof) * math.sqrt(v1 + v2)
     assert (w.lo, w.hi) == (pytest.approx(a.mean() - b.mean() - half), pytest.approx(a.mean() - b.mean() + half))
-    assert welch_ci95(0.0, 3, 0.0, 3) == 0.0 and math.isnan(welch_ci95(1.0, 1, 1.0, 3))
 
 
 def test_holm_by_hand():
@@ -249,7 +253,8 @@ def test_paradox_table_points_means_and_verdict(tmp_path):
     sd = np.std([0.0, 0.02], ddof=1)
     half = sps.t.ppf(0.975, 1) * sd / math.sqrt(2)
     assert table.loc["val loss @ 400", ("qk", "sd")] == pytest.approx(sd)
-    assert table.loc["val loss @ 400", ("qk", "hi")] - table.loc["val loss @ 400", ("qk", "mean")] == pytest.approx(half)
+    row = table.loc["val loss @ 400"]
+    assert row[("qk", "hi")] - row[("qk", "mean")] == pytest.approx(half)
     assert (table.xs("n", axis=1, level=1).drop(columns=BETTER) == 2).all().all()
     # each arm minus the first, seed by seed
     (diff,) = table.attrs["diffs"]["val loss @ 400"]
@@ -440,7 +445,9 @@ def test_write_report_files_links_and_html(tmp_path):
     assert md.startswith("# demo")
     assert "hand-built test study" in md
     assert "`model.qk_norm=qk`" in md and "**preset:** `tiny`" in md and "**seeds:** 0, 1" in md
-    assert "## Summary" in md and "Across 2 seeds at 400 tokens, **qk/learned muon** vs **none**: validation loss lower by 0.050 in every seed" in md
+    assert "## Summary" in md
+    assert ("Across 2 seeds at 400 tokens, **qk/learned muon** vs **none**: validation loss lower by 0.050 in every "
+            "seed") in md
     assert "95% t-intervals over seeds" in md
     assert "unfinished" not in md and "diverged" not in md
 
@@ -554,8 +561,9 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
                        + 0.05 * fx[3] + 0.03 * own.normal(),
                        "lr_scale": 1.0, "grad_norm": 1.0, "elapsed_s": float(step), "probe_s": 0.0, "eval_s": 0.0}
                 rows = []
-                add = lambda layer, head, site, metric, v: rows.append(  # noqa: E731
-                    {"arm": arm, "seed": s, "step": step, "tokens": t, "layer": layer, "head": head,
+                # called only within this iteration, so the loop variables it reads are the current ones
+                add = lambda layer, head, site, metric, v: rows.append(  # noqa: E731, B023
+                    {"arm": arm, "seed": s, "step": step, "tokens": t, "layer": layer, "head": head,  # noqa: B023
                      "site": site, "metric": metric, "value": float(v)})
                 for layer in range(n_layer):
                     dead = arm == "qk-norm" and layer in collapsed
@@ -571,7 +579,8 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
                             add(layer, head, site, "erank", min(head_dim, 1.2 * p))
                             add(layer, head, site, "stable_rank", max(1.0, p / 8))
                             add(layer, head, site, "r90", round(min(head_dim, 1.1 * p)))
-                        add(layer, head, "attn", "entropy", 4.0 - 2.0 * u - (1.5 * u if dead else 0) + 0.1 * own.normal())
+                        add(layer, head, "attn", "entropy",
+                            4.0 - 2.0 * u - (1.5 * u if dead else 0) + 0.1 * own.normal())
                         add(layer, head, "attn", "max_logit", 4 + 10 * u + (18 * u if dead else 0) + own.normal())
                         ind = 0.05 + (0.7 * u if (layer, head) in ((2, 1), (5, 3)) else 0.03 * u)
                         add(layer, head, "attn", "induction_score", min(1.0, ind * (0.8 if arm == "qk-norm" else 1)
@@ -639,6 +648,10 @@ def test_realistic_study_report(tmp_path):
     assert "| mean key PR @ 16M | 43.5 |" in md and "| ≈30 |" in md
     assert "At 16M and 25M tokens the key PR order of **qk-norm** and **no-norm** matches the seed's figure" in md
     assert "25M: a separate 25M-token run with Muon lr 0.024" in md  # the 25M figure's own settings
+    # a QK-Clip arm (optim.qk_clip_tau > 0, no QK-Norm) is not the seed's plain arm, even when it is met first
+    clip_first = dataclasses.replace(study, runs=sorted(study.runs, key=lambda r: r.arm != "qk-clip"))
+    header, _, _ = seed_reference(clip_first, {})
+    assert header == ["quantity", "seed: QK-Norm", "qk-norm", "seed: no QK-Norm", "no-norm"]
     # the setup says how the runs differ from the seed's 88M study, setting by setting
     assert "**differs from the seed's 88M study**" in md and "`model.n_layer` 4 (seed 22)" in md
     # a Muon arm not trained as the seed trained (Q, K, V, O separate) is not set next to its figures
@@ -660,6 +673,46 @@ def test_seed_1_5b_reference_reads_keys_before_rope(tmp_path):
     assert "**differs from the seed's 1.5B follow-up**" in md
 
 
+def test_seeds_plain_arm_is_muon_without_qk_norm_or_qk_clip():
+    seeds_muon = {"name": "muon", "muon_qkvo": "stacked", "muon_ns": "polar_express"}
+    assert arm_kind({"model": {"qk_norm": "none"}, "optim": seeds_muon}) == "none"
+    assert arm_kind({"model": {"qk_norm": "learned"}, "optim": seeds_muon}) == "qk"
+    assert arm_kind({"model": {"qk_norm": "frozen"}, "optim": seeds_muon}) == "frozen"
+    # QK-Clip lives in the optimizer settings (optim.qk_clip_tau); an arm with it is not the seed's plain arm
+    assert arm_kind({"model": {"qk_norm": "none"}, "optim": {**seeds_muon, "qk_clip_tau": 100.0}}) is None
+    assert arm_kind({"model": {"qk_norm": "none"}, "optim": {**seeds_muon, "qk_clip_tau": 0.0}}) == "none"
+    assert arm_kind({"model": {"qk_norm": "none"}, "optim": {**seeds_muon, "muon_qkvo": "separate"}}) is None
+    assert arm_kind({"model": {"qk_norm": "none"}, "optim": {"name": "adamw"}}) is None
+
+
+def test_value_at_n_tokens_three_rules():
+    """One function reads "the value at N tokens"; the rules differ only where a run's grid lacks N."""
+    series = pd.DataFrame({"arm": "a", "seed": [0, 0, 0, 1, 1], "tokens": [0, 100, 400, 0, 200],
+                           "value": [9.0, 5.0, 3.0, 8.0, float("nan")]})
+
+    def used(n: int, rule: str) -> dict[int, int]:
+        rows = runs_at(series, n, rule)
+        return dict(zip(rows["seed"].tolist(), rows["tokens"].tolist()))
+
+    # every rule takes a run's own point at N; seed 1 lacks 100 (a tie between 0 and 200: the earlier)
+    assert used(100, NEAREST) == {0: 100, 1: 0} and used(100, LATEST) == {0: 100, 1: 0}
+    assert used(100, INTERPOLATE) == {0: 100}  # seed 1's positive points start at 200: 100 is outside them
+    # N = 300 lies between seed 0's points 100 and 400, and past seed 1's last point
+    assert used(300, NEAREST) == {0: 400}  # the nearer point, never one the run has not reached
+    assert used(300, LATEST) == {0: 100, 1: 200}  # the last point by then
+    interp = runs_at(series, 300, INTERPOLATE)
+    w = math.log(300 / 100) / math.log(400 / 100)
+    assert interp["value"].tolist() == [pytest.approx(5.0 + w * (3.0 - 5.0))] and interp["interpolated"].all()
+    assert used(50, LATEST) == {0: 0, 1: 0} and used(500, NEAREST) == {}
+    # probe rows (several per eval point) come back whole, in their order
+    rows = pd.concat([series.assign(layer=0), series.assign(layer=1)], ignore_index=True)
+    assert runs_at(rows, 300, LATEST).index.tolist() == [1, 4, 6, 9]
+    # the tables' cells: NEAREST, finite values only (seed 1's nearest point, 200, is NaN: it drops out)
+    assert seed_values(series, "a", 150) == {0: (5.0, 100)}
+    with pytest.raises(ValueError):
+        runs_at(series, 100, "closest")
+
+
 def test_log_token_axis_with_token_zero():
     import io
 
@@ -670,11 +723,11 @@ def test_log_token_axis_with_token_zero():
     ax = fig.subplots()
     t = np.array([0, 16_384, 1e6, 1e8])
     ax.plot(t, [10, 8, 5, 3])
-    assert _tokens_axis(ax, t)
+    assert tokens_axis(ax, t)
     assert ax.get_xscale() == "symlog"  # token 0 stays on the axis
     fig.savefig(io.BytesIO(), format="png")  # renders without error
     ax2 = Figure().subplots()
-    assert _tokens_axis(ax2, np.array([16_384, 1e8])) and ax2.get_xscale() == "log"
+    assert tokens_axis(ax2, np.array([16_384, 1e8])) and ax2.get_xscale() == "log"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -687,11 +740,11 @@ def test_inline_html():
     assert inline_html("**qk\\_norm\\|x**") == "<strong>qk_norm|x</strong>"
 
 
-def test_fmt_tokens():
-    assert [fmt_tokens(t) for t in (0, 50_000, 500_000, 1_000_000, 16_384_000, 25_000_000, 1.5e9)] == \
-        ["0", "50k", "0.5M", "1M", "16.4M", "25M", "1.5B"]
-
-
 def test_report_never_imports_torch():
-    code = "import sys, rankscope.report; assert 'torch' not in sys.modules, 'report imported torch'"
+    # every module of the package, including those `rankscope analyze` borrows (its summary and heatmap)
+    code = ("import importlib, pkgutil, sys, rankscope.report as r\n"
+            "names = [m.name for m in pkgutil.iter_modules(r.__path__, 'rankscope.report.')]\n"
+            "assert len(names) > 10, names\n"
+            "for n in names: importlib.import_module(n)\n"
+            "assert 'torch' not in sys.modules, 'report imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)

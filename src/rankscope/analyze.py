@@ -17,34 +17,34 @@ shards.
 
 Written to `--out` (default: `<run>/analyze/step-<s>/` for a rankscope run, `<PATH>-analyze/` beside
 a Hugging Face folder, or `./rankscope-analyze/<name>/` when that place is not writable):
-probes.csv (the tidy table, `store.PROBE_COLUMNS`), key_pr_heatmap.png (layer x head), summary.md
-(also printed), analyze.json (what was measured, on what).
+probes.csv (the tidy table, `store.PROBE_COLUMNS`), key_pr_heatmap.png (layer x head,
+`report.layer_plots`), summary.md (also printed, `report.model_summary`), analyze.json (what was
+measured, on what, and with which code and machine: `provenance.environment`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-
-from . import __version__
 from .errors import RankscopeError
+from .units import fmt_count
+from .vocab import PROBE_SITES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HEATMAP, SUMMARY, TABLE, INFO = "key_pr_heatmap.png", "summary.md", "probes.csv", "analyze.json"
-TOP = 3  # layers and heads listed as most and least collapsed
 
 
 @dataclass
-class Analysis:
+class AnalyzeResult:
     """What `analyze` measured and wrote."""
 
     table: pd.DataFrame      # layer, head, site, metric, value
@@ -265,7 +265,8 @@ def _load_hf(path: Path) -> _Model:
         if data is not None and _is_shards(Path(data)):
             return _shard_batch(Path(data), vocab, bs, T)
         if tokenizer is None:
-            raise RankscopeError(f"{path} has no tokenizer; save it with the model, or pass --data with .bin token shards")
+            raise RankscopeError(f"{path} has no tokenizer; save it with the model, or pass --data with .bin "
+                                 "token shards")
         if data is None:
             _, val, _ = corpus.embedded_corpus_files()
             docs = [corpus.read_document(p, python_source=True) for p in val]
@@ -289,141 +290,24 @@ def _writable(out: Path) -> bool:
     return os.access(out, os.W_OK)
 
 
-def _fmt_tokens(t: int | None) -> str:
-    if t is None:
-        return "?"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if t >= div:
-            return f"{t / div:.3g}{unit}"
-    return str(t)
-
-
-def key_pr_grid(table: pd.DataFrame, metric: str = "pr_sv") -> pd.DataFrame:
-    """Layers (rows) x key heads (columns) of the key PR."""
-    k = table[(table["site"] == "k") & (table["metric"] == metric)]
-    return k.pivot_table(index="layer", columns="head", values="value", aggfunc="mean").sort_index()
-
-
-def plot_heatmap(grid: pd.DataFrame, path: Path, *, title: str, subtitle: str, head_dim: int,
-                 grouped: bool = False) -> Path:
-    """Heatmap of key PR per layer (rows, layer 0 on top) and key head (columns), on the absolute
-    scale 1..head_dim so that collapse reads the same in every model; beside it each layer's mean."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    L, H = grid.shape
-    values = grid.to_numpy(float)
-    cell_w, cell_h = (0.55 if H <= 16 else 0.3), (0.32 if L <= 24 else 0.2)
-    width = max(6.0, 2.2 + H * cell_w + 2.0)
-    height = max(3.4, 1.5 + L * cell_h)
-    fig = Figure(figsize=(width, height), layout="constrained")
-    ax, bar_ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [max(H, 2.5), max(1.6, H * 0.35)]})
-    cmap = "viridis"
-    mesh = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=1.0, vmax=float(head_dim), aspect="auto",
-                     interpolation="nearest")
-    ax.set_xticks(range(H), [str(h) for h in grid.columns])
-    ax.set_yticks(range(L), [str(i) for i in grid.index])
-    if L > 32:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=24))
-    ax.set_xlabel("key/value head" if grouped else "head")
-    ax.set_ylabel("layer")
-    if L * H <= 400:  # values in the cells while they stay legible
-        size = 8 if H <= 12 else 6.5
-        norm = mesh.norm
-        for i in range(L):
-            for j in range(H):
-                v = values[i, j]
-                if np.isfinite(v):
-                    light = mesh.cmap(norm(v))[:3]
-                    dark_text = 0.299 * light[0] + 0.587 * light[1] + 0.114 * light[2] > 0.5
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=size,
-                            color="black" if dark_text else "white")
-
-    means = np.nanmean(values, axis=1)
-    colors = mesh.cmap(mesh.norm(means))
-    bar_ax.barh(range(L), means, color=colors, edgecolor="0.3", linewidth=0.5)
-    bar_ax.axvline(float(np.nanmean(values)), color="0.35", linestyle="--", linewidth=1)
-    bar_ax.set_xlim(0, head_dim)
-    bar_ax.set_xlabel("layer mean\n(dashed: all heads)")
-    bar_ax.tick_params(axis="y", left=False)
-    for i, m in enumerate(means):
-        if np.isfinite(m):
-            bar_ax.text(min(m, head_dim) + head_dim * 0.02, i, f"{m:.1f}", va="center", fontsize=8,
-                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85})
-    bar_ax.set_xlim(0, head_dim * 1.22)
-    cb = fig.colorbar(mesh, ax=[ax, bar_ax], location="right", pad=0.02, fraction=0.04, aspect=30)
-    cb.set_label(f"key PR (1 = one direction, {head_dim} = all)")
-    # wrap to the figure's width (about 12 characters per inch at 9.5 pt) so nothing is cut off
-    chars = max(40, int(width * 12))
-    lines = [textwrap.fill(line, chars) for line in f"{title}\n{subtitle}".splitlines()]
-    fig.suptitle("\n".join(lines), fontsize=9.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    return path
-
-
-def keys_word(qk_norm: bool, rotary: str) -> str:
-    """What the key site holds for this model, in words."""
-    steps = (["QK-Norm"] if qk_norm else []) + (["RoPE"] if rotary not in ("none", "unknown") else [])
-    return "the keys" + (f" after {' and '.join(steps)}" if steps else "") + ", as the attention scores see them"
-
-
-def summarize(table: pd.DataFrame, *, name: str, describe: str, data: str, shape: tuple[int, int],
-              head_dim: int, step: int | None, tokens: int | None, notes: tuple[str, ...] = (),
-              keys: str = "the keys") -> str:
-    """The markdown summary: where keys are most and least collapsed, and each layer's mean."""
-    grid = key_pr_grid(table)
-    where = ", ".join(x for x in (f"step {step}" if step is not None else "",
-                                  f"{_fmt_tokens(tokens)} tokens" if tokens else "") if x)
-    lines = [f"# rankscope analyze: {name}", "",
-             f"{describe}" + (f"; {where}" if where else "") + ".",
-             f"Probe batch: {shape[0]} x {shape[1]} tokens from {data}.", ""]
-    lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
-    if grid.empty:
-        return "\n".join(lines + ["No key rows were measured."]) + "\n"
-    heads = grid.stack().rename("value").reset_index().sort_values(["value", "layer", "head"])
-    layer_mean = grid.mean(axis=1)
-    overall = float(np.nanmean(grid.to_numpy(float)))
-    n = max(1, min(TOP, len(layer_mean) // 2))  # the two lists never share an entry
-    k = max(1, min(TOP, len(heads) // 2))
-    fmt_layers = lambda s: ", ".join(f"layer {int(i)} ({v:.1f})" for i, v in s.items())  # noqa: E731
-    fmt_heads = lambda d: ", ".join(f"layer {int(r.layer)} head {int(r.head)} ({r.value:.1f})"  # noqa: E731
-                                    for r in d.itertuples())
-    lines += [
-        f"Key participation ratio (pr_sv of {keys}; 1 = one direction, {head_dim} = all {head_dim}): "
-        f"mean {overall:.2f} over {grid.size} key heads.", "",
-        f"- Most collapsed layers (lowest mean key PR): {fmt_layers(layer_mean.sort_values().head(n))}",
-        f"- Least collapsed layers (highest mean key PR): {fmt_layers(layer_mean.sort_values(ascending=False).head(n))}",
-        f"- Most collapsed heads: {fmt_heads(heads.head(k))}",
-        f"- Least collapsed heads: {fmt_heads(heads.iloc[::-1].head(k))}",
-        "",
-    ]
-    ent = table[(table["site"] == "attn") & (table["metric"] == "entropy")].groupby("layer")["value"].mean()
-    header = "| layer | mean key PR | lowest head | highest head |" + (" attention entropy (nats) |" if len(ent) else "")
-    lines += [header, "|" + "---|" * (4 + bool(len(ent)))]
-    for layer, row in grid.iterrows():
-        cells = [str(int(layer)), f"{row.mean():.2f}", f"{row.min():.2f} (head {int(row.idxmin())})",
-                 f"{row.max():.2f} (head {int(row.idxmax())})"]
-        if len(ent):
-            cells.append(f"{ent.get(layer, float('nan')):.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # --- the command ---------------------------------------------------------------------------------
 
 def analyze(path: str | Path, *, data: str | Path | None = None, out: str | Path | None = None,
             batch_size: int | None = None, seq_len: int | None = None, sites: tuple[str, ...] = ("k",),
-            device: str = "auto") -> Analysis:
+            device: str = "auto") -> AnalyzeResult:
     """Load the model at `path`, probe it on one batch, write the table, heatmap and summary."""
     import torch
 
-    from .attach import SITE_NAMES, Probe
+    from .attach import Probe
+    from .fsio import write_text
+    from .provenance import environment, now
+    from .report.layer_plots import plot_head_heatmap
+    from .report.model_summary import key_pr_grid, key_pr_summary, keys_word
     from .store import PROBE_COLUMNS, TableWriter, write_json
 
     for s in sites:
-        if s not in SITE_NAMES:
-            raise RankscopeError(f"unknown site {s!r} (choose from {', '.join(SITE_NAMES)})")
+        if s not in PROBE_SITES:
+            raise RankscopeError(f"unknown site {s!r} (choose from {', '.join(PROBE_SITES)})")
     for label, v in (("--batch-size", batch_size), ("--seq-len", seq_len)):
         if v is not None and v < 1:
             raise RankscopeError(f"{label} must be positive, got {v}")
@@ -465,22 +349,21 @@ def analyze(path: str | Path, *, data: str | Path | None = None, out: str | Path
 
     shape = (int(ids.shape[0]), int(ids.shape[1]))
     where = ", ".join(x for x in (f"step {loaded.step}" if loaded.step is not None else "",
-                                  f"{_fmt_tokens(loaded.tokens)} tokens" if loaded.tokens else "") if x)
+                                  f"{fmt_count(loaded.tokens)} tokens" if loaded.tokens else "") if x)
     grid = key_pr_grid(table)
-    heatmap = plot_heatmap(grid, out_dir / HEATMAP, title=f"{loaded.name}: key participation ratio per head",
+    heatmap = plot_head_heatmap(grid, out_dir / HEATMAP, title=f"{loaded.name}: key participation ratio per head",
                            subtitle=f"{att.describe()}" + (f"; {where}" if where else "")
                            + f"\nprobe batch {shape[0]} x {shape[1]} tokens", head_dim=att.head_dim,
                            grouped=att.n_kv_head != att.n_head)
-    summary = summarize(table, name=loaded.name, describe=att.describe(), data=data_desc, shape=shape,
-                        head_dim=att.head_dim, step=loaded.step, tokens=loaded.tokens, notes=probe.notes,
-                        keys=keys_word(att.qk_norm, att.rotary))
-    (out_dir / SUMMARY).write_text(summary)
+    summary = key_pr_summary(table, name=loaded.name, describe=att.describe(), data=data_desc, shape=shape,
+                             head_dim=att.head_dim, step=loaded.step, tokens=loaded.tokens, notes=probe.notes,
+                             keys=keys_word(att.qk_norm, att.rotary))
+    write_text(out_dir / SUMMARY, summary)
     info = {"path": str(path.resolve()), "kind": loaded.kind, "name": loaded.name, "step": loaded.step,
             "tokens": loaded.tokens, "model": att.config(), "data": data_desc, "batch": list(shape),
-            "sites": probe.sites, "device": str(device), "rankscope": __version__, "torch": torch.__version__,
-            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "sites": probe.sites, **environment(torch.device(device)), "written": now()}
     write_json(out_dir / INFO, info)
-    return Analysis(table, out_dir, summary, heatmap, info)
+    return AnalyzeResult(table, out_dir, summary, heatmap, info)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -495,8 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "probe.batch_size; 8 for Hugging Face models)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's train.seq_len; "
                                                     "256 for Hugging Face models)")
-    parser.add_argument("--sites", default="k", help="comma-separated sites to measure besides k: q_pre, q, "
-                                                     "k_pre, k, v, o (default: k)")
+    parser.add_argument("--sites", default="k", help="comma-separated sites to measure besides k: "
+                                                     f"{', '.join(PROBE_SITES)} (default: k)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -510,4 +393,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Analysis", "analyze", "add_arguments", "run", "key_pr_grid", "plot_heatmap", "summarize"]
+__all__ = ["AnalyzeResult", "analyze", "add_arguments", "run"]

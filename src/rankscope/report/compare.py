@@ -1,7 +1,7 @@
 """Arms against arms and rank against downstream: every pair of arms seed by seed at the end of
 training, and correlations between mean key PR and the downstream measures.
 
-Pure pandas on the series of `tables.py`; the statistics are in `stats.py`.
+Pure pandas on the series of `series.py`; the statistics are in `stats.py`.
 """
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import pandas as pd
 
+from .format import decimals_for
+from .quantities import INDUCTION, INDUCTION_MAX, SCALAR_QUANTITIES, VAL_LOSS, Quantity, probe_quantity
+from .series import choose_points, compare_at, quantity_series
 from .stats import NONE, correlate, holm
-from .tables import (
-    INDUCTION,
-    INDUCTION_MAX,
-    SCALAR_QUANTITIES,
-    VAL_LOSS,
-    Quantity,
-    choose_points,
-    compare_at,
-    decimals_for,
-    probe_quantity,
-    quantity_series,
-)
 
 NOT_COMPARABLE = "not comparable"
 

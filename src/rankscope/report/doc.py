@@ -17,7 +17,6 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 # ASCII punctuation: what CommonMark lets a backslash escape
 _PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -57,7 +56,7 @@ class Figure:
 @dataclass
 class Details:
     summary: str
-    blocks: list["Block"] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
 
 @dataclass
@@ -66,10 +65,10 @@ class Box:
     blocks as they are."""
 
     css: str
-    blocks: list["Block"] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
 
 
-Block = Union[Heading, Para, Table, Bullets, Figure, Details, Box]
+Block = Heading | Para | Table | Bullets | Figure | Details | Box
 
 
 def md_escape(text: str) -> str:
@@ -247,7 +246,7 @@ def _html_blocks(blocks: list[Block]) -> list[str]:
             out.append(f"<p{cls}>{inline_html(b.text)}</p>")
         elif isinstance(b, Table):
             align = b.align or ["l"] * len(b.header)
-            cls = lambda j: ' class="r"' if j < len(align) and align[j] == "r" else ""  # noqa: E731
+            cls = lambda j, align=align: ' class="r"' if j < len(align) and align[j] == "r" else ""  # noqa: E731
             rows = ["<tr>" + "".join(f"<th{cls(j)}>{inline_html(h)}</th>" for j, h in enumerate(b.header)) + "</tr>"]
             rows += ["<tr>" + "".join(f"<td{cls(j)}>{inline_html(c)}</td>" for j, c in enumerate(r)) + "</tr>"
                      for r in b.rows]

@@ -27,14 +27,10 @@ import pandas as pd
 
 from ..flat import flatten
 from ..seedref import SEED_88M
-from .stats import SINGLE, Difference, fmt_interval, fmt_p, paired_difference, seeds_text, signed
-from .tables import Quantity, choose_points, decimals_for, seed_values
-
-# The keys' functional rank (evals.functional_rank, per layer, averaged over layers): the fewest
-# key dimensions that keep the loss within 1%. No direction: fewer needed is neither good nor bad.
-KEY_FUNCTIONAL_RANK = Quantity("k:functional_rank", "key functional rank", None,
-                               "the fewest principal key directions per layer that keep the loss within 1%, "
-                               "averaged over layers", "dimensions", 1)
+from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
+from .quantities import Quantity
+from .series import choose_points, seed_values
+from .stats import SINGLE, Difference, paired_difference
 
 _SECTIONS = ("model.", "optim.", "train.", "probe.", "data.")
 _OFF = ("none", "off", "false", "0", "0.0", "")

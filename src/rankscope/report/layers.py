@@ -1,5 +1,5 @@
 """Per-layer views at the end of training: the diagnosis of collapsed layers, functional rank next
-to key PR, and the rank sweep behind functional rank. Pure pandas; the figures are in `plots.py`.
+to key PR, and the rank sweep behind functional rank. Pure pandas; the figures are in `layer_plots.py`.
 
 The seed asks "why do some layers collapse?" (layers 1 and 3 of its QK-Norm run fell below PR 10
 while the others stayed near 40). A layer's key PR alone cannot answer that; putting the things
@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .tables import (
-    _complete,
-    _layer_means_of,
-    choose_points,
-    head_layer_mean,
-    is_rank_sweep,
-    seed_stats,
-)
+from .quantities import RANK_SWEEP, is_rank_sweep
+from .series import LATEST, choose_points, complete_rows, head_layer_mean, layer_means_of, runs_at, seed_stats
 
 # A layer is flagged as collapsed when its key PR is below this share of the median layer of its
 # own network: the seed's collapsed layers sat at about a quarter of their neighbours. Relative to
@@ -50,7 +44,6 @@ class DiagPanel:
     ylim: tuple[float, float] = (0.0, 1.0)
     hline: tuple[float, str] | None = None
     missing: str = "not recorded"
-    series_styles: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,16 +72,6 @@ def _partition(probes: pd.DataFrame, pairs: Collection[tuple[str, str]]) -> dict
     return {(str(s), str(m)): g for (s, m), g in sub.groupby(["site", "metric"], sort=False) if (s, m) in want}
 
 
-def _at_or_before(rows: pd.DataFrame, tokens: int) -> pd.DataFrame:
-    """Each run's rows at its latest eval point at or before `tokens`: a quantity probed on another
-    cadence (or only at some points) still shows its value from the end of training."""
-    rows = rows[rows["tokens"] <= tokens]
-    if not len(rows):
-        return rows
-    last = rows.groupby("seed")["tokens"].transform("max")
-    return rows[rows["tokens"] == last]
-
-
 def layer_stats_at(rows: pd.DataFrame, arm: str, tokens: int,
                    seeds: Collection[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(layer stats, per-head means) of one arm's rows of one (site, metric) at `tokens`.
@@ -101,13 +84,14 @@ def layer_stats_at(rows: pd.DataFrame, arm: str, tokens: int,
     rows = rows[rows["arm"] == arm]
     if seeds is None:
         seeds = set(rows.loc[rows["tokens"] == tokens, "seed"].tolist())
-    rows = _at_or_before(rows[rows["seed"].isin(set(seeds))], tokens)
+    # a quantity probed on another cadence (or only at some points) still shows its value by then
+    rows = runs_at(rows[rows["seed"].isin(set(seeds))], tokens, LATEST)
     if not len(rows):
         empty = pd.DataFrame(columns=["layer", "mean", "lo", "hi", "sd", "min", "max", "n"])
         return empty, pd.DataFrame(columns=["layer", "head", "value"])
-    lm = _layer_means_of(rows)
+    lm = layer_means_of(rows)
     stats = seed_stats(lm, by=("layer",))
-    heads = _complete(rows)
+    heads = complete_rows(rows)
     heads = heads[heads["head"] >= 0]
     heads = heads.groupby(["layer", "head"], as_index=False)["value"].mean()
     return stats, heads
@@ -268,16 +252,16 @@ def rank_sweep_curves(probes: pd.DataFrame, ends: dict[str, int], site: str = "k
     """Per arm: (layer, r, value) of the `dloss_r<r>` sweep at the arm's point in `ends`, each
     layer's value averaged over seeds."""
     rows = probes[probes["site"] == site]
-    rows = rows[rows["metric"].str.startswith("dloss_r")]  # vectorised first: probe tables run to millions of rows
+    rows = rows[rows["metric"].str.startswith(RANK_SWEEP)]  # vectorised first: probe tables run to millions of rows
     rows = rows[rows["metric"].map(is_rank_sweep)]
     if not len(rows):
         return {}
-    rows = rows.assign(r=rows["metric"].str.slice(7).astype(int))
+    rows = rows.assign(r=rows["metric"].str.slice(len(RANK_SWEEP)).astype(int))
     out = {}
     for a, t in ends.items():
         sub = rows[rows["arm"] == a]
         sub = sub[sub["seed"].isin(set(sub.loc[sub["tokens"] == t, "seed"].tolist()))]
-        sub = _at_or_before(sub, t)
+        sub = runs_at(sub, t, LATEST)
         if not len(sub):
             continue
         per_run = sub.groupby(["seed", "layer", "r"], as_index=False)["value"].mean()

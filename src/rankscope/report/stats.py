@@ -1,5 +1,5 @@
-"""Statistics over seeds: t intervals, seed-by-seed (paired) differences, correlations, and the words
-the report uses for them. Pure numpy/scipy on plain numbers; no frames, files or plots.
+"""Statistics over seeds: t intervals, seed-by-seed (paired) differences, correlations. Pure
+numpy/scipy on plain numbers; no frames, files, plots or formatting (`format.py` writes them out).
 
 Why these choices:
 
@@ -38,7 +38,6 @@ LEVEL = 0.95
 _CONSTANT_RTOL = 1e-12
 # Wilcoxon from this many pairs up (see the module docstring)
 WILCOXON_MIN_N = 6
-MINUS = "\u2212"  # a real minus sign in reports: "−0.020" rather than "-0.020"
 
 
 def t_quantile(df: float, level: float = LEVEL) -> float:
@@ -280,63 +279,7 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
                        float(pr.pvalue), float(sr.statistic), float(sr.pvalue))
 
 
-# --- words and numbers ---------------------------------------------------------------------------------
-
-def signed(v: float, d: int) -> str:
-    """'−0.020' / '0.020' with a real minus sign; '–' for a missing number."""
-    if not math.isfinite(v):
-        return "–"
-    text = f"{v:.{d}f}"
-    if text.startswith("-"):
-        # -0.000 after rounding is just 0
-        return MINUS + text[1:] if any(ch not in "0." for ch in text[1:]) else text[1:]
-    return text
-
-
-def fmt_p(p: float) -> str:
-    """'p = 0.06', 'p = 0.012', 'p < 0.001' (two significant digits, as journals ask)."""
-    if not math.isfinite(p):
-        return "p = –"
-    if p < 0.001:
-        return "p < 0.001"
-    if p >= 0.1:
-        return f"p = {p:.2f}"
-    return f"p = {p:.2g}" if p >= 0.01 else f"p = {p:.3f}"
-
-
-def fmt_interval(lo: float, hi: float, d: int) -> str:
-    return f"[{signed(lo, d)}, {signed(hi, d)}]"
-
-
-def seeds_text(n: int) -> str:
-    return f"{n} seed" + ("" if n == 1 else "s")
-
-
-def describe(diff: Difference, d: int, *, lower: str = "lower", higher: str = "higher",
-             with_names: bool = True) -> str:
-    """One sentence for a difference, the form the paradox table and summary use, e.g.
-
-    'qk-norm − no-norm: −0.020 [−0.041, 0.001], p = 0.06 (3 seeds): not distinguishable from seed noise'
-    """
-    head = f"{diff.a} {MINUS} {diff.b}: " if with_names else ""
-    if diff.test == NONE:
-        return head + "no seeds to compare"
-    body = signed(diff.mean, d)
-    if diff.test == SINGLE:
-        return head + f"{body} (1 seed: no interval possible)"
-    body += f" {fmt_interval(diff.lo, diff.hi, d)}"
-    if diff.test == PAIRED_CONSTANT:
-        body += f" ({seeds_text(diff.n)}, the same in each)"
-    else:
-        body += f", {fmt_p(diff.p)}"
-        if math.isfinite(diff.p_wilcoxon):
-            body += f" (Wilcoxon {fmt_p(diff.p_wilcoxon)})"
-        body += f" ({seeds_text(diff.n)}{', unpaired Welch: fewer than 2 shared seeds' if diff.test == WELCH else ''})"
-    return head + body + ": " + diff.verdict(lower=lower, higher=higher)
-
-
 __all__ = [
     "LEVEL", "Interval", "t_interval", "t_interval_arrays", "t_quantile", "Difference", "paired_difference",
-    "welch_difference", "holm", "Correlation", "correlate", "signed", "fmt_p", "fmt_interval", "describe",
-    "seeds_text", "PAIRED", "PAIRED_CONSTANT", "WELCH", "SINGLE", "NONE",
+    "welch_difference", "holm", "Correlation", "correlate", "PAIRED", "PAIRED_CONSTANT", "WELCH", "SINGLE", "NONE",
 ]

@@ -1,40 +1,23 @@
 """The report's written summary, generated from the numbers: what the study found and how sure it
 is, in sentences a reader can quote. Nothing here is hand-written per study; every claim is tied to
 an interval, and anything within seed noise is said to be so.
-
-Also the comparison with the seed study's own figures (DESIGN.md's reference table), for studies
-run with the seed's preset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..units import fmt_count
 from .doc import md_escape
+from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
 from .layers import Diagnosis, collapse_rule
 from .load import StudyData
-from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference, fmt_interval, fmt_p, seeds_text, signed
-from .tables import BETTER, decimals_for, fmt_tokens, quantity_series
-
-# The seed's published single-seed figures (DESIGN.md), by the preset that restages each run:
-# (label, quantity key, tokens, {arm kind: value}, read off a figure (approximate), source in seedref)
-SEED_REFERENCE: dict[str, tuple[tuple[str, str, int, dict[str, float], bool, str], ...]] = {
-    "seed-88m": (
-        ("val loss", "val_loss", 16_000_000, {"qk": 4.233, "none": 4.253}, False, "16M"),
-        ("mean key PR", "k:pr_sv", 16_000_000, {"qk": 43.5, "none": 46.8}, False, "16M"),
-        ("mean key PR", "k:pr_sv", 25_000_000, {"qk": 30.0, "none": 51.0}, True, "25M"),
-    ),
-    "seed-1.5b": (
-        ("mean key PR before RoPE", "k_pre:pr_sv", 50_000_000, {"qk": 65.7, "frozen": 59.6, "none": 63.3},
-         False, "1.5B"),
-    ),
-}
-SEED_PRESETS = tuple(SEED_REFERENCE)
-_KIND_NAMES = {"qk": "QK-Norm", "frozen": "QK-Norm, gain frozen", "none": "no QK-Norm"}
+from .paradox import table_arms
+from .quantities import DOWNSTREAM
+from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference
 
 
 def _b(arm: str) -> str:
@@ -55,7 +38,8 @@ def _phrase(d: Difference, dec: int, noun: str, *, judge: bool | None = None, si
     if d.test == PAIRED_CONSTANT:
         if round(d.mean, dec) == 0:
             return f"{noun} the same in every seed"
-        return f"{noun} {word} by {size:.{dec}f} in every seed (no seed-to-seed spread{'; ' + verdict if verdict else ''})"
+        return (f"{noun} {word} by {size:.{dec}f} in every seed "
+                f"(no seed-to-seed spread{'; ' + verdict if verdict else ''})")
     unpaired = ", unpaired Welch: fewer than 2 shared seeds" if d.test == WELCH else ""
     if not d.resolved:
         return (f"{noun} not distinguishable from seed noise ({signed(d.mean, dec)} "
@@ -80,7 +64,7 @@ def _diff(table: pd.DataFrame, label: str | None, arm: str) -> Difference | None
 
 
 def _dec(table: pd.DataFrame, label: str) -> int:
-    arms = [a for a in dict.fromkeys(table.columns.get_level_values(0)) if a != BETTER]
+    arms = table_arms(table)
     meta = table.attrs["rows"][label]
     return decimals_for([table.loc[label, (a, "mean")] for a in arms], label, meta.get("decimals"))
 
@@ -121,8 +105,7 @@ def _pair_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None,
 
 def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None, int]:
     labels = [(lbl, m) for lbl, m in table.attrs.get("rows", {}).items()
-              if m.get("point") == "end" and m.get("quantity") in
-              ("ood_loss", "icl_score", "induction_loss", "induction_score", "induction_max") and m.get("comparable")]
+              if m.get("point") == "end" and m.get("quantity") in DOWNSTREAM and m.get("comparable")]
     clear, unclear, single = [], [], []
     tests = 0
     for lbl, meta in labels:
@@ -193,7 +176,7 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
              + (f", {len(div)} diverged" if div else "")
              + (f", {len(runs) - n_done - len(div)} not finished" if len(runs) - n_done - len(div) else "") + ")"
              + (f", preset {', '.join(f'`{p}`' for p in presets)}" if presets else "")
-             + (f", {' / '.join(fmt_tokens(b) for b in budget)} tokens per run" if budget else ""))
+             + (f", {' / '.join(fmt_count(b) for b in budget)} tokens per run" if budget else ""))
     # seeds that actually entered a comparison at the end (a seed still running or diverged does not)
     end_n = [d.n for lbl, ds in (table.attrs.get("diffs", {}) if len(table) else {}).items()
              if table.attrs["rows"][lbl].get("point") == "end" for d in ds]
@@ -246,102 +229,11 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
         many = len(div) > 1
         out.append(f"{len(div)} run{'s' if many else ''} diverged (loss became NaN or infinite) and "
                    f"count{'' if many else 's'} only up to {'their' if many else 'its'} last finite eval point: "
-                   + ", ".join(f"{_b(r.arm)} seed {r.seed}" + (f" after {fmt_tokens(r.last_finite_tokens)} tokens"
+                   + ", ".join(f"{_b(r.arm)} seed {r.seed}" + (f" after {fmt_count(r.last_finite_tokens)} tokens"
                                                                   if r.last_finite_tokens is not None else "")
                                for r in div) + ".")
     out += list(reference_lines)
     return out
 
 
-# --- the seed's reference figures ----------------------------------------------------------------
-
-def _arm_kind(config: dict[str, Any]) -> str | None:
-    """'qk' for the seed's QK-Norm arm (Muon, learned gain), 'frozen' for its gain-frozen arm, 'none'
-    for its plain arm (Muon, no QK-Norm, no QK-Clip); None for anything else, including Muon that is
-    not the seed's (Q, K, V, O not stacked, or not Polar Express; a run from before these settings
-    existed trained them separately with Newton-Schulz)."""
-    m, o = config.get("model") or {}, config.get("optim") or {}
-    if str(o.get("name", "")).lower() != "muon" or float(o.get("qk_clip_tau") or 0) > 0:
-        return None
-    if o.get("muon_qkvo") != "stacked" or o.get("muon_ns") != "polar_express":
-        return None
-    return {"learned": "qk", "frozen": "frozen", "none": "none"}.get(str(m.get("qk_norm", "")).lower())
-
-
-def _value_at(series: pd.DataFrame, arm: str, tokens: int) -> tuple[list[float], bool]:
-    """Each run's value at `tokens`: exact when it has that eval point, else linearly interpolated
-    in log tokens between its two neighbouring points (log-spaced grids rarely hit 16M exactly);
-    runs that did not reach `tokens` are left out. Returns (values, any interpolated)."""
-    vals, interp = [], False
-    for _, g in series[series["arm"] == arm].groupby("seed"):
-        g = g[g["tokens"] > 0].sort_values("tokens")
-        t, v = g["tokens"].to_numpy(float), g["value"].to_numpy(float)
-        if not len(t) or not (t[0] <= tokens <= t[-1]):
-            continue
-        hit = np.flatnonzero(t == tokens)
-        if len(hit):
-            vals.append(float(v[hit[-1]]))
-        else:
-            vals.append(float(np.interp(np.log(tokens), np.log(t), v)))
-            interp = True
-    return vals, interp
-
-
-def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[list[str], list[list[str]], list[str]]:
-    """(header, rows, sentences) comparing this study with the seed's published numbers, for studies
-    with a seed preset and the seed's arms (its Muon, with and without QK-Norm; at 1.5B also the
-    frozen gain). `series`: quantity key -> series; missing keys are read from the study. Empty
-    when not applicable."""
-    from ..seedref import SEED_FIGURES_NOTE
-
-    presets = [p for p in dict.fromkeys(str(s.get("preset")) for s in study.studies if s.get("preset"))
-               if p in SEED_REFERENCE]
-    if not presets:
-        return [], [], []
-    reference = SEED_REFERENCE[presets[0]]
-    kinds: dict[str, str] = {}
-    for r in study.runs:
-        k = _arm_kind(r.config)
-        if k and k not in kinds:
-            kinds[k] = r.arm
-    wanted = [k for k in ("qk", "frozen", "none") if any(k in row[3] for row in reference)]
-    if not {"qk", "none"} <= set(kinds):
-        return [], [], []
-    shown = [k for k in wanted if k in kinds]
-    header = ["quantity"] + [h for k in shown for h in (f"seed: {_KIND_NAMES[k]}", md_escape(kinds[k]))]
-    rows, sentences, checks, sources = [], [], [], []
-    for label, key, tokens, values, approx, source in reference:
-        s = series.get(key)
-        if s is None:
-            s = quantity_series(study.scalars, study.probes, key)
-        if s is None or not len(s):
-            continue
-        dec = 3 if "loss" in label else 1
-        cells, means = [], {}
-        for kind in shown:
-            arm = kinds[kind]
-            vals, interp = _value_at(s, arm, tokens)
-            ref = values.get(kind)
-            cells.append("–" if ref is None else (f"≈{ref:.0f}" if approx else f"{ref:.{dec}f}"))
-            if not vals:
-                cells.append("not reached")
-                continue
-            means[kind] = float(np.mean(vals))
-            notes = ([seeds_text(len(vals))] if len(vals) > 1 else []) + (["interpolated"] if interp else [])
-            cells.append(f"{means[kind]:.{dec}f}" + (f" ({', '.join(notes)})" if notes else ""))
-        rows.append([f"{label} @ {fmt_tokens(tokens)}"] + cells)
-        sources.append(f"{fmt_tokens(tokens)}: {SEED_FIGURES_NOTE[source]}")
-        if "pr_sv" in key and {"qk", "none"} <= set(means):
-            checks.append((fmt_tokens(tokens), (means["qk"] < means["none"]) == (values["qk"] < values["none"])))
-    for same in (True, False):
-        where = [w for w, ok in checks if ok == same]
-        if where:
-            sentences.append(f"At {' and '.join(where)} tokens the key PR order of {_b(kinds['qk'])} and "
-                             f"{_b(kinds['none'])} " + ("matches" if same else "is the reverse of")
-                             + " the seed's figure at the same point.")
-    if sources:
-        sentences.append("The seed's figures come from different runs: " + "; ".join(dict.fromkeys(sources)) + ".")
-    return header, rows, sentences
-
-
-__all__ = ["summary_paragraphs", "seed_reference", "SEED_REFERENCE", "SEED_PRESETS"]
+__all__ = ["summary_paragraphs"]

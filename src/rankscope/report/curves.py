@@ -1,0 +1,426 @@
+"""Figures over training: validation loss and mean key PR against tokens, the downstream measures
+against tokens, each arm's layer x tokens heatmap, and mean key PR against each downstream measure
+over every eval point. The shared house style is in `plotstyle.py`.
+
+Token axes switch to a log scale when the eval points span more than two decades (log-spaced
+schedules, 100M+ token runs); token 0, which a log axis cannot show, keeps a short linear stretch
+at the left (matplotlib's symlog with its linear threshold at the first positive eval point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from ..units import fmt_count
+from .format import fmt_p, seeds_text, signed
+from .plotstyle import REFERENCE, Plot, save, style_axes
+from .quantities import Quantity
+
+TOKENS_AXIS = FuncFormatter(lambda x, _pos: fmt_count(x))
+LOG_DECADES = 2.0   # eval points spanning more than this many decades get a log token axis
+BAND_WORDS = "shaded bands: 95% t-intervals over seeds"
+
+
+def band_clause(max_n: int) -> str:
+    """What the shading means, for a caption: bands over seeds, or why there are none."""
+    if max_n >= 2:
+        # Bands are per arm; the arm comparisons are paired. Say so, or overlapping bands get read as "no difference".
+        return (f"lines are the mean over seeds, {BAND_WORDS} (Student t on the seed values at each eval point); "
+                "two arms' bands can overlap although their seed-by-seed difference is clear, because a seed "
+                "shifts every arm alike — the paired comparisons in the tables are the test")
+    return "one seed per arm, so no band: no interval over seeds is possible"
+
+
+# --- token axes ---------------------------------------------------------------------------------------
+
+def use_log_tokens(tokens: Iterable[float]) -> bool:
+    """True when the positive eval points span more than `LOG_DECADES` decades."""
+    t = np.asarray(list(tokens), dtype=float)
+    t = t[np.isfinite(t) & (t > 0)]
+    return len(t) >= 2 and np.log10(t.max() / t.min()) > LOG_DECADES
+
+
+def tokens_axis(ax, tokens: Iterable[float] | None = None, label: str = "training tokens") -> bool:
+    """Format a token x-axis; log-scaled (see the module docstring) when `tokens` call for it.
+    Returns whether the axis is logarithmic, for the caption."""
+    t = np.asarray(list(tokens) if tokens is not None else [], dtype=float)
+    t = t[np.isfinite(t)]
+    if use_log_tokens(t):
+        first, last = float(t[t > 0].min()), float(t.max())
+        if (t <= 0).any():
+            # linscale 0.35: token 0 sits a third of a decade left of the first positive point
+            ax.set_xscale("symlog", linthresh=first, linscale=0.35)
+            left = -0.04 * first  # a hair left of 0 so the token-0 marker is not cut; never negative ticks
+        else:
+            ax.set_xscale("log")
+            left = first / 1.15
+        # autoscaling a symlog axis pads into negative tokens; fix the range to the data
+        ax.set_xlim(left, last * 1.15)
+        ax.xaxis.set_major_formatter(TOKENS_AXIS)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{label} (log scale)")
+        return True
+    ax.xaxis.set_major_formatter(TOKENS_AXIS)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.set_xlabel(label)
+    return False
+
+
+def _log_clause(log: bool, zero: bool) -> str:
+    if not log:
+        return ""
+    return ("; token axis logarithmic (eval points span more than two decades)"
+            + ("; token 0 sits on a short linear stretch at the left" if zero else ""))
+
+
+def _empty(ax, text: str) -> None:
+    """A panel whose data is not there yet: say so, without meaningless 0..1 ticks."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _band_panel(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, *, markers: bool = False) -> None:
+    """Mean line per arm and its 95% t band over seeds where two or more seeds have the point.
+
+    Where fewer than two seeds reach a point (one seed diverged) the band stops instead of
+    pretending to an interval; a lone point (a single eval point) gets a marker so it is visible.
+    """
+    for a in arms:
+        s = stats[stats["arm"] == a].sort_values("tokens")
+        if not len(s):
+            continue
+        x = s["tokens"].to_numpy(float)
+        ax.plot(x, s["mean"].to_numpy(float), color=colors[a], lw=1.8, label=a,
+                marker="o" if markers or len(s) == 1 else None, ms=3 if len(s) > 1 else 5)
+        if (s["n"] > 1).any() and "lo" in s:
+            lo, hi = s["lo"].to_numpy(float), s["hi"].to_numpy(float)
+            ok = np.isfinite(lo) & np.isfinite(hi)
+            ax.fill_between(x, np.where(ok, lo, np.nan), np.where(ok, hi, np.nan), color=colors[a],
+                            alpha=0.2, lw=0)
+
+
+def _dropout_clause(*stats: pd.DataFrame) -> str:
+    """Say so when an arm's seed count changes along its curve (a run diverged, stopped or is still
+    going): its mean then averages other seeds from that point on, and can jump for that reason alone."""
+    for s in stats:
+        if len(s) and (s.groupby("arm")["n"].nunique() > 1).any():
+            return ("; where an arm's seed count drops along the curve (a run diverged or stopped), its mean and "
+                    "band cover fewer seeds from there on and can jump for that reason alone")
+    return ""
+
+
+def _fit_to_lines(ax, stats: pd.DataFrame, excess: float = 0.35) -> bool:
+    """Scale the y-axis to the mean lines, letting bands reach at most `excess` of the lines' range
+    beyond them; return True if some band was cut. With two seeds a 95% t band is ±12.7 standard
+    errors wide, and left to autoscaling one such band flattens every line in the panel."""
+    m = stats["mean"].to_numpy(float)
+    m = m[np.isfinite(m)]
+    if not len(m):
+        return False
+    lo_m, hi_m = float(m.min()), float(m.max())
+    span = hi_m - lo_m if hi_m > lo_m else max(abs(hi_m) * 0.1, 1e-3)
+    lo_b = np.nanmin(np.append(stats["lo"].to_numpy(float), lo_m)) if "lo" in stats else lo_m
+    hi_b = np.nanmax(np.append(stats["hi"].to_numpy(float), hi_m)) if "hi" in stats else hi_m
+    lo, hi = max(lo_b, lo_m - excess * span), min(hi_b, hi_m + excess * span)
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+    return bool(lo_b < lo or hi_b > hi)
+
+
+CUT_WORDS = "; bands running past an axis are cut at its edge (the scale follows the means)"
+
+
+def _legend_labels(arms: Sequence[str], seeds: dict[str, int]) -> list[str]:
+    return [f"{a} ({seeds_text(seeds[a])})" if seeds.get(a) else f"{a} (no data yet)" for a in arms]
+
+
+# --- 1. loss and mean key PR over training ------------------------------------------------------
+
+def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: bool) -> str:
+    """Make the late-training loss gap readable; return the caption clause saying how.
+
+    The loss falls from about ln(vocab) to within a few hundredths between arms, so at full scale
+    the arms' curves merge. When the late curve sits in the bottom third of the axis, the empty
+    upper right gets an inset of late training (the second half of the tokens on a linear axis;
+    the last third of the eval points on a log axis, where the second half of the tokens can be
+    just two points) with its own loss scale; otherwise the axis is cut to the range after the
+    first 10% of training.
+    """
+    grid = np.sort(stats["tokens"].unique())
+    top_t = float(grid.max()) if len(grid) else 0.0
+    if top_t <= 0 or len(grid) < 4:
+        return ""
+    start = float(grid[-max(3, len(grid) // 3)]) if log else 0.5 * top_t
+    late = stats[stats["tokens"] >= start]
+    if late["tokens"].nunique() < 3:
+        return ""
+    lo_col = stats["lo"].fillna(stats["mean"])
+    hi_col = stats["hi"].fillna(stats["mean"])
+    lo, hi = ax.get_ylim()
+    tail = stats["tokens"] >= (start if log else 0.35 * top_t)
+    if (((hi_col[tail] - lo) / (hi - lo)) <= 0.33).all():
+        inset = ax.inset_axes([0.42, 0.4, 0.55, 0.52])
+        _band_panel(inset, late, arms, colors, markers=log)
+        a = float(lo_col[late.index].min())
+        b = float(hi_col[late.index].max())
+        pad = 0.08 * (b - a) if b > a else 0.01
+        inset.set_ylim(a - pad, b + pad)
+        if log:
+            inset.set_xscale("log")
+            inset.set_xlim(start / 1.1, top_t * 1.1)
+            inset.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            inset.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
+        inset.xaxis.set_major_formatter(TOKENS_AXIS)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.25)
+        what = f"from {fmt_count(start)} tokens" if log else "second half"
+        inset.set_title(f"{what}, zoomed", fontsize=8)
+        return (f"; inset: training from {fmt_count(start)} tokens with its own loss scale" if log
+                else "; inset: the second half of training with its own loss scale")
+    after = stats["tokens"] >= (float(grid[len(grid) // 10]) if log else 0.1 * top_t)
+    a, b = float(lo_col[after].min()), float(hi_col[after].max())
+    if stats.loc[after, "tokens"].nunique() >= 3 and (hi - lo) > 3 * (b - a):
+        pad = 0.06 * (b - a) if b > a else 0.05
+        ax.set_ylim(a - pad, b + pad)
+        return "; loss axis cut to the range after the first 10% of training"
+    return ""
+
+
+def plot_loss_pr(loss_stats: pd.DataFrame, pr_stats: pd.DataFrame, arms: list[str], colors: dict,
+                 path: Path, *, head_dim: int | None = None, quantity: str = "mean key PR",
+                 site_text: str = "keys after QK-Norm and RoPE", seeds: dict[str, int] | None = None
+                 ) -> Plot | None:
+    """The seed's comparison figure: val loss (left) and mean key PR (right) against tokens.
+
+    `*_stats` are `tables.seed_stats` frames (arm, tokens, mean, sd, min, max, n, lo, hi).
+    """
+    if not len(loss_stats) and not len(pr_stats):
+        return None
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    ax_l, ax_r = fig.subplots(1, 2)
+    max_n = int(max([0] + [int(s["n"].max()) for s in (loss_stats, pr_stats) if len(s)]))
+    tokens = np.concatenate([s["tokens"].to_numpy(float) for s in (loss_stats, pr_stats) if len(s)])
+
+    zoom, log, cut = "", False, False
+    if len(loss_stats):
+        _band_panel(ax_l, loss_stats, arms, colors)
+        log = tokens_axis(ax_l, tokens)
+        cut = _fit_to_lines(ax_l, loss_stats)
+        zoom = _zoom_loss(ax_l, loss_stats, arms, colors, log)
+        ax_l.set_title("validation loss")
+    else:
+        _empty(ax_l, "no evaluation yet")
+        ax_l.set_xlabel("training tokens")
+    ax_l.set_ylabel("val loss (nats / token)")
+
+    if len(pr_stats):
+        _band_panel(ax_r, pr_stats, arms, colors)
+        top = float(np.nanmax(pr_stats["mean"].to_numpy(float)))
+        hi = pr_stats["hi"].to_numpy(float)
+        if np.isfinite(hi).any():  # bands may reach a little above, never set the scale
+            top = max(top, min(float(np.nanmax(hi)), top * 1.25))
+        if head_dim:
+            ax_r.axhline(head_dim, color=REFERENCE, ls="--", lw=1)
+            ax_r.annotate(f"head dim {head_dim}", (0.01, head_dim), xycoords=("axes fraction", "data"),
+                          xytext=(0, -3), textcoords="offset points", va="top", fontsize=8, color=REFERENCE)
+            top = head_dim if top <= head_dim * 1.1 else top  # a PR cannot exceed the head dim
+        ax_r.set_ylim(0, top * 1.06)  # PR counts dimensions: a zero baseline keeps ratios honest
+        log = tokens_axis(ax_r, tokens) or log
+        ax_r.set_title(quantity)
+    else:
+        _empty(ax_r, "no probe data yet")
+        ax_r.set_xlabel("training tokens")
+    ax_r.set_ylabel(f"{quantity} (dimensions)")
+
+    for ax in (ax_l, ax_r):
+        style_axes(ax)
+    handles = [Line2D([], [], color=colors[a], lw=2.5) for a in arms]
+    fig.legend(handles, _legend_labels(arms, seeds or {}), loc="outside lower center",
+               ncols=min(len(arms), 4), frameon=False)
+    save(fig, path)
+
+    caption = (f"Validation loss (left) and {quantity} (right: participation ratio of the {site_text}, "
+               f"averaged over heads then layers) against training tokens; {band_clause(max_n)}")
+    caption += f"; dashed: the head dimension {head_dim}, the most a head can use" if head_dim and len(pr_stats) else ""
+    if len(pr_stats) and np.isfinite(pr_stats["hi"].to_numpy(float)).any():
+        cut = cut or bool(np.nanmax(pr_stats["hi"].to_numpy(float)) > ax_r.get_ylim()[1])
+    caption += zoom + (CUT_WORDS if cut else "") + _dropout_clause(loss_stats, pr_stats)
+    caption += _log_clause(log, bool((tokens <= 0).any()))
+    return Plot(path, caption + ".")
+
+
+# --- 2. downstream over training ----------------------------------------------------------------------
+
+def plot_downstream(panels: Sequence[tuple[Quantity, pd.DataFrame]], arms: list[str], colors: dict, path: Path,
+                    *, seeds: dict[str, int] | None = None) -> Plot | None:
+    """One panel per downstream measure (OOD loss, ICL score, induction loss, induction scores) over
+    training; `panels` holds (Quantity, seed_stats frame)."""
+    panels = [(q, s) for q, s in panels if len(s)]
+    if not panels:
+        return None
+    k = len(panels)
+    ncols = 2 if k in (2, 4) else min(k, 3)
+    nrows = int(np.ceil(k / ncols))
+    fig = Figure(figsize=(5.4 * ncols, 3.6 * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    tokens = np.concatenate([s["tokens"].to_numpy(float) for _, s in panels])
+    max_n = max(int(s["n"].max()) for _, s in panels)
+    log, cut = False, False
+    zoomed = []
+    for ax, (q, s) in zip(axes, panels):
+        _band_panel(ax, s, arms, colors)
+        log = tokens_axis(ax, tokens) or log
+        cut = _fit_to_lines(ax, s) or cut
+        if q.key.endswith("_loss") and _zoom_loss(ax, s, arms, colors, log):
+            zoomed.append(q.label)  # losses fall from ln(vocab): the late gap needs its own scale
+        direction = {False: "lower = better", True: "higher = better", None: ""}[q.higher]
+        if q.key == "icl_score":
+            direction = "more negative = better"
+        ax.set_title(f"{q.label} ({direction})" if direction else q.label, fontsize=10)
+        ax.set_ylabel(f"{q.label}" + (f" ({q.unit})" if q.unit else ""))
+        if q.key == "icl_score":
+            ax.axhline(0, color=REFERENCE, lw=0.8, ls=":")
+        style_axes(ax)
+    for ax in axes[k:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colors[a], lw=2.5) for a in arms]
+    fig.legend(handles, _legend_labels(arms, seeds or {}), loc="outside lower center",
+               ncols=min(len(arms), 4), frameon=False)
+    save(fig, path)
+    whats = "; ".join(f"{q.label}: {q.what}" for q, _ in panels)
+    caption = (f"Downstream measures over training ({whats}); {band_clause(max_n)}"
+               + (f"; insets zoom into late training ({', '.join(zoomed)}) with their own scale" if zoomed else "")
+               + (CUT_WORDS if cut else "") + _dropout_clause(*[s for _, s in panels])
+               + _log_clause(log, bool((tokens <= 0).any())) + ".")
+    return Plot(path, caption)
+
+
+# --- 3. layer x tokens heatmap -------------------------------------------------------------------
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges halfway between eval points, so uneven eval spacing is drawn to scale."""
+    if len(centres) == 1:
+        half = max(abs(centres[0]) * 0.05, 0.5)
+        return np.array([centres[0] - half, centres[0] + half])
+    mids = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[centres[0] - (mids[0] - centres[0])], mids, [centres[-1] + (centres[-1] - mids[-1])]])
+
+
+def _edges_on(ax, centres: np.ndarray) -> np.ndarray:
+    """`_edges` computed in the axis' own (possibly log) coordinates, so on a log axis each eval
+    point's cell is centred on it as drawn, not stretched to the right."""
+    tr = ax.xaxis.get_transform()
+    return tr.inverted().transform(_edges(tr.transform(centres.astype(float))))
+
+
+def plot_pr_heatmap(grid: pd.DataFrame, arm: str, path: Path, *, vmin: float, vmax: float,
+                    quantity: str = "mean key PR", n_seeds: int = 1) -> Plot | None:
+    """Layers (rows, layer 0 on top) x eval points (columns) coloured by `quantity`.
+
+    `grid`: one arm's (layer, tokens, value) with value already averaged over heads and seeds.
+    The colour scale is passed in so that all arms share it.
+    """
+    if not len(grid):
+        return None
+    m = grid.pivot_table(index="layer", columns="tokens", values="value", aggfunc="mean")
+    layers = m.index.to_numpy()
+    tokens = m.columns.to_numpy(dtype=float)
+    fig = Figure(figsize=(9, max(3.2, 0.2 * len(layers) + 1.6)), layout="constrained")
+    ax = fig.subplots()
+    log = tokens_axis(ax, tokens)
+    xe = _edges_on(ax, tokens)
+    if log and (tokens <= 0).any():
+        xe[0] = max(xe[0], 0.0)  # nothing happens before token 0
+    mesh = ax.pcolormesh(xe, _edges(layers.astype(float)), np.ma.masked_invalid(m.to_numpy(float)),
+                         cmap="viridis", vmin=vmin, vmax=vmax, shading="flat")
+    ax.invert_yaxis()  # layer 0 (the input side) on top, as the network is usually drawn
+    ax.set_xlim(xe[0], xe[-1])
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(len(layers), 24)))
+    ax.set_ylabel("layer")
+    ax.set_title(f"{arm}: {quantity} per layer over training"
+                 + (f" (mean of {seeds_text(n_seeds)})" if n_seeds > 1 else ""), fontsize=11)
+    cb = fig.colorbar(mesh, ax=ax, pad=0.01)
+    cb.set_label(f"{quantity} (dimensions)")
+    save(fig, path)
+    caption = (f"{arm}: {quantity} of each layer (rows, layer 0 on top; mean over heads"
+               + (f" and {seeds_text(n_seeds)}" if n_seeds > 1 else ", one seed")
+               + f") at each eval point; colour scale {vmin:.0f}–{vmax:.0f} shared by all arms"
+               + _log_clause(log, bool((tokens <= 0).any())) + ".")
+    return Plot(path, caption)
+
+
+# --- 4. rank against downstream ----------------------------------------------------------------------
+
+def plot_rank_scatter(frame: pd.DataFrame, targets: Sequence[Quantity], arms: list[str], colors: dict, path: Path,
+                      *, stats: dict[str, tuple[float, float, int]] | None = None,
+                      x_label: str = "mean key PR") -> Plot | None:
+    """Mean key PR (x) against each downstream measure (one panel each): every eval point after
+    token 0 as a small faint dot, each run's last point as a large marker. The eye should see what
+    the correlation table summarises, including how much of it is training progress."""
+    targets = [q for q in targets if q.key in frame and frame[q.key].notna().any()]
+    data = frame[(frame["tokens"] > 0) & np.isfinite(frame["x"])]
+    if not targets or not len(data):
+        return None
+    k = len(targets)
+    ncols = min(k, 3)
+    nrows = int(np.ceil(k / ncols))
+    fig = Figure(figsize=(4.4 * ncols, 3.5 * nrows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    grid = np.sort(data["tokens"].unique())
+    late_from = float(grid[-max(3, len(grid) // 3)]) if len(grid) >= 6 else float(grid[0])
+    zoomed = []
+    for ax, q in zip(axes, targets):
+        ends_all = []
+        for a in arms:
+            sub = data[(data["arm"] == a) & np.isfinite(data[q.key])]
+            if not len(sub):
+                continue
+            ax.scatter(sub["x"], sub[q.key], s=6, color=colors[a], alpha=0.3, linewidths=0)
+            ends = sub.sort_values("tokens").groupby("seed").tail(1)
+            ends_all.append(ends[q.key].to_numpy(float))
+            ax.scatter(ends["x"], ends[q.key], s=40, color=colors[a], edgecolors="black", linewidths=0.7, zorder=3)
+        # losses fall from ln(vocab): at full scale every run end sits on one line at the bottom, so
+        # loss panels show late training and let the early points fall off the top (said in the caption)
+        y = data[q.key].to_numpy(float)
+        late = data.loc[data["tokens"] >= late_from, q.key].to_numpy(float)
+        late = np.concatenate([late] + ends_all)
+        late, y = late[np.isfinite(late)], y[np.isfinite(y)]
+        if q.key.endswith("_loss") and len(late) and np.ptp(y) > 3 * max(np.ptp(late), 1e-12):
+            pad = 0.1 * np.ptp(late) if np.ptp(late) > 0 else 0.01
+            ax.set_ylim(late.min() - pad, late.max() + pad)
+            zoomed.append(q.label)
+        title = q.label
+        if stats and q.key in stats:
+            r, p, n = stats[q.key]
+            if np.isfinite(r):
+                title += f"\nrun ends: r = {signed(r, 2)}, {fmt_p(p)}, n = {n}"
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.set_ylabel(q.label + (f" ({q.unit})" if q.unit else ""), fontsize=8)
+        ax.tick_params(labelsize=8)
+        style_axes(ax)
+    for ax in axes[k:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colors[a], marker="o", ls="", mec="black", ms=6) for a in arms]
+    fig.legend(handles, arms, loc="outside lower center", ncols=min(len(arms), 5), frameon=False)
+    save(fig, path)
+    caption = (f"{x_label[0].upper() + x_label[1:]} (x) against each downstream measure: small faint dots are every "
+               "eval point after token 0 (points of one run are not independent, and both axes drift with training "
+               "time); large dots are "
+               "each run's last eval point (one per run), the points behind the 'run ends' correlations"
+               + (f"; the loss panels ({', '.join(zoomed)}) show late training, from {fmt_count(late_from)} tokens — "
+                  "earlier points lie above their top edge" if zoomed else "") + ".")
+    return Plot(path, caption)
+
+
+__all__ = ["TOKENS_AXIS", "LOG_DECADES", "band_clause", "use_log_tokens", "tokens_axis", "plot_loss_pr",
+           "plot_downstream", "plot_pr_heatmap", "plot_rank_scatter"]

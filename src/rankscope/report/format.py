@@ -1,0 +1,106 @@
+"""Numbers as the report writes them: signed values with a real minus sign, p-values, intervals,
+decimals chosen per quantity, one difference in words, and plain-text tables for a terminal.
+
+Strings only; the numbers come from `stats.py` and the tables that use them. Markdown and HTML
+tables are the document model's (`doc.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference
+
+MINUS = "\u2212"  # a real minus sign in reports: "−0.020" rather than "-0.020"
+
+
+def signed(v: float, d: int) -> str:
+    """'−0.020' / '0.020' with a real minus sign; '–' for a missing number."""
+    if not math.isfinite(v):
+        return "–"
+    text = f"{v:.{d}f}"
+    if text.startswith("-"):
+        # -0.000 after rounding is just 0
+        return MINUS + text[1:] if any(ch not in "0." for ch in text[1:]) else text[1:]
+    return text
+
+
+def fmt_p(p: float) -> str:
+    """'p = 0.06', 'p = 0.012', 'p < 0.001' (two significant digits, as journals ask)."""
+    if not math.isfinite(p):
+        return "p = –"
+    if p < 0.001:
+        return "p < 0.001"
+    if p >= 0.1:
+        return f"p = {p:.2f}"
+    return f"p = {p:.2g}" if p >= 0.01 else f"p = {p:.3f}"
+
+
+def bare_p(p: float) -> str:
+    """'0.06' / '< 0.001' for a column already headed p."""
+    return fmt_p(p).replace("p = ", "").replace("p < ", "< ")
+
+
+def fmt_interval(lo: float, hi: float, d: int) -> str:
+    return f"[{signed(lo, d)}, {signed(hi, d)}]"
+
+
+def seeds_text(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def decimals_for(values: Iterable[float], label: str = "", fixed: int | None = None) -> int:
+    """Loss to 3 decimals (4.233), dimension counts to 1 (43.5), small numbers to 2 or more."""
+    if fixed is not None:
+        return fixed
+    if "loss" in label:
+        return 3
+    finite = [abs(v) for v in values if np.isfinite(v)]
+    top = max(finite) if finite else 0.0
+    return 1 if top >= 10 else 2 if top >= 0.1 else 3
+
+
+def fmt_mean_ci(mean: float, lo: float, hi: float, n: int, d: int) -> str:
+    """'4.233 [4.220, 4.246]' over several seeds; '4.233' for one (no interval is possible)."""
+    text = signed(mean, d)
+    if n >= 2 and np.isfinite(lo):
+        text += f" {fmt_interval(lo, hi, d)}"
+    return text
+
+
+def describe(diff: Difference, d: int) -> str:
+    """One sentence for a difference, the form the paradox table and summary use, e.g.
+
+    'qk-norm − no-norm: −0.020 [−0.041, 0.001], p = 0.06 (3 seeds): not distinguishable from seed noise'
+    """
+    head = f"{diff.a} {MINUS} {diff.b}: "
+    if diff.test == NONE:
+        return head + "no seeds to compare"
+    body = signed(diff.mean, d)
+    if diff.test == SINGLE:
+        return head + f"{body} (1 seed: no interval possible)"
+    body += f" {fmt_interval(diff.lo, diff.hi, d)}"
+    if diff.test == PAIRED_CONSTANT:
+        body += f" ({seeds_text(diff.n)}, the same in each)"
+    else:
+        body += f", {fmt_p(diff.p)}"
+        if math.isfinite(diff.p_wilcoxon):
+            body += f" (Wilcoxon {fmt_p(diff.p_wilcoxon)})"
+        body += f" ({seeds_text(diff.n)}{', unpaired Welch: fewer than 2 shared seeds' if diff.test == WELCH else ''})"
+    return head + body + ": " + diff.verdict()
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell and a dashed rule under the header, for a terminal."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return out
+
+
+__all__ = ["MINUS", "signed", "fmt_p", "bare_p", "fmt_interval", "seeds_text", "decimals_for", "fmt_mean_ci",
+           "describe", "text_table"]
