@@ -1,3 +1,5 @@
+"""`python -m rankscope`: the same as the `rankscope` command."""
+
 import sys
 
 from .cli import main
