@@ -209,7 +209,8 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     s.write_text("[arms.a]\nmodel.qk_norm = 1\n")
     r = subprocess.run([sys.executable, "-m", "rankscope", "run", str(s)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "Traceback" not in r.stderr and r.stderr.strip() == "rankscope: error: study s, arm a: model.qk_norm: expected str, got 1"
+    assert "Traceback" not in r.stderr and r.stderr.strip() == (
+        "rankscope: error: study s, arm a: model.qk_norm must be learned, frozen, parameter_free or none, got 1")
 
 
 def test_list_shows_studies_and_presets(capsys):
