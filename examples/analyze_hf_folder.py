@@ -11,9 +11,9 @@ a layer x head key-PR heatmap and a summary.
 import sys
 
 import torch
+from _common import stdlib_text, tiny_tokenizer
 from transformers import MistralConfig, MistralForCausalLM
 
-from _common import stdlib_text, tiny_tokenizer
 from rankscope.analyze import analyze
 
 folder = sys.argv[1] if len(sys.argv) > 1 else "rankscope-examples/tiny-mistral"

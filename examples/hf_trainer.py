@@ -11,9 +11,9 @@ probing every 10 optimizer steps. The Trainer counts tokens itself
 import sys
 
 import torch
+from _common import stdlib_text, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from _common import stdlib_text, tiny_tokenizer
 from rankscope.attach import token_batches
 from rankscope.integrations import TrainerProbeCallback
 

@@ -10,8 +10,8 @@ import sys
 
 import lightning
 import torch
-
 from _common import stdlib_text, tiny_tokenizer
+
 from rankscope.attach import token_batches
 from rankscope.integrations import LightningProbeCallback
 from rankscope.model import GPT, ModelConfig

@@ -11,9 +11,9 @@ rankscope results folder that `rankscope report` reads, and in TensorBoard when 
 import sys
 
 import torch
+from _common import stdlib_text, tiny_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from _common import stdlib_text, tiny_tokenizer
 from rankscope.attach import token_batches
 from rankscope.integrations import ProbeLogger
 
@@ -33,7 +33,7 @@ logger = ProbeLogger(model, out, every_tokens=10_000, batch=held_out, arm="llama
                      config={"train": {"tokens": steps * 8 * 64}}, overwrite=True)  # (1)
 logger.step(0)  # also measure the initial model
 tokens = 0
-for step in range(1, steps + 1):
+for _ in range(steps):
     starts = torch.randint(0, len(train_ids) - 65, (8,))
     x = torch.stack([train_ids[s:s + 65] for s in starts])
     loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss

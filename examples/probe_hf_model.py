@@ -8,9 +8,9 @@ weights, so this runs offline in seconds; with a real model, swap in
 """
 
 import torch
+from _common import stdlib_text, tiny_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from _common import stdlib_text, tiny_tokenizer
 from rankscope.attach import Probe
 
 tokenizer = tiny_tokenizer(stdlib_text(20))
@@ -36,4 +36,5 @@ print(table.query("metric == 'entropy'").groupby("layer")["value"].mean().round(
 
 # Token ids work as well: a (batch, tokens) tensor, or a list of them.
 ids = torch.randint(0, len(tokenizer), (4, 128))
-print("\nrandom tokens, mean key PR:", round(probe.measure(ids).query("site == 'k' and metric == 'pr_sv'")["value"].mean(), 2))
+random_keys = probe.measure(ids).query("site == 'k' and metric == 'pr_sv'")
+print("\nrandom tokens, mean key PR:", round(random_keys["value"].mean(), 2))

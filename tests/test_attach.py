@@ -15,11 +15,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from rankscope.attach import SITE_NAMES, Probe, detect, token_batches
+from rankscope.attach import Probe, detect, token_batches
 from rankscope.errors import RankscopeError
 from rankscope.metrics import METRICS, metrics_from_gram, participation_ratio
 from rankscope.model import GPT, ModelConfig
 from rankscope.probe import AttentionStats, Site, gpt_probe
+from rankscope.vocab import PROBE_SITES
 
 V = 100
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=V,
@@ -187,7 +188,7 @@ def test_gpt_neox_partial_rotary_by_hand():
 
 def test_gpt2_keys_have_no_rope_and_values_and_outputs_match_hand_splits():
     model = hf_model("gpt2")
-    df = Probe(model, list(SITE_NAMES), attention=False).measure(X)
+    df = Probe(model, list(PROBE_SITES), attention=False).measure(X)
     assert np.array_equal(rows(df, "k", "pr_sv", 1), rows(df, "k_pre", "pr_sv", 1))
     attns = [b.attn for b in model.transformer.h]
     outs, handles = [], [a.c_proj.register_forward_pre_hook(lambda m, a: outs.append(a[0].detach())) for a in attns]
@@ -254,7 +255,7 @@ def test_measuring_never_changes_the_model(family):
         during.append(model(input_ids=x, use_cache=False).logits)
 
     rng = torch.get_rng_state()
-    Probe(model, list(SITE_NAMES), forward=forward).measure(X)
+    Probe(model, list(PROBE_SITES), forward=forward).measure(X)
     assert torch.equal(torch.get_rng_state(), rng)
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
@@ -311,13 +312,14 @@ def test_transformer_lens_hooked_transformer():
     with torch.no_grad():
         for b in model.blocks:
             b.attn.k_norm.w.uniform_(0.2, 2.0)
-    df = Probe(model, list(SITE_NAMES)).measure(X)
+    df = Probe(model, list(PROBE_SITES)).measure(X)
     _, cache = model.run_with_cache(X)
     for layer in range(2):
-        a = lambda name: cache[f"blocks.{layer}.attn.{name}"].transpose(1, 2)  # noqa: E731  (B, heads, T, E)
+        a = lambda name, layer=layer: cache[f"blocks.{layer}.attn.{name}"].transpose(1, 2)  # noqa: E731  (B, heads, T, E)
         k_pre = cache[f"blocks.{layer}.attn.hook_k"]
+        gain = model.blocks[layer].attn.k_norm.w
         with torch.no_grad():
-            k_pre = k_pre * torch.rsqrt(k_pre.pow(2).mean(-1, keepdim=True) + cfg.eps) * model.blocks[layer].attn.k_norm.w
+            k_pre = k_pre * torch.rsqrt(k_pre.pow(2).mean(-1, keepdim=True) + cfg.eps) * gain
         for site, act in (("k", a("hook_rot_k")), ("q", a("hook_rot_q")), ("v", a("hook_v")), ("o", a("hook_z")),
                           ("k_pre", k_pre.transpose(1, 2))):
             np.testing.assert_allclose(rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(),
@@ -401,7 +403,8 @@ def test_text_and_tokenizer_give_the_same_rows_as_their_token_batch():
     for t in (tok, fast):
         ids = token_batches(docs, t, seq_len=16, batch_size=3)
         assert ids.shape == (3, 16) and int(ids.max()) < V
-        pd.testing.assert_frame_equal(probe.measure(text=docs, tokenizer=t, seq_len=16, batch_size=3), probe.measure(ids))
+        from_text = probe.measure(text=docs, tokenizer=t, seq_len=16, batch_size=3)
+        pd.testing.assert_frame_equal(from_text, probe.measure(ids))
     with pytest.raises(RankscopeError, match="fewer than seq_len"):
         probe.measure(text="short", tokenizer=tok, seq_len=64)
     with pytest.raises(RankscopeError, match="tokenizer"):

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankscope import lm_eval_adapter
 from rankscope.errors import RankscopeError
 from rankscope.evals import (InductionScores, functional_rank, gpt_induction_scores, icl_score, icl_windows,
                              induction_batch, induction_loss, loss_and_icl, per_position_loss, rank_ladder,
                              weight_spectra)
+from rankscope.integrations import lm_eval as lm_eval_adapter
 from rankscope.model import GPT, ModelConfig, Tap
 from rankscope.probe import LAYER_WIDE, Site
 
@@ -440,7 +440,7 @@ def test_missing_lm_eval_is_a_clear_rankscope_error(monkeypatch, tok, lm):
     with pytest.raises(RankscopeError, match="lm_eval"):
         lm_eval_adapter.RankscopeLM
     with pytest.raises(ImportError):
-        from rankscope.lm_eval_adapter import RankscopeLM  # noqa: F401
+        from rankscope.integrations.lm_eval import RankscopeLM  # noqa: F401
 
 
 def test_rankscope_lm_routes_instances_to_the_pure_functions(monkeypatch, tok, lm):

@@ -63,6 +63,9 @@ def test_plain_loop_writes_a_run_folder_that_report_reads(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["head_dim"] == 16 and config["train"]["tokens"] == 384 and config["arm"] == "adamw"
     assert json.loads((run / "done.json").read_text())["probes"] == 4
+    provenance = json.loads((run / "provenance.json").read_text())
+    assert provenance["arm"] == "adamw" and provenance["seed"] == 3 and provenance["started"]
+    assert {"rankscope", "torch", "git_commit", "device", "device_name"} <= set(provenance)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     loaded = store.load_probes(tmp_path / "study", finished_only=True)
@@ -118,13 +121,32 @@ def test_finished_runs_are_kept_and_failures_leave_them_unfinished(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with ProbeLogger(model, tmp_path, every_steps=1, batch=HELD_OUT, tensorboard=False, overwrite=True) as logger:
             logger.step(0)
-            1 / 0
+            raise ZeroDivisionError("the training loop failed")
     run = tmp_path / "run" / "seed-0"
     assert not store.is_done(run) and len(store.read_table(run / "probes.csv"))
     with pytest.raises(RankscopeError, match="exactly one of every_tokens and every_steps"):
         ProbeLogger(model, tmp_path, batch=HELD_OUT)
     with pytest.raises(RankscopeError, match="probe batch"):
         ProbeLogger(model, tmp_path, every_steps=1)
+
+
+def test_one_options_object_serves_every_integration(tmp_path):
+    """ProbeOptions holds the settings the three integrations share; keywords beside it replace
+    its fields, and every integration checks them when it is made, not when training starts."""
+    from rankscope.integrations import LightningProbeCallback, ProbeOptions, TrainerProbeCallback
+
+    opts = ProbeOptions(every_steps=1, batch=HELD_OUT, arm="shared", tensorboard=False)
+    with ProbeLogger(GPT(CFG), tmp_path, opts, seed=2) as logger:
+        logger.step(0)
+    assert store.is_done(tmp_path / "shared" / "seed-2")
+    assert TrainerProbeCallback(tmp_path, opts).options is opts
+    assert LightningProbeCallback(tmp_path, opts, arm="other").options.arm == "other"
+    with pytest.raises(RankscopeError, match="exactly one of every_tokens and every_steps"):
+        TrainerProbeCallback(tmp_path, batch=HELD_OUT)
+    with pytest.raises(RankscopeError, match="plain folder name"):
+        LightningProbeCallback(tmp_path, opts, arm="a/b")
+    with pytest.raises(TypeError, match="every_step"):
+        ProbeLogger(GPT(CFG), tmp_path, every_step=1, batch=HELD_OUT)  # a misspelt setting
 
 
 class TokenDataset(torch.utils.data.Dataset):

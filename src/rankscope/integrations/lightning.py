@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -22,9 +22,9 @@ try:
 except ImportError:  # the standalone package of older installs
     from pytorch_lightning import Callback  # type: ignore[assignment]
 
-from ..attach import Site
 from ..errors import RankscopeError
 from .logger import ProbeLogger
+from .options import ProbeOptions
 
 
 def _count_tokens(batch: Any) -> int | None:
@@ -43,26 +43,15 @@ class LightningProbeCallback(Callback):
     """Probe every `every_steps` optimizer steps or `every_tokens` training tokens.
 
     Tokens are counted from the training batches (their token ids x the number of processes) unless
-    `tokens_per_step` is given. The other arguments are `ProbeLogger`'s.
+    `tokens_per_step` is given. The other settings are `ProbeOptions` (as one `options` and/or
+    keyword arguments).
     """
 
-    def __init__(self, out: str | Path, *, every_steps: int | None = None, every_tokens: int | None = None,
-                 tokens_per_step: int | None = None, batch: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                 text: str | Iterable[str] | None = None, tokenizer: Any = None, seq_len: int = 256,
-                 batch_size: int = 8, sites: Iterable[str | Site] = ("k",), attention: bool = True,
-                 arm: str = "run", seed: int = 0, config: Mapping[str, Any] | None = None,
-                 tensorboard: bool | str | Path | None = None, wandb: bool | Mapping[str, Any] | None = None,
-                 overwrite: bool = False):
+    def __init__(self, out: str | Path, options: ProbeOptions | None = None, *, tokens_per_step: int | None = None,
+                 **settings: Any):
         super().__init__()
-        if (every_tokens is None) == (every_steps is None):
-            raise RankscopeError("give exactly one of every_tokens and every_steps")
-        if (batch is None) == (text is None):
-            raise RankscopeError("give the held-out probe batch: batch= (token ids) or text= with tokenizer=")
         self.out, self.tokens_per_step = out, tokens_per_step
-        self.options = dict(every_steps=every_steps, every_tokens=every_tokens, batch=batch, text=text,
-                            tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, sites=sites,
-                            attention=attention, arm=arm, seed=seed, config=config, tensorboard=tensorboard,
-                            wandb=wandb, overwrite=overwrite)
+        self.options = ProbeOptions.of(options, settings)
         self.logger: ProbeLogger | None = None
         self.tokens = 0
         self._step = 0
@@ -73,7 +62,7 @@ class LightningProbeCallback(Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        self.logger = ProbeLogger(pl_module, self.out, **self.options)
+        self.logger = ProbeLogger(pl_module, self.out, self.options)
         self._step = trainer.global_step
         self.logger.step(self._tokens(trainer), step=self._step)
 

@@ -1,4 +1,5 @@
-"""rankscope models in EleutherAI's lm-evaluation-harness (an optional extra).
+"""rankscope models in EleutherAI's lm-evaluation-harness (an optional extra): scoring text the
+harness's way, and a harness `LM` around it.
 
 The pure functions here score text with any causal model that maps token ids (B, T) to logits
 (B, T, V) — rankscope's `GPT` is one — and a Hugging Face `tokenizers.Tokenizer`; they need only
@@ -21,20 +22,21 @@ document separator as the context of an empty context and as the prefix of rolli
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .data.tokenizer import EOT_TOKEN
-from .errors import RankscopeError
+from ..data.tokenizer import EOT_TOKEN
+from ..errors import RankscopeError
 
 INSTALL_HINT = "install the optional extra: pip install 'rankscope[lm-eval]'"
 
 
 class LMEvalMissing(RankscopeError, ImportError):
     """lm_eval is not installed. A RankscopeError (one clear line at the command line) and an
-    ImportError (so `from rankscope.lm_eval_adapter import RankscopeLM` fails like an import)."""
+    ImportError (so `from rankscope.integrations.lm_eval import RankscopeLM` fails like an import)."""
 
 
 # --- shared plumbing ---------------------------------------------------------------------------

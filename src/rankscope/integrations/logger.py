@@ -17,22 +17,24 @@ are there: a handful of scalars per probe instead of layers x heads x sites x me
 
 from __future__ import annotations
 
-import datetime
-import platform
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .. import __version__
-from ..attach import SITE_NAMES, Probe, Site, token_batches
+from .. import fsio
+from ..attach import Probe, device_of, token_batches
 from ..errors import RankscopeError
-from ..store import RunStore, is_done, run_dir, write_json
+from ..provenance import environment, now
+from ..store import RunStore, is_done, run_dir
+from ..vocab import PROBE_SITES
+from .options import ProbeOptions
 
 TAG = "rankscope"  # prefix of every TensorBoard / W&B key
 
@@ -46,7 +48,7 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
     """
     out: dict[str, float] = {}
     pr = table[table["metric"] == "pr_sv"]
-    for site in [s for s in SITE_NAMES if s in set(pr["site"])] + sorted(set(pr["site"]) - set(SITE_NAMES)):
+    for site in [s for s in PROBE_SITES if s in set(pr["site"])] + sorted(set(pr["site"]) - set(PROBE_SITES)):
         rows = pr[pr["site"] == site]
         out[f"{TAG}/{site}_pr/mean"] = float(rows["value"].mean())
         if site == "k":
@@ -117,55 +119,32 @@ class ProbeLogger:
 
     model: any model `rankscope.attach.Probe` understands (or give `probe=` for explicit sites).
     out: the results folder; rows go to `<out>/<arm>/seed-<seed>/`.
-    every_tokens / every_steps: the cadence (exactly one). A probe happens at the first `step()`
-        call and then whenever the count reaches the next multiple.
-    batch: the held-out token ids (B, T) to measure on, or a list of such batches; or `text` and
-        `tokenizer` (cut into one batch of `batch_size` x `seq_len` tokens).
-    sites, attention: what to measure (see `Probe`); keys after QK-Norm and RoPE by default.
-    arm, seed: how `rankscope report` groups this run among others.
-    config: anything worth keeping with the run (written into config.json; a `train.tokens` entry
-        tells the report the run's budget).
-    tensorboard: None = when the tensorboard package is installed, True = required, False = off,
-        or a log folder (default `<run>/tensorboard`).
-    wandb: None = only into an already active W&B run, True = start one when none is active
-        (offline with WANDB_MODE=offline), False = off, or a dict of `wandb.init` arguments.
-    overwrite: a finished run folder of the same arm and seed is refused unless True (then it is
-        replaced). An unfinished one is continued: its rows are kept and new rows appended.
+    options, **settings: a `ProbeOptions`, and/or its fields as keyword arguments (every_tokens or
+        every_steps, batch or text and tokenizer, sites, attention, arm, seed, config, tensorboard,
+        wandb, overwrite; see `ProbeOptions`). seed None means 0.
     """
 
-    def __init__(self, model: nn.Module, out: str | Path, *, every_tokens: int | None = None,
-                 every_steps: int | None = None, batch: torch.Tensor | Sequence[torch.Tensor] | None = None,
-                 text: str | Iterable[str] | None = None, tokenizer: Any = None, seq_len: int = 256,
-                 batch_size: int = 8, sites: Iterable[str | Site] = ("k",), attention: bool = True,
-                 arm: str = "run", seed: int = 0, config: Mapping[str, Any] | None = None,
-                 tensorboard: bool | str | Path | None = None, wandb: bool | Mapping[str, Any] | None = None,
-                 overwrite: bool = False, probe: Probe | None = None):
-        if (every_tokens is None) == (every_steps is None):
-            raise RankscopeError("give exactly one of every_tokens and every_steps")
-        every = every_tokens if every_tokens is not None else every_steps
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise RankscopeError(f"every_tokens / every_steps must be a positive integer, got {every!r}")
-        if (batch is None) == (text is None):
-            raise RankscopeError("give the held-out probe batch: batch= (token ids) or text= with tokenizer=")
-        if not str(arm) or "/" in str(arm):
-            raise RankscopeError(f"arm must be a plain folder name, got {arm!r}")
+    def __init__(self, model: nn.Module, out: str | Path, options: ProbeOptions | None = None, *,
+                 probe: Probe | None = None, **settings: Any):
+        opts = ProbeOptions.of(options, settings)
+        self.options = opts
         self.model = model
-        self.probe = probe or Probe(model, sites, attention=attention)
-        if text is not None:
-            if tokenizer is None:
+        self.probe = probe or Probe(model, opts.sites, attention=opts.attention)
+        if opts.text is not None:
+            if opts.tokenizer is None:
                 raise RankscopeError("text= needs the model's tokenizer (tokenizer=...)")
-            batch = token_batches(text, tokenizer, seq_len, batch_size)
-        assert batch is not None
+            batch = token_batches(opts.text, opts.tokenizer, opts.seq_len, opts.batch_size)
+        else:
+            batch = opts.batch
         self.batches = [batch] if isinstance(batch, torch.Tensor) else list(batch)
-        self.every_tokens, self.every_steps = every_tokens, every_steps
-        self.arm, self.seed = str(arm), int(seed)
+        self.arm, self.seed = str(opts.arm), int(opts.seed or 0)
         self.path = run_dir(out, self.arm, self.seed)
         if is_done(self.path):
-            if not overwrite:
+            if not opts.overwrite:
                 raise RankscopeError(f"{self.path} holds a finished run; choose another arm or seed, or overwrite=True")
             shutil.rmtree(self.path)
         self.store = RunStore(self.path)
-        self._write_config(config or {})
+        self._write_config(opts.config or {})
 
         self._t0 = time.perf_counter()
         self.probe_s = 0.0
@@ -180,7 +159,7 @@ class ProbeLogger:
         self._probed_at: tuple[int, int] | None = None
         self.closed = False
         self.sinks: list[Any] = []
-        self._open_sinks(tensorboard, wandb)
+        self._open_sinks(opts.tensorboard, opts.wandb)
 
     # -- setup --
 
@@ -188,24 +167,16 @@ class ProbeLogger:
         att = self.probe.attachment
         model = {**(att.config() if att is not None else {}), **dict(user.get("model") or {})}
         shapes = [list(b.shape) for b in self.batches]
-        write_json(self.path / "config.json", {
+        # the JSON layout of the store's own files: sorted keys, anything else as its str()
+        fsio.write_json(self.path / "config.json", {
             **dict(user), "arm": self.arm, "seed": self.seed, "model": model,
-            "probe": {"sites": self.probe.sites, "every_tokens": self.every_tokens, "every_steps": self.every_steps,
-                      "batches": shapes, "notes": list(self.probe.notes)},
+            "probe": {"sites": self.probe.sites, "every_tokens": self.options.every_tokens,
+                      "every_steps": self.options.every_steps, "batches": shapes, "notes": list(self.probe.notes)},
             "source": "rankscope.integrations.ProbeLogger",
-        })
-        versions: dict[str, Any] = {"rankscope": __version__, "torch": torch.__version__,
-                                    "python": platform.python_version()}
-        for name in ("transformers", "lightning", "transformer_lens"):
-            mod = sys.modules.get(name)
-            if mod is not None:
-                versions[name] = getattr(mod, "__version__", None)
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        write_json(self.path / "provenance.json", {
-            **versions, "platform": platform.platform(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "seed": self.seed, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
+        }, sort_keys=True, default=str)
+        fsio.write_json(self.path / "provenance.json", {
+            **environment(device_of(self.model)), "arm": self.arm, "seed": self.seed, "started": now(),
+        }, sort_keys=True, default=str)
 
     def _open_sinks(self, tensorboard: bool | str | Path | None, wandb: bool | Mapping[str, Any] | None) -> None:
         if tensorboard is not False and (tensorboard is not None or _installed("tensorboard")):
@@ -213,7 +184,8 @@ class ProbeLogger:
             try:
                 self.sinks.append(_TensorBoard(logdir))
             except ImportError:
-                raise RankscopeError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+                raise RankscopeError("tensorboard=True needs the tensorboard package: "
+                                     "pip install tensorboard") from None
         if wandb is False:
             return
         if wandb is None:
@@ -250,12 +222,10 @@ class ProbeLogger:
         if val_loss is not None:
             self._val_loss = float(val_loss)
         self.last_step, self.last_tokens = step, tokens
-        count = tokens if self.every_tokens is not None else step
+        count = tokens if self.options.by_tokens else step
         if count < self._next:
             return None
-        every = self.every_tokens if self.every_tokens is not None else self.every_steps
-        assert every is not None  # exactly one was given (checked in __init__)
-        self._next = (count // every + 1) * every
+        self._next = (count // self.options.every + 1) * self.options.every
         return self.measure(tokens, step)
 
     def add_loss(self, loss: float | torch.Tensor) -> None:
@@ -322,7 +292,7 @@ class ProbeLogger:
         for sink in self.sinks:
             sink.close()
 
-    def __enter__(self) -> "ProbeLogger":
+    def __enter__(self) -> ProbeLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
