@@ -27,15 +27,21 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from _common import train_step_fn
+
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
-from rankscope.evals import (functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, rank_ladder,
-                             weight_spectra)
+from rankscope.evals import (
+    functional_rank,
+    gpt_induction_scores,
+    induction_batch,
+    loss_and_icl,
+    rank_ladder,
+    weight_spectra,
+)
 from rankscope.model import GPT
 from rankscope.optim import build_optimizers
 from rankscope.probe import gpt_probe
@@ -120,27 +126,35 @@ def main() -> None:
     icl_marginal = max(0.0, cost[icl_name] - cost[val_name])
     every = icl_marginal + cost[ind_name] + cost[ws_name]  # the cheap ones, at every point
 
-    print(f"# rankscope downstream-evaluation benchmark: preset {args.preset} (qk_norm={args.qk_norm}), "
-          f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"# batch {tc.batch_size} x {tc.seq_len}, {tc.tokens:,} tokens per run = {steps} steps, "
-          f"{n_evals} evaluation points (every {tc.eval_every:,} tokens), "
-          f"probe batch {cfg.probe.batch_size} x {tc.seq_len}; "
-          f"medians of {args.rounds} rounds; estimated run {run_s:.0f} s")
+    print(
+        f"# rankscope downstream-evaluation benchmark: preset {args.preset} (qk_norm={args.qk_norm}), "
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"# batch {tc.batch_size} x {tc.seq_len}, {tc.tokens:,} tokens per run = {steps} steps, "
+        f"{n_evals} evaluation points (every {tc.eval_every:,} tokens), "
+        f"probe batch {cfg.probe.batch_size} x {tc.seq_len}; "
+        f"medians of {args.rounds} rounds; estimated run {run_s:.0f} s"
+    )
     print()
     print("| measurement | median ms | x training steps | share of run, at every eval point |")
     print("|---|---|---|---|")
     print(f"| one training step | {med(step_s) * 1e3:.0f} | 1.0 | {share(steps * med(step_s))} (all {steps} steps) |")
     for name in names:
         print(f"| {name} | {cost[name] * 1e3:.0f} | {cost[name] / med(step_s):.2f} | {share(n_evals * cost[name])} |")
-    print(f"| loss_and_icl, marginal over the validation loss | {icl_marginal * 1e3:.0f} | "
-          f"{icl_marginal / med(step_s):.2f} | {share(n_evals * icl_marginal)} |")
+    print(
+        f"| loss_and_icl, marginal over the validation loss | {icl_marginal * 1e3:.0f} | "
+        f"{icl_marginal / med(step_s):.2f} | {share(n_evals * icl_marginal)} |"
+    )
     print()
     print("| cadence of the downstream evaluations | share of run | within 10%? |")
     print("|---|---|---|")
     cadences = [
-        ("ICL + induction + weight spectra at every point, functional rank at the end",
-         n_evals * every + cost[fr_name]),
+        (
+            "ICL + induction + weight spectra at every point, functional rank at the end",
+            n_evals * every + cost[fr_name],
+        ),
         ("same, functional rank at the middle and the end", n_evals * every + 2 * cost[fr_name]),
         ("everything at every point", n_evals * (every + cost[fr_name])),
     ]

@@ -19,8 +19,8 @@ import statistics
 import time
 
 import torch
-
 from _common import cpu_name, train_step_fn
+
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, load_data
 from rankscope.model import GPT
@@ -47,8 +47,10 @@ def main() -> None:
     model = GPT(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [torch.randn_like(p) * 1e-3 for p in params]
-    opts = {c: build_optimizers(model, apply_overrides(cfg, {"optim.muon_qkvo": c[0], "optim.muon_ns": c[1]}).optim)
-            for c in COMBOS}
+    opts = {
+        c: build_optimizers(model, apply_overrides(cfg, {"optim.muon_qkvo": c[0], "optim.muon_ns": c[1]}).optim)
+        for c in COMBOS
+    }
     data = None if args.optimizer_only else load_data(None, cfg.model.vocab_size, progress=False)
     steps = {}
     if data is not None:
@@ -66,7 +68,7 @@ def main() -> None:
             steps[c]()
     times: dict[str, dict] = {"opt": {c: [] for c in COMBOS}, "step": {c: [] for c in COMBOS}}
     for r in range(args.rounds):
-        order = COMBOS[r % len(COMBOS):] + COMBOS[:r % len(COMBOS)]
+        order = COMBOS[r % len(COMBOS) :] + COMBOS[: r % len(COMBOS)]
         for c in order:
             sync()
             t0 = time.perf_counter()
@@ -82,9 +84,11 @@ def main() -> None:
 
     med = {k: {c: statistics.median(v) for c, v in d.items() if v} for k, d in times.items()}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    print(f"{datetime.date.today()} {where}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"Python {platform.python_version()}; preset {args.preset}; {args.rounds} rounds x {args.steps} steps, "
-          "medians")
+    print(
+        f"{datetime.date.today()} {where}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; preset {args.preset}; {args.rounds} rounds x {args.steps} steps, "
+        "medians"
+    )
     head = "| grouping | iteration | optimizer step ms | vs torch.optim.Muon |"
     if steps:
         head += " full training step ms | vs torch.optim.Muon |"

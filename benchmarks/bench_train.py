@@ -21,8 +21,8 @@ import sys
 import time
 
 import torch
-
 from _common import train_step_fn
+
 from rankscope.bench import matmul_rate
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
@@ -83,21 +83,37 @@ def main() -> None:
         med = statistics.median
         run_s = steps * med(step_s) + n_evals * (med(probe_s) + 2 * med(eval_s))  # val + ood
         results[qk] = dict(
-            tok_s=tokens_per_step / med(step_s), mfu=med(mfu), rate=med(rate) / 1e9,
-            model_gflops=flops / med(step_s) / 1e9, probe_ms=med(probe_s) * 1e3,
-            probe_share=n_evals * med(probe_s) / run_s, eval_share=n_evals * 2 * med(eval_s) / run_s,
-            run_s=run_s, params=model.num_params(),
+            tok_s=tokens_per_step / med(step_s),
+            mfu=med(mfu),
+            rate=med(rate) / 1e9,
+            model_gflops=flops / med(step_s) / 1e9,
+            probe_ms=med(probe_s) * 1e3,
+            probe_share=n_evals * med(probe_s) / run_s,
+            eval_share=n_evals * 2 * med(eval_s) / run_s,
+            run_s=run_s,
+            params=model.num_params(),
         )
 
-    print(f"# rankscope training benchmark: preset {args.preset}, {datetime.date.today()}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"# batch {tc.batch_size} x {tc.seq_len}, {tc.tokens:,} tokens per run, eval+probe every {tc.eval_every:,} tokens; "
-          f"medians of {args.rounds} rounds x {args.steps} steps")
-    print("| arm (Muon) | params | tokens/s | model GFLOP/s | fp32 matmul GFLOP/s | MFU vs matmul | probe ms | probe share | eval share | est. run s |")
+    print(
+        f"# rankscope training benchmark: preset {args.preset}, {datetime.date.today()}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"# batch {tc.batch_size} x {tc.seq_len}, {tc.tokens:,} tokens per run, "
+        f"eval+probe every {tc.eval_every:,} tokens; "
+        f"medians of {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        "| arm (Muon) | params | tokens/s | model GFLOP/s | fp32 matmul GFLOP/s | MFU vs matmul | probe ms "
+        "| probe share | eval share | est. run s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for qk, r in results.items():
-        print(f"| qk_norm={qk} | {r['params'] / 1e6:.2f}M | {r['tok_s']:.0f} | {r['model_gflops']:.1f} | {r['rate']:.1f} | "
-              f"{r['mfu']:.0%} | {r['probe_ms']:.0f} | {r['probe_share']:.2%} | {r['eval_share']:.1%} | {r['run_s']:.0f} |")
+        print(
+            f"| qk_norm={qk} | {r['params'] / 1e6:.2f}M | {r['tok_s']:.0f} | {r['model_gflops']:.1f} "
+            f"| {r['rate']:.1f} | {r['mfu']:.0%} | {r['probe_ms']:.0f} | {r['probe_share']:.2%} "
+            f"| {r['eval_share']:.1%} | {r['run_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,17 @@ from rankscope.analyze import analyze
 folder = sys.argv[1] if len(sys.argv) > 1 else "rankscope-examples/tiny-mistral"
 tokenizer = tiny_tokenizer(stdlib_text(20))
 torch.manual_seed(0)
-model = MistralForCausalLM(MistralConfig(
-    vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=6, num_attention_heads=8,
-    num_key_value_heads=2, intermediate_size=256, max_position_embeddings=512))
+model = MistralForCausalLM(
+    MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=512,
+    )
+)
 model.save_pretrained(folder)
 tokenizer.save_pretrained(folder)
 

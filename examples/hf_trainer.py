@@ -27,10 +27,18 @@ held_out = token_batches(stdlib_text(10, split="val"), tokenizer, seq_len=128, b
 
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=4, n_head=4, n_positions=128))
-args = TrainingArguments(output_dir=f"{out}/trainer", max_steps=steps, per_device_train_batch_size=8,
-                         learning_rate=1e-3, logging_steps=10, report_to=[], save_strategy="no",
-                         include_num_input_tokens_seen=True, use_cpu=True, disable_tqdm=True)
-callback = TrainerProbeCallback(out, every_steps=10, batch=held_out, arm="gpt2", sites=["k", "q", "v"],
-                                overwrite=True)
+args = TrainingArguments(
+    output_dir=f"{out}/trainer",
+    max_steps=steps,
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    logging_steps=10,
+    report_to=[],
+    save_strategy="no",
+    include_num_input_tokens_seen=True,
+    use_cpu=True,
+    disable_tqdm=True,
+)
+callback = TrainerProbeCallback(out, every_steps=10, batch=held_out, arm="gpt2", sites=["k", "q", "v"], overwrite=True)
 Trainer(model=model, args=args, train_dataset=train, callbacks=[callback]).train()
 print(f"read the rows with: rankscope report {out}")

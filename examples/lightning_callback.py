@@ -27,8 +27,18 @@ held_out = token_batches(stdlib_text(10, split="val"), tokenizer, seq_len=64, ba
 class LM(lightning.LightningModule):
     def __init__(self):
         super().__init__()
-        self.gpt = GPT(ModelConfig(vocab_size=len(tokenizer), n_layer=2, d_model=128, n_head=2, n_kv_head=1,
-                                   head_dim=64, d_mlp=512, max_seq_len=64))
+        self.gpt = GPT(
+            ModelConfig(
+                vocab_size=len(tokenizer),
+                n_layer=2,
+                d_model=128,
+                n_head=2,
+                n_kv_head=1,
+                head_dim=64,
+                d_mlp=512,
+                max_seq_len=64,
+            )
+        )
 
     def training_step(self, batch, batch_idx):
         (window,) = batch
@@ -39,8 +49,16 @@ class LM(lightning.LightningModule):
 
 
 loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(windows), batch_size=8, shuffle=True)
-callback = LightningProbeCallback(out, every_tokens=8_192, tokens_per_step=8 * 64, batch=held_out,
-                                  arm="gpt-adamw", overwrite=True)
-lightning.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, accelerator="cpu", devices=1).fit(LM(), loader)
+callback = LightningProbeCallback(
+    out, every_tokens=8_192, tokens_per_step=8 * 64, batch=held_out, arm="gpt-adamw", overwrite=True
+)
+lightning.Trainer(
+    max_steps=steps,
+    callbacks=[callback],
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    accelerator="cpu",
+    devices=1,
+).fit(LM(), loader)
 print(f"read the rows with: rankscope report {out}")

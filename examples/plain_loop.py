@@ -24,18 +24,34 @@ tokenizer = tiny_tokenizer(stdlib_text(40))
 train_ids = torch.tensor(tokenizer("\n".join(stdlib_text(40)))["input_ids"])
 held_out = token_batches(stdlib_text(10, split="val"), tokenizer, seq_len=64, batch_size=16)
 
-model = LlamaForCausalLM(LlamaConfig(
-    vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256))
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=256,
+    )
+)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-logger = ProbeLogger(model, out, every_tokens=10_000, batch=held_out, arm="llama-adamw", seed=0,
-                     config={"train": {"tokens": steps * 8 * 64}}, overwrite=True)  # (1)
+logger = ProbeLogger(
+    model,
+    out,
+    every_tokens=10_000,
+    batch=held_out,
+    arm="llama-adamw",
+    seed=0,
+    config={"train": {"tokens": steps * 8 * 64}},
+    overwrite=True,
+)  # (1)
 logger.step(0)  # also measure the initial model
 tokens = 0
 for _ in range(steps):
     starts = torch.randint(0, len(train_ids) - 65, (8,))
-    x = torch.stack([train_ids[s:s + 65] for s in starts])
+    x = torch.stack([train_ids[s : s + 65] for s in starts])
     loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
     loss.backward()
     opt.step()

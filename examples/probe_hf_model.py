@@ -15,9 +15,18 @@ from rankscope.attach import Probe
 
 tokenizer = tiny_tokenizer(stdlib_text(20))
 torch.manual_seed(0)
-model = Qwen3ForCausalLM(Qwen3Config(
-    vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=512))
+model = Qwen3ForCausalLM(
+    Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        max_position_embeddings=512,
+    )
+)
 
 probe = Probe(model, sites=["k", "k_pre", "v"])  # keys after QK-Norm and RoPE, before RoPE, values
 print(probe.describe())

@@ -11,9 +11,19 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rankscope.attach import Probe
 
-cfg = HookedTransformerConfig(n_layers=3, d_model=128, n_ctx=128, d_head=32, n_heads=4, n_key_value_heads=2,
-                              d_vocab=1000, act_fn="gelu", normalization_type="RMS",
-                              positional_embedding_type="rotary", seed=0)
+cfg = HookedTransformerConfig(
+    n_layers=3,
+    d_model=128,
+    n_ctx=128,
+    d_head=32,
+    n_heads=4,
+    n_key_value_heads=2,
+    d_vocab=1000,
+    act_fn="gelu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    seed=0,
+)
 model = HookedTransformer(cfg)
 probe = Probe(model, sites=["q", "k", "v", "o"])
 print(probe.describe())

@@ -84,13 +84,26 @@ def hf_folder(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 20, "keys lose dimensions"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["def f(x):\n    return x + 1\n" * 20, "keys lose dimensions"],
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   head_dim=8, intermediate_size=64, vocab_size=len(fast), max_position_embeddings=128,
-                                   bos_token_id=0, eos_token_id=0)
+    cfg = transformers.Qwen3Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=len(fast),
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     path = tmp_path_factory.mktemp("hf") / "tiny-qwen3"
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)

@@ -23,8 +23,15 @@ from rankscope.probe import AttentionStats, Site, gpt_probe
 from rankscope.vocab import PROBE_SITES
 
 V = 100
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=V,
-             bos_token_id=0, eos_token_id=0)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=V,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 
 
 def hf_model(family: str, seed: int = 0) -> nn.Module:
@@ -47,8 +54,9 @@ def hf_model(family: str, seed: int = 0) -> nn.Module:
                 layer.self_attn.q_norm.weight.uniform_(0.2, 2.0)
                 layer.self_attn.k_norm.weight.uniform_(0.2, 2.0)
     elif family == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         m = transformers.GPT2LMHeadModel(cfg)
     elif family == "gpt_neox":  # partial rotary: a quarter of each head turns
         cfg = transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.25, max_position_embeddings=64)
@@ -120,8 +128,13 @@ def test_post_rope_keys_and_queries_equal_what_the_attention_function_receives(f
             expected = all_metrics(per_head(act))
             assert len(rows(df, site, "pr_sv", layer)) == act.shape[1]  # kv heads for keys (GQA)
             for m in METRICS:
-                np.testing.assert_allclose(rows(df, site, m, layer), expected[m].numpy(), rtol=2e-4, atol=1e-5,
-                                           err_msg=f"{family} {site} {m} layer {layer}")
+                np.testing.assert_allclose(
+                    rows(df, site, m, layer),
+                    expected[m].numpy(),
+                    rtol=2e-4,
+                    atol=1e-5,
+                    err_msg=f"{family} {site} {m} layer {layer}",
+                )
 
 
 def _rope_by_hand(x: torch.Tensor, theta: float, rotary_dims: int) -> torch.Tensor:
@@ -140,9 +153,12 @@ def _attention_inputs(model: nn.Module, attn_modules: list[nn.Module], x: torch.
     """The hidden states each attention layer receives (its input, after the pre-attention norm)."""
     got, handles = [], []
     for m in attn_modules:
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, args, kwargs: got.append((args[0] if args else kwargs["hidden_states"]).detach()),
-            with_kwargs=True))
+        handles.append(
+            m.register_forward_pre_hook(
+                lambda mod, args, kwargs: got.append((args[0] if args else kwargs["hidden_states"]).detach()),
+                with_kwargs=True,
+            )
+        )
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -162,10 +178,12 @@ def test_qwen3_keys_rebuilt_by_hand_from_weights_norm_and_rope():
             k = (h @ attn.k_proj.weight.T).view(*h.shape[:2], G, E)  # (B, T, G, E); no bias in Qwen3
             k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * attn.k_norm.weight
             k_rot = _rope_by_hand(k.transpose(1, 2), 500.0, E)  # (B, G, T, E)
-        np.testing.assert_allclose(rows(df, "k_pre", "pr_sv", layer),
-                                   participation_ratio(per_head(k.transpose(1, 2))).numpy(), rtol=1e-4)
-        np.testing.assert_allclose(rows(df, "k", "pr_sv", layer),
-                                   participation_ratio(per_head(k_rot)).numpy(), rtol=1e-4)
+        np.testing.assert_allclose(
+            rows(df, "k_pre", "pr_sv", layer), participation_ratio(per_head(k.transpose(1, 2))).numpy(), rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            rows(df, "k", "pr_sv", layer), participation_ratio(per_head(k_rot)).numpy(), rtol=1e-4
+        )
     # the norm matters: without it the pre-RoPE keys would differ
     assert not np.allclose(rows(df, "k_pre", "pr_sv", 0), rows(df, "q_pre", "pr_sv", 0)[:G])
 
@@ -179,10 +197,11 @@ def test_gpt_neox_partial_rotary_by_hand():
     for layer, (attn, h) in enumerate(zip(attns, _attention_inputs(model, attns, X))):
         with torch.no_grad():
             qkv = attn.query_key_value(h).view(*h.shape[:2], H, 3 * E)  # per head [q | k | v]
-            k, v = qkv[..., E:2 * E].transpose(1, 2), qkv[..., 2 * E:].transpose(1, 2)  # (B, H, T, E)
+            k, v = qkv[..., E : 2 * E].transpose(1, 2), qkv[..., 2 * E :].transpose(1, 2)  # (B, H, T, E)
         for site, act in (("k_pre", k), ("k", _rope_by_hand(k, 10000.0, r)), ("v", v)):
-            np.testing.assert_allclose(rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(),
-                                       rtol=1e-4, err_msg=site)
+            np.testing.assert_allclose(
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=1e-4, err_msg=site
+            )
     assert "partial RoPE (4 of 16 dims)" in detect(model).describe()
 
 
@@ -200,8 +219,9 @@ def test_gpt2_keys_have_no_rope_and_values_and_outputs_match_hand_splits():
             q, k, v = (h @ attn.c_attn.weight + attn.c_attn.bias).split(64, dim=-1)  # Conv1D: x W + b
         for site, act in (("q", q), ("k", k), ("v", v), ("o", outs[layer])):
             heads = act.view(*act.shape[:2], 4, 16).transpose(1, 2)
-            np.testing.assert_allclose(rows(df, site, "pr_sv", layer), participation_ratio(per_head(heads)).numpy(),
-                                       rtol=1e-4, err_msg=site)
+            np.testing.assert_allclose(
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(heads)).numpy(), rtol=1e-4, err_msg=site
+            )
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2", "gpt_neox"])
@@ -267,8 +287,7 @@ def test_measuring_never_changes_the_model(family):
 
 
 def test_rankscope_gpt_is_found_and_agrees_with_gpt_probe():
-    cfg = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64,
-                      max_seq_len=32)
+    cfg = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
     model = GPT(cfg).eval()
     x = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
     df = Probe(model, ["k", "q", "v"]).measure(x)
@@ -305,9 +324,20 @@ lens_deprecation = pytest.mark.filterwarnings("ignore:HookedTransformer is depre
 def test_transformer_lens_hooked_transformer():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=32, d_head=16, n_heads=4, n_key_value_heads=2,
-                                  d_vocab=V, act_fn="gelu", normalization_type="RMS",
-                                  positional_embedding_type="rotary", use_qk_norm=True, seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=64,
+        n_ctx=32,
+        d_head=16,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_vocab=V,
+        act_fn="gelu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        use_qk_norm=True,
+        seed=0,
+    )
     model = HookedTransformer(cfg)
     with torch.no_grad():
         for b in model.blocks:
@@ -320,10 +350,16 @@ def test_transformer_lens_hooked_transformer():
         gain = model.blocks[layer].attn.k_norm.w
         with torch.no_grad():
             k_pre = k_pre * torch.rsqrt(k_pre.pow(2).mean(-1, keepdim=True) + cfg.eps) * gain
-        for site, act in (("k", a("hook_rot_k")), ("q", a("hook_rot_q")), ("v", a("hook_v")), ("o", a("hook_z")),
-                          ("k_pre", k_pre.transpose(1, 2))):
-            np.testing.assert_allclose(rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(),
-                                       rtol=1e-4, err_msg=site)
+        for site, act in (
+            ("k", a("hook_rot_k")),
+            ("q", a("hook_rot_q")),
+            ("v", a("hook_v")),
+            ("o", a("hook_z")),
+            ("k_pre", k_pre.transpose(1, 2)),
+        ):
+            np.testing.assert_allclose(
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=1e-4, err_msg=site
+            )
         p = cache[f"blocks.{layer}.attn.hook_pattern"]
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
         np.testing.assert_allclose(rows(df, "attn", "entropy", layer), ent.numpy(), rtol=1e-4, atol=1e-6)
@@ -337,8 +373,9 @@ def test_transformer_lens_hooked_transformer():
 def test_transformer_lens_without_rotary_reads_q_and_k_before_any_rotation():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=V, act_fn="relu",
-                                  seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=V, act_fn="relu", seed=0
+    )
     df = Probe(HookedTransformer(cfg), ["k", "k_pre", "q", "q_pre"]).measure(X)
     np.testing.assert_array_equal(rows(df, "k", "pr_sv", 0), rows(df, "k_pre", "pr_sv", 0))
     assert detect(HookedTransformer(cfg)).rotary == "none"

@@ -43,7 +43,7 @@ def test_chunks_reassemble_the_dense_masked_logits(chunk, first, causal, window)
 def test_logits_are_float32_from_bfloat16_inputs():
     q = torch.randn(1, 4, 2, 8).bfloat16()
     k = torch.randn(1, 4, 2, 8).bfloat16()
-    (_, logits), = logit_chunks(q, k, 1.0, 16)
+    ((_, logits),) = logit_chunks(q, k, 1.0, 16)
     assert logits.dtype == torch.float32
 
 

@@ -39,8 +39,10 @@ def corpus(tmp_path_factory) -> Path:
     nouns = "model head layer token key query value norm rank gain loss seed".split()
     verbs = "drops keeps loses finds learns spreads collapses trains".split()
     for i in range(12):
-        lines = [f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} at step {rng.randint(0, 999)}."
-                 for _ in range(400)]
+        lines = [
+            f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} at step {rng.randint(0, 999)}."
+            for _ in range(400)
+        ]
         (root / f"doc{i:02d}.txt").write_text("\n".join(lines))
     return root
 
@@ -51,14 +53,20 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def write_study(path: Path, arms: str, tokens: str = "2048", every: str = "1024", seeds: str = "[0]") -> Path:
-    path.write_text(f'description = "test"\ntokens = "{tokens}"\nprobe_every = "{every}"\nseeds = {seeds}\n{SMALL}\n{arms}')
+    path.write_text(
+        f'description = "test"\ntokens = "{tokens}"\nprobe_every = "{every}"\nseeds = {seeds}\n{SMALL}\n{arms}'
+    )
     return path
 
 
 def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
-    study = write_study(tmp_path / "s.toml", '[arms.frozen]\nmodel.qk_norm = "frozen"\n'
-                                             '[arms.free]\nmodel.qk_norm = "parameter_free"\n'
-                                             '[arms.none]\nmodel.qk_norm = "none"\n', seeds="[0, 1]")
+    study = write_study(
+        tmp_path / "s.toml",
+        '[arms.frozen]\nmodel.qk_norm = "frozen"\n'
+        '[arms.free]\nmodel.qk_norm = "parameter_free"\n'
+        '[arms.none]\nmodel.qk_norm = "none"\n',
+        seeds="[0, 1]",
+    )
     out = tmp_path / "out"
     assert main(["run", str(study), "--data", str(corpus), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -107,17 +115,46 @@ def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
     assert (out / "report.md").exists()
 
     # changing a setting of finished runs is refused, not silently mixed
-    assert main(["run", str(study), "--data", str(corpus), "--out", str(out), "--no-progress",
-                 "--set", "optim.muon_lr=0.02"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(study),
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "optim.muon_lr=0.02",
+            ]
+        )
+        == 2
+    )
     assert "finished with different settings (optim.muon_lr)" in capsys.readouterr().err
 
 
 def test_killed_study_keeps_rows_and_rerun_redoes_only_the_broken_run(tmp_path, corpus):
-    study = write_study(tmp_path / "s.toml", '[arms.a]\nmodel.qk_norm = "learned"\n[arms.b]\nmodel.qk_norm = "none"\n',
-                        tokens="60K", every="4096")
+    study = write_study(
+        tmp_path / "s.toml",
+        '[arms.a]\nmodel.qk_norm = "learned"\n[arms.b]\nmodel.qk_norm = "none"\n',
+        tokens="60K",
+        every="4096",
+    )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "rankscope", "run", str(study), "--data", str(corpus), "--out", str(out),
-           "--no-progress", "--no-report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rankscope",
+        "run",
+        str(study),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-report",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     b_scalars = out / "b" / "seed-0" / "scalars.csv"
     deadline = time.time() + 240
@@ -163,22 +200,25 @@ def bad_shard(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("malformed", "not valid TOML"),
-    ("unknown_top", "unknown key 'colour'"),
-    ("unknown_override", "unknown setting 'model.qk_nrom'"),
-    ("wrong_type", "model.n_layer: expected int"),
-    ("bad_value", "model.qk_norm must be"),
-    ("no_arms", "no arms"),
-    ("bad_seeds", "seeds must be a non-empty list of integers"),
-    ("missing_study", "no built-in study or study file named"),
-    ("missing_data", "--data: no such file or folder"),
-    ("bad_shard", "version 7"),
-    ("bad_set", "--set expects key=value"),
-    ("bad_tokens", "--tokens expects a count"),
-    ("unknown_preset", "unknown preset 'huge'"),
-    ("missing_report_dir", "no such study folder"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("malformed", "not valid TOML"),
+        ("unknown_top", "unknown key 'colour'"),
+        ("unknown_override", "unknown setting 'model.qk_nrom'"),
+        ("wrong_type", "model.n_layer: expected int"),
+        ("bad_value", "model.qk_norm must be"),
+        ("no_arms", "no arms"),
+        ("bad_seeds", "seeds must be a non-empty list of integers"),
+        ("missing_study", "no built-in study or study file named"),
+        ("missing_data", "--data: no such file or folder"),
+        ("bad_shard", "version 7"),
+        ("bad_set", "--set expects key=value"),
+        ("bad_tokens", "--tokens expects a count"),
+        ("unknown_preset", "unknown preset 'huge'"),
+        ("missing_report_dir", "no such study folder"),
+    ],
+)
 def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, capsys, case, needle):
     arms = '[arms.a]\nmodel.qk_norm = "learned"\n'
     s = tmp_path / "s.toml"
@@ -210,7 +250,8 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rankscope", "run", str(s)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip() == (
-        "rankscope: error: study s, arm a: model.qk_norm must be learned, frozen, parameter_free or none, got 1")
+        "rankscope: error: study s, arm a: model.qk_norm must be learned, frozen, parameter_free or none, got 1"
+    )
 
 
 def test_list_shows_studies_and_presets(capsys):

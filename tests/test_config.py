@@ -7,29 +7,41 @@ from rankscope.errors import ConfigError
 
 
 def test_overrides_are_typed():
-    cfg = apply_overrides(RunConfig(), {"model.qk_norm": "none", "optim.muon_lr": "0.024", "train.tokens": "2M",
-                                        "optim.muon_nesterov": "false", "probe.sites": "k,q_pre", "seed": 3})
+    cfg = apply_overrides(
+        RunConfig(),
+        {
+            "model.qk_norm": "none",
+            "optim.muon_lr": "0.024",
+            "train.tokens": "2M",
+            "optim.muon_nesterov": "false",
+            "probe.sites": "k,q_pre",
+            "seed": 3,
+        },
+    )
     assert cfg.model.qk_norm == "none" and cfg.optim.muon_lr == 0.024 and cfg.train.tokens == 2_000_000
     assert cfg.optim.muon_nesterov is False and cfg.probe.sites == ("k", "q_pre") and cfg.seed == 3
     assert RunConfig().model.qk_norm == "learned"  # frozen dataclasses: the default is untouched
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("model.nope", "1", "unknown setting 'model.nope'"),
-    ("nope", "1", "unknown setting 'nope'"),
-    ("model", "1", "is a section"),
-    ("train.tokens", "lots", "train.tokens: expected int"),
-    ("train.tokens", 1.5, "train.tokens: expected int"),
-    ("optim.muon_lr", "fast", "optim.muon_lr: expected float"),
-    ("optim.muon_lr", True, "optim.muon_lr: expected float"),
-    ("optim.muon_nesterov", "maybe", "expected bool"),
-    ("model.qk_norm", 3, "model.qk_norm must be learned, frozen, parameter_free or none, got 3"),
-    ("model.qk_norm", "sometimes", "model.qk_norm must be"),
-    ("optim.name", "sgd", "optim.name must be"),
-    ("probe.sites", "k,z", "probe.sites must be"),
-    ("model.n_kv_head", "2", "multiple of model.n_kv_head"),
-    ("train.seq_len", "4096", "exceeds model.max_seq_len"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("model.nope", "1", "unknown setting 'model.nope'"),
+        ("nope", "1", "unknown setting 'nope'"),
+        ("model", "1", "is a section"),
+        ("train.tokens", "lots", "train.tokens: expected int"),
+        ("train.tokens", 1.5, "train.tokens: expected int"),
+        ("optim.muon_lr", "fast", "optim.muon_lr: expected float"),
+        ("optim.muon_lr", True, "optim.muon_lr: expected float"),
+        ("optim.muon_nesterov", "maybe", "expected bool"),
+        ("model.qk_norm", 3, "model.qk_norm must be learned, frozen, parameter_free or none, got 3"),
+        ("model.qk_norm", "sometimes", "model.qk_norm must be"),
+        ("optim.name", "sgd", "optim.name must be"),
+        ("probe.sites", "k,z", "probe.sites must be"),
+        ("model.n_kv_head", "2", "multiple of model.n_kv_head"),
+        ("train.seq_len", "4096", "exceeds model.max_seq_len"),
+    ],
+)
 def test_bad_overrides_rejected_with_one_clear_line(key, value, needle):
     with pytest.raises(ConfigError) as e:
         apply_overrides(RunConfig(), {key: value})
@@ -57,6 +69,7 @@ def test_presets_round_trip_through_dicts():
 def test_seed_presets_are_the_seeds_runs():
     """Every setting read from the seed's code (seedref) holds in the presets that restage it."""
     from rankscope.seedref import SEED_1_5B, SEED_88M, differences
+
     assert differences(preset("seed-88m").to_dict(), SEED_88M) == []
     assert differences(preset("seed-1.5b").to_dict(), SEED_1_5B) == []
     c = preset("seed-1.5b")
@@ -64,11 +77,22 @@ def test_seed_presets_are_the_seeds_runs():
     assert "k_pre" in c.probe.sites  # the 1.5B figures read keys before RoPE
     # tiny is the seed's training at CPU size: only sizes, batch and schedule differ
     diffs = {k for k, _, _ in differences(preset("tiny").to_dict(), SEED_88M)}
-    assert diffs == {"model.vocab_size", "model.max_seq_len", "model.n_layer", "model.d_model", "model.n_head",
-                     "model.n_kv_head", "model.d_mlp", "train.batch_size", "train.seq_len", "train.eval_every",
-                     "probe.batch_size"}
+    assert diffs == {
+        "model.vocab_size",
+        "model.max_seq_len",
+        "model.n_layer",
+        "model.d_model",
+        "model.n_head",
+        "model.n_kv_head",
+        "model.d_mlp",
+        "train.batch_size",
+        "train.seq_len",
+        "train.eval_every",
+        "probe.batch_size",
+    }
     # a changed setting is named with both values; a key an older run lacks counts as differing
     from rankscope.seedref import differences_text
+
     text = differences_text(apply_overrides(preset("seed-88m"), {"optim.muon_qkvo": "separate"}).to_dict())
     assert text == "optim.muon_qkvo separate (seed stacked)"
     old = preset("seed-88m").to_dict()

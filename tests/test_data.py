@@ -418,8 +418,10 @@ def test_bin_folder_splits_by_name(tmp_path: Path) -> None:
     data = tmp_path / "shards"
     data.mkdir()
     rng = np.random.default_rng(0)
-    parts = {name: rng.integers(0, 500, size=2000) for name in
-             ("fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin")}
+    parts = {
+        name: rng.integers(0, 500, size=2000)
+        for name in ("fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin")
+    }
     for name, toks in parts.items():
         write_shard(data / name, toks)
     d = load_data(data, 512, cache_dir=tmp_path / "cache", progress=False)

@@ -12,9 +12,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankscope.errors import RankscopeError
-from rankscope.evals import (InductionScores, functional_rank, gpt_induction_scores, icl_score, icl_windows,
-                             induction_batch, induction_loss, loss_and_icl, per_position_loss, rank_ladder,
-                             weight_spectra)
+from rankscope.evals import (
+    InductionScores,
+    functional_rank,
+    gpt_induction_scores,
+    icl_score,
+    icl_windows,
+    induction_batch,
+    induction_loss,
+    loss_and_icl,
+    per_position_loss,
+    rank_ladder,
+    weight_spectra,
+)
 from rankscope.integrations import lm_eval as lm_eval_adapter
 from rankscope.model import GPT, ModelConfig, Tap
 from rankscope.probe import LAYER_WIDE, Site
@@ -43,13 +53,15 @@ def no_hooks(model):
 
 # --- per-position loss and the in-context learning score ----------------------------------------
 
+
 def test_per_position_loss_and_loss_and_icl_match_direct_cross_entropy():
     model = gpt()
     batches = [batch(3, 40, 0), batch(5, 40, 1)]  # unequal batch sizes: per-row average
     per_pos = per_position_loss(model, batches)
     with torch.no_grad():
-        direct = torch.cat([F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-                            for x, y in batches]).mean(0)
+        direct = torch.cat(
+            [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape) for x, y in batches]
+        ).mean(0)
     assert per_pos.shape == (40,)
     torch.testing.assert_close(per_pos, direct, rtol=1e-5, atol=1e-6)
     mean, icl = loss_and_icl(model, batches)
@@ -89,9 +101,11 @@ def test_loss_and_icl_casts_low_precision_logits_to_float32():
 
 # --- induction ------------------------------------------------------------------------------------
 
+
 def copier(V):
     """Hand-written perfect induction: all mass on the token that followed the most recent earlier
     occurrence of the current token; uniform where the token has not occurred before."""
+
     def logits_fn(x):
         B, T = x.shape
         out = torch.zeros(B, T, V)
@@ -103,6 +117,7 @@ def copier(V):
                     out[b, t, int(x[b, last[tok] + 1])] = 60.0
                 last[tok] = t
         return out
+
     return logits_fn
 
 
@@ -171,8 +186,9 @@ def capture(model, x, names):
     out, handles = {}, []
     for i, b in enumerate(model.blocks):
         for n in names:
-            handles.append(getattr(b.attn, n).register_forward_hook(
-                lambda m, a, o, key=(n, i): out.__setitem__(key, o.clone())))
+            handles.append(
+                getattr(b.attn, n).register_forward_hook(lambda m, a, o, key=(n, i): out.__setitem__(key, o.clone()))
+            )
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -226,6 +242,7 @@ def test_induction_scores_on_the_gpt_match_a_direct_softmax_and_leave_the_model_
 
 # --- functional rank ------------------------------------------------------------------------------
 
+
 def test_rank_ladder():
     assert rank_ladder(64) == [1, 2, 4, 8, 16, 32, 64]
     assert rank_ladder(8) == [1, 2, 4, 8]
@@ -265,7 +282,8 @@ def test_functional_rank_matches_a_direct_projected_forward():
         vecs = torch.linalg.eigh(a.mT @ a).eigenvectors[..., -2:]  # (H, E, 2)
         p = (vecs @ vecs.mT).float()
         hook = model.blocks[layer].attn.q.register_forward_hook(
-            lambda m, i, o: torch.einsum("bthe,hef->bthf", o, p))
+            lambda m, i, o, p=p: torch.einsum("bthe,hef->bthf", o, p)
+        )
         with torch.no_grad():
             projected = model(x, y).item()
         hook.remove()
@@ -313,20 +331,23 @@ def test_functional_rank_rejects_bad_arguments():
 
 # --- weight spectra -------------------------------------------------------------------------------
 
+
 def test_weight_spectra_match_svdvals_of_the_head_slices():
     model = gpt(seed=5)
     E = CFG.head_dim
     with torch.no_grad():  # a closed form: head 2 of layer 1's W_Q = 3 x orthonormal rows
         q = torch.linalg.qr(torch.randn(CFG.d_model, E, dtype=torch.float64)).Q.T
-        model.blocks[1].attn.q_proj.weight[2 * E:3 * E] = (3.0 * q).float()
+        model.blocks[1].attn.q_proj.weight[2 * E : 3 * E] = (3.0 * q).float()
     t = table(weight_spectra(model))
     for layer, block in enumerate(model.blocks):
-        for site, w, heads in (("w_q", block.attn.q_proj.weight, CFG.n_head),
-                               ("w_k", block.attn.k_proj.weight, CFG.n_kv_head)):
+        for site, w, heads in (
+            ("w_q", block.attn.q_proj.weight, CFG.n_head),
+            ("w_k", block.attn.k_proj.weight, CFG.n_kv_head),
+        ):
             for h in range(heads):
-                s = torch.linalg.svdvals(w[h * E:(h + 1) * E].double())
-                assert t[(site, layer, h, "pr_sv")] == pytest.approx((s.sum() ** 2 / (s ** 2).sum()).item(), rel=1e-9)
-                sr = (s ** 2).sum() / s[0] ** 2
+                s = torch.linalg.svdvals(w[h * E : (h + 1) * E].double())
+                assert t[(site, layer, h, "pr_sv")] == pytest.approx((s.sum() ** 2 / (s**2).sum()).item(), rel=1e-9)
+                sr = (s**2).sum() / s[0] ** 2
                 assert t[(site, layer, h, "stable_rank")] == pytest.approx(sr.item(), rel=1e-9)
                 assert t[(site, layer, h, "spectral_norm")] == pytest.approx(s[0].item(), rel=1e-9)
             assert (site, layer, heads, "pr_sv") not in t
@@ -337,13 +358,17 @@ def test_weight_spectra_match_svdvals_of_the_head_slices():
 
 # --- lm-evaluation-harness adapter ----------------------------------------------------------------
 
-TEXTS = ["def add(x, y):\n    return x + y\n\n", "The quick brown fox jumps over the lazy dog. " * 4,
-         "import os\nimport sys\nprint(os.getcwd())\n"]
+TEXTS = [
+    "def add(x, y):\n    return x + y\n\n",
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "import os\nimport sys\nprint(os.getcwd())\n",
+]
 
 
 @pytest.fixture(scope="module")
 def tok():
     from rankscope.data.tokenizer import train_tokenizer
+
     return train_tokenizer(TEXTS, 300)
 
 
@@ -362,15 +387,19 @@ def direct_logprobs(model, ids):
 
 
 def test_loglikelihood_matches_direct_log_probabilities(tok, lm):
-    requests = [("The quick brown", " fox"), ("def add(x, y):", "\n    return"), ("", "import os"),
-                ("import os\nimport sys\nprint(os.getcwd())\n" * 2, " x"),  # longer than 24: left-truncated
-                ("a dog ", "jumps")]  # trailing space moves to the continuation
+    requests = [
+        ("The quick brown", " fox"),
+        ("def add(x, y):", "\n    return"),
+        ("", "import os"),
+        ("import os\nimport sys\nprint(os.getcwd())\n" * 2, " x"),  # longer than 24: left-truncated
+        ("a dog ", "jumps"),
+    ]  # trailing space moves to the continuation
     pairs = lm_eval_adapter.encode_pairs(tok, requests)
     assert pairs[2][0] == [0]  # empty context: the document separator
     assert pairs[4][1][0] == tok.encode(" jumps").ids[0]
     got = lm_eval_adapter.loglikelihood(lm, tok, requests, batch_size=2)
     for (ctx, cont), (lp, greedy) in zip(pairs, got):
-        ids = (ctx + cont)[-(24 + 1):]
+        ids = (ctx + cont)[-(24 + 1) :]
         lps, argmax = direct_logprobs(lm, ids)
         m = len(cont)
         assert lp == pytest.approx(lps[-m:].sum().item(), rel=1e-5)
@@ -385,7 +414,8 @@ def test_loglikelihood_tokens_flags_the_greedy_continuation(lm):
         with torch.no_grad():
             cont.append(int(lm(torch.tensor([ctx + cont]))[0, -1].argmax()))
     (lp, greedy), (lp2, greedy2), (lp0, greedy0) = lm_eval_adapter.loglikelihood_tokens(
-        lm, [(ctx, cont), (ctx, cont[:2] + [(cont[2] + 1) % 300]), (ctx, [])])
+        lm, [(ctx, cont), (ctx, cont[:2] + [(cont[2] + 1) % 300]), (ctx, [])]
+    )
     assert greedy and not greedy2 and lp > lp2
     assert (lp0, greedy0) == (0.0, True)
     with pytest.raises(ValueError):
@@ -396,7 +426,10 @@ def test_rolling_windows_follow_the_harness_example():
     # lm_eval's LM.loglikelihood_rolling docstring: tokens 0..9, prefix BOS, context 4
     B = -1
     assert lm_eval_adapter.rolling_windows(list(range(10)), B, 4) == [
-        ([B, 0, 1, 2], [0, 1, 2, 3]), ([3, 4, 5, 6], [4, 5, 6, 7]), ([5, 6, 7, 8], [8, 9])]
+        ([B, 0, 1, 2], [0, 1, 2, 3]),
+        ([3, 4, 5, 6], [4, 5, 6, 7]),
+        ([5, 6, 7, 8], [8, 9]),
+    ]
     assert lm_eval_adapter.rolling_windows([], B, 4) == []
 
 
@@ -410,8 +443,8 @@ def test_loglikelihood_rolling_matches_direct_windows(tok, lm):
     expected = 0.0
     for s in range(0, len(ids), 24):  # each chunk predicted from the 24 tokens before its end
         e = min(s + 24, len(ids))
-        window = ([0] + ids)[max(0, e - 24):e + 1]
-        expected += direct_logprobs(lm, window)[0][-(e - s):].sum().item()
+        window = ([0] + ids)[max(0, e - 24) : e + 1]
+        expected += direct_logprobs(lm, window)[0][-(e - s) :].sum().item()
     assert got[1] == pytest.approx(expected, rel=1e-5)
     assert got[2] == 0.0
 
@@ -425,7 +458,7 @@ def test_greedy_until_matches_a_direct_greedy_loop_and_stops(tok, lm):
         if nxt == 0:
             break
         ids.append(nxt)
-    full = tok.decode(ids[len(ctx):])
+    full = tok.decode(ids[len(ctx) :])
     assert lm_eval_adapter.greedy_until(lm, tok, "The quick", max_gen_toks=8) == full
     if len(full) >= 4:
         stop = full[2:4]
@@ -438,7 +471,7 @@ def test_missing_lm_eval_is_a_clear_rankscope_error(monkeypatch, tok, lm):
     with pytest.raises(RankscopeError, match=r"pip install 'rankscope\[lm-eval\]'"):
         lm_eval_adapter.evaluate(lm, tok, ["lambada_openai"])
     with pytest.raises(RankscopeError, match="lm_eval"):
-        lm_eval_adapter.RankscopeLM
+        getattr(lm_eval_adapter, "RankscopeLM")  # noqa: B009  (the attribute access is what raises)
     with pytest.raises(ImportError):
         from rankscope.integrations.lm_eval import RankscopeLM  # noqa: F401
 

@@ -36,30 +36,82 @@ def loss(qk: str, grouping: str, seed: int) -> float:
 
 def make(root: Path) -> Path:
     arms = {f"{'qk-norm' if q == 'learned' else 'no-norm'}.{g}": (q, g) for q in QK for g in GROUPING}
-    write_json(root / "study.json", {"name": "grid", "preset": "tiny", "seeds": list(SEEDS),
-                                     "arms": {a: {"model.qk_norm": q, "optim.muon_qkvo": g}
-                                              for a, (q, g) in arms.items()}})
+    write_json(
+        root / "study.json",
+        {
+            "name": "grid",
+            "preset": "tiny",
+            "seeds": list(SEEDS),
+            "arms": {a: {"model.qk_norm": q, "optim.muon_qkvo": g} for a, (q, g) in arms.items()},
+        },
+    )
     for arm, (q, g) in arms.items():
         for seed in SEEDS:
             rd = run_dir(root, arm, seed)
             store = RunStore(rd)
-            write_json(rd / "config.json", {
-                "arm": arm, "seed": seed, "n_params": 100 + (q == "learned"),  # differs, but is no setting
-                "model": {"n_layer": 1, "n_head": 1, "head_dim": 64, "d_model": 64, "qk_norm": q},
-                "optim": {"name": "muon", "muon_qkvo": g, "muon_lr": 0.012},
-                "train": {"tokens": TOKENS[-1], "batch_size": 1, "seq_len": 100}, "probe": {"sites": ["k"]}})
+            write_json(
+                rd / "config.json",
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "n_params": 100 + (q == "learned"),  # differs, but is no setting
+                    "model": {"n_layer": 1, "n_head": 1, "head_dim": 64, "d_model": 64, "qk_norm": q},
+                    "optim": {"name": "muon", "muon_qkvo": g, "muon_lr": 0.012},
+                    "train": {"tokens": TOKENS[-1], "batch_size": 1, "seq_len": 100},
+                    "probe": {"sites": ["k"]},
+                },
+            )
             for i, t in enumerate(TOKENS):
                 f = t / TOKENS[-1]
                 v = loss(q, g, seed) + (1 - f)
-                store.scalars.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "train_loss": v,
-                                       "val_loss": v, "ood_loss": "", "lr_scale": 1.0, "grad_norm": 1.0,
-                                       "elapsed_s": float(i), "probe_s": 0.0}])
-                store.probes.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "layer": 0, "head": 0,
-                                      "site": "k", "metric": "pr_sv", "value": 64 - (64 - pr(q, g, seed)) * f}])
+                store.scalars.append(
+                    [
+                        {
+                            "arm": arm,
+                            "seed": seed,
+                            "step": i,
+                            "tokens": t,
+                            "train_loss": v,
+                            "val_loss": v,
+                            "ood_loss": "",
+                            "lr_scale": 1.0,
+                            "grad_norm": 1.0,
+                            "elapsed_s": float(i),
+                            "probe_s": 0.0,
+                        }
+                    ]
+                )
+                store.probes.append(
+                    [
+                        {
+                            "arm": arm,
+                            "seed": seed,
+                            "step": i,
+                            "tokens": t,
+                            "layer": 0,
+                            "head": 0,
+                            "site": "k",
+                            "metric": "pr_sv",
+                            "value": 64 - (64 - pr(q, g, seed)) * f,
+                        }
+                    ]
+                )
                 if t == TOKENS[-1]:  # functional rank at the end only, per layer (head -1)
-                    store.probes.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "layer": 0,
-                                          "head": -1, "site": "k", "metric": "functional_rank",
-                                          "value": 8 + 2 * (q == "learned") + seed}])
+                    store.probes.append(
+                        [
+                            {
+                                "arm": arm,
+                                "seed": seed,
+                                "step": i,
+                                "tokens": t,
+                                "layer": 0,
+                                "head": -1,
+                                "site": "k",
+                                "metric": "functional_rank",
+                                "value": 8 + 2 * (q == "learned") + seed,
+                            }
+                        ]
+                    )
             store.finish({"status": "done"})
     return root
 
@@ -93,8 +145,13 @@ def test_effects_equal_seed_by_seed_arithmetic(tmp_path):
     assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want)
     assert got["mean"] == pytest.approx(-10 - 4 / 3, abs=0.2)
     # the interaction: QK-Norm's gap with separate minus its gap with stacked = the 4 stacking adds
-    want = t_interval([(pr("learned", "separate", s) - pr("none", "separate", s))
-                       - (pr("learned", "stacked", s) - pr("none", "stacked", s)) for s in SEEDS])
+    want = t_interval(
+        [
+            (pr("learned", "separate", s) - pr("none", "separate", s))
+            - (pr("learned", "stacked", s) - pr("none", "stacked", s))
+            for s in SEEDS
+        ]
+    )
     got = row("interaction", "model.qk_norm", "learned", "separate vs stacked")
     assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want)
     assert got["mean"] == pytest.approx(4, abs=0.5) and got["resolved"]
@@ -103,12 +160,16 @@ def test_effects_equal_seed_by_seed_arithmetic(tmp_path):
     got = row("simple", "optim.muon_qkvo", "separate", "none")
     assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want)
     # validation loss: QK-Norm lowers it by exactly 0.02 in every seed and grouping
-    loss_fx = an.effects[(an.effects["key"] == "val_loss") & (an.effects.kind == "simple")
-                         & (an.effects.factor == "model.qk_norm")]
+    loss_fx = an.effects[
+        (an.effects["key"] == "val_loss") & (an.effects.kind == "simple") & (an.effects.factor == "model.qk_norm")
+    ]
     assert loss_fx["mean"].to_numpy() == pytest.approx([-0.02] * 3)
     # functional rank, measured at the end only: QK-Norm adds exactly 2 dimensions in every seed
-    fr = an.effects[(an.effects["key"] == "k:functional_rank") & (an.effects.kind == "main")
-                    & (an.effects.factor == "model.qk_norm")]
+    fr = an.effects[
+        (an.effects["key"] == "k:functional_rank")
+        & (an.effects.kind == "main")
+        & (an.effects.factor == "model.qk_norm")
+    ]
     assert fr["mean"].to_numpy() == pytest.approx([2.0]) and fr["n"].to_numpy()[0] == len(SEEDS)
 
 
@@ -126,8 +187,11 @@ def test_no_grid_when_arms_do_not_cross_two_settings():
     base = {"model": {"qk_norm": "learned"}, "optim": {"name": "muon"}}
     two = {"a": base, "b": {"model": {"qk_norm": "none"}, "optim": {"name": "muon"}}}
     assert find_grid(two, ["a", "b"]) is None  # one setting
-    cross = {f"{q}.{o}": {"model": {"qk_norm": q}, "optim": {"name": o}}
-             for q in ("learned", "none") for o in ("muon", "adamw")}
+    cross = {
+        f"{q}.{o}": {"model": {"qk_norm": q}, "optim": {"name": o}}
+        for q in ("learned", "none")
+        for o in ("muon", "adamw")
+    }
     grid = find_grid(cross, list(cross))
     assert grid is not None and grid.a.levels == ("none", "learned") and grid.b.levels == ("muon", "adamw")
     del cross["none.adamw"]  # an incomplete grid is not read as one

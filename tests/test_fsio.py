@@ -18,7 +18,9 @@ def test_writes_text_json_and_bytes(tmp_path):
     fsio.write_json(tmp_path / "b.json", {"z": 1, "a": [1, 2]}, sort_keys=True)
     fsio.write_bytes(tmp_path / "c.bin", b"\x00\x01")
     assert (tmp_path / "a.md").read_text(encoding="utf-8") == "é\n"
-    assert (tmp_path / "b.json").read_text().startswith('{\n  "a"') and json.loads((tmp_path / "b.json").read_text())["z"] == 1
+    assert (tmp_path / "b.json").read_text().startswith('{\n  "a"') and json.loads((tmp_path / "b.json").read_text())[
+        "z"
+    ] == 1
     assert (tmp_path / "c.bin").read_bytes() == b"\x00\x01"
     assert leftovers(tmp_path) == []
 

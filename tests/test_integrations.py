@@ -46,13 +46,28 @@ def plain_loop(model: GPT, logger: ProbeLogger | None, steps: int = 6) -> None:
 
 def test_plain_loop_writes_a_run_folder_that_report_reads(tmp_path, capsys):
     model = GPT(CFG)
-    logger = ProbeLogger(model, tmp_path / "study", every_tokens=128, batch=HELD_OUT, arm="adamw", seed=3,
-                         sites=["k", "q"], config={"train": {"tokens": 384}}, tensorboard=True)
+    logger = ProbeLogger(
+        model,
+        tmp_path / "study",
+        every_tokens=128,
+        batch=HELD_OUT,
+        arm="adamw",
+        seed=3,
+        sites=["k", "q"],
+        config={"train": {"tokens": 384}},
+        tensorboard=True,
+    )
     plain_loop(model, logger)  # 64 tokens a step: probes at 0, 128, 256, 384
     logger.close()
     run = tmp_path / "study" / "adamw" / "seed-3"
-    assert {p.name for p in run.iterdir()} >= {"config.json", "provenance.json", "scalars.csv", "probes.csv",
-                                               "done.json", "tensorboard"}
+    assert {p.name for p in run.iterdir()} >= {
+        "config.json",
+        "provenance.json",
+        "scalars.csv",
+        "probes.csv",
+        "done.json",
+        "tensorboard",
+    }
     probes = store.read_table(run / "probes.csv")
     assert sorted(probes["tokens"].unique()) == [0, 128, 256, 384]
     assert sorted(probes["step"].unique()) == [0, 2, 4, 6]
@@ -108,8 +123,14 @@ def test_summary_is_per_layer_not_per_head():
     k = table[(table.site == "k") & (table.metric == "pr_sv")]
     assert s["rankscope/k_pr/mean"] == pytest.approx(k["value"].mean())
     assert s["rankscope/k_pr/layer_01"] == pytest.approx(k[k.layer == 1]["value"].mean())
-    assert set(s) == {"rankscope/k_pr/mean", "rankscope/k_pr/layer_00", "rankscope/k_pr/layer_01",
-                      "rankscope/v_pr/mean", "rankscope/attn_entropy/mean", "rankscope/max_logit/max"}
+    assert set(s) == {
+        "rankscope/k_pr/mean",
+        "rankscope/k_pr/layer_00",
+        "rankscope/k_pr/layer_01",
+        "rankscope/v_pr/mean",
+        "rankscope/attn_entropy/mean",
+        "rankscope/max_logit/max",
+    }
 
 
 def test_finished_runs_are_kept_and_failures_leave_them_unfinished(tmp_path):
@@ -162,23 +183,41 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def tiny_llama() -> transformers.PreTrainedModel:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def trainer(tmp_path: Path, callback, **args) -> transformers.Trainer:
     targs = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), max_steps=6, per_device_train_batch_size=4, logging_steps=2,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=5, **args)
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=5,
+        **args,
+    )
     return transformers.Trainer(model=tiny_llama(), args=targs, train_dataset=TokenDataset(), callbacks=[callback])
 
 
 def test_hf_trainer_callback_writes_rows_during_training(tmp_path, capsys):
     from rankscope.integrations import TrainerProbeCallback
 
-    cb = TrainerProbeCallback(tmp_path / "study", every_steps=2, batch=torch.randint(0, 100, (2, 16)), arm="llama",
-                              tensorboard=False)
+    cb = TrainerProbeCallback(
+        tmp_path / "study", every_steps=2, batch=torch.randint(0, 100, (2, 16)), arm="llama", tensorboard=False
+    )
     trainer(tmp_path, cb, include_num_input_tokens_seen=True).train()
     run = tmp_path / "study" / "llama" / "seed-5"  # the Trainer's seed
     assert store.is_done(run)
@@ -196,8 +235,9 @@ def test_hf_trainer_callback_writes_rows_during_training(tmp_path, capsys):
 def test_hf_trainer_callback_counts_tokens_per_step_and_says_when_it_cannot(tmp_path):
     from rankscope.integrations import TrainerProbeCallback
 
-    cb = TrainerProbeCallback(tmp_path / "a", every_tokens=200, tokens_per_step=64, batch=torch.randint(0, 100, (2, 8)),
-                              tensorboard=False)
+    cb = TrainerProbeCallback(
+        tmp_path / "a", every_tokens=200, tokens_per_step=64, batch=torch.randint(0, 100, (2, 8)), tensorboard=False
+    )
     trainer(tmp_path, cb).train()
     probes = store.read_table(tmp_path / "a" / "run" / "seed-5" / "probes.csv")
     assert sorted(probes["tokens"].unique()) == [0, 256, 384]  # due at 200 -> step 4; then the end
@@ -227,8 +267,16 @@ def test_lightning_callback(tmp_path):
     data = torch.randint(0, V, (24, 17), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
     cb = LightningProbeCallback(tmp_path / "study", every_tokens=128, batch=HELD_OUT, arm="gpt", tensorboard=False)
-    lightning.Trainer(max_steps=5, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", devices=1).fit(Module(), loader)
+    lightning.Trainer(
+        max_steps=5,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    ).fit(Module(), loader)
     run = tmp_path / "study" / "gpt" / "seed-0"
     assert store.is_done(run)
     scalars = store.read_table(run / "scalars.csv")
@@ -243,8 +291,9 @@ def test_wandb_offline_run_and_an_already_active_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     model = GPT(CFG)
-    logger = ProbeLogger(model, tmp_path / "study", every_steps=1, batch=HELD_OUT, tensorboard=False,
-                         wandb={"dir": str(tmp_path)})
+    logger = ProbeLogger(
+        model, tmp_path / "study", every_steps=1, batch=HELD_OUT, tensorboard=False, wandb={"dir": str(tmp_path)}
+    )
     plain_loop(model, logger, steps=2)
     logger.close()
     assert wandb.run is None  # a run it started, it finished
@@ -267,14 +316,17 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
-@pytest.mark.parametrize("script,argv,made", [
-    ("probe_hf_model.py", [], None),
-    ("transformer_lens_probe.py", [], None),
-    ("analyze_hf_folder.py", ["tiny"], "tiny-analyze/key_pr_heatmap.png"),
-    ("plain_loop.py", ["out", "3"], "out/llama-adamw/seed-0/done.json"),
-    ("hf_trainer.py", ["out", "3"], "out/gpt2/seed-42/done.json"),  # the Trainer's seed
-    ("lightning_callback.py", ["out", "3"], "out/gpt-adamw/seed-0/done.json"),
-])
+@pytest.mark.parametrize(
+    "script,argv,made",
+    [
+        ("probe_hf_model.py", [], None),
+        ("transformer_lens_probe.py", [], None),
+        ("analyze_hf_folder.py", ["tiny"], "tiny-analyze/key_pr_heatmap.png"),
+        ("plain_loop.py", ["out", "3"], "out/llama-adamw/seed-0/done.json"),
+        ("hf_trainer.py", ["out", "3"], "out/gpt2/seed-42/done.json"),  # the Trainer's seed
+        ("lightning_callback.py", ["out", "3"], "out/gpt-adamw/seed-0/done.json"),
+    ],
+)
 def test_examples_run(script, argv, made, tmp_path, monkeypatch, capsys):
     """Every example runs offline as written (with fewer training steps)."""
     import runpy

@@ -34,7 +34,9 @@ def test_pr_eig_matches_covariance_eigenvalues():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(500, 8, generator=g, dtype=torch.float64) * torch.tensor([3, 2, 2, 1, 1, 1, 0.5, 0.1]) + 7.0
     lam = torch.linalg.eigvalsh(torch.cov(x.T))
-    assert participation_ratio(x, kind="eig").item() == pytest.approx((lam.sum() ** 2 / (lam**2).sum()).item(), rel=1e-9)
+    assert participation_ratio(x, kind="eig").item() == pytest.approx(
+        (lam.sum() ** 2 / (lam**2).sum()).item(), rel=1e-9
+    )
 
 
 def test_rank_one_gives_one_and_isotropic_gives_d():
@@ -103,6 +105,8 @@ def test_vocabulary_modules_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, rankscope.config, rankscope.metrics, rankscope.vocab, rankscope.units, rankscope.fsio;"
-            " assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, rankscope.config, rankscope.metrics, rankscope.vocab, rankscope.units, rankscope.fsio;"
+        " assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -146,6 +146,7 @@ def test_training_loss_equals_eval_loss():
 
 def test_relu_squared_matches_autograd():
     from rankscope.model import ReluSquared
+
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
     assert torch.equal(ReluSquared.apply(x), F.relu(x).square())
@@ -154,10 +155,15 @@ def test_relu_squared_matches_autograd():
 @pytest.mark.parametrize("with_gain", [True, False])
 def test_rms_norm_function_matches_reference(with_gain):
     from rankscope.model import RMSNormFunction
+
     x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
     w = torch.rand(8, dtype=torch.float64, requires_grad=True) + 0.5 if with_gain else None
     args = (x, w) if with_gain else (x,)
-    f = (lambda x, w: RMSNormFunction.apply(x, w, 1e-6)) if with_gain else (lambda x: RMSNormFunction.apply(x, None, 1e-6))
+    f = (
+        (lambda x, w: RMSNormFunction.apply(x, w, 1e-6))
+        if with_gain
+        else (lambda x: RMSNormFunction.apply(x, None, 1e-6))
+    )
     assert torch.autograd.gradcheck(f, args)
     assert torch.allclose(f(*args), F.rms_norm(x, (8,), w, 1e-6))
 
@@ -165,6 +171,7 @@ def test_rms_norm_function_matches_reference(with_gain):
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
     from rankscope.model import causal_max_logit, qk_clip
+
     model = GPT(replace(SMALL, qk_norm="none", n_kv_head=n_kv_head))
     model.reset_parameters(0)
     with torch.no_grad():  # large weights so some heads have large logits
@@ -173,8 +180,14 @@ def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
             b.attn.k_proj.weight.mul_(5)
     x = torch.randint(0, 97, (3, 16))
     taps = {}
-    hooks = [b.attn.q.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("q", l), o)) for l, b in enumerate(model.blocks)]
-    hooks += [b.attn.k.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("k", l), o)) for l, b in enumerate(model.blocks)]
+    hooks = [
+        b.attn.q.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("q", l), o))
+        for l, b in enumerate(model.blocks)
+    ]
+    hooks += [
+        b.attn.k.register_forward_hook(lambda m, i, o, l=l: taps.__setitem__(("k", l), o))
+        for l, b in enumerate(model.blocks)
+    ]
     for b in model.blocks:
         b.attn.track_max_logit = True
     model.train()
@@ -195,6 +208,6 @@ def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
     E = 8
     for h in range(4):
         if unclipped[h] and n_kv_head == 4:  # a head under tau keeps its weights
-            assert torch.equal(attn.q_proj.weight[h * E:(h + 1) * E], wq_before[h * E:(h + 1) * E])
+            assert torch.equal(attn.q_proj.weight[h * E : (h + 1) * E], wq_before[h * E : (h + 1) * E])
     for h in hooks:
         h.remove()

@@ -13,6 +13,7 @@ under test batches equal shapes, slices and restacks, so agreement checks all of
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 
@@ -22,8 +23,7 @@ from rankscope.model import GPT, ModelConfig
 from rankscope.optim import POLAR_EXPRESS, BlockMuon, build_optimizers, orthogonalize
 
 # GQA (4 query heads, 2 kv heads), heads x head_dim = d_model, a tall MLP up and a wide down
-SMALL = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64,
-                    max_seq_len=16)
+SMALL = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
 LR, MU = 0.02, 0.95
 
 
@@ -58,7 +58,7 @@ def reference_steps(model: GPT, grads: list[dict], blocks_of) -> dict[str, torch
             row = 0
             for n, r, c in pieces:
                 h = weights[n][r, c].shape[0]
-                weights[n][r, c] -= LR * scale * x[row:row + h]
+                weights[n][r, c] -= LR * scale * x[row : row + h]
                 row += h
     return weights
 
@@ -96,6 +96,7 @@ def stacked_blocks(model: GPT):
             out.append([(a + m + ".weight", *ALL) for m in ("q_proj", "k_proj", "v_proj", "o_proj")])
             out += [[(f"blocks.{i}.mlp.{m}.weight", *ALL)] for m in ("up", "down")]
         return out
+
     return blocks
 
 
@@ -117,6 +118,7 @@ def per_head_blocks(model: GPT):
             else:
                 out.append([(n, *ALL)])
         return out
+
     return blocks
 
 
@@ -165,8 +167,9 @@ def test_stacked_lr_scale_is_the_stacks():
     stacked = torch.cat([grads[0][f"blocks.0.attn.{m}.weight"] for m in ("q_proj", "k_proj", "v_proj", "o_proj")])
     x = seed_polar_express(stacked).float()
     assert stacked.shape == (96, 32)
-    torch.testing.assert_close(after["blocks.0.attn.q_proj.weight"], before - LR * math.sqrt(3) * x[:32],
-                               atol=2e-4, rtol=0)
+    torch.testing.assert_close(
+        after["blocks.0.attn.q_proj.weight"], before - LR * math.sqrt(3) * x[:32], atol=2e-4, rtol=0
+    )
 
 
 def test_per_head_matches_a_per_slice_reference():

@@ -109,9 +109,7 @@ def _write_hf_folder(folder: Path, docs: list[str]) -> Path:
             for batch in table.to_batches(max_chunksize=5):
                 writer.write_batch(batch)
     (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
-    (folder / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"})
-    )
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names], "_split": "train"}))
     return folder
 
 
@@ -127,9 +125,7 @@ def _decoded_docs(out: Path) -> list[str]:
     eot = meta["eot_id"]
     assert tokens[0] == eot  # every document, the first included, is preceded by EOT
     starts = list(np.flatnonzero(tokens == eot)) + [len(tokens)]
-    return [
-        tok.decode(tokens[a + 1 : b].tolist(), skip_special_tokens=False) for a, b in zip(starts, starts[1:])
-    ]
+    return [tok.decode(tokens[a + 1 : b].tolist(), skip_special_tokens=False) for a, b in zip(starts, starts[1:])]
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -195,13 +191,7 @@ def test_jsonl_and_gzip(tmp_path: Path, docs: list[str], tok_path: Path) -> None
     _write_jsonl(src / "a.jsonl", docs[:30], field="content")
     _write_jsonl(src / "b.jsonl.gz", docs[30:], field="content")
     meta = prepare(
-        src,
-        tok_path,
-        tmp_path / "out",
-        text_field="content",
-        shard_tokens=500,
-        val_tokens=100,
-        progress=False,
+        src, tok_path, tmp_path / "out", text_field="content", shard_tokens=500, val_tokens=100, progress=False
     )
     assert _decoded_docs(tmp_path / "out") == docs
     assert meta["source_files"] == {"jsonl": 2}
@@ -255,9 +245,7 @@ def test_load_data_refuses_an_unfinished_prepare(
 # Determinism: workers, resume, re-runs
 
 
-def test_workers_give_identical_output(
-    tmp_path: Path, docs: list[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_workers_give_identical_output(tmp_path: Path, docs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     src, _ = _mixed_source(tmp_path / "src", docs)
     # Small batches so the two workers really share the work.
     monkeypatch.setattr(encode, "TASK_BYTES", 2048)
@@ -434,18 +422,14 @@ def test_max_tokens_and_small_input_val_share(tmp_path: Path, docs: list[str], t
     total = full["tokens"]["total"]
     # The default 10M validation tokens are capped at a tenth of a small input.
     assert full["val_tokens"] == full["tokens"]["val"] == total // 10
-    meta = prepare(
-        src, tok_path, tmp_path / "cut", shard_tokens=300, val_tokens=50, max_tokens=1234, progress=False
-    )
+    meta = prepare(src, tok_path, tmp_path / "cut", shard_tokens=300, val_tokens=50, max_tokens=1234, progress=False)
     assert meta["tokens"]["total"] == 1234 and meta["truncated"] is True
     assert np.array_equal(_stream(tmp_path / "cut"), _stream(tmp_path / "full")[:1234])
 
 
 def test_eot_from_eos_token_or_option(tmp_path: Path, docs: list[str]) -> None:
     # A tokenizer without <|endoftext|>: its </s> special token separates documents ...
-    tok = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(["[UNK]", "</s>", "a", "b"])}, unk_token="[UNK]")
-    )
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "</s>", "a", "b"])}, unk_token="[UNK]"))
     tok.add_special_tokens(["</s>"])
     from tokenizers import pre_tokenizers
 
@@ -509,9 +493,7 @@ def test_bad_inputs(tmp_path: Path, docs: list[str], tok_path: Path) -> None:
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_files_that_are_not_text_are_skipped_in_folders(
-    tmp_path: Path, docs: list[str], tok_path: Path
-) -> None:
+def test_files_that_are_not_text_are_skipped_in_folders(tmp_path: Path, docs: list[str], tok_path: Path) -> None:
     src = _write_text_folder(tmp_path / "src", docs[:6])
     (src / "part0" / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (src / "part0" / "blob.md").write_bytes(b"abc\x00def")
@@ -525,13 +507,9 @@ def test_files_that_are_not_text_are_skipped_in_folders(
     assert "not UTF-8 text" in _one_line_error(e)
 
 
-def test_bad_tokenizers(
-    tmp_path: Path, docs: list[str], tok_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_tokenizers(tmp_path: Path, docs: list[str], tok_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = _write_text_folder(tmp_path / "src", docs[:5])
-    big = Tokenizer(
-        models.WordLevel({f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000}, unk_token="[UNK]")
-    )
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000}, unk_token="[UNK]"))
     with pytest.raises(DataError) as e:
         prepare(src, big, tmp_path / "big", progress=False)
     assert "uint16" in _one_line_error(e)
@@ -553,9 +531,7 @@ def test_bad_tokenizers(
         prepare(src, bad, tmp_path / "b", progress=False)
 
 
-def test_hub_stream_without_the_extra(
-    tmp_path: Path, tok_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hub_stream_without_the_extra(tmp_path: Path, tok_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(DataError) as e:
         prepare(
@@ -588,9 +564,7 @@ def _fake_datasets(monkeypatch: pytest.MonkeyPatch, load: Any) -> None:
     monkeypatch.setitem(sys.modules, "datasets", fake)
 
 
-def test_hub_stream_offline_is_one_clear_line(
-    tmp_path: Path, tok_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hub_stream_offline_is_one_clear_line(tmp_path: Path, tok_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)\nmore detail")
 

@@ -8,7 +8,7 @@ import torch
 
 from rankscope.metrics import METRICS, effective_rank, participation_ratio, r90, stable_rank
 from rankscope.model import GPT, ModelConfig
-from rankscope.probe import AttentionStats, LAYER_WIDE, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
+from rankscope.probe import LAYER_WIDE, AttentionStats, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
 
 CFG = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
 
@@ -30,7 +30,9 @@ def capture(model, x, names):
     out, handles = {}, []
     for i, b in enumerate(model.blocks):
         for n in names:
-            handles.append(getattr(b.attn, n).register_forward_hook(lambda m, a, o, k=(n, i): out.__setitem__(k, o.clone())))
+            handles.append(
+                getattr(b.attn, n).register_forward_hook(lambda m, a, o, k=(n, i): out.__setitem__(k, o.clone()))
+            )
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -47,8 +49,13 @@ def test_spectral_rows_equal_direct_computation():
     sites = ["q_pre", "q", "k_pre", "k", "v", "o"]
     rows = table(gpt_probe(model, sites, attention=False).measure([x]))
     acts = capture(model, x, sites)
-    direct = {"pr_sv": participation_ratio, "erank": effective_rank, "stable_rank": stable_rank, "r90": r90,
-              "pr_eig": lambda a: participation_ratio(a, kind="eig")}
+    direct = {
+        "pr_sv": participation_ratio,
+        "erank": effective_rank,
+        "stable_rank": stable_rank,
+        "r90": r90,
+        "pr_eig": lambda a: participation_ratio(a, kind="eig"),
+    }
     for (site, layer), a in acts.items():
         per_head = a.flatten(0, 1).transpose(0, 1)  # (heads, N, E)
         assert per_head.shape[0] == (2 if site in ("k_pre", "k", "v") else 4)
@@ -57,7 +64,8 @@ def test_spectral_rows_equal_direct_computation():
             for head in range(per_head.shape[0]):
                 assert rows[(site, layer, head, metric)] == pytest.approx(expected[head].item(), rel=1e-4, abs=1e-6)
     assert len([k for k in rows if k[3] in METRICS]) == sum(
-        (2 if s in ("k_pre", "k", "v") else 4) for s in sites) * 3 * len(METRICS)
+        (2 if s in ("k_pre", "k", "v") else 4) for s in sites
+    ) * 3 * len(METRICS)
 
 
 def test_batches_accumulate_like_one_concatenated_batch():
@@ -110,8 +118,12 @@ def test_gain_rows_and_closed_form_stats():
     assert rows[("k_gain", 1, LAYER_WIDE, "gain_mean")] == pytest.approx(w.mean().item())
     assert rows[("k_gain", 1, LAYER_WIDE, "gain_cv")] == pytest.approx((w.std(unbiased=False) / w.mean()).item())
     assert gain_stats(torch.tensor([0.0, 0.05, 1.0, 2.0])) == pytest.approx(
-        {"gain_mean": 0.7625, "gain_cv": torch.tensor([0.0, 0.05, 1.0, 2.0]).std(unbiased=False).item() / 0.7625,
-         "gain_near_zero": 0.5})
+        {
+            "gain_mean": 0.7625,
+            "gain_cv": torch.tensor([0.0, 0.05, 1.0, 2.0]).std(unbiased=False).item() / 0.7625,
+            "gain_near_zero": 0.5,
+        }
+    )
     none_rows = table(gpt_probe(model_and_batch("none")[0], ["k"]).measure([x]))
     assert not any(k[0].endswith("_gain") for k in none_rows)
     pf_rows = table(gpt_probe(model_and_batch("parameter_free")[0], ["k"]).measure([x]))

@@ -63,41 +63,98 @@ def pr(arm: str, seed: int, layer: int, head: int, t: int) -> float:
     return PR_BASE[arm] + 2 * layer + head + seed - t / 100
 
 
-def make_study(root: Path, arms: dict[str, str], seeds: list[int], *, tokens=TOKENS, done=True,
-               probes=True, name="demo", planned_seeds: list[int] | None = None) -> Path:
+def make_study(
+    root: Path,
+    arms: dict[str, str],
+    seeds: list[int],
+    *,
+    tokens=TOKENS,
+    done=True,
+    probes=True,
+    name="demo",
+    planned_seeds: list[int] | None = None,
+) -> Path:
     """A study folder; `arms` maps the arm name written on disk to its value family in LOSS/PR."""
     root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "study.json", {
-        "name": name, "preset": "tiny", "tokens": 400, "seeds": planned_seeds or seeds,
-        "arms": {a: {"model.qk_norm": fam} for a, fam in arms.items()},
-        "description": "hand-built test study"})
+    write_json(
+        root / "study.json",
+        {
+            "name": name,
+            "preset": "tiny",
+            "tokens": 400,
+            "seeds": planned_seeds or seeds,
+            "arms": {a: {"model.qk_norm": fam} for a, fam in arms.items()},
+            "description": "hand-built test study",
+        },
+    )
     for arm, fam in arms.items():
         for seed in seeds:
             add_run(root, arm, fam, seed, tokens=tokens, done=done, probes=probes)
     return root
 
 
-def add_run(root: Path, arm: str, fam: str, seed: int, *, tokens=TOKENS, done=True, probes=True,
-            diverge_at: int | None = None) -> Path:
+def add_run(
+    root: Path, arm: str, fam: str, seed: int, *, tokens=TOKENS, done=True, probes=True, diverge_at: int | None = None
+) -> Path:
     rd = run_dir(root, arm, seed)
     store = RunStore(rd)
-    write_json(rd / "config.json", {
-        "arm": arm, "seed": seed,
-        "model": {"n_layer": N_LAYER, "n_head": N_HEAD, "n_kv_head": N_HEAD, "head_dim": HEAD_DIM,
-                  "d_model": 16, "qk_norm": fam, "vocab_size": 64},
-        "optim": {"name": "muon"}, "train": {"tokens": 400, "batch_size": 2, "seq_len": 8},
-        "probe": {"sites": ["k"]}})
+    write_json(
+        rd / "config.json",
+        {
+            "arm": arm,
+            "seed": seed,
+            "model": {
+                "n_layer": N_LAYER,
+                "n_head": N_HEAD,
+                "n_kv_head": N_HEAD,
+                "head_dim": HEAD_DIM,
+                "d_model": 16,
+                "qk_norm": fam,
+                "vocab_size": 64,
+            },
+            "optim": {"name": "muon"},
+            "train": {"tokens": 400, "batch_size": 2, "seq_len": 8},
+            "probe": {"sites": ["k"]},
+        },
+    )
     for i, t in enumerate(tokens):
         bad = diverge_at is not None and t >= diverge_at
         v = float("nan") if bad else loss(fam, seed, t)
-        store.scalars.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "train_loss": v,
-                               "val_loss": v, "ood_loss": "", "lr_scale": 1.0,
-                               "grad_norm": 1.0, "elapsed_s": float(i), "probe_s": 0.0}])
+        store.scalars.append(
+            [
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "step": i,
+                    "tokens": t,
+                    "train_loss": v,
+                    "val_loss": v,
+                    "ood_loss": "",
+                    "lr_scale": 1.0,
+                    "grad_norm": 1.0,
+                    "elapsed_s": float(i),
+                    "probe_s": 0.0,
+                }
+            ]
+        )
         if probes:
-            store.probes.append([{"arm": arm, "seed": seed, "step": i, "tokens": t, "layer": layer, "head": head,
-                                  "site": "k", "metric": "pr_sv",
-                                  "value": float("nan") if bad else pr(fam, seed, layer, head, t)}
-                                 for layer in range(N_LAYER) for head in range(N_HEAD)])
+            store.probes.append(
+                [
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "step": i,
+                        "tokens": t,
+                        "layer": layer,
+                        "head": head,
+                        "site": "k",
+                        "metric": "pr_sv",
+                        "value": float("nan") if bad else pr(fam, seed, layer, head, t),
+                    }
+                    for layer in range(N_LAYER)
+                    for head in range(N_HEAD)
+                ]
+            )
         if bad:
             break
     if diverge_at is not None:
@@ -220,8 +277,8 @@ def test_correlations_against_numpy_and_scipy():
     assert c.pearson_p == pytest.approx(sps.pearsonr(x[ok], y[ok]).pvalue)
     sr = sps.spearmanr(x[ok], y[ok])
     assert c.spearman == pytest.approx(sr.statistic) and c.spearman_p == pytest.approx(sr.pvalue)
-    assert math.isnan(correlate([1, 2], [3, 4]).pearson)          # n < 3
-    assert math.isnan(correlate([1, 2, 3], [5, 5, 5]).pearson)    # constant: undefined, no warning
+    assert math.isnan(correlate([1, 2], [3, 4]).pearson)  # n < 3
+    assert math.isnan(correlate([1, 2, 3], [5, 5, 5]).pearson)  # constant: undefined, no warning
 
 
 # --- the paradox table -------------------------------------------------------------------------
@@ -315,12 +372,32 @@ def test_mean_over_heads_then_layers(tmp_path):
     for head, v in [(0, 10.0), (1, 20.0)]:
         rows.append({"layer": 0, "head": head, "value": v})
     rows += [{"layer": 1, "head": 0, "value": 60.0}, {"layer": 1, "head": 1, "value": float("nan")}]
-    probes = pd.DataFrame([{"arm": "a", "seed": 0, "step": 1, "tokens": 100, "site": "k", "metric": "pr_sv", **r}
-                           for r in rows])
+    probes = pd.DataFrame(
+        [{"arm": "a", "seed": 0, "step": 1, "tokens": 100, "site": "k", "metric": "pr_sv", **r} for r in rows]
+    )
     # a torn write at tokens=200: only layer 0 made it to disk -> that point is dropped, not half-averaged
-    probes = pd.concat([probes, pd.DataFrame([{"arm": "a", "seed": 0, "step": 2, "tokens": 200, "site": "k",
-                                               "metric": "pr_sv", "layer": 0, "head": h, "value": 1.0}
-                                              for h in (0, 1)])], ignore_index=True)
+    probes = pd.concat(
+        [
+            probes,
+            pd.DataFrame(
+                [
+                    {
+                        "arm": "a",
+                        "seed": 0,
+                        "step": 2,
+                        "tokens": 200,
+                        "site": "k",
+                        "metric": "pr_sv",
+                        "layer": 0,
+                        "head": h,
+                        "value": 1.0,
+                    }
+                    for h in (0, 1)
+                ]
+            ),
+        ],
+        ignore_index=True,
+    )
     out = head_layer_mean(probes)
     assert out["tokens"].tolist() == [100]
     assert out["value"].iloc[0] == pytest.approx(37.5)
@@ -334,8 +411,8 @@ def test_unfinished_run_lowers_n_at_end_but_counts_earlier(tmp_path):
     add_run(root, "none", "none", 2, tokens=TOKENS[:3], done=False)  # killed at 200
     scalars, probes, study = frames(root)
     table = paradox_table(scalars, probes, finished=study.finished)
-    assert table.loc["val loss @ 400", ("none", "n")] == 2        # the finished seeds
-    assert table.loc["val loss @ 200", ("none", "n")] == 3        # the killed seed reached 200
+    assert table.loc["val loss @ 400", ("none", "n")] == 2  # the finished seeds
+    assert table.loc["val loss @ 200", ("none", "n")] == 3  # the killed seed reached 200
     assert table.loc["val loss @ 200", ("none", "mean")] == pytest.approx(5 - 0.2 + 0.05 + 0.02 * 1.0)
     assert table.loc["val loss @ 400", (BETTER, "arm")] == "qk"
     # without knowing which runs finished, END is the last point every run of the arm reached
@@ -435,8 +512,11 @@ def test_write_report_files_links_and_html(tmp_path):
     assert stems["qk/learned muon"] == "qk_learned_muon"
     # an older study: no downstream, gains, functional rank -> none of those figures; key PR
     # against val loss is still drawn
-    expected = ["loss_pr.png", "pr_vs_downstream.png"] + [f"diagnosis_{stems[a]}.png" for a in arms] + \
-        [f"{kind}_{stems[a]}.png" for kind in ("layer_pr", "pr_heatmap") for a in arms]
+    expected = (
+        ["loss_pr.png", "pr_vs_downstream.png"]
+        + [f"diagnosis_{stems[a]}.png" for a in arms]
+        + [f"{kind}_{stems[a]}.png" for kind in ("layer_pr", "pr_heatmap") for a in arms]
+    )
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(expected)
     md = path.read_text()
     for name in expected:
@@ -446,8 +526,9 @@ def test_write_report_files_links_and_html(tmp_path):
     assert "hand-built test study" in md
     assert "`model.qk_norm=qk`" in md and "**preset:** `tiny`" in md and "**seeds:** 0, 1" in md
     assert "## Summary" in md
-    assert ("Across 2 seeds at 400 tokens, **qk/learned muon** vs **none**: validation loss lower by 0.050 in every "
-            "seed") in md
+    assert (
+        "Across 2 seeds at 400 tokens, **qk/learned muon** vs **none**: validation loss lower by 0.050 in every seed"
+    ) in md
     assert "95% t-intervals over seeds" in md
     assert "unfinished" not in md and "diverged" not in md
 
@@ -490,7 +571,7 @@ def test_three_arms_two_seeds(tmp_path):
     assert study.arms == ["frozen", "none", "qk"]
     assert [a for a in dict.fromkeys(table.columns.get_level_values(0)) if a != BETTER] == study.arms
     assert table.loc["val loss @ 400", (BETTER, "arm")] == "qk"
-    assert table.loc["val loss @ 400", (BETTER, "margin")] == pytest.approx(0.03)   # qk vs frozen
+    assert table.loc["val loss @ 400", (BETTER, "margin")] == pytest.approx(0.03)  # qk vs frozen
     assert table.loc["mean key PR @ 400", (BETTER, "arm")] == "none"
     assert table.loc["mean key PR @ 400", (BETTER, "margin")] == pytest.approx(5.0)  # none vs frozen
     assert [(d.a, d.b) for d in table.attrs["diffs"]["val loss @ 400"]] == [("none", "frozen"), ("qk", "frozen")]
@@ -514,20 +595,40 @@ def test_three_arms_two_seeds(tmp_path):
 REAL_ARMS = {"no-norm": ("none", "muon"), "qk-norm": ("learned", "muon"), "qk-clip": ("none", "muon")}
 
 
-def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, head_dim=64, n_points=24,
-                         top=100_000_000, spectral_sites=("k", "k_pre", "q", "q_pre", "v", "o"),
-                         rank_grid=(1, 2, 4, 8, 16, 32, 64), rng_seed=0, preset="tiny") -> Path:
+def make_realistic_study(
+    root: Path,
+    *,
+    seeds=(0, 1, 2),
+    n_layer=8,
+    n_head=4,
+    head_dim=64,
+    n_points=24,
+    top=100_000_000,
+    spectral_sites=("k", "k_pre", "q", "q_pre", "v", "o"),
+    rank_grid=(1, 2, 4, 8, 16, 32, 64),
+    rng_seed=0,
+    preset="tiny",
+) -> Path:
     """Three arms (no QK-Norm, learned QK-Norm with collapsing layers 1 and 3, QK-Clip) with seed
     effects shared across arms (same seed = same init and batches), every metric the trainer writes,
     and log-spaced eval points from 0 to `top` tokens."""
     rng = np.random.default_rng(rng_seed)
     tokens = [0] + np.unique(np.geomspace(16_384, top, n_points).astype(np.int64)).tolist()
     root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "study.json", {
-        "name": "report4-demo", "preset": preset, "tokens": top, "seeds": list(seeds),
-        "description": "Synthetic study: QK-Norm x QK-Clip under Muon, log-spaced eval points.",
-        "arms": {a: {"model.qk_norm": qk, **({"model.qk_clip": 100.0} if a == "qk-clip" else {})}
-                 for a, (qk, _) in REAL_ARMS.items()}})
+    write_json(
+        root / "study.json",
+        {
+            "name": "report4-demo",
+            "preset": preset,
+            "tokens": top,
+            "seeds": list(seeds),
+            "description": "Synthetic study: QK-Norm x QK-Clip under Muon, log-spaced eval points.",
+            "arms": {
+                a: {"model.qk_norm": qk, **({"model.qk_clip": 100.0} if a == "qk-clip" else {})}
+                for a, (qk, _) in REAL_ARMS.items()
+            },
+        },
+    )
     collapsed = {1, 3}
     seed_fx = {s: rng.normal(size=8) for s in seeds}  # shared by every arm of a seed
     for arm, (qk, opt) in REAL_ARMS.items():
@@ -536,15 +637,36 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
             own = np.random.default_rng(hash((arm, s)) % 2**32)
             rd = run_dir(root, arm, s)
             rd.mkdir(parents=True, exist_ok=True)
-            write_json(rd / "config.json", {
-                "arm": arm, "seed": s,
-                "model": {"n_layer": n_layer, "n_head": n_head, "n_kv_head": n_head, "head_dim": head_dim,
-                          "d_model": n_head * head_dim, "qk_norm": qk, "vocab_size": 49152},
-                "optim": {"name": opt, "muon_qkvo": "stacked", "muon_ns": "polar_express",
-                          **({"qk_clip_tau": 100.0} if arm == "qk-clip" else {})},
-                "train": {"tokens": top, "batch_size": 4, "seq_len": 2048, "eval_schedule": "log",
-                          "eval_points": n_points},
-                "probe": {"sites": list(spectral_sites)}})
+            write_json(
+                rd / "config.json",
+                {
+                    "arm": arm,
+                    "seed": s,
+                    "model": {
+                        "n_layer": n_layer,
+                        "n_head": n_head,
+                        "n_kv_head": n_head,
+                        "head_dim": head_dim,
+                        "d_model": n_head * head_dim,
+                        "qk_norm": qk,
+                        "vocab_size": 49152,
+                    },
+                    "optim": {
+                        "name": opt,
+                        "muon_qkvo": "stacked",
+                        "muon_ns": "polar_express",
+                        **({"qk_clip_tau": 100.0} if arm == "qk-clip" else {}),
+                    },
+                    "train": {
+                        "tokens": top,
+                        "batch_size": 4,
+                        "seq_len": 2048,
+                        "eval_schedule": "log",
+                        "eval_points": n_points,
+                    },
+                    "probe": {"sites": list(spectral_sites)},
+                },
+            )
             cols = SCALAR_COLUMNS + tuple(c for c in ("icl_score", "induction_loss") if c not in SCALAR_COLUMNS)
             sw, pw = TableWriter(rd / "scalars.csv", cols), TableWriter(rd / "probes.csv", PROBE_COLUMNS)
             off = {"no-norm": 0.03, "qk-norm": 0.0, "qk-clip": 0.02}[arm]
@@ -552,19 +674,38 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
             for step, t in enumerate(tokens):
                 u = math.log10(1 + t / 16_384) / math.log10(1 + top / 16_384)  # 0 -> 1, log progress
                 val = 3.3 + off * u + 7.5 * math.exp(-6 * u) + 0.02 * fx[0] + 0.004 * own.normal()
-                row = {"arm": arm, "seed": s, "step": step, "tokens": t, "train_loss": val + 0.01,
-                       "val_loss": val, "ood_loss": val + 0.8 + (0.03 if arm == "qk-norm" else 0) * u
-                       + 0.02 * fx[1] + 0.01 * own.normal(),
-                       "icl_score": -0.05 - 0.6 * u**2 - (0.05 if arm == "no-norm" else 0) * u + 0.02 * fx[2]
-                       + 0.01 * own.normal(),
-                       "induction_loss": 1.0 + 6.0 * math.exp(-4 * u) + (0.15 if arm == "qk-norm" else 0) * u
-                       + 0.05 * fx[3] + 0.03 * own.normal(),
-                       "lr_scale": 1.0, "grad_norm": 1.0, "elapsed_s": float(step), "probe_s": 0.0, "eval_s": 0.0}
+                row = {
+                    "arm": arm,
+                    "seed": s,
+                    "step": step,
+                    "tokens": t,
+                    "train_loss": val + 0.01,
+                    "val_loss": val,
+                    "ood_loss": val + 0.8 + (0.03 if arm == "qk-norm" else 0) * u + 0.02 * fx[1] + 0.01 * own.normal(),
+                    "icl_score": -0.05
+                    - 0.6 * u**2
+                    - (0.05 if arm == "no-norm" else 0) * u
+                    + 0.02 * fx[2]
+                    + 0.01 * own.normal(),
+                    "induction_loss": 1.0
+                    + 6.0 * math.exp(-4 * u)
+                    + (0.15 if arm == "qk-norm" else 0) * u
+                    + 0.05 * fx[3]
+                    + 0.03 * own.normal(),
+                    "lr_scale": 1.0,
+                    "grad_norm": 1.0,
+                    "elapsed_s": float(step),
+                    "probe_s": 0.0,
+                    "eval_s": 0.0,
+                }
                 rows = []
-                # called only within this iteration, so the loop variables it reads are the current ones
-                add = lambda layer, head, site, metric, v: rows.append(  # noqa: E731, B023
-                    {"arm": arm, "seed": s, "step": step, "tokens": t, "layer": layer, "head": head,  # noqa: B023
-                     "site": site, "metric": metric, "value": float(v)})
+                key = {"arm": arm, "seed": s, "step": step, "tokens": t}
+
+                def add(layer, head, site, metric, v, key=key, rows=rows):
+                    rows.append(
+                        {**key, "layer": layer, "head": head, "site": site, "metric": metric, "value": float(v)}
+                    )
+
                 for layer in range(n_layer):
                     dead = arm == "qk-norm" and layer in collapsed
                     target = 9.0 if dead else pr_end + 2 * math.sin(layer)
@@ -579,12 +720,22 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
                             add(layer, head, site, "erank", min(head_dim, 1.2 * p))
                             add(layer, head, site, "stable_rank", max(1.0, p / 8))
                             add(layer, head, site, "r90", round(min(head_dim, 1.1 * p)))
-                        add(layer, head, "attn", "entropy",
-                            4.0 - 2.0 * u - (1.5 * u if dead else 0) + 0.1 * own.normal())
+                        add(
+                            layer,
+                            head,
+                            "attn",
+                            "entropy",
+                            4.0 - 2.0 * u - (1.5 * u if dead else 0) + 0.1 * own.normal(),
+                        )
                         add(layer, head, "attn", "max_logit", 4 + 10 * u + (18 * u if dead else 0) + own.normal())
                         ind = 0.05 + (0.7 * u if (layer, head) in ((2, 1), (5, 3)) else 0.03 * u)
-                        add(layer, head, "attn", "induction_score", min(1.0, ind * (0.8 if arm == "qk-norm" else 1)
-                                                                        + 0.02 * abs(own.normal())))
+                        add(
+                            layer,
+                            head,
+                            "attn",
+                            "induction_score",
+                            min(1.0, ind * (0.8 if arm == "qk-norm" else 1) + 0.02 * abs(own.normal())),
+                        )
                         for w in ("w_q", "w_k"):
                             sr = 12 - 4 * u - (6 * u if dead else 0) + 0.4 * own.normal()
                             add(layer, head, w, "stable_rank", max(1.0, sr))
@@ -611,8 +762,16 @@ def make_realistic_study(root: Path, *, seeds=(0, 1, 2), n_layer=8, n_head=4, he
 
 def test_realistic_study_report(tmp_path):
     # the seed's preset: the report also sets its numbers next to the seed study's (DESIGN.md)
-    root = make_realistic_study(tmp_path / "real", n_layer=4, n_head=2, head_dim=64, n_points=8,
-                                spectral_sites=("k",), rank_grid=(1, 4, 16, 64), preset="seed-88m")
+    root = make_realistic_study(
+        tmp_path / "real",
+        n_layer=4,
+        n_head=2,
+        head_dim=64,
+        n_points=8,
+        spectral_sites=("k",),
+        rank_grid=(1, 4, 16, 64),
+        preset="seed-88m",
+    )
     # the demo's collapsed layers are 1 and 3 of 4: with 4 layers the median is still healthy
     path = write_report(root)
     names = sorted(p.name for p in (root / "plots").iterdir())
@@ -664,8 +823,16 @@ def test_realistic_study_report(tmp_path):
 
 def test_seed_1_5b_reference_reads_keys_before_rope(tmp_path):
     """The 1.5B follow-up's figures are set next to a seed-1.5b study on site k_pre, its own."""
-    root = make_realistic_study(tmp_path / "big", n_layer=2, n_head=2, head_dim=64, n_points=6,
-                                spectral_sites=("k", "k_pre"), rank_grid=(1, 64), preset="seed-1.5b")
+    root = make_realistic_study(
+        tmp_path / "big",
+        n_layer=2,
+        n_head=2,
+        head_dim=64,
+        n_points=6,
+        spectral_sites=("k", "k_pre"),
+        rank_grid=(1, 64),
+        preset="seed-1.5b",
+    )
     md = write_report(root).read_text()
     assert "| mean key PR before RoPE @ 50M | 65.7 |" in md and "| 63.3 |" in md
     assert "50M: the 1.5B follow-up: keys read before RoPE (site k_pre)" in md
@@ -687,8 +854,14 @@ def test_seeds_plain_arm_is_muon_without_qk_norm_or_qk_clip():
 
 def test_value_at_n_tokens_three_rules():
     """One function reads "the value at N tokens"; the rules differ only where a run's grid lacks N."""
-    series = pd.DataFrame({"arm": "a", "seed": [0, 0, 0, 1, 1], "tokens": [0, 100, 400, 0, 200],
-                           "value": [9.0, 5.0, 3.0, 8.0, float("nan")]})
+    series = pd.DataFrame(
+        {
+            "arm": "a",
+            "seed": [0, 0, 0, 1, 1],
+            "tokens": [0, 100, 400, 0, 200],
+            "value": [9.0, 5.0, 3.0, 8.0, float("nan")],
+        }
+    )
 
     def used(n: int, rule: str) -> dict[int, int]:
         rows = runs_at(series, n, rule)
@@ -734,17 +907,21 @@ def test_log_token_axis_with_token_zero():
 
 
 def test_inline_html():
-    assert inline_html("a **b** *c* `d*e` \\*f\\* <g> & h") == \
-        "a <strong>b</strong> <em>c</em> <code>d*e</code> *f* &lt;g&gt; &amp; h"
+    assert (
+        inline_html("a **b** *c* `d*e` \\*f\\* <g> & h")
+        == "a <strong>b</strong> <em>c</em> <code>d*e</code> *f* &lt;g&gt; &amp; h"
+    )
     assert inline_html("2 * 3 = 6") == "2 * 3 = 6"  # an unmatched star is a star
     assert inline_html("**qk\\_norm\\|x**") == "<strong>qk_norm|x</strong>"
 
 
 def test_report_never_imports_torch():
     # every module of the package, including those `rankscope analyze` borrows (its summary and heatmap)
-    code = ("import importlib, pkgutil, sys, rankscope.report as r\n"
-            "names = [m.name for m in pkgutil.iter_modules(r.__path__, 'rankscope.report.')]\n"
-            "assert len(names) > 10, names\n"
-            "for n in names: importlib.import_module(n)\n"
-            "assert 'torch' not in sys.modules, 'report imported torch'")
+    code = (
+        "import importlib, pkgutil, sys, rankscope.report as r\n"
+        "names = [m.name for m in pkgutil.iter_modules(r.__path__, 'rankscope.report.')]\n"
+        "assert len(names) > 10, names\n"
+        "for n in names: importlib.import_module(n)\n"
+        "assert 'torch' not in sys.modules, 'report imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

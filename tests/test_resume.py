@@ -21,11 +21,24 @@ from rankscope.errors import RankscopeError
 from rankscope.train import RunDiverged, train
 
 SETTINGS = {
-    "model.n_layer": 2, "model.d_model": 64, "model.n_head": 2, "model.n_kv_head": 1, "model.head_dim": 32,
-    "model.d_mlp": 128, "model.vocab_size": 256, "model.max_seq_len": 32, "train.batch_size": 4,
-    "train.seq_len": 32, "train.eval_batches": 1, "probe.batch_size": 2, "probe.sites": "k,q,v,o",
-    "train.tokens": 16 * 128, "train.eval_every": 2 * 128, "train.checkpoint_every": 5 * 128,
-    "train.keep_checkpoints": 2, "train.threads": 1,
+    "model.n_layer": 2,
+    "model.d_model": 64,
+    "model.n_head": 2,
+    "model.n_kv_head": 1,
+    "model.head_dim": 32,
+    "model.d_mlp": 128,
+    "model.vocab_size": 256,
+    "model.max_seq_len": 32,
+    "train.batch_size": 4,
+    "train.seq_len": 32,
+    "train.eval_batches": 1,
+    "probe.batch_size": 2,
+    "probe.sites": "k,q,v,o",
+    "train.tokens": 16 * 128,
+    "train.eval_every": 2 * 128,
+    "train.checkpoint_every": 5 * 128,
+    "train.keep_checkpoints": 2,
+    "train.threads": 1,
 }
 METRIC_COLUMNS = ["arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale", "grad_norm"]
 
@@ -96,8 +109,16 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
 
 def test_diverging_run_stops_clearly_and_keeps_rows_and_checkpoint(tmp_path):
     data = shards(tmp_path)
-    cfg = config(data, **{"optim.name": "adamw", "optim.adamw_lr": 1e6, "optim.adamw_matrix_lr": 1e6,
-                          "optim.grad_clip": 0.0, "train.checkpoint_every": 128})
+    cfg = config(
+        data,
+        **{
+            "optim.name": "adamw",
+            "optim.adamw_lr": 1e6,
+            "optim.adamw_matrix_lr": 1e6,
+            "optim.grad_clip": 0.0,
+            "train.checkpoint_every": 128,
+        },
+    )
     with pytest.raises(RunDiverged, match="diverged at") as e:
         train(cfg, tmp_path / "run", progress=False, arm="hot")
     assert "\n" not in str(e.value)
@@ -110,11 +131,14 @@ def test_diverging_run_stops_clearly_and_keeps_rows_and_checkpoint(tmp_path):
 
 def test_cli_study_continues_after_a_diverging_run(tmp_path, capsys):
     from rankscope.cli import main
+
     data = shards(tmp_path)
     study = tmp_path / "s.toml"
     sets = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in SETTINGS.items())
-    study.write_text(f'[settings]\n{sets}\n\n[arms.hot]\noptim.name = "adamw"\noptim.adamw_lr = 1e6\n'
-                     f'optim.adamw_matrix_lr = 1e6\noptim.grad_clip = 0.0\n[arms.ok]\nmodel.qk_norm = "learned"\n')
+    study.write_text(
+        f'[settings]\n{sets}\n\n[arms.hot]\noptim.name = "adamw"\noptim.adamw_lr = 1e6\n'
+        f'optim.adamw_matrix_lr = 1e6\noptim.grad_clip = 0.0\n[arms.ok]\nmodel.qk_norm = "learned"\n'
+    )
     assert main(["run", str(study), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "hot seed 0 diverged" in err and "1 run(s) diverged: hot seed 0" in err
@@ -148,8 +172,12 @@ def test_truncated_checkpoint_is_refused_clearly(tmp_path):
 def test_truncate_after_keeps_rows_up_to_the_step(tmp_path):
     rs = store.RunStore(tmp_path)
     rs.scalars.append([dict(arm="a", seed=0, step=s, tokens=s * 10, val_loss=1.0 / (s + 1)) for s in range(5)])
-    rs.probes.append([dict(arm="a", seed=0, step=s, tokens=s, layer=0, head=0, site="k", metric="pr_sv", value=2.0)
-                      for s in range(5)])
+    rs.probes.append(
+        [
+            dict(arm="a", seed=0, step=s, tokens=s, layer=0, head=0, site="k", metric="pr_sv", value=2.0)
+            for s in range(5)
+        ]
+    )
     rs.close()
     with open(tmp_path / "probes.csv", "a") as f:
         f.write("a,0,9,9,0,0,k,pr")  # torn

@@ -3,11 +3,11 @@
 import math
 from dataclasses import replace
 
+from test_resume import config, shards
+
 from rankscope import store
 from rankscope.study import BUILTIN, resolve
 from rankscope.train import eval_steps, log_schedule, schedule, train
-
-from test_resume import config, shards
 
 
 def test_linear_schedule():
@@ -24,7 +24,7 @@ def test_log_schedule_is_dense_early_and_sparse_late():
     gaps = [b - a for a, b in zip(steps[1:], steps[2:])]
     assert gaps == sorted(gaps)  # spacing grows
     ratios = [b / a for a, b in zip(steps[1:], steps[2:])]
-    assert all(math.isclose(r, 10 ** 0.5, rel_tol=0.2) for r in ratios)  # 5 decades in 10 steps
+    assert all(math.isclose(r, 10**0.5, rel_tol=0.2) for r in ratios)  # 5 decades in 10 steps
     assert eval_steps(100_000, 1, 0, "log", 11) == steps
     assert log_schedule(3, 24) == [0, 1, 2, 3]  # short runs: every step, no duplicates
 
@@ -44,13 +44,19 @@ def test_built_in_studies_resolve():
     clip = dict(resolve(BUILTIN["clip"], {}))
     assert clip["qk-clip"].optim.qk_clip_tau == 15.0 and clip["qk-clip"].model.qk_norm == "none"
     assert {c.model.qk_norm for _, c in resolve(BUILTIN["norm-variants"], {})} == {
-        "learned", "frozen", "parameter_free", "none"}
+        "learned",
+        "frozen",
+        "parameter_free",
+        "none",
+    }
 
 
 def test_qk_clip_run_bounds_training_logits(tmp_path):
     data = shards(tmp_path)
-    cfg = config(data, **{"model.qk_norm": "none", "optim.qk_clip_tau": 2.0, "train.eval_schedule": "log",
-                          "train.eval_points": 4})
+    cfg = config(
+        data,
+        **{"model.qk_norm": "none", "optim.qk_clip_tau": 2.0, "train.eval_schedule": "log", "train.eval_points": 4},
+    )
     summary = train(cfg, tmp_path / "run", progress=False, arm="clip")
     assert summary["status"] == "done"
     rows = store.read_table(tmp_path / "run" / "scalars.csv")

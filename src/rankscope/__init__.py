@@ -8,8 +8,10 @@ def __getattr__(name: str):
     (and the report, which never needs torch) stays light."""
     if name == "Probe":
         from .attach import Probe
+
         return Probe
     if name in ("attach", "analyze", "integrations"):
         import importlib
+
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'rankscope' has no attribute {name!r}")

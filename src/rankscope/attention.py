@@ -14,8 +14,16 @@ from collections.abc import Iterator
 import torch
 
 
-def logit_chunks(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, *, first: int = 0,
-                 causal: bool = True, window: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def logit_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    chunk: int,
+    *,
+    first: int = 0,
+    causal: bool = True,
+    window: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (i, logits) for each block of queries: q (B, Tq, H, E) holds the queries at positions
     first .. first + Tq - 1, k (B, T, G, E) the keys at 0 .. T - 1; logits (B, H, c, T) are
     (q · k) · scale in float32 for queries i .. i + c - 1 of q.
@@ -28,7 +36,7 @@ def logit_chunks(q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int, *, 
     kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], dim=1)  # (B, H, T, E)
     cols = torch.arange(kh.shape[2], device=q.device)[None, :]  # key positions
     for i in range(0, qh.shape[2], chunk):
-        logits = (qh[:, :, i:i + chunk] @ kh.mT) * scale  # (B, H, c, T)
+        logits = (qh[:, :, i : i + chunk] @ kh.mT) * scale  # (B, H, c, T)
         rows = torch.arange(first + i, first + i + logits.shape[2], device=q.device)[:, None]  # query positions
         if causal:
             logits = logits.masked_fill(cols > rows, float("-inf"))

@@ -21,9 +21,20 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
-BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12,
-             "B200": 2250e12, "GH200": 989e12}
+BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "B200": 2250e12,
+    "GH200": 989e12,
+}
 
 
 def device_peak(device: torch.device) -> float | None:
@@ -55,7 +66,8 @@ def matmul_rate(device: torch.device, reps: int = 10) -> float:
 
 
 def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
-    from .config import apply_overrides, preset as get_preset
+    from .config import apply_overrides
+    from .config import preset as get_preset
     from .data import load_data
     from .store import load_scalars, read_json
     from .train import eval_steps, resolve_device, train
@@ -64,8 +76,15 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     tps = cfg.train.batch_size * cfg.train.seq_len
     budget = tokens or 40 * tps
     steps = max(4, -(-budget // tps))
-    bench_cfg = apply_overrides(cfg, {"train.tokens": steps * tps, "train.eval_every": steps * tps // 4,
-                                      "train.eval_schedule": "linear", "train.checkpoint_every": 0})
+    bench_cfg = apply_overrides(
+        cfg,
+        {
+            "train.tokens": steps * tps,
+            "train.eval_every": steps * tps // 4,
+            "train.eval_schedule": "linear",
+            "train.checkpoint_every": 0,
+        },
+    )
     device = resolve_device(cfg.train.device)
     data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
     rates = [matmul_rate(device)]
@@ -87,23 +106,33 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     rate = statistics.mean(rates)
     peak = device_peak(device)
     return {
-        "preset": preset, "device": str(device),
+        "preset": preset,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU"),
-        "params": config["n_params"], "tokens_per_s": tok_s, "model_tflops": flops / 1e12,
-        "mfu_peak": flops / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
-        "mfu_matmul": flops / rate, "matmul_tflops": rate / 1e12,
+        "params": config["n_params"],
+        "tokens_per_s": tok_s,
+        "model_tflops": flops / 1e12,
+        "mfu_peak": flops / peak if peak else None,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu_matmul": flops / rate,
+        "matmul_tflops": rate / 1e12,
         "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
-        "probe_ms": probe_each * 1e3, "probe_share": full_evals * probe_each / full_s,
-        "eval_share": full_evals * eval_each / full_s, "full_run_min": full_s / 60,
-        "compile": cfg.train.compile, "bench_tokens": int(last.tokens),
+        "probe_ms": probe_each * 1e3,
+        "probe_share": full_evals * probe_each / full_s,
+        "eval_share": full_evals * eval_each / full_s,
+        "full_run_min": full_s / 60,
+        "compile": cfg.train.compile,
+        "bench_tokens": int(last.tokens),
     }
 
 
 def format_result(r: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
+
     lines = [
-        f"rankscope bench: preset {r['preset']} on {r['device_name']} ({r['device']}), {r['params'] / 1e6:.1f}M parameters",
+        f"rankscope bench: preset {r['preset']} on {r['device_name']} ({r['device']}), "
+        f"{r['params'] / 1e6:.1f}M parameters",
         f"  tokens/s (training, steady state)   {r['tokens_per_s']:,.0f}",
         f"  model TFLOP/s                       {r['model_tflops']:.2f}",
         f"  MFU vs bf16 peak                    {pct(r['mfu_peak'])}"

@@ -40,8 +40,9 @@ def steps(run_dir: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _MAIN.match(p.name)))
 
 
-def save(run_dir: str | Path, step: int, state: dict[str, Any], rank: int = 0, keep: int = 2,
-         barrier=lambda: None) -> None:
+def save(
+    run_dir: str | Path, step: int, state: dict[str, Any], rank: int = 0, keep: int = 2, barrier=lambda: None
+) -> None:
     """Write this rank's part of the checkpoint of `step`; rank 0 writes last, then old ones go."""
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,10 +67,14 @@ def load(run_dir: str | Path, rank: int = 0, device: torch.device | str = "cpu")
     try:
         state = torch.load(main, map_location=device, weights_only=True)
         if rank != 0:
-            state["optim"] = torch.load(_path(run_dir, found[-1], rank), map_location=device, weights_only=True)["optim"]
+            state["optim"] = torch.load(_path(run_dir, found[-1], rank), map_location=device, weights_only=True)[
+                "optim"
+            ]
     except FileNotFoundError as e:
-        raise RankscopeError(f"checkpoint {main} is missing its share for rank {rank} ({e.filename}); "
-                             f"resume with the same number of processes") from None
+        raise RankscopeError(
+            f"checkpoint {main} is missing its share for rank {rank} ({e.filename}); "
+            f"resume with the same number of processes"
+        ) from None
     except Exception as e:  # unpickling refused, truncated file, ...
         raise RankscopeError(f"cannot read checkpoint {main}: {str(e).splitlines()[0]}") from None
     return state

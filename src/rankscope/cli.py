@@ -1,11 +1,11 @@
 """Command line: parse, look up presets and studies, apply overrides, dispatch. Kept thin.
 
-    rankscope run [STUDY] [--preset P] [--tokens N] [--seeds S ...] [--out DIR] [--data PATH] [--set k=v ...]
-    rankscope report DIR [DIR ...] [--out DIR]
-    rankscope list
-    rankscope bench [--preset P]
-    rankscope data prepare SRC --tokenizer T --out DIR
-    rankscope analyze PATH [--data PATH]
+rankscope run [STUDY] [--preset P] [--tokens N] [--seeds S ...] [--out DIR] [--data PATH] [--set k=v ...]
+rankscope report DIR [DIR ...] [--out DIR]
+rankscope list
+rankscope bench [--preset P]
+rankscope data prepare SRC --tokenizer T --out DIR
+rankscope analyze PATH [--data PATH]
 """
 
 from __future__ import annotations
@@ -19,18 +19,28 @@ from .errors import ConfigError, RankscopeError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rankscope", description="Train QK-Norm x optimizer arms and probe the rank of every attention head.")
+    p = argparse.ArgumentParser(
+        prog="rankscope", description="Train QK-Norm x optimizer arms and probe the rank of every attention head."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a study (default: the built-in qk-muon) and write its report")
-    run.add_argument("study", nargs="?", default=None, help="a built-in study name or a study TOML file (default: qk-muon)")
+    run.add_argument(
+        "study", nargs="?", default=None, help="a built-in study name or a study TOML file (default: qk-muon)"
+    )
     run.add_argument("--preset", help="model and training preset: tiny, seed-88m, seed-1.5b")
     run.add_argument("--tokens", help="token budget per run, e.g. 2M")
     run.add_argument("--seeds", nargs="+", type=int, help="seeds to run (default: the study's)")
     run.add_argument("--out", help="study folder (default: rankscope-out/STUDY)")
     run.add_argument("--data", help="text files/folder or .bin token shards (default: the embedded corpus)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable)",
+    )
     run.add_argument("--shard", help="run only slice i of n of the study's runs, e.g. 0/4 (for job arrays)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
@@ -42,24 +52,33 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list built-in studies, presets and settings")
 
     from . import bench
+
     bench.add_arguments(sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost"))
 
     from . import analyze
-    analyze.add_arguments(sub.add_parser(
-        "analyze", help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder"))
+
+    analyze.add_arguments(
+        sub.add_parser(
+            "analyze", help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder"
+        )
+    )
 
     from .data import prepare
+
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    prepare.add_arguments(data.add_parser(
-        "prepare", help="tokenize text, JSONL, Parquet or a saved Hugging Face dataset into token shards"))
+    prepare.add_arguments(
+        data.add_parser(
+            "prepare", help="tokenize text, JSONL, Parquet or a saved Hugging Face dataset into token shards"
+        )
+    )
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
     from . import dist as rdist
     from .config import parse_set
-    from .units import parse_count
     from .study import DEFAULT_STUDY, parse_shard, read_study, run_study
+    from .units import parse_count
 
     study = read_study(args.study or DEFAULT_STUDY)
     if args.preset:
@@ -84,13 +103,17 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.no_report:
         from .report import paradox_text, write_report
+
         path = write_report(out)
         print(paradox_text(out))
         print(f"\nreport: {path}")
     diverged = [s for s in summaries if s.get("status") == "diverged"]
     if diverged:
-        print(f"rankscope: error: {len(diverged)} run(s) diverged: "
-              + ", ".join(f"{s['arm']} seed {s['seed']}" for s in diverged), file=sys.stderr)
+        print(
+            f"rankscope: error: {len(diverged)} run(s) diverged: "
+            + ", ".join(f"{s['arm']} seed {s['seed']}" for s in diverged),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -121,12 +144,15 @@ def _list(args: argparse.Namespace) -> int:
     print("presets:")
     for name, cfg in PRESETS.items():
         m = cfg.model
-        print(f"  {name:10s} {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, "
-              f"vocab {m.vocab_size}, {cfg.train.tokens:,} tokens")
+        print(
+            f"  {name:10s} {m.n_layer} layers, d_model {m.d_model}, "
+            f"{m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, vocab {m.vocab_size}, {cfg.train.tokens:,} tokens"
+        )
         seed_run, reference = reference_for(name)
         print(f"  {'':10s} differs from {seed_run} in: {differences_text(cfg.to_dict(), reference)}")
-    print(f"  {'':10s} and every preset trains on --data (default: the embedded corpus), where the seed used "
-          f"{SEED_DATA}")
+    print(
+        f"  {'':10s} and every preset trains on --data (default: the embedded corpus), where the seed used {SEED_DATA}"
+    )
     print("settings (--set KEY=VALUE):")
     print("  " + "\n  ".join(known_keys()))
     return 0
@@ -134,33 +160,40 @@ def _list(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from .analyze import run
+
     return run(args)
 
 
 def _data(args: argparse.Namespace) -> int:
     from .data.prepare import run
+
     return run(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import main as bench_main
+
     return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data,
-                "analyze": _analyze}[args.command](args)
+        return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data, "analyze": _analyze}[
+            args.command
+        ](args)
     except RankscopeError as e:  # DataError and ConfigError included
         print(f"rankscope: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rankscope: interrupted; finished runs and checkpoints are kept, rerun the same command to "
-              "continue", file=sys.stderr)
+        print(
+            "rankscope: interrupted; finished runs and checkpoints are kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
     finally:
         from .dist import shutdown
+
         shutdown()
 
 

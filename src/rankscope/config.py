@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .units import parse_count
 from .vocab import ProbeSite
-
 
 # Settings with a fixed set of values are typed with them: a wrong value is caught where it is
 # parsed, and the message lists the choices.
@@ -50,7 +50,7 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_qkvo: Literal["stacked", "separate", "per_head"] = "stacked"  # stacked: the seed's one QKVO matrix a layer
     muon_ns: Literal["polar_express", "newton_schulz"] = "polar_express"  # the seed's | torch.optim.Muon's
-    muon_ns_steps: int = 5             # at most 5 for polar_express (it has five coefficient triples)
+    muon_ns_steps: int = 5  # at most 5 for polar_express (it has five coefficient triples)
     muon_weight_decay: float = 0.0
     # AdamW on embeddings and gains (and on everything when name == "adamw"); torch's betas
     adamw_lr: float = 0.006
@@ -61,45 +61,47 @@ class OptimConfig:
     adamw_gain_weight_decay: float = 0.2  # on norm gains, QK-Norm's included (the seed decays every AdamW parameter)
     # AdamW's learning rate for the hidden matrices when name == "adamw"
     adamw_matrix_lr: float = 0.006
-    grad_clip: float = 0.0             # max global grad norm; 0 = off (the seed's 20M study did not clip)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (the seed's 20M study did not clip)
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # cosine, linear: decay after warmup
     warmup_tokens: int = 0
-    min_lr_ratio: float = 0.0          # floor of the decay, as a fraction of the peak
-    qk_clip_tau: float = 0.0           # QK-Clip threshold on each head's max attention logit; 0 = off
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
+    qk_clip_tau: float = 0.0  # QK-Clip threshold on each head's max attention logit; 0 = off
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    tokens: int = 1_000_000            # token budget
-    batch_size: int = 32               # sequences per step
+    tokens: int = 1_000_000  # token budget
+    batch_size: int = 32  # sequences per step
     seq_len: int = 128
-    eval_every: int = 100_000          # tokens between evaluations and probes (and at token 0 and the end)
-    eval_batches: int = 2              # fixed validation batches per evaluation
+    eval_every: int = 100_000  # tokens between evaluations and probes (and at token 0 and the end)
+    eval_batches: int = 2  # fixed validation batches per evaluation
     eval_schedule: Literal["linear", "log"] = "linear"  # linear: every eval_every tokens; log: eval_points log-spaced
-    eval_points: int = 24              # evaluation points of the log schedule (plus token 0)
-    device: str = "auto"               # auto | cpu | cuda | cuda:N
-    threads: int = 0                   # CPU threads for torch; 0 = torch's default
+    eval_points: int = 24  # evaluation points of the log schedule (plus token 0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA
-    grad_accum: int = 1                # micro-batches per optimizer step (batch_size is the global batch)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    checkpoint_every: int = 250_000    # tokens between checkpoints (and one at the end); 0 = only at the end
-    keep_checkpoints: int = 2          # most recent checkpoints kept
+    checkpoint_every: int = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     sites: tuple[ProbeSite, ...] = ("k",)
-    batch_size: int = 16               # sequences in the fixed probe batch (seq_len tokens each)
-    attention: bool = True             # per-head attention entropy and max logit
+    batch_size: int = 16  # sequences in the fixed probe batch (seq_len tokens each)
+    attention: bool = True  # per-head attention entropy and max logit
     enabled: bool = True
-    downstream: bool = True            # ICL score, induction loss and head scores, W_Q/W_K spectra
-    induction_batch: int = 8           # sequences of repeated random tokens for the induction eval
-    functional_rank: Literal["off", "end", "middle-end", "every"] = "end"  # every: each evaluation (~2.5% of a tiny run each)
+    downstream: bool = True  # ICL score, induction loss and head scores, W_Q/W_K spectra
+    induction_batch: int = 8  # sequences of repeated random tokens for the induction eval
+    functional_rank: Literal["off", "end", "middle-end", "every"] = (
+        "end"  # every: each evaluation (~2.5% of a tiny run each)
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""                     # "" = the embedded corpus (this Python's standard library)
+    path: str = ""  # "" = the embedded corpus (this Python's standard library)
 
 
 @dataclass(frozen=True)
@@ -122,21 +124,44 @@ PRESETS: dict[str, RunConfig] = {
     # The seed's 88M study as it ran (seedref.SEED_88M lists every setting; a test holds them equal):
     # its model (88,630,528 parameters with learned QK-Norm), batch, optimizer and probe schedule.
     "seed-88m": RunConfig(
-        model=ModelConfig(vocab_size=49152, n_layer=22, d_model=512, n_head=8, n_kv_head=4,
-                          head_dim=64, d_mlp=2048, max_seq_len=2048),
-        train=TrainConfig(tokens=25_000_000, batch_size=4, seq_len=2048, eval_every=819_200,
-                          eval_batches=20, checkpoint_every=5_000_000),
+        model=ModelConfig(
+            vocab_size=49152, n_layer=22, d_model=512, n_head=8, n_kv_head=4, head_dim=64, d_mlp=2048, max_seq_len=2048
+        ),
+        train=TrainConfig(
+            tokens=25_000_000,
+            batch_size=4,
+            seq_len=2048,
+            eval_every=819_200,
+            eval_batches=20,
+            checkpoint_every=5_000_000,
+        ),
         probe=ProbeConfig(batch_size=4),
     ),
     # The seed author's 1.5B follow-up (seedref.SEED_1_5B): 32 layers, 128-dim heads, 65,536 tokens
     # a step in 4 accumulated micro-batches, AdamW lr 0.003, clipping at 1, probed every 120 steps on
     # 8 sequences; its PR figures read keys before RoPE (k_pre), so both sites are probed.
     "seed-1.5b": RunConfig(
-        model=ModelConfig(vocab_size=49152, n_layer=32, d_model=2048, n_head=16, n_kv_head=8,
-                          head_dim=128, d_mlp=8192, max_seq_len=2048),
+        model=ModelConfig(
+            vocab_size=49152,
+            n_layer=32,
+            d_model=2048,
+            n_head=16,
+            n_kv_head=8,
+            head_dim=128,
+            d_mlp=8192,
+            max_seq_len=2048,
+        ),
         optim=OptimConfig(adamw_lr=0.003, grad_clip=1.0),
-        train=TrainConfig(tokens=50_000_000, batch_size=32, grad_accum=4, seq_len=2048, eval_every=7_864_320,
-                          eval_batches=1, checkpoint_every=10_000_000, activation_checkpointing=True),
+        train=TrainConfig(
+            tokens=50_000_000,
+            batch_size=32,
+            grad_accum=4,
+            seq_len=2048,
+            eval_every=7_864_320,
+            eval_batches=1,
+            checkpoint_every=10_000_000,
+            activation_checkpointing=True,
+        ),
         probe=ProbeConfig(batch_size=8, sites=("k_pre", "k")),
     ),
 }
@@ -149,6 +174,7 @@ def preset(name: str) -> RunConfig:
 
 
 # --- overrides -------------------------------------------------------------------------------
+
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Turn a TOML value or a command-line string into the field's type, or fail clearly."""
@@ -186,8 +212,7 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             (inner, _) = typing.get_args(typ)
             items = value.split(",") if from_text else value
             if isinstance(items, (list, tuple)):
-                return tuple(_coerce(key, inner, v.strip() if isinstance(v, str) else v)
-                             for v in items if v != "")
+                return tuple(_coerce(key, inner, v.strip() if isinstance(v, str) else v) for v in items if v != "")
     except ConfigError:
         raise
     except ValueError:
@@ -246,8 +271,6 @@ def parse_set(items: list[str]) -> dict[str, str]:
     return out
 
 
-
-
 def _check_choices(obj: Any, prefix: str = "") -> None:
     """Every Literal-typed field (or tuple of them) holds one of its values, also in a config
     built in code rather than parsed."""
@@ -266,30 +289,43 @@ def validate(cfg: RunConfig) -> None:
     _check_choices(cfg)
     m, o, t, p = cfg.model, cfg.optim, cfg.train, cfg.probe
     checks = [
-        (m.n_head % max(m.n_kv_head, 1) == 0 and m.n_kv_head >= 1,
-         f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})"),
+        (
+            m.n_head % max(m.n_kv_head, 1) == 0 and m.n_kv_head >= 1,
+            f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})",
+        ),
         (m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}"),
-        (min(m.n_layer, m.d_model, m.n_head, m.head_dim, m.d_mlp, m.vocab_size) > 0,
-         "model sizes must be positive"),
+        (min(m.n_layer, m.d_model, m.n_head, m.head_dim, m.d_mlp, m.vocab_size) > 0, "model sizes must be positive"),
         (t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"),
-        (1 <= o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
-         f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
-         f"got {o.muon_ns_steps}"),
-        (o.name != "muon" or o.muon_qkvo != "stacked" or m.n_head * m.head_dim == m.d_model,
-         f"optim.muon_qkvo=stacked stacks O's weight under Q, K and V by rows, which needs model.n_head x "
-         f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head"),
-        (t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,
-         "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive"),
+        (
+            1 <= o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
+            f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
+            f"got {o.muon_ns_steps}",
+        ),
+        (
+            o.name != "muon" or o.muon_qkvo != "stacked" or m.n_head * m.head_dim == m.d_model,
+            f"optim.muon_qkvo=stacked stacks O's weight under Q, K and V by rows, which needs model.n_head x "
+            f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head",
+        ),
+        (
+            t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,
+            "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive",
+        ),
         (p.batch_size > 0, "probe.batch_size must be positive"),
         (p.induction_batch > 0, "probe.induction_batch must be positive"),
         (t.eval_points >= 1, "train.eval_points must be positive"),
         (o.qk_clip_tau >= 0, "optim.qk_clip_tau must be >= 0"),
-        (t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
-         f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})"),
-        (t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,
-         "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
-         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}"),
+        (
+            t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})",
+        ),
+        (
+            t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,
+            "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
+        ),
+        (
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
+            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

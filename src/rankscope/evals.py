@@ -15,15 +15,16 @@ open, and each function here answers one of them at an evaluation point:
 All functions are pure: they take a model (or a `logits_fn`) and fixed batches and return floats
 or tidy rows `{layer, head, site, metric, value}` in the store's format (head -1 = per layer).
 Hooks are attached only for the duration of a call and removed afterwards; weights are never
-touched, and only `functional_rank` replaces activations, inside its own forward passes. Call them under the same autocast context as the trainer's
-evaluation; everything numerically delicate (cross-entropy, Gram matrices, projections) is done
-in float32 or float64 regardless.
+touched, and only `functional_rank` replaces activations, inside its own forward passes. Call them
+under the same autocast context as the trainer's evaluation; everything numerically delicate
+(cross-entropy, Gram matrices, projections) is done in float32 or float64 regardless.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ def _no_autocast(t: torch.Tensor) -> torch.autocast:
 
 # --- per-token losses and the in-context learning score ------------------------------------------
 
+
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every token in float32: logits (..., V), targets (...) -> (...)."""
     V = logits.shape[-1]
@@ -60,12 +62,13 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tgt.shape[0], dtype=torch.float32, device=logits.device)
     rows = max(1, _CE_CHUNK_ELEMS // V)
     for i in range(0, tgt.shape[0], rows):
-        out[i:i + rows] = F.cross_entropy(flat[i:i + rows].float(), tgt[i:i + rows], reduction="none")
+        out[i : i + rows] = F.cross_entropy(flat[i : i + rows].float(), tgt[i : i + rows], reduction="none")
     return out.view(targets.shape)
 
 
-def _position_loss_sums(logits_fn: LogitsFn, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                        ) -> tuple[torch.Tensor, int]:
+def _position_loss_sums(
+    logits_fn: LogitsFn, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, int]:
     """Per-position sums of cross-entropy over all rows of all batches (T,), and the row count.
     One forward per batch; nothing is read back to the host here."""
     sums, n, T = None, 0, None
@@ -132,8 +135,10 @@ def loss_and_icl(logits_fn: LogitsFn, batches: Iterable[tuple[torch.Tensor, torc
 
 # --- induction: repeated random tokens -----------------------------------------------------------
 
-def induction_batch(vocab_size: int, batch_size: int, half_len: int, seed: int = 0, low: int = 1,
-                    distinct: bool = True) -> torch.Tensor:
+
+def induction_batch(
+    vocab_size: int, batch_size: int, half_len: int, seed: int = 0, low: int = 1, distinct: bool = True
+) -> torch.Tensor:
     """(batch_size, 2 * half_len) token ids: a random sequence followed by an exact copy of it
     (Olsson et al. 2022). The second copy can only be predicted by looking back at the first, so
     its loss measures copying from context, free of any knowledge of the data.
@@ -146,8 +151,10 @@ def induction_batch(vocab_size: int, batch_size: int, half_len: int, seed: int =
     """
     n = vocab_size - low
     if half_len < 2 or batch_size < 1 or n < 1:
-        raise ValueError(f"need half_len >= 2, batch_size >= 1 and low < vocab_size; got "
-                         f"half_len={half_len}, batch_size={batch_size}, low={low}, vocab_size={vocab_size}")
+        raise ValueError(
+            f"need half_len >= 2, batch_size >= 1 and low < vocab_size; got "
+            f"half_len={half_len}, batch_size={batch_size}, low={low}, vocab_size={vocab_size}"
+        )
     g = torch.Generator().manual_seed(seed)
     if distinct:
         if half_len > n:
@@ -169,7 +176,7 @@ def _half_len(x: torch.Tensor) -> int:
 def _induction_loss_from_logits(logits: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
     # positions L .. 2L-2 predict tokens L+1 .. 2L-1; position L-1, which predicts the first token
     # of the second copy, is excluded: nothing in the context says the sequence starts over there
-    return token_losses(logits[:, L:-1], x[:, L + 1:]).mean()
+    return token_losses(logits[:, L:-1], x[:, L + 1 :]).mean()
 
 
 @torch.no_grad()
@@ -197,8 +204,9 @@ class InductionScores:
     >>> loss, rows = scores.measure_with_loss(induction_batch(4096, 8, 64).to(device))
     """
 
-    def __init__(self, model: nn.Module, q: Site, k: Site, half_len: int, scale: float | None = None,
-                 query_chunk: int = 256):
+    def __init__(
+        self, model: nn.Module, q: Site, k: Site, half_len: int, scale: float | None = None, query_chunk: int = 256
+    ):
         if half_len < 2:
             raise ValueError(f"half_len must be at least 2, got {half_len}")
         self.model, self.q, self.k, self.half_len = model, q, k, half_len
@@ -238,8 +246,7 @@ class InductionScores:
         handles = []
         for which, mods in (("q", self._q_mods), ("k", self._k_mods)):
             for layer, mod in mods:
-                handles.append(mod.register_forward_hook(
-                    lambda m, i, out, w=which, l=layer: self._attend(w, l, out)))
+                handles.append(mod.register_forward_hook(lambda m, i, out, w=which, l=layer: self._attend(w, l, out)))
         try:
             out = (forward or self.model)(x)
         finally:
@@ -256,8 +263,10 @@ class InductionScores:
         table = torch.stack(means).cpu().tolist()  # one host sync
         for layer, (ind, prev) in zip(layers, table):
             for head, (a, b) in enumerate(zip(ind, prev)):
-                rows += [dict(layer=layer, head=head, site="attn", metric="induction_score", value=a),
-                         dict(layer=layer, head=head, site="attn", metric="prev_token_score", value=b)]
+                rows += [
+                    dict(layer=layer, head=head, site="attn", metric="induction_score", value=a),
+                    dict(layer=layer, head=head, site="attn", metric="prev_token_score", value=b),
+                ]
         self._sums = {}
         return rows
 
@@ -285,6 +294,7 @@ def gpt_induction_scores(model: nn.Module, half_len: int, query_chunk: int = 256
 
 # --- functional rank: how many key (query) directions the loss needs -----------------------------
 
+
 def rank_ladder(head_dim: int) -> list[int]:
     """Powers of two below head_dim, then head_dim itself: 1, 2, 4, ..., 32, 64 for 64."""
     ladder, r = [], 1
@@ -299,6 +309,7 @@ def _gram_hook(store: dict[str, torch.Tensor], site: str):
         x = out.float().flatten(0, 1)  # (N, heads, E)
         with _no_autocast(x):
             store[site] = torch.einsum("nhe,nhf->hef", x, x).double()  # every head's XᵀX at once
+
     return hook
 
 
@@ -306,15 +317,23 @@ def _projection_hook(p: torch.Tensor):
     """A forward hook that replaces a tap's output (B, T, heads, E) by its projection x P_h per
     head (P symmetric), computed in float32 and cast back, so that projecting onto every
     direction (P = I) reproduces the output to float32 round-off."""
+
     def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
         with _no_autocast(out):
             return torch.einsum("bthe,hef->bthf", out.float(), p).to(out.dtype)
+
     return hook
 
 
 @torch.no_grad()
-def functional_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sites: Sequence[str] = ("k", "q"),
-                    ladder: Sequence[int] | None = None, tol: float = 0.01) -> list[Row]:
+def functional_rank(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sites: Sequence[str] = ("k", "q"),
+    ladder: Sequence[int] | None = None,
+    tol: float = 0.01,
+) -> list[Row]:
     """Functional rank of each layer's keys (and queries) in rankscope's GPT.
 
     For layer l and site s (a tap of `blocks.<l>.attn`: 'k' = keys after QK-Norm and RoPE, 'q',
@@ -356,7 +375,7 @@ def functional_rank(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sites: S
         for s, tap in taps.items():
             vecs = torch.linalg.eigh(grams[s]).eigenvectors  # (heads, E, E), eigenvalues ascending
             for r in ladder:
-                v = vecs[..., E - r:]  # (heads, E, r): the top r directions
+                v = vecs[..., E - r :]  # (heads, E, r): the top r directions
                 hd = tap.register_forward_hook(_projection_hook((v @ v.mT).float()))
                 try:
                     losses[(s, layer, r)] = model.head(model.forward_blocks(h, start=layer), y).float()
@@ -386,8 +405,9 @@ WEIGHT_METRICS = ("pr_sv", "stable_rank", "spectral_norm")
 
 
 @torch.no_grad()
-def weight_spectra(model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "blocks.*.attn.k_proj",
-                   head_dim: int | None = None) -> list[Row]:
+def weight_spectra(
+    model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "blocks.*.attn.k_proj", head_dim: int | None = None
+) -> list[Row]:
     """Singular-value statistics of each head's slice of W_Q and W_K.
 
     Head h's slice is rows h*E:(h+1)*E of the projection's weight (E, d_model): the map from the
@@ -421,5 +441,8 @@ def weight_spectra(model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "
     if not stats:
         return []
     table = torch.cat(stats).cpu().tolist()  # one host sync
-    return [dict(layer=layer, head=head, site=site, metric=m, value=v)
-            for (layer, site, head), vals in zip(index, table) for m, v in zip(WEIGHT_METRICS, vals)]
+    return [
+        dict(layer=layer, head=head, site=site, metric=m, value=v)
+        for (layer, site, head), vals in zip(index, table)
+        for m, v in zip(WEIGHT_METRICS, vals)
+    ]

@@ -95,8 +95,9 @@ def singular_value_metrics(s: torch.Tensor, ev: torch.Tensor | None = None) -> d
     }
 
 
-def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
-                      n: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def metrics_from_gram(
+    g: torch.Tensor, col_sum: torch.Tensor | None = None, n: int | torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """All metrics from Gram matrices g (..., d, d); col_sum (..., d) and row count n (scalar or
     (...)) enable pr_eig.
 
@@ -107,10 +108,12 @@ def metrics_from_gram(g: torch.Tensor, col_sum: torch.Tensor | None = None,
 
     finite = torch.isfinite(g).all(-1).all(-1)  # (...)
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
-    ev = _eig(g)                       # s², descending
+    ev = _eig(g)  # s², descending
     out = singular_value_metrics(ev.sqrt(), ev)
     if col_sum is not None and n is not None:
-        col_sum = torch.where(torch.isfinite(col_sum), col_sum.double(), torch.zeros((), dtype=torch.float64, device=g.device))
+        col_sum = torch.where(
+            torch.isfinite(col_sum), col_sum.double(), torch.zeros((), dtype=torch.float64, device=g.device)
+        )
         n = torch.as_tensor(n, dtype=torch.float64, device=g.device)  # scalar or (...)
         mean = col_sum.double() / n[..., None]  # (..., d)
         centered = g.double() - n[..., None, None] * mean.unsqueeze(-1) * mean.unsqueeze(-2)  # XᵀX - n μμᵀ

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -86,7 +87,7 @@ def causal_max_logit(q: torch.Tensor, k: torch.Tensor, chunk: int = 512) -> torc
 
 
 @torch.no_grad()
-def qk_clip(model: "GPT", tau: float) -> int:
+def qk_clip(model: GPT, tau: float) -> int:
     """QK-Clip (Kimi K2, 2025): after an optimizer step, rescale the query and key weights of every
     head whose largest logit S_h exceeded tau so that its logits shrink by γ_h = tau / S_h, leaving
     the forward pass itself unchanged. With grouped-query attention a key head is shared: it takes
@@ -141,8 +142,11 @@ class Attention(nn.Module):
             with torch.no_grad():
                 self.max_logit.copy_(torch.maximum(self.max_logit, causal_max_logit(q, k)))
         y = F.scaled_dot_product_attention(  # (B, H, T, E); head h reads kv head h // (H/G)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=self.n_kv_head != self.n_head,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         y = self.o(y.transpose(1, 2))  # (B, T, H, E)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, D)
@@ -204,13 +208,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh, dw = torch.empty_like(h), torch.zeros_like(w)
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for i in range(0, N, LinearCrossEntropy.CHUNK):
-            hc, tc = h[i:i + LinearCrossEntropy.CHUNK], targets[i:i + LinearCrossEntropy.CHUNK, None]
+            hc, tc = h[i : i + LinearCrossEntropy.CHUNK], targets[i : i + LinearCrossEntropy.CHUNK, None]
             logits = hc @ w.T  # (c, V)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
             total += lse.sum() - logits.gather(1, tc).sum()
             p = logits.sub_(lse).exp_()  # softmax, in place
             p.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # softmax - onehot
-            torch.mm(p, w, out=dh[i:i + LinearCrossEntropy.CHUNK])
+            torch.mm(p, w, out=dh[i : i + LinearCrossEntropy.CHUNK])
             dw.addmm_(p.T, hc)
         ctx.save_for_backward(dh, dw)
         ctx.n = N
@@ -299,8 +303,10 @@ class GPT(nn.Module):
     def attention_matrices(self) -> list[tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]]:
         """Each layer's Q, K, V and O weights, in the order the seed stacks them by rows into one
         (H·E + 2·G·E + D, D) matrix; the optimizer's grouping (`optim.muon_qkvo`) reads this."""
-        return [(b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight, b.attn.o_proj.weight)
-                for b in self.blocks]
+        return [
+            (b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight, b.attn.o_proj.weight)
+            for b in self.blocks
+        ]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -27,7 +27,6 @@ from torch import nn
 
 from .config import OptimConfig
 
-
 # Torch's fixed quintic (Jordan et al. 2024, "Muon"): the coefficients of torch.optim.Muon.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel, Persson, Musco and Gower 2025): one odd quintic per step, chosen so that
@@ -94,12 +93,29 @@ class BlockMuon(torch.optim.Optimizer):
     together as one batch. State (the momentum buffers) has torch.optim.Muon's layout.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns: str = "polar_express", ns_steps: int = 5, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns: str = "polar_express",
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ):
         if ns not in MUON_NS:
             raise ValueError(f"unknown orthogonalization {ns!r}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns=ns, ns_steps=ns_steps,
-                        weight_decay=weight_decay, layout="each", split=None, head_dim=0)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns=ns,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+            layout="each",
+            split=None,
+            head_dim=0,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["layout"] not in ("each", "stack", "heads"):
@@ -127,7 +143,11 @@ class BlockMuon(torch.optim.Optimizer):
             E, blocks = group["head_dim"], []
             for p, u, dim in zip(group["params"], updates, group["split"]):
                 for j, chunk in enumerate(u.split(E, dim=dim)):
-                    index = (slice(j * E, (j + 1) * E), slice(None)) if dim == 0 else (slice(None), slice(j * E, (j + 1) * E))
+                    index = (
+                        (slice(j * E, (j + 1) * E), slice(None))
+                        if dim == 0
+                        else (slice(None), slice(j * E, (j + 1) * E))
+                    )
                     blocks.append((chunk, [(p, index)]))
             return blocks
         return [(u, [(p, everything)]) for p, u in zip(group["params"], updates)]
@@ -156,7 +176,7 @@ class BlockMuon(torch.optim.Optimizer):
                 row = 0
                 for p, (rows, cols) in pieces:
                     target = p[rows, cols]
-                    target.add_(o[row:row + target.shape[0]].to(p.dtype), alpha=-lr * ratio)
+                    target.add_(o[row : row + target.shape[0]].to(p.dtype), alpha=-lr * ratio)
                     row += target.shape[0]
         return loss
 
@@ -170,8 +190,13 @@ class Optimizers:
     AdamW is cheap and runs everywhere on the already all-reduced gradients.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], counts: dict[str, int],
-                 shards: list[list[torch.Tensor]] | None = None, rank: int = 0):
+    def __init__(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        counts: dict[str, int],
+        shards: list[list[torch.Tensor]] | None = None,
+        rank: int = 0,
+    ):
         self.optimizers, self.counts, self.shards, self.rank = optimizers, counts, shards or [], rank
         for opt in optimizers:
             for group in opt.param_groups:
@@ -240,8 +265,7 @@ def muon_units(model: nn.Module, grouping: str) -> list[dict]:
     """Muon's param groups for `grouping`: one per stacked layer or per split matrix, and one
     'each' group per remaining matrix (so every unit can be owned by one rank). Order: the model's."""
     matrices = [p for _, p in model.param_roles()["matrix"]]
-    attention = {id(p): (layer, i) for layer, ws in enumerate(model.attention_matrices())
-                 for i, p in enumerate(ws)}
+    attention = {id(p): (layer, i) for layer, ws in enumerate(model.attention_matrices()) for i, p in enumerate(ws)}
     units, done = [], set()
     for p in matrices:
         if id(p) not in attention or grouping == "separate":
@@ -253,15 +277,15 @@ def muon_units(model: nn.Module, grouping: str) -> list[dict]:
                 units.append(dict(params=list(model.attention_matrices()[layer]), layout="stack"))
         elif grouping == "per_head":
             _, i = attention[id(p)]  # Q, K, V split by rows (one head each), O by columns
-            units.append(dict(params=[p], layout="heads", split=[1 if i == 3 else 0],
-                              head_dim=model.cfg.head_dim))
+            units.append(dict(params=[p], layout="heads", split=[1 if i == 3 else 0], head_dim=model.cfg.head_dim))
         else:
             raise ValueError(f"unknown Muon grouping {grouping!r}")
     return units
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: bool = False,
-                     rank: int = 0, world_size: int = 1) -> Optimizers:
+def build_optimizers(
+    model: nn.Module, cfg: OptimConfig, fused: bool = False, rank: int = 0, world_size: int = 1
+) -> Optimizers:
     """Optimizers for `model` by parameter role; `.counts` holds the parameters in each role.
 
     Asserts that every trainable parameter lands in exactly one group (torchtitan's coverage check).
@@ -274,10 +298,15 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: bool = False,
     # weight decay on matrices and embeddings; on gains only if asked (the seed decays them; decay
     # pulls a gain towards zero, so rankscope's own studies may set it to 0)
     adam_groups = [
-        dict(params=[p for _, p in roles["embedding"]], lr=cfg.adamw_lr, weight_decay=cfg.adamw_weight_decay,
-             role="embedding"),
-        dict(params=[p for _, p in roles["gain"]], lr=cfg.adamw_lr, weight_decay=cfg.adamw_gain_weight_decay,
-             role="gain"),
+        dict(
+            params=[p for _, p in roles["embedding"]],
+            lr=cfg.adamw_lr,
+            weight_decay=cfg.adamw_weight_decay,
+            role="embedding",
+        ),
+        dict(
+            params=[p for _, p in roles["gain"]], lr=cfg.adamw_lr, weight_decay=cfg.adamw_gain_weight_decay, role="gain"
+        ),
     ]
     optimizers: list[torch.optim.Optimizer] = []
     shards: list[list[torch.Tensor]] = []
@@ -290,20 +319,32 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: bool = False,
             shards = [[p for u, o in zip(units, owners) if o == r for p in u["params"]] for r in range(world_size)]
             units = [u for u, o in zip(units, owners) if o == rank]
         if units and cfg.muon_qkvo == "separate" and cfg.muon_ns == "newton_schulz":
-            optimizers.append(torch.optim.Muon(
-                [dict(params=[p for u in units for p in u["params"]], role="matrix")], lr=cfg.muon_lr,
-                momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
-                weight_decay=cfg.muon_weight_decay,
-            ))
+            optimizers.append(
+                torch.optim.Muon(
+                    [dict(params=[p for u in units for p in u["params"]], role="matrix")],
+                    lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum,
+                    nesterov=cfg.muon_nesterov,
+                    ns_steps=cfg.muon_ns_steps,
+                    weight_decay=cfg.muon_weight_decay,
+                )
+            )
         elif units:
-            optimizers.append(BlockMuon(
-                [dict(u, role="matrix") for u in units], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                nesterov=cfg.muon_nesterov, ns=cfg.muon_ns, ns_steps=cfg.muon_ns_steps,
-                weight_decay=cfg.muon_weight_decay,
-            ))
+            optimizers.append(
+                BlockMuon(
+                    [dict(u, role="matrix") for u in units],
+                    lr=cfg.muon_lr,
+                    momentum=cfg.muon_momentum,
+                    nesterov=cfg.muon_nesterov,
+                    ns=cfg.muon_ns,
+                    ns_steps=cfg.muon_ns_steps,
+                    weight_decay=cfg.muon_weight_decay,
+                )
+            )
     elif cfg.name == "adamw":
-        adam_groups.insert(0, dict(params=matrices, lr=cfg.adamw_matrix_lr,
-                                   weight_decay=cfg.adamw_weight_decay, role="matrix"))
+        adam_groups.insert(
+            0, dict(params=matrices, lr=cfg.adamw_matrix_lr, weight_decay=cfg.adamw_weight_decay, role="matrix")
+        )
     else:
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     adam_groups = [g for g in adam_groups if g["params"]]
@@ -311,8 +352,13 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, fused: bool = False,
         optimizers.append(torch.optim.AdamW(adam_groups, **adamw_kw))
 
     # coverage: each trainable parameter in exactly one group (Muon's counted before sharding)
-    grouped = [p for opt in optimizers if not isinstance(opt, (torch.optim.Muon, BlockMuon))
-               for g in opt.param_groups for p in g["params"]] + muon_params
+    grouped = [
+        p
+        for opt in optimizers
+        if not isinstance(opt, (torch.optim.Muon, BlockMuon))
+        for g in opt.param_groups
+        for p in g["params"]
+    ] + muon_params
     ids = [id(p) for p in grouped]
     assert len(ids) == len(set(ids)), "a parameter is in two optimizer groups"
     trainable = {id(p) for p in model.parameters() if p.requires_grad}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,6 @@ from torch import nn
 from .attention import logit_chunks
 from .metrics import METRICS, metrics_from_gram
 from .vocab import LAYER_WIDE
-
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class AttentionStats:
     k: Site
     scale: float | Mapping[int, float] | None = None  # default 1/sqrt(head_dim); or per layer
     causal: bool = True
-    query_chunk: int = 256          # bounds the (B, H, chunk, T) logits held at once
+    query_chunk: int = 256  # bounds the (B, H, chunk, T) logits held at once
     # sliding-window attention: query i sees keys j with i - window < j <= i (Mistral's and
     # Hugging Face's convention); None = full causal; a mapping gives each layer its own (or None)
     window: int | Mapping[int, int | None] | None = None
@@ -126,8 +126,13 @@ class GramProbe:
     >>> rows = probe.measure([x_batch])   # [{'layer', 'head', 'site', 'metric', 'value'}, ...]
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[Site], attention: AttentionStats | None = None,
-                 gains: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[Site],
+        attention: AttentionStats | None = None,
+        gains: dict[str, str] | None = None,
+    ):
         self.model, self.sites, self.attention = model, list(sites), attention
         self.gains = dict(gains or {})  # row site name -> module pattern whose .weight is a gain
         # validate patterns now, so a bad site fails before any training
@@ -172,8 +177,9 @@ class GramProbe:
         q, k = pair  # (B, T, H, E), (B, T, G, E)
         B, T, H, E = q.shape
         ent, mx = torch.zeros(H, dtype=torch.float64, device=q.device), None
-        for _, logits in logit_chunks(q, k, spec.layer_scale(layer, E), spec.query_chunk, causal=spec.causal,
-                                      window=spec.layer_window(layer)):
+        for _, logits in logit_chunks(
+            q, k, spec.layer_scale(layer, E), spec.query_chunk, causal=spec.causal, window=spec.layer_window(layer)
+        ):
             chunk_max = logits.amax(dim=(0, 2, 3))  # (H,)
             mx = chunk_max if mx is None else torch.maximum(mx, chunk_max)
             logp = torch.log_softmax(logits, dim=-1)
@@ -186,15 +192,23 @@ class GramProbe:
         handles = []
         for site in self.sites:
             for layer, mod in _matching(self.model, site.pattern):
-                handles.append(mod.register_forward_hook(
-                    lambda m, a, kw, out, s=site, l=layer: self._accumulate(s, l, s.capture(l, a, kw, out)),
-                    with_kwargs=True))
+                handles.append(
+                    mod.register_forward_hook(
+                        lambda m, a, kw, out, s=site, l=layer: self._accumulate(s, l, s.capture(l, a, kw, out)),
+                        with_kwargs=True,
+                    )
+                )
         if self.attention:
             for which, site in (("q", self.attention.q), ("k", self.attention.k)):
                 for layer, mod in _matching(self.model, site.pattern):
-                    handles.append(mod.register_forward_hook(
-                        lambda m, a, kw, out, w=which, s=site, l=layer: self._attend(w, l, s.capture(l, a, kw, out)),
-                        with_kwargs=True))
+                    handles.append(
+                        mod.register_forward_hook(
+                            lambda m, a, kw, out, w=which, s=site, l=layer: self._attend(
+                                w, l, s.capture(l, a, kw, out)
+                            ),
+                            with_kwargs=True,
+                        )
+                    )
         return handles
 
     # --- one measurement ----------------------------------------------------------------------
@@ -227,15 +241,17 @@ class GramProbe:
             heads = [self._gram[k].shape[0] for k in group]
             g = torch.cat([self._gram[k] for k in group])  # (sum of heads, E, E)
             s = torch.cat([self._sum[k] for k in group])
-            n = torch.tensor([self._n[k] for k, h in zip(group, heads) for _ in range(h)],
-                             dtype=torch.float64, device=g.device)
+            n = torch.tensor(
+                [self._n[k] for k, h in zip(group, heads) for _ in range(h)], dtype=torch.float64, device=g.device
+            )
             values = metrics_from_gram(g, s, n)
             table = torch.stack([values[m] for m in METRICS], -1).cpu().tolist()  # one host sync
             i = 0
             for (site, layer), h in zip(group, heads):
                 for head in range(h):
-                    rows += [dict(layer=layer, head=head, site=site, metric=m, value=v)
-                             for m, v in zip(METRICS, table[i])]
+                    rows += [
+                        dict(layer=layer, head=head, site=site, metric=m, value=v) for m, v in zip(METRICS, table[i])
+                    ]
                     i += 1
         return rows
 
@@ -245,8 +261,10 @@ class GramProbe:
             ent = (self._ent[layer] / self._ent_n[layer]).cpu().tolist()
             mx = self._maxlogit[layer].cpu().tolist()
             for head, (e, m) in enumerate(zip(ent, mx)):
-                rows += [dict(layer=layer, head=head, site="attn", metric="entropy", value=e),
-                         dict(layer=layer, head=head, site="attn", metric="max_logit", value=m)]
+                rows += [
+                    dict(layer=layer, head=head, site="attn", metric="entropy", value=e),
+                    dict(layer=layer, head=head, site="attn", metric="max_logit", value=m),
+                ]
         return rows
 
     def _gain_rows(self) -> list[dict[str, Any]]:

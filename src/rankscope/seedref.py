@@ -16,37 +16,67 @@ from .flat import flatten
 
 # What the seed's 88M and 1.5B runs share (its Muon, AdamW and init; no schedule).
 _COMMON: dict[str, Any] = {
-    "model.vocab_size": 49152, "model.max_seq_len": 2048, "model.rope_base": 10000.0,
+    "model.vocab_size": 49152,
+    "model.max_seq_len": 2048,
+    "model.rope_base": 10000.0,
     "model.norm_eps": 1.1920928955078125e-07,  # nn.RMSNorm's default: float32 machine epsilon
-    "model.init_std": 0.02, "model.scaled_residual_init": False,
-    "optim.muon_momentum": 0.95, "optim.muon_nesterov": True, "optim.muon_qkvo": "stacked",
-    "optim.muon_ns": "polar_express", "optim.muon_ns_steps": 5, "optim.muon_weight_decay": 0.0,
-    "optim.adamw_beta1": 0.9, "optim.adamw_beta2": 0.999, "optim.adamw_eps": 1e-8,
-    "optim.adamw_weight_decay": 0.2, "optim.adamw_gain_weight_decay": 0.2,
-    "optim.schedule": "constant", "optim.warmup_tokens": 0, "train.seq_len": 2048,
+    "model.init_std": 0.02,
+    "model.scaled_residual_init": False,
+    "optim.muon_momentum": 0.95,
+    "optim.muon_nesterov": True,
+    "optim.muon_qkvo": "stacked",
+    "optim.muon_ns": "polar_express",
+    "optim.muon_ns_steps": 5,
+    "optim.muon_weight_decay": 0.0,
+    "optim.adamw_beta1": 0.9,
+    "optim.adamw_beta2": 0.999,
+    "optim.adamw_eps": 1e-8,
+    "optim.adamw_weight_decay": 0.2,
+    "optim.adamw_gain_weight_decay": 0.2,
+    "optim.schedule": "constant",
+    "optim.warmup_tokens": 0,
+    "train.seq_len": 2048,
 }
 
 SEED_88M: dict[str, Any] = {
     **_COMMON,
-    "model.n_layer": 22, "model.d_model": 512, "model.n_head": 8, "model.n_kv_head": 4, "model.head_dim": 64,
+    "model.n_layer": 22,
+    "model.d_model": 512,
+    "model.n_head": 8,
+    "model.n_kv_head": 4,
+    "model.head_dim": 64,
     "model.d_mlp": 2048,
-    "optim.muon_lr": 0.012, "optim.adamw_lr": 0.006, "optim.grad_clip": 0.0,  # the 20M run did not clip
-    "train.batch_size": 4, "train.grad_accum": 1, "train.eval_every": 819_200,  # probed every 100 steps
+    "optim.muon_lr": 0.012,
+    "optim.adamw_lr": 0.006,
+    "optim.grad_clip": 0.0,  # the 20M run did not clip
+    "train.batch_size": 4,
+    "train.grad_accum": 1,
+    "train.eval_every": 819_200,  # probed every 100 steps
     "probe.batch_size": 4,  # the fixed probe batch: 4 validation sequences of 2048 tokens
 }
 
 SEED_1_5B: dict[str, Any] = {
     **_COMMON,
-    "model.n_layer": 32, "model.d_model": 2048, "model.n_head": 16, "model.n_kv_head": 8, "model.head_dim": 128,
+    "model.n_layer": 32,
+    "model.d_model": 2048,
+    "model.n_head": 16,
+    "model.n_kv_head": 8,
+    "model.head_dim": 128,
     "model.d_mlp": 8192,
-    "optim.muon_lr": 0.012, "optim.adamw_lr": 0.003, "optim.grad_clip": 1.0,
-    "train.batch_size": 32, "train.grad_accum": 4,  # 8 x 4 accumulated x 2048 = 65,536 tokens a step
+    "optim.muon_lr": 0.012,
+    "optim.adamw_lr": 0.003,
+    "optim.grad_clip": 1.0,
+    "train.batch_size": 32,
+    "train.grad_accum": 4,  # 8 x 4 accumulated x 2048 = 65,536 tokens a step
     "train.eval_every": 7_864_320,  # probed every 120 steps
-    "train.tokens": 50_000_000, "probe.batch_size": 8,
+    "train.tokens": 50_000_000,
+    "probe.batch_size": 8,
 }
 
-SEED_DATA = ("an English pretraining mix (70% FineWeb-Edu, 30% Cosmopedia v2 from the SmolLM corpus) "
-             "with the SmolLM tokenizer (49,152 ids)")
+SEED_DATA = (
+    "an English pretraining mix (70% FineWeb-Edu, 30% Cosmopedia v2 from the SmolLM corpus) "
+    "with the SmolLM tokenizer (49,152 ids)"
+)
 
 # Where the seed's published figures come from, for reports that put numbers next to them.
 SEED_FIGURES_NOTE = {
@@ -74,8 +104,11 @@ def differences(config: Mapping[str, Any], reference: Mapping[str, Any] = SEED_8
         value = flat.get(key)
         if isinstance(value, (list, tuple)):
             value = tuple(value)
-        same = value == seed_value or (isinstance(value, float) and isinstance(seed_value, float)
-                                       and abs(value - seed_value) <= 1e-12 * max(abs(seed_value), 1e-300))
+        same = value == seed_value or (
+            isinstance(value, float)
+            and isinstance(seed_value, float)
+            and abs(value - seed_value) <= 1e-12 * max(abs(seed_value), 1e-300)
+        )
         if not same:
             out.append((key, value, seed_value))
     return out

@@ -21,16 +21,29 @@ import io
 import json
 import numbers
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
 from . import fsio
 
 SCALAR_COLUMNS = (
-    "arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale",
-    "grad_norm", "icl_score", "induction_loss", "elapsed_s", "probe_s", "eval_s",
+    "arm",
+    "seed",
+    "step",
+    "tokens",
+    "train_loss",
+    "val_loss",
+    "ood_loss",
+    "lr_scale",
+    "grad_norm",
+    "icl_score",
+    "induction_loss",
+    "elapsed_s",
+    "probe_s",
+    "eval_s",
 )
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
 
@@ -146,8 +159,9 @@ def run_dirs(study_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in Path(study_dir).glob(f"**/{SCALARS}"))
 
 
-def _load(study_dirs: str | Path | Sequence[str | Path], name: str, columns: Sequence[str],
-          finished_only: bool) -> pd.DataFrame:
+def _load(
+    study_dirs: str | Path | Sequence[str | Path], name: str, columns: Sequence[str], finished_only: bool
+) -> pd.DataFrame:
     if isinstance(study_dirs, (str, Path)):
         study_dirs = [study_dirs]
     frames = []

@@ -26,15 +26,16 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from .config import RunConfig, apply_overrides, preset
-from .units import parse_count
-from .errors import ConfigError, RankscopeError
 from . import store
+from .config import RunConfig, apply_overrides, preset
+from .errors import ConfigError, RankscopeError
 from .flat import flatten
+from .units import parse_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,41 +57,63 @@ _MUON, _ADAMW = {"optim.name": "muon"}, {"optim.name": "adamw"}
 
 BUILTIN: dict[str, Study] = {
     "qk-muon": Study(
-        "qk-muon", "Muon with learned QK-Norm vs Muon without: the seed's comparison.",
+        "qk-muon",
+        "Muon with learned QK-Norm vs Muon without: the seed's comparison.",
         {"qk-norm": {"model.qk_norm": "learned", **_MUON}, "no-norm": {"model.qk_norm": "none", **_MUON}},
     ),
     "qk-4way": Study(
-        "qk-4way", "QK-Norm on/off under Muon and under AdamW: the seed's 4-way comparison.",
-        {"qk-norm-muon": {"model.qk_norm": "learned", **_MUON}, "no-norm-muon": {"model.qk_norm": "none", **_MUON},
-         "qk-norm-adamw": {"model.qk_norm": "learned", **_ADAMW}, "no-norm-adamw": {"model.qk_norm": "none", **_ADAMW}},
+        "qk-4way",
+        "QK-Norm on/off under Muon and under AdamW: the seed's 4-way comparison.",
+        {
+            "qk-norm-muon": {"model.qk_norm": "learned", **_MUON},
+            "no-norm-muon": {"model.qk_norm": "none", **_MUON},
+            "qk-norm-adamw": {"model.qk_norm": "learned", **_ADAMW},
+            "no-norm-adamw": {"model.qk_norm": "none", **_ADAMW},
+        },
     ),
     "gamma": Study(
-        "gamma", "Under Muon: QK-Norm with a learned gain, with the gain frozen at 1, and no QK-Norm "
-                 "(the seed author's 1.5B follow-up; run it with --preset seed-1.5b for its settings). Keys are "
-                 "probed before RoPE too, where that study read them.",
-        {"learned-gain": {"model.qk_norm": "learned", **_MUON}, "frozen-gain": {"model.qk_norm": "frozen", **_MUON},
-         "no-norm": {"model.qk_norm": "none", **_MUON}},
+        "gamma",
+        "Under Muon: QK-Norm with a learned gain, with the gain frozen at 1, and no QK-Norm "
+        "(the seed author's 1.5B follow-up; run it with --preset seed-1.5b for its settings). Keys are "
+        "probed before RoPE too, where that study read them.",
+        {
+            "learned-gain": {"model.qk_norm": "learned", **_MUON},
+            "frozen-gain": {"model.qk_norm": "frozen", **_MUON},
+            "no-norm": {"model.qk_norm": "none", **_MUON},
+        },
         settings={"probe.sites": "k_pre,k"},
     ),
     "clip": Study(
-        "clip", "Under Muon: QK-Clip (MuonClip, Kimi K2; threshold 15 on each head's max logit) vs "
-                "QK-Norm vs neither. Is bounding logits without normalising enough to keep keys high-rank?",
-        {"qk-clip": {"model.qk_norm": "none", "optim.qk_clip_tau": 15.0, **_MUON},
-         "qk-norm": {"model.qk_norm": "learned", **_MUON}, "no-norm": {"model.qk_norm": "none", **_MUON}},
+        "clip",
+        "Under Muon: QK-Clip (MuonClip, Kimi K2; threshold 15 on each head's max logit) vs "
+        "QK-Norm vs neither. Is bounding logits without normalising enough to keep keys high-rank?",
+        {
+            "qk-clip": {"model.qk_norm": "none", "optim.qk_clip_tau": 15.0, **_MUON},
+            "qk-norm": {"model.qk_norm": "learned", **_MUON},
+            "no-norm": {"model.qk_norm": "none", **_MUON},
+        },
     ),
     "norm-variants": Study(
-        "norm-variants", "Under Muon: QK-Norm with a learned gain, a gain frozen at 1, no gain "
-                         "(parameter-free, as modded-nanogpt), and no QK-Norm.",
-        {"learned": {"model.qk_norm": "learned", **_MUON}, "frozen": {"model.qk_norm": "frozen", **_MUON},
-         "parameter-free": {"model.qk_norm": "parameter_free", **_MUON}, "none": {"model.qk_norm": "none", **_MUON}},
+        "norm-variants",
+        "Under Muon: QK-Norm with a learned gain, a gain frozen at 1, no gain "
+        "(parameter-free, as modded-nanogpt), and no QK-Norm.",
+        {
+            "learned": {"model.qk_norm": "learned", **_MUON},
+            "frozen": {"model.qk_norm": "frozen", **_MUON},
+            "parameter-free": {"model.qk_norm": "parameter_free", **_MUON},
+            "none": {"model.qk_norm": "none", **_MUON},
+        },
     ),
     "muon-grouping": Study(
-        "muon-grouping", "Under Muon (Polar Express): QK-Norm on and off, each with Q, K, V, O orthogonalized "
-                         "stacked in one matrix (the seed's), separately, and per head. How much of the key-PR "
-                         "gap belongs to QK-Norm, and how much to the grouping?",
-        {f"{norm}.{name}": {"model.qk_norm": qk, "optim.muon_qkvo": grouping, **_MUON}
-         for norm, qk in (("qk-norm", "learned"), ("no-norm", "none"))
-         for name, grouping in (("stacked", "stacked"), ("separate", "separate"), ("per-head", "per_head"))},
+        "muon-grouping",
+        "Under Muon (Polar Express): QK-Norm on and off, each with Q, K, V, O orthogonalized "
+        "stacked in one matrix (the seed's), separately, and per head. How much of the key-PR "
+        "gap belongs to QK-Norm, and how much to the grouping?",
+        {
+            f"{norm}.{name}": {"model.qk_norm": qk, "optim.muon_qkvo": grouping, **_MUON}
+            for norm, qk in (("qk-norm", "learned"), ("no-norm", "none"))
+            for name, grouping in (("stacked", "stacked"), ("separate", "separate"), ("per-head", "per_head"))
+        },
     ),
 }
 DEFAULT_STUDY = "qk-muon"
@@ -131,11 +154,11 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
         settings.update(flatten(typed("settings", dict, "a table of overrides")))
     for key, target in (("tokens", "train.tokens"), ("probe_every", "train.eval_every")):
         if key in raw:
-            value = typed(key, (int, str), "a token count such as 2000000 or \"2M\"")
+            value = typed(key, (int, str), 'a token count such as 2000000 or "2M"')
             try:
                 settings[target] = parse_count(value) if isinstance(value, str) else value
             except ValueError:
-                raise ConfigError(f"{where}: {key} must be a token count such as \"2M\", got {value!r}") from None
+                raise ConfigError(f'{where}: {key} must be a token count such as "2M", got {value!r}') from None
     arms_raw = typed("arms", dict, "a table of arms") if "arms" in raw else {}
     if not arms_raw:
         raise ConfigError(f"{where}: no arms (add tables such as [arms.qk-norm])")
@@ -155,14 +178,18 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
     study = Study(
         name=typed("name", str, "a string") if "name" in raw else default_name,
         description=typed("description", str, "a string") if "description" in raw else "",
-        arms=arms, preset=typed("preset", str, "a preset name") if "preset" in raw else "tiny",
-        seeds=seeds, settings=settings,
+        arms=arms,
+        preset=typed("preset", str, "a preset name") if "preset" in raw else "tiny",
+        seeds=seeds,
+        settings=settings,
     )
     resolve(study, {})  # fail now on unknown keys or wrong types, before any run starts
     return study
 
 
-def resolve(study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] | None = None) -> list[tuple[str, RunConfig]]:
+def resolve(
+    study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] | None = None
+) -> list[tuple[str, RunConfig]]:
     """Every (arm, config) of the study, seed-major, so partial results hold whole seeds."""
     runs = []
     base = preset(study.preset)
@@ -177,8 +204,14 @@ def resolve(study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] |
 
 
 # Settings that change where or how fast a run goes, not what it computes.
-_NOT_IDENTITY = ("train.device", "train.threads", "train.compile", "train.activation_checkpointing",
-                 "train.checkpoint_every", "train.keep_checkpoints")
+_NOT_IDENTITY = (
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "train.activation_checkpointing",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+)
 
 
 def _identity(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,9 +236,15 @@ def shard_runs(runs: list, i: int, n: int) -> list:
     return runs[i::n]
 
 
-def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | None = None,
-              seeds: tuple[int, ...] | None = None, progress: bool = True, shard: tuple[int, int] = (0, 1),
-              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[dict[str, Any]]:
+def run_study(
+    study: Study,
+    out_dir: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    seeds: tuple[int, ...] | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> list[dict[str, Any]]:
     """Run every unfinished (arm, seed) of the study (or of its slice `shard`) into out_dir.
 
     Finished runs are skipped; unfinished ones resume from their newest checkpoint, or start over
@@ -231,17 +270,26 @@ def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | 
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 state = "finished" if store.is_done(rd) else "was started"
-                raise RankscopeError(f"{rd} {state} with different settings ({', '.join(diff[:4])}); "
-                                     f"use another --out or remove it")
+                raise RankscopeError(
+                    f"{rd} {state} with different settings ({', '.join(diff[:4])}); use another --out or remove it"
+                )
         todo.append((arm, cfg, rd))
 
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        store.write_json(out_dir / "study.json", {
-            "name": study.name, "description": study.description, "preset": study.preset,
-            "seeds": sorted({cfg.seed for _, cfg in runs}), "arms": study.arms, "settings": study.settings,
-            "overrides": overrides, "tokens": runs[0][1].train.tokens,
-        })
+        store.write_json(
+            out_dir / "study.json",
+            {
+                "name": study.name,
+                "description": study.description,
+                "preset": study.preset,
+                "seeds": sorted({cfg.seed for _, cfg in runs}),
+                "arms": study.arms,
+                "settings": study.settings,
+                "overrides": overrides,
+                "tokens": runs[0][1].train.tokens,
+            },
+        )
 
     pending = [(a, c, rd) for a, c, rd in todo if not store.is_done(rd)]
     if len(pending) < len(todo):
@@ -261,13 +309,23 @@ def run_study(study: Study, out_dir: str | Path, overrides: Mapping[str, Any] | 
             say(f"rankscope: data: {data.source}")
         if world.main:
             if checkpoint.steps(rd):
-                say(f"rankscope: {arm} seed {cfg.seed}: resuming from the checkpoint at step {checkpoint.steps(rd)[-1]}")
+                say(
+                    f"rankscope: {arm} seed {cfg.seed}: resuming from the checkpoint at step {checkpoint.steps(rd)[-1]}"
+                )
             else:
                 store.clear_run(rd)  # an unfinished run without a checkpoint starts over
         rdist.barrier(world)
         try:
-            summaries.append(train(cfg, rd, data, arm=arm, progress=progress,
-                                   progress_desc=f"[{i + 1}/{len(pending)}] {arm} seed {cfg.seed}"))
+            summaries.append(
+                train(
+                    cfg,
+                    rd,
+                    data,
+                    arm=arm,
+                    progress=progress,
+                    progress_desc=f"[{i + 1}/{len(pending)}] {arm} seed {cfg.seed}",
+                )
+            )
         except RunDiverged as e:
             say(f"rankscope: {e}")
             summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}

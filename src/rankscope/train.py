@@ -76,8 +76,9 @@ def log_schedule(total_steps: int, points: int) -> list[int]:
     return sorted(steps)
 
 
-def eval_steps(total_steps: int, tokens_per_step: int, every_tokens: int, kind: str = "linear",
-               points: int = 24) -> list[int]:
+def eval_steps(
+    total_steps: int, tokens_per_step: int, every_tokens: int, kind: str = "linear", points: int = 24
+) -> list[int]:
     """The steps at which to evaluate and probe."""
     if kind == "log":
         return log_schedule(total_steps, points)
@@ -90,8 +91,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *, arm: str = "",
-          progress: bool = True, progress_desc: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    data: TokenData | None = None,
+    *,
+    arm: str = "",
+    progress: bool = True,
+    progress_desc: str | None = None,
+) -> dict[str, Any]:
     # --- setup: processes, device, model, optimizers -------------------------------------------
     tc = cfg.train
     world = rdist.world()
@@ -105,8 +113,10 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
         torch.backends.cudnn.allow_tf32 = True
     per_rank, rem = divmod(tc.batch_size, world.size * tc.grad_accum)
     if rem or per_rank == 0:
-        raise RankscopeError(f"train.batch_size ({tc.batch_size}) must be a multiple of processes x "
-                             f"train.grad_accum ({world.size} x {tc.grad_accum})")
+        raise RankscopeError(
+            f"train.batch_size ({tc.batch_size}) must be a multiple of processes x "
+            f"train.grad_accum ({world.size} x {tc.grad_accum})"
+        )
     if data is None:
         data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress and world.main)
     if data.vocab_size > cfg.model.vocab_size:
@@ -125,7 +135,8 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
     ddp = None
     if world.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None, gradient_as_bucket_view=True)
+            model, device_ids=[device.index] if use_cuda else None, gradient_as_bucket_view=True
+        )
         step_model = ddp
     if tc.compile == "on" or (tc.compile == "auto" and use_cuda):
         step_model = torch.compile(step_model)
@@ -188,11 +199,20 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
             truncate_after(out_dir, start_step)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(out_dir / "config.json", {
-                "arm": arm, **cfg.to_dict(), "n_params": model.num_params(), "param_roles": opt.counts,
-                "data_source": data.source, "tokens_per_step": tokens_per_step, "steps": total_steps,
-                "flops_per_token": model.flops_per_token(tc.seq_len), "world_size": world.size,
-            })
+            write_json(
+                out_dir / "config.json",
+                {
+                    "arm": arm,
+                    **cfg.to_dict(),
+                    "n_params": model.num_params(),
+                    "param_roles": opt.counts,
+                    "data_source": data.source,
+                    "tokens_per_step": tokens_per_step,
+                    "steps": total_steps,
+                    "flops_per_token": model.flops_per_token(tc.seq_len),
+                    "world_size": world.size,
+                },
+            )
             write_json(out_dir / "provenance.json", provenance(cfg, device, world))
     store = RunStore(out_dir) if world.main else None
 
@@ -210,8 +230,15 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
         with torch.no_grad(), autocast():
             # validation loss and the in-context learning score from the same forward passes
             val_loss, icl = loss_and_icl(model, val_batches) if downstream else (mean_loss(val_batches), "")
-            row = dict(base, train_loss=train_loss, val_loss=val_loss, icl_score=icl,
-                       ood_loss=mean_loss(ood_batches) if ood_batches else "", lr_scale=scale, grad_norm=grad_norm)
+            row = dict(
+                base,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                icl_score=icl,
+                ood_loss=mean_loss(ood_batches) if ood_batches else "",
+                lr_scale=scale,
+                grad_norm=grad_norm,
+            )
             probe_rows: list[dict[str, Any]] = []
             extra: list[dict[str, Any]] = []
             healthy = math.isfinite(val_loss)  # a diverged model has no geometry left to measure
@@ -236,9 +263,16 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
 
     def save_checkpoint(step: int) -> None:
         state = {
-            "format": 1, "step": step, "tokens": step * tokens_per_step, "model": model.state_dict(),
-            "optim": opt.state_dict(), "rng_cpu": torch.get_rng_state(), "loss_sum": loss_sum,
-            "norm_sum": norm_sum, "timers": dict(timers), "world_size": world.size,
+            "format": 1,
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "loss_sum": loss_sum,
+            "norm_sum": norm_sum,
+            "timers": dict(timers),
+            "world_size": world.size,
         }
         if use_cuda:
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -246,16 +280,29 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
 
     # --- the loop ---------------------------------------------------------------------------------
     evals = set(eval_steps(total_steps, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
-    rank_steps = {
-        "off": set(), "end": {total_steps}, "every": evals,
-        "middle-end": {total_steps, min(evals, key=lambda s: (abs(s - total_steps / 2), s))},
-    }[cfg.probe.functional_rank] if cfg.probe.enabled else set()
+    rank_steps = (
+        {
+            "off": set(),
+            "end": {total_steps},
+            "every": evals,
+            "middle-end": {total_steps, min(evals, key=lambda s: (abs(s - total_steps / 2), s))},
+        }[cfg.probe.functional_rank]
+        if cfg.probe.enabled
+        else set()
+    )
     saves = set(schedule(total_steps, tokens_per_step, tc.checkpoint_every)) - {0}
     bar = None
     if progress and world.main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps * tokens_per_step, initial=start_step * tokens_per_step, unit="tok",
-                   unit_scale=True, dynamic_ncols=True, desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}")
+
+        bar = tqdm(
+            total=total_steps * tokens_per_step,
+            initial=start_step * tokens_per_step,
+            unit="tok",
+            unit_scale=True,
+            dynamic_ncols=True,
+            desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}",
+        )
     scale = lr_scale(start_step * tokens_per_step, tc.tokens, cfg.optim)
     last: dict[str, Any] = {}
     t_start = time.perf_counter() - timers["elapsed_s"]
@@ -276,20 +323,34 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
                 bad = ""
                 if world.main:
                     last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
-                    bad = next((f"{k} is {last[k]}" for k in ("train_loss", "val_loss")
-                                if step > 0 and not math.isfinite(last[k])), "")
+                    bad = next(
+                        (
+                            f"{k} is {last[k]}"
+                            for k in ("train_loss", "val_loss")
+                            if step > 0 and not math.isfinite(last[k])
+                        ),
+                        "",
+                    )
                     if bar is not None:
-                        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{last['val_loss']:.3f}",
-                                        pr=f"{last['key_pr']:.1f}", refresh=False)
+                        bar.set_postfix(
+                            loss=f"{train_loss:.3f}",
+                            val=f"{last['val_loss']:.3f}",
+                            pr=f"{last['key_pr']:.1f}",
+                            refresh=False,
+                        )
                 elif step > 0 and not math.isfinite(train_loss):
                     bad = f"train_loss is {train_loss}"
                 if rdist.any_rank(bool(bad), world, device):
-                    raise RunDiverged(f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
-                                      f"{': ' + bad if bad else ''}; its rows and last good checkpoint are kept")
+                    raise RunDiverged(
+                        f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
+                        f"{': ' + bad if bad else ''}; its rows and last good checkpoint are kept"
+                    )
             if step in saves and not resumed_here:
                 if step not in evals and rdist.any_rank(not bool(torch.isfinite(loss_sum)), world, device):
-                    raise RunDiverged(f"run {arm} seed {cfg.seed} diverged before {step * tokens_per_step:,} "
-                                      f"tokens; its rows and last good checkpoint are kept")
+                    raise RunDiverged(
+                        f"run {arm} seed {cfg.seed} diverged before {step * tokens_per_step:,} "
+                        f"tokens; its rows and last good checkpoint are kept"
+                    )
                 timers["elapsed_s"] = time.perf_counter() - t_start
                 save_checkpoint(step)
             if step == total_steps:
@@ -301,7 +362,7 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
             x, y = batch
             for i, (xm, ym) in enumerate(zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum))):
                 sync = ddp is None or i == tc.grad_accum - 1  # all-reduce gradients once, after the last
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast():
+                with contextlib.nullcontext() if sync else ddp.no_sync(), autocast():
                     loss = step_model(xm, ym) / tc.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
@@ -332,11 +393,19 @@ def train(cfg: RunConfig, out_dir: str | Path, data: TokenData | None = None, *,
 
     elapsed = time.perf_counter() - t_start
     summary = {
-        "status": "done", "arm": arm, "seed": cfg.seed, "steps": total_steps,
-        "tokens": total_steps * tokens_per_step, "elapsed_s": elapsed, "probe_s": timers["probe_s"],
-        "eval_s": timers["eval_s"], "tokens_per_s": total_steps * tokens_per_step / max(elapsed, 1e-9),
-        "final_val_loss": last.get("val_loss"), "final_key_pr": last.get("key_pr"),
-        "peak_memory_bytes": peak_memory_bytes(device), "world_size": world.size,
+        "status": "done",
+        "arm": arm,
+        "seed": cfg.seed,
+        "steps": total_steps,
+        "tokens": total_steps * tokens_per_step,
+        "elapsed_s": elapsed,
+        "probe_s": timers["probe_s"],
+        "eval_s": timers["eval_s"],
+        "tokens_per_s": total_steps * tokens_per_step / max(elapsed, 1e-9),
+        "final_val_loss": last.get("val_loss"),
+        "final_key_pr": last.get("key_pr"),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "world_size": world.size,
     }
     if store is not None:
         store.finish(summary)

@@ -65,7 +65,8 @@ def detect(model: nn.Module) -> Attachment:
     raise RankscopeError(
         f"rankscope does not recognise the attention layers of {type(model).__name__} (it knows its own GPT, "
         f"Hugging Face Llama-style, GPT-2 and GPT-NeoX attention, and TransformerLens HookedTransformer); "
-        f"pass explicit sites, e.g. Probe(model, sites=[Site('k', 'layers.*.attn.k_proj', 'BTC', head_dim=64)])")
+        f"pass explicit sites, e.g. Probe(model, sites=[Site('k', 'layers.*.attn.k_proj', 'BTC', head_dim=64)])"
+    )
 
 
 class Probe:
@@ -88,9 +89,15 @@ class Probe:
     gain_mean, gain_cv, gain_near_zero with head -1).
     """
 
-    def __init__(self, model: nn.Module, sites: Iterable[str | Site] = ("k",), *,
-                 attention: bool | AttentionStats = True, gains: bool = True,
-                 forward: Callable[[torch.Tensor], Any] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Iterable[str | Site] = ("k",),
+        *,
+        attention: bool | AttentionStats = True,
+        gains: bool = True,
+        forward: Callable[[torch.Tensor], Any] | None = None,
+    ):
         self.model = model
         sites = [sites] if isinstance(sites, (str, Site)) else list(sites)
         names = [s for s in sites if isinstance(s, str)]
@@ -134,9 +141,15 @@ class Probe:
 
     # -- measuring --
 
-    def measure(self, batches: torch.Tensor | Iterable[torch.Tensor] | None = None, *,
-                text: str | Iterable[str] | None = None, tokenizer: Any = None,
-                seq_len: int = 256, batch_size: int = 8) -> pd.DataFrame:
+    def measure(
+        self,
+        batches: torch.Tensor | Iterable[torch.Tensor] | None = None,
+        *,
+        text: str | Iterable[str] | None = None,
+        tokenizer: Any = None,
+        seq_len: int = 256,
+        batch_size: int = 8,
+    ) -> pd.DataFrame:
         """Run the model on token batches (or on `text` cut into one batch with `tokenizer`) with the
         hooks attached; return the tidy table. The model's outputs, parameters, modes and the random
         number generators are as they were before."""
@@ -154,11 +167,13 @@ class Probe:
         given = [b.to(device) if b.device != device else b for b in given]
         for b in given:
             if b.ndim != 2 or b.dtype not in (torch.int64, torch.int32):
-                raise RankscopeError(f"token batches must be (batch, tokens) integer ids, "
-                                     f"got {tuple(b.shape)} {b.dtype}")
+                raise RankscopeError(
+                    f"token batches must be (batch, tokens) integer ids, got {tuple(b.shape)} {b.dtype}"
+                )
         rows = self._measure(given)
         return pd.DataFrame(rows, columns=list(COLUMNS)).astype(
-            {"layer": "int64", "head": "int64", "site": str, "metric": str, "value": "float64"})
+            {"layer": "int64", "head": "int64", "site": str, "metric": str, "value": "float64"}
+        )
 
     __call__ = measure
 

@@ -46,7 +46,7 @@ class Attachment:
     n_head: int
     n_kv_head: int
     head_dim: int
-    rotary: str                      # "none", "full", "partial" (rotary_dims of head_dim), "unknown"
+    rotary: str  # "none", "full", "partial" (rotary_dims of head_dim), "unknown"
     qk_norm: bool
     sites: Mapping[str, Site] = field(repr=False)
     attention: AttentionStats | None = field(repr=False)
@@ -54,23 +54,36 @@ class Attachment:
     forward: Callable[[torch.Tensor], Any] = field(repr=False)
     contexts: tuple[RotaryContext, ...] = field(default=(), repr=False)
     notes: tuple[str, ...] = ()
-    rotary_dims: int | None = None   # dimensions of each head that RoPE turns, where known
+    rotary_dims: int | None = None  # dimensions of each head that RoPE turns, where known
 
     def describe(self) -> str:
         """One line: family, layers, heads, head size, positions, QK-Norm."""
-        kv = (f", {self.n_kv_head} key/value head{'s' if self.n_kv_head != 1 else ''} (GQA)"
-              if self.n_kv_head != self.n_head else "")
+        kv = (
+            f", {self.n_kv_head} key/value head{'s' if self.n_kv_head != 1 else ''} (GQA)"
+            if self.n_kv_head != self.n_head
+            else ""
+        )
         pos = {"none": "no RoPE", "unknown": "positional scheme not recognised", "full": "RoPE"}.get(
-            self.rotary, f"partial RoPE ({self.rotary_dims} of {self.head_dim} dims)")
+            self.rotary, f"partial RoPE ({self.rotary_dims} of {self.head_dim} dims)"
+        )
         norm = ", QK-Norm" if self.qk_norm else ""
-        return (f"{self.family}: {self.n_layer} layer{'s' if self.n_layer != 1 else ''}, {self.n_head} query "
-                f"head{'s' if self.n_head != 1 else ''}{kv} of {self.head_dim} dims, {pos}{norm}")
+        return (
+            f"{self.family}: {self.n_layer} layer{'s' if self.n_layer != 1 else ''}, {self.n_head} query "
+            f"head{'s' if self.n_head != 1 else ''}{kv} of {self.head_dim} dims, {pos}{norm}"
+        )
 
     def config(self) -> dict[str, Any]:
         """The model facts rankscope's tables and reports read (config.json's `model` section)."""
-        return {"family": self.family, "n_layer": self.n_layer, "n_head": self.n_head,
-                "n_kv_head": self.n_kv_head, "head_dim": self.head_dim, "rotary": self.rotary,
-                "rotary_dims": self.rotary_dims, "qk_norm": self.qk_norm}
+        return {
+            "family": self.family,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_kv_head": self.n_kv_head,
+            "head_dim": self.head_dim,
+            "rotary": self.rotary,
+            "rotary_dims": self.rotary_dims,
+            "qk_norm": self.qk_norm,
+        }
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -87,18 +100,19 @@ def layer_pattern(paths: Sequence[str]) -> str:
     """
     split = [p.split(".") for p in paths]
     if len({len(s) for s in split}) != 1:
-        raise RankscopeError(f"attention layers sit at unlike paths ({paths[0]}, {paths[-1]}); "
-                             f"pass explicit sites")
+        raise RankscopeError(f"attention layers sit at unlike paths ({paths[0]}, {paths[-1]}); pass explicit sites")
     varying = [i for i in range(len(split[0])) if len({s[i] for s in split}) > 1]
     digits = [i for i in range(len(split[0])) if all(s[i].isdigit() for s in split)]
     slot = varying[0] if len(varying) == 1 else (digits[0] if len(paths) == 1 and digits else None)
     if slot is None or slot not in digits:
-        raise RankscopeError(f"cannot tell the layer index in the attention paths ({paths[0]}, ...); "
-                             f"pass explicit sites")
+        raise RankscopeError(
+            f"cannot tell the layer index in the attention paths ({paths[0]}, ...); pass explicit sites"
+        )
     for p in paths:
         if _layer_of(p) != int(p.split(".")[slot]):
-            raise RankscopeError(f"the first number in the module path {p!r} is not its layer index; "
-                                 f"probe the inner model instead")
+            raise RankscopeError(
+                f"the first number in the module path {p!r} is not its layer index; probe the inner model instead"
+            )
     return ".".join("*" if i == slot else part for i, part in enumerate(split[0]))
 
 
@@ -115,6 +129,7 @@ def chain(*steps: Transform | None) -> Transform:
         for s in kept:
             x = s(x, layer)
         return x
+
     return transform
 
 

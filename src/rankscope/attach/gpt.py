@@ -23,8 +23,17 @@ def detect_gpt(root: nn.Module, prefix: str) -> Attachment | None:
     pattern = layer_pattern(paths)
     sites = {n: Site(n, child_path(pattern, n)) for n in PROBE_SITES}
     return Attachment(
-        family="rankscope-gpt", root=root, n_layer=len(paths), n_head=attn.n_head, n_kv_head=attn.n_kv_head,
-        head_dim=attn.head_dim, rotary="full", qk_norm=attn.q_norm is not None, sites=sites,
-        attention=AttentionStats(sites["q"], sites["k"]), gains=gpt_gains(root, pattern), forward=root,
+        family="rankscope-gpt",
+        root=root,
+        n_layer=len(paths),
+        n_head=attn.n_head,
+        n_kv_head=attn.n_kv_head,
+        head_dim=attn.head_dim,
+        rotary="full",
+        qk_norm=attn.q_norm is not None,
+        sites=sites,
+        attention=AttentionStats(sites["q"], sites["k"]),
+        gains=gpt_gains(root, pattern),
+        forward=root,
         rotary_dims=attn.head_dim,
     )

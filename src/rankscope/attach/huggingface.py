@@ -46,9 +46,9 @@ class _Reader:
     v: Site
     o: Site
     qk_norm: bool
-    rotary: str                        # as `Attachment.rotary`
+    rotary: str  # as `Attachment.rotary`
     rotary_dims: int | None
-    context: RotaryContext | None      # set exactly when q and k can be rotated as the model does
+    context: RotaryContext | None  # set exactly when q and k can be rotated as the model does
     notes: tuple[str, ...] = ()
 
 
@@ -62,14 +62,22 @@ def _kind(m: nn.Module) -> str | None:
     return None
 
 
-def _rope(modules: Mapping[int, Any], head_dim: int,
-          rotary_dims: Callable[[], int | None]) -> tuple[str, int | None, RotaryContext | None, tuple[str, ...]]:
+def _rope(
+    modules: Mapping[int, Any], head_dim: int, rotary_dims: Callable[[], int | None]
+) -> tuple[str, int | None, RotaryContext | None, tuple[str, ...]]:
     """(rotary, rotary_dims, context, notes) of layers that rotate q and k with the model's own
     function; `rotary_dims()` says how many dimensions of a head turn (None: all)."""
     context = model_rotary(modules)
     if context is None:
-        return "unknown", None, None, (f"no rotary embedding found in {type(modules[0]).__name__}; q and k "
-                                       f"(post-RoPE) and attention statistics are not available",)
+        return (
+            "unknown",
+            None,
+            None,
+            (
+                f"no rotary embedding found in {type(modules[0]).__name__}; q and k "
+                f"(post-RoPE) and attention statistics are not available",
+            ),
+        )
     r = rotary_dims() or head_dim
     return ("full" if r == head_dim else "partial"), r, context, ()
 
@@ -80,8 +88,11 @@ def _config_heads(config: Any) -> int | None:
 
 def _qkvo(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]) -> _Reader:
     attn0 = modules[0]
-    E = (getattr(attn0, "head_dim", None) or getattr(config, "head_dim", None)
-         or config.hidden_size // _config_heads(config))
+    E = (
+        getattr(attn0, "head_dim", None)
+        or getattr(config, "head_dim", None)
+        or config.hidden_size // _config_heads(config)
+    )
     H, G = attn0.q_proj.out_features // E, attn0.k_proj.out_features // E
     has_norm = all(isinstance(getattr(attn0, n, None), nn.Module) for n in ("q_norm", "k_norm"))
 
@@ -97,6 +108,7 @@ def _qkvo(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
             if w is not None and w.shape[-1] != x.shape[-1]:
                 return mod.forward(x.flatten(-2)).unflatten(-1, x.shape[-2:])
             return mod.forward(x)
+
         return apply
 
     def split(x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -104,12 +116,19 @@ def _qkvo(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
 
     rotary, r, context, notes = _rope(modules, E, lambda: inv_freq_rotary_dims(root))
     return _Reader(
-        n_head=H, n_kv_head=G, head_dim=E,
+        n_head=H,
+        n_kv_head=G,
+        head_dim=E,
         q_pre=Site("q_pre", child_path(pattern, "q_proj"), transform=chain(split, norm("q"))),
         k_pre=Site("k_pre", child_path(pattern, "k_proj"), transform=chain(split, norm("k"))),
         v=Site("v", child_path(pattern, "v_proj"), transform=split),
         o=Site("o", child_path(pattern, "o_proj"), read="input", transform=split),
-        qk_norm=has_norm, rotary=rotary, rotary_dims=r, context=context, notes=notes)
+        qk_norm=has_norm,
+        rotary=rotary,
+        rotary_dims=r,
+        context=context,
+        notes=notes,
+    )
 
 
 def _gpt2(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]) -> _Reader:
@@ -119,14 +138,22 @@ def _gpt2(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
     D = H * E
 
     def third(i: int) -> Transform:
-        return lambda x, layer: split_heads(x[..., i * D:(i + 1) * D], E)  # c_attn: [q | k | v]
+        return lambda x, layer: split_heads(x[..., i * D : (i + 1) * D], E)  # c_attn: [q | k | v]
+
     fused = child_path(pattern, "c_attn")
     return _Reader(
-        n_head=H, n_kv_head=H, head_dim=E,
-        q_pre=Site("q_pre", fused, transform=third(0)), k_pre=Site("k_pre", fused, transform=third(1)),
+        n_head=H,
+        n_kv_head=H,
+        head_dim=E,
+        q_pre=Site("q_pre", fused, transform=third(0)),
+        k_pre=Site("k_pre", fused, transform=third(1)),
         v=Site("v", fused, transform=third(2)),
         o=Site("o", child_path(pattern, "c_proj"), read="input", transform=lambda x, layer: split_heads(x, E)),
-        qk_norm=False, rotary="none", rotary_dims=None, context=None)
+        qk_norm=False,
+        rotary="none",
+        rotary_dims=None,
+        context=None,
+    )
 
 
 def _neox(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]) -> _Reader:
@@ -136,15 +163,24 @@ def _neox(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
 
     def part(i: int) -> Transform:
         # query_key_value interleaves per head: (B, T, H, [q | k | v] of E each)
-        return lambda x, layer: x.unflatten(-1, (H, 3 * E))[..., i * E:(i + 1) * E]
+        return lambda x, layer: x.unflatten(-1, (H, 3 * E))[..., i * E : (i + 1) * E]
+
     fused = child_path(pattern, "query_key_value")
     rotary, r, context, notes = _rope(modules, E, lambda: getattr(attn0, "rotary_ndims", None))
     return _Reader(
-        n_head=H, n_kv_head=H, head_dim=E,
-        q_pre=Site("q_pre", fused, transform=part(0)), k_pre=Site("k_pre", fused, transform=part(1)),
+        n_head=H,
+        n_kv_head=H,
+        head_dim=E,
+        q_pre=Site("q_pre", fused, transform=part(0)),
+        k_pre=Site("k_pre", fused, transform=part(1)),
         v=Site("v", fused, transform=part(2)),
         o=Site("o", child_path(pattern, "dense"), read="input", transform=lambda x, layer: split_heads(x, E)),
-        qk_norm=False, rotary=rotary, rotary_dims=r, context=context, notes=notes)
+        qk_norm=False,
+        rotary=rotary,
+        rotary_dims=r,
+        context=context,
+        notes=notes,
+    )
 
 
 _READERS = {"qkvo": _qkvo, "gpt2": _gpt2, "neox": _neox}
@@ -172,7 +208,7 @@ def _scale(attn: Any, head_dim: int, layer: int) -> float:
     if isinstance(s, (int, float)):
         return float(s)
     # GPT-2 before transformers kept no `scaling`: 1/sqrt(E), optionally / (layer + 1)
-    scale = head_dim ** -0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
+    scale = head_dim**-0.5 if getattr(attn, "scale_attn_weights", True) else 1.0
     if getattr(attn, "scale_attn_by_inverse_layer_idx", False):
         scale /= float(layer + 1)
     return scale
@@ -219,17 +255,30 @@ def detect_hf(root: nn.Module, prefix: str) -> Attachment | None:
     elif "q" in sites:
         scale = {i: _scale(m, reader.head_dim, i) for i, m in modules.items()}
         window = {i: _window(m, config, model_type) for i, m in modules.items()}
-        attention = AttentionStats(sites["q"], sites["k"], scale=scale,
-                                   window=window if any(w is not None for w in window.values()) else None)
+        attention = AttentionStats(
+            sites["q"], sites["k"], scale=scale, window=window if any(w is not None for w in window.values()) else None
+        )
     gains = {}
     if reader.qk_norm and model_type in _GAIN_FAMILIES and getattr(modules[0].q_norm, "weight", None) is not None:
         gains = {"q_gain": child_path(pattern, "q_norm"), "k_gain": child_path(pattern, "k_norm")}
     if model_type not in HF_TESTED:
-        notes.append(f"model type {model_type!r} is read as a {kind} attention layout "
-                     f"(tested families: {', '.join(HF_TESTED)})")
+        notes.append(
+            f"model type {model_type!r} is read as a {kind} attention layout (tested families: {', '.join(HF_TESTED)})"
+        )
     return Attachment(
-        family=f"hf-{model_type}", root=root, n_layer=len(found), n_head=reader.n_head, n_kv_head=reader.n_kv_head,
-        head_dim=reader.head_dim, rotary=reader.rotary, rotary_dims=reader.rotary_dims, qk_norm=reader.qk_norm,
-        sites=sites, attention=attention, gains=gains, forward=_forward(root),
-        contexts=(reader.context,) if reader.context is not None else (), notes=tuple(notes),
+        family=f"hf-{model_type}",
+        root=root,
+        n_layer=len(found),
+        n_head=reader.n_head,
+        n_kv_head=reader.n_kv_head,
+        head_dim=reader.head_dim,
+        rotary=reader.rotary,
+        rotary_dims=reader.rotary_dims,
+        qk_norm=reader.qk_norm,
+        sites=sites,
+        attention=attention,
+        gains=gains,
+        forward=_forward(root),
+        contexts=(reader.context,) if reader.context is not None else (),
+        notes=tuple(notes),
     )

@@ -40,6 +40,7 @@ def detect_lens(root: Any, prefix: str) -> Attachment | None:
             if norm.w.shape[-1] == x.shape[-1]:
                 return norm.forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
             return norm.forward(x.flatten(-2)).unflatten(-1, x.shape[-2:])
+
         return apply
 
     sites = {
@@ -63,17 +64,32 @@ def detect_lens(root: Any, prefix: str) -> Attachment | None:
     elif getattr(cfg, "use_logn_attn", False):
         notes.append("attention entropy and max logit skipped: the model rescales queries by log n")
     else:
-        window = {i: (cfg.window_size if getattr(b.attn, "attn_type", "global") == "local" else None)
-                  for i, b in enumerate(root.blocks)}
+        window = {
+            i: (cfg.window_size if getattr(b.attn, "attn_type", "global") == "local" else None)
+            for i, b in enumerate(root.blocks)
+        }
         attention = AttentionStats(
-            sites["q"], sites["k"], scale={i: 1.0 / float(b.attn.attn_scale) for i, b in enumerate(root.blocks)},
+            sites["q"],
+            sites["k"],
+            scale={i: 1.0 / float(b.attn.attn_scale) for i, b in enumerate(root.blocks)},
             causal=getattr(cfg, "attention_dir", "causal") == "causal",
-            window=window if any(w is not None for w in window.values()) else None)
+            window=window if any(w is not None for w in window.values()) else None,
+        )
     gains = {"q_gain": child_path(attn, "q_norm"), "k_gain": child_path(attn, "k_norm")} if q_norm is not None else {}
     r = (getattr(cfg, "rotary_dim", None) or E) if rotary else None
     return Attachment(
-        family="transformer-lens", root=root, n_layer=L, n_head=H, n_kv_head=G, head_dim=E,
-        rotary="none" if r is None else "full" if r == E else "partial", rotary_dims=r,
-        qk_norm=q_norm is not None, sites=sites, attention=attention, gains=gains,
-        forward=lambda x: root(x, return_type=None), notes=tuple(notes),
+        family="transformer-lens",
+        root=root,
+        n_layer=L,
+        n_head=H,
+        n_kv_head=G,
+        head_dim=E,
+        rotary="none" if r is None else "full" if r == E else "partial",
+        rotary_dims=r,
+        qk_norm=q_norm is not None,
+        sites=sites,
+        attention=attention,
+        gains=gains,
+        forward=lambda x: root(x, return_type=None),
+        notes=tuple(notes),
     )

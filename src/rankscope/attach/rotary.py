@@ -64,9 +64,11 @@ class RotaryContext:
         """Apply the layer's rotary embedding to x (B, T, heads, E); a partial rotary (GPT-NeoX's
         rotary_pct) turns only the first r = cos.shape[-1] dimensions and passes the rest."""
         if layer not in self.current:
-            raise RankscopeError(f"layer {layer}'s attention was called without position_embeddings "
-                                 f"(cos, sin); this transformers version is not supported for the q and k "
-                                 f"sites (q_pre, k_pre, v and o still work)")
+            raise RankscopeError(
+                f"layer {layer}'s attention was called without position_embeddings "
+                f"(cos, sin); this transformers version is not supported for the q and k "
+                f"sites (q_pre, k_pre, v and o still work)"
+            )
         cos, sin = self.current[layer]
         r = cos.shape[-1]
         xt = x.transpose(1, 2)  # (B, heads, T, E): the layout apply_rotary_pos_emb expects

@@ -23,8 +23,9 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     if hasattr(tokenizer, "encode"):
         ids = tokenizer.encode(text)
         return list(getattr(ids, "ids", ids))
-    raise RankscopeError(f"cannot tokenize with a {type(tokenizer).__name__}: give a transformers or "
-                         f"tokenizers tokenizer, or token ids")
+    raise RankscopeError(
+        f"cannot tokenize with a {type(tokenizer).__name__}: give a transformers or tokenizers tokenizer, or token ids"
+    )
 
 
 def _separator(tokenizer: Any) -> list[int]:
@@ -35,8 +36,9 @@ def _separator(tokenizer: Any) -> list[int]:
     return [int(eos)] if eos is not None else []
 
 
-def token_batches(text: str | Iterable[str], tokenizer: Any, seq_len: int = 256, batch_size: int = 8,
-                  max_chars: int = 8_000_000) -> torch.Tensor:
+def token_batches(
+    text: str | Iterable[str], tokenizer: Any, seq_len: int = 256, batch_size: int = 8, max_chars: int = 8_000_000
+) -> torch.Tensor:
     """One (batch_size, seq_len) batch of token ids from text, the way rankscope cuts its own probe
     batches: documents tokenized without special tokens and joined by the end-of-text token (when
     the tokenizer has one), then `batch_size` windows evenly spaced over the whole stream
@@ -52,6 +54,8 @@ def token_batches(text: str | Iterable[str], tokenizer: Any, seq_len: int = 256,
         chars += len(doc)
         ids += _token_ids(tokenizer, doc) + sep
     if len(ids) < seq_len + 1:
-        raise RankscopeError(f"the probe text gives {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                             f"give more text or a shorter seq_len")
+        raise RankscopeError(
+            f"the probe text gives {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+            f"give more text or a shorter seq_len"
+        )
     return fixed_batches([np.asarray(ids, dtype=np.int64)], 1, batch_size, seq_len)[0][0]

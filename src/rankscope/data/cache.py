@@ -183,9 +183,7 @@ def _build(plan: CorpusPlan, vocab_size: int, key: str, out: Path, progress: boo
 
     def encode(name: str, texts: Iterable[str], total: int | None, desc: str) -> tuple[int, int]:
         with ShardWriter(out / name) as w:
-            n_docs = encode_documents(
-                tok, texts, w, eot_id=EOT_ID, progress=progress, desc=desc, total_chars=total
-            )
+            n_docs = encode_documents(tok, texts, w, eot_id=EOT_ID, progress=progress, desc=desc, total_chars=total)
         return n_docs, w.n_tokens
 
     def chars(files: list[SourceFile]) -> int:
@@ -205,9 +203,7 @@ def _build(plan: CorpusPlan, vocab_size: int, key: str, out: Path, progress: boo
         val_split = "tail"
         train = read_shard(out / TRAIN_BIN)
         if train.shape[0] < 2:
-            raise DataError(
-                f"{plan.description}: only {train.shape[0]} token(s) of text, too little to train on"
-            )
+            raise DataError(f"{plan.description}: only {train.shape[0]} token(s) of text, too little to train on")
         train_end, val_start = tail_split(train, plan.val_percent, EOT_ID)
         val = np.array(train[val_start:])
         del train  # release the map before shrinking the file under it
@@ -270,8 +266,7 @@ def cached_corpus(
         tmp = _new_build_dir(root, folder.name)
     except OSError as e:
         raise DataError(
-            f"cannot write the token cache under {root} ({e.strerror or e}); "
-            f"set {CACHE_ENV} to a writable folder"
+            f"cannot write the token cache under {root} ({e.strerror or e}); set {CACHE_ENV} to a writable folder"
         ) from None
     try:
         t0 = time.perf_counter()

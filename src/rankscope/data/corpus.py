@@ -24,9 +24,7 @@ from .errors import DataError
 # differ between machines, so they would make the "same" corpus differ) and the test suites
 # (huge, repetitive, and full of deliberately odd code). Any directory whose name starts with
 # "test" is skipped as well.
-STDLIB_EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-)
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 # pydoc_data holds English reference prose (the help() topics): kept out of training and used as
 # the out-of-distribution set instead.
 PYDOC_DIR = "pydoc_data"
@@ -34,8 +32,25 @@ TOPICS_RELPATH = "pydoc_data/topics.py"
 
 TEXT_SUFFIXES = frozenset(
     {
-        ".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".tex", ".c", ".h",
-        ".js", ".ts", ".java", ".go", ".rs", ".toml", ".yaml", ".yml",
+        ".txt",
+        ".md",
+        ".py",
+        ".rst",
+        ".json",
+        ".jsonl",
+        ".csv",
+        ".html",
+        ".tex",
+        ".c",
+        ".h",
+        ".js",
+        ".ts",
+        ".java",
+        ".go",
+        ".rs",
+        ".toml",
+        ".yaml",
+        ".yml",
     }
 )
 # Never worth reading in a user folder: version-control internals, bytecode caches, virtualenvs.
@@ -77,7 +92,8 @@ def _stdlib_relpaths(root: Path) -> list[str]:
         rel_dir = Path(dirpath).relative_to(root)
         # Pruning in place stops os.walk from descending (site-packages alone can hold 10k+ files).
         dirnames[:] = [
-            d for d in dirnames
+            d
+            for d in dirnames
             if d not in STDLIB_EXCLUDED_DIRS
             and not d.startswith("test")
             and not (rel_dir == Path(".") and d == PYDOC_DIR)
@@ -117,8 +133,10 @@ def pydoc_topics() -> list[str]:
         tree = None
     if tree is not None:
         for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else (
-                [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else ([node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else [])
             )
             if any(isinstance(t, ast.Name) and t.id == "topics" for t in targets):
                 try:
@@ -214,9 +232,7 @@ def text_source_files(path: Path) -> list[SourceFile]:
     candidates: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in USER_SKIPPED_DIRS]
-        candidates.extend(
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and _has_text_suffix(f)
-        )
+        candidates.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and _has_text_suffix(f))
     candidates.sort(key=lambda p: p.relative_to(path).as_posix())
     files = []
     for p in candidates:

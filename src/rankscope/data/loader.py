@@ -91,19 +91,14 @@ def load_data(
         raise DataError(f"data path {path}: permission denied reading {e.filename or path}") from None
 
 
-def _load_path(
-    p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
-) -> TokenData:
+def _load_path(p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int) -> TokenData:
     if p.is_file():
         if p.suffix.lower() == SHARD_SUFFIX:
             return _load_shard_file(p, vocab_size)
         return _load_text(p, vocab_size, cache_dir, progress, val_percent)
     if not p.is_dir():
         raise DataError(f"data path {p} is neither a file nor a folder")
-    shards = sorted(
-        (q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file()),
-        key=lambda q: q.name,
-    )
+    shards = sorted((q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file()), key=lambda q: q.name)
     if shards:
         return _load_shard_folder(p, shards, vocab_size)
     if not any(p.iterdir()):
@@ -111,9 +106,7 @@ def _load_path(
     return _load_text(p, vocab_size, cache_dir, progress, val_percent)
 
 
-def _load_embedded(
-    vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
-) -> TokenData:
+def _load_embedded(vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int) -> TokenData:
     check_vocab_size(vocab_size)
     train, val, ood = corpus.stdlib_source_files(val_percent)
     if not train:
@@ -131,19 +124,19 @@ def _load_embedded(
     )
     c = cached_corpus(plan, vocab_size, cache_dir, progress=progress)
     m = c.meta
-    source = (
-        f"python stdlib {version} ({m['files']['train']} train files, "
-        f"{fmt_count(m['tokens']['train'])} tokens)"
-    )
+    source = f"python stdlib {version} ({m['files']['train']} train files, {fmt_count(m['tokens']['train'])} tokens)"
     return TokenData(
-        train=[c.train], val=[c.val], ood=[c.ood] if c.ood is not None else None,
-        vocab_size=vocab_size, tokenizer=c.tokenizer, source=source, eot_id=m["eot_id"],
+        train=[c.train],
+        val=[c.val],
+        ood=[c.ood] if c.ood is not None else None,
+        vocab_size=vocab_size,
+        tokenizer=c.tokenizer,
+        source=source,
+        eot_id=m["eot_id"],
     )
 
 
-def _load_text(
-    p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
-) -> TokenData:
+def _load_text(p: Path, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int) -> TokenData:
     check_vocab_size(vocab_size)
     files = corpus.text_source_files(p)
     if not files:
@@ -172,8 +165,13 @@ def _load_text(
     source = f"text {p} ({n_files} train file{'s' if n_files != 1 else ''}, {tokens} tokens"
     source += f"; val = last {val_percent}% of tokens)" if m["val_split"] == "tail" else ")"
     return TokenData(
-        train=[c.train], val=[c.val], ood=None, vocab_size=vocab_size,
-        tokenizer=c.tokenizer, source=source, eot_id=m["eot_id"],
+        train=[c.train],
+        val=[c.val],
+        ood=None,
+        vocab_size=vocab_size,
+        tokenizer=c.tokenizer,
+        source=source,
+        eot_id=m["eot_id"],
     )
 
 
@@ -201,11 +199,12 @@ def _load_shard_file(p: Path, vocab_size: int) -> TokenData:
     n_val = max(1, n * SHARD_VAL_PERCENT // 100)
     train, val = tokens[: n - n_val], tokens[n - n_val :]
     return TokenData(
-        train=[train], val=[val], ood=None, vocab_size=vocab_size, tokenizer=None,
-        source=(
-            f"shard {p} ({fmt_count(int(train.shape[0]))} train tokens; "
-            f"val = last {SHARD_VAL_PERCENT}%)"
-        ),
+        train=[train],
+        val=[val],
+        ood=None,
+        vocab_size=vocab_size,
+        tokenizer=None,
+        source=(f"shard {p} ({fmt_count(int(train.shape[0]))} train tokens; val = last {SHARD_VAL_PERCENT}%)"),
         eot_id=None,
     )
 
@@ -241,9 +240,7 @@ def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> Toke
     train = [a for q, a in loaded if "val" not in q.name.lower()]
     val = [a for q, a in loaded if "val" in q.name.lower()]
     if not train:
-        raise DataError(
-            f"data folder {folder} has only validation shards (every *.bin name contains 'val')"
-        )
+        raise DataError(f"data folder {folder} has only validation shards (every *.bin name contains 'val')")
     note = f"{len(val)} val"
     if not val:
         # No file marked as validation: hold out the tail of the last train shard, as for a
@@ -258,7 +255,11 @@ def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> Toke
     meta, tok = prepared if prepared is not None else ({}, None)
     origin = f"; tokenizer {meta['tokenizer']}" if meta.get("tokenizer") else ""
     return TokenData(
-        train=train, val=val, ood=None, vocab_size=vocab_size, tokenizer=tok,
+        train=train,
+        val=val,
+        ood=None,
+        vocab_size=vocab_size,
+        tokenizer=tok,
         source=f"shards {folder} ({len(train)} train, {note}; {fmt_count(n_train)} train tokens{origin})",
         eot_id=meta.get("eot_id"),
     )

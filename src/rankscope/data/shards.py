@@ -140,9 +140,7 @@ def read_shard(path: str | Path) -> np.ndarray:
     except OSError as e:
         raise DataError(f"shard {path}: cannot read ({e.strerror or e})") from None
     if len(raw) < HEADER_BYTES:
-        raise DataError(
-            f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header"
-        )
+        raise DataError(f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     magic, version, n_tokens = unpack_header(raw)
     if magic != SHARD_MAGIC:
         raise DataError(f"shard {path}: bad magic {magic} (expected {SHARD_MAGIC})")
@@ -154,8 +152,7 @@ def read_shard(path: str | Path) -> np.ndarray:
     if size != expected:
         problem = "truncated" if size < expected else "has extra bytes"
         raise DataError(
-            f"shard {path}: {problem}: header says {n_tokens} tokens ({expected} bytes) "
-            f"but the file is {size} bytes"
+            f"shard {path}: {problem}: header says {n_tokens} tokens ({expected} bytes) but the file is {size} bytes"
         )
     if n_tokens == 0:
         return np.zeros(0, dtype=np.uint16)

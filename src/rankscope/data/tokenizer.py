@@ -40,8 +40,7 @@ def check_vocab_size(vocab_size: int) -> None:
         )
     if vocab_size > MAX_VOCAB:
         raise DataError(
-            f"vocab_size {vocab_size} is too large: token shards store uint16 ids, so at most "
-            f"{MAX_VOCAB} entries fit"
+            f"vocab_size {vocab_size} is too large: token shards store uint16 ids, so at most {MAX_VOCAB} entries fit"
         )
 
 
@@ -171,9 +170,14 @@ def encode_documents(
     tokenizer.encode_special_tokens = True
     n_docs = 0
     bar = tqdm(
-        total=total_chars, desc=desc, unit="char", unit_scale=True, file=sys.stderr,
+        total=total_chars,
+        desc=desc,
+        unit="char",
+        unit_scale=True,
+        file=sys.stderr,
         # A bar redrawn into a log file is just noise: only draw it on a terminal.
-        disable=not (progress and sys.stderr.isatty()), leave=False,
+        disable=not (progress and sys.stderr.isatty()),
+        leave=False,
     )
     try:
         for batch in _batches(texts):

@@ -37,8 +37,14 @@ class TrainerProbeCallback(TrainerCallback):
     arguments); `seed` defaults to `args.seed`.
     """
 
-    def __init__(self, out: str | Path, options: ProbeOptions | None = None, *, tokens_per_step: int | None = None,
-                 **settings: Any):
+    def __init__(
+        self,
+        out: str | Path,
+        options: ProbeOptions | None = None,
+        *,
+        tokens_per_step: int | None = None,
+        **settings: Any,
+    ):
         self.out, self.tokens_per_step = out, tokens_per_step
         self.options = ProbeOptions.of(options, settings)
         self.logger: ProbeLogger | None = None
@@ -52,21 +58,30 @@ class TrainerProbeCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if self.tokens_per_step is None and not _trainer_counts_tokens(args):
-            raise RankscopeError("TrainerProbeCallback needs the token count: set TrainingArguments("
-                                 "include_num_input_tokens_seen=True) or pass tokens_per_step=")
+            raise RankscopeError(
+                "TrainerProbeCallback needs the token count: set TrainingArguments("
+                "include_num_input_tokens_seen=True) or pass tokens_per_step="
+            )
         opts = self.options
         tokenizer = opts.tokenizer
         if opts.text is not None and tokenizer is None:  # the Trainer's own
             tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-        train = {"max_steps": state.max_steps,
-                 "tokens": state.max_steps * self.tokens_per_step if self.tokens_per_step else None,
-                 "learning_rate": args.learning_rate,
-                 "per_device_train_batch_size": args.per_device_train_batch_size,
-                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                 "world_size": args.world_size}
-        self.logger = ProbeLogger(model, self.out, opts, tokenizer=tokenizer,
-                                  seed=opts.seed if opts.seed is not None else args.seed,
-                                  config={"train": train, "trainer": True, **dict(opts.config or {})})
+        train = {
+            "max_steps": state.max_steps,
+            "tokens": state.max_steps * self.tokens_per_step if self.tokens_per_step else None,
+            "learning_rate": args.learning_rate,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+        }
+        self.logger = ProbeLogger(
+            model,
+            self.out,
+            opts,
+            tokenizer=tokenizer,
+            seed=opts.seed if opts.seed is not None else args.seed,
+            config={"train": train, "trainer": True, **dict(opts.config or {})},
+        )
         self.logger.step(self._tokens(args, state), step=state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -76,8 +91,13 @@ class TrainerProbeCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.logger is None or not logs:
             return
-        self.logger.log_scalars(state.global_step, self._tokens(args, state), train_loss=logs.get("loss"),
-                                val_loss=logs.get("eval_loss"), grad_norm=logs.get("grad_norm"))
+        self.logger.log_scalars(
+            state.global_step,
+            self._tokens(args, state),
+            train_loss=logs.get("loss"),
+            val_loss=logs.get("eval_loss"),
+            grad_norm=logs.get("grad_norm"),
+        )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.logger is not None:

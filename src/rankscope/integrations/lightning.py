@@ -47,8 +47,14 @@ class LightningProbeCallback(Callback):
     keyword arguments).
     """
 
-    def __init__(self, out: str | Path, options: ProbeOptions | None = None, *, tokens_per_step: int | None = None,
-                 **settings: Any):
+    def __init__(
+        self,
+        out: str | Path,
+        options: ProbeOptions | None = None,
+        *,
+        tokens_per_step: int | None = None,
+        **settings: Any,
+    ):
         super().__init__()
         self.out, self.tokens_per_step = out, tokens_per_step
         self.options = ProbeOptions.of(options, settings)
@@ -72,8 +78,9 @@ class LightningProbeCallback(Callback):
         if self.tokens_per_step is None:
             n = _count_tokens(batch)
             if n is None:
-                raise RankscopeError("LightningProbeCallback cannot count the tokens of this batch type; "
-                                     "pass tokens_per_step=")
+                raise RankscopeError(
+                    "LightningProbeCallback cannot count the tokens of this batch type; pass tokens_per_step="
+                )
             self.tokens += n * trainer.world_size
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):

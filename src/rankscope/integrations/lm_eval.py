@@ -41,6 +41,7 @@ class LMEvalMissing(RankscopeError, ImportError):
 
 # --- shared plumbing ---------------------------------------------------------------------------
 
+
 def _device(model: Any) -> torch.device:
     if isinstance(model, nn.Module):
         for p in model.parameters():
@@ -75,8 +76,9 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
-def encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]], prefix_id: int | None = None
-                 ) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(
+    tokenizer: Any, requests: Sequence[tuple[str, str]], prefix_id: int | None = None
+) -> list[tuple[list[int], list[int]]]:
     """Token ids (context, continuation) for each request, the harness's way: trailing spaces of
     the context move to the continuation, context + continuation is encoded whole, and the
     continuation is what follows the context's own encoding (so the continuation's first token is
@@ -96,14 +98,17 @@ def encode_pairs(tokenizer: Any, requests: Sequence[tuple[str, str]], prefix_id:
         if ctx == "":
             out.append(([prefix], _encode(tokenizer, [cont])[0]))
         else:
-            out.append((ids, whole[len(ids):]))
+            out.append((ids, whole[len(ids) :]))
     return out
 
 
 @torch.no_grad()
-def loglikelihood_tokens(model: Callable[[torch.Tensor], torch.Tensor],
-                         requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                         batch_size: int = 16, max_len: int | None = None) -> list[tuple[float, bool]]:
+def loglikelihood_tokens(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 16,
+    max_len: int | None = None,
+) -> list[tuple[float, bool]]:
     """(Σ log p(continuation | context), greedy) for token-id requests (context, continuation).
 
     The model sees (context + continuation)[:-1], left-truncated to its last max_len tokens;
@@ -119,29 +124,30 @@ def loglikelihood_tokens(model: Callable[[torch.Tensor], torch.Tensor],
             raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
         if not ctx and cont:
             raise ValueError("an empty context: start it with the document separator (see encode_pairs)")
-        items.append(((ctx + cont)[-(max_len + 1):][:-1], cont))
+        items.append(((ctx + cont)[-(max_len + 1) :][:-1], cont))
     return _score(model, items, batch_size)
 
 
-def _score(model: Callable[[torch.Tensor], torch.Tensor], items: list[tuple[list[int], list[int]]],
-           batch_size: int) -> list[tuple[float, bool]]:
+def _score(
+    model: Callable[[torch.Tensor], torch.Tensor], items: list[tuple[list[int], list[int]]], batch_size: int
+) -> list[tuple[float, bool]]:
     """Score targets tgt (m tokens) from the last m logits of the input inp (n >= m tokens)."""
     device = _device(model)
     results: list[tuple[float, bool]] = [(0.0, True)] * len(items)  # an empty continuation: log 1
     order = sorted((i for i, (_, t) in enumerate(items) if t), key=lambda i: -len(items[i][0]))
     for b in range(0, len(order), batch_size):
-        chunk = order[b:b + batch_size]
+        chunk = order[b : b + batch_size]
         width = len(items[chunk[0]][0])
         x = torch.zeros(len(chunk), width, dtype=torch.long)
         for row, i in enumerate(chunk):
             inp = items[i][0]
-            x[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+            x[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
         logits = model(x.to(device))  # (b, width, V)
         sums, greedy = [], []
         for row, i in enumerate(chunk):
             inp, tgt = items[i]
             n, m = len(inp), len(tgt)
-            logp = torch.log_softmax(logits[row, n - m:n].float(), dim=-1)  # (m, V)
+            logp = torch.log_softmax(logits[row, n - m : n].float(), dim=-1)  # (m, V)
             t = torch.tensor(tgt, dtype=torch.long, device=logp.device)
             sums.append(logp.gather(-1, t[:, None]).sum())
             greedy.append((logp.argmax(-1) == t).all())
@@ -151,9 +157,14 @@ def _score(model: Callable[[torch.Tensor], torch.Tensor], items: list[tuple[list
     return results
 
 
-def loglikelihood(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any,
-                  requests: Sequence[tuple[str, str]], batch_size: int = 16, max_len: int | None = None,
-                  prefix_id: int | None = None) -> list[tuple[float, bool]]:
+def loglikelihood(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    max_len: int | None = None,
+    prefix_id: int | None = None,
+) -> list[tuple[float, bool]]:
     """(Σ log p(continuation | context), is greedy) for each (context, continuation) string pair:
     the harness's `loglikelihood` request. is greedy: the argmax token equals the continuation's at
     every position. max_len defaults to `model.cfg.max_seq_len`; longer inputs lose their start."""
@@ -174,13 +185,18 @@ def rolling_windows(tokens: Sequence[int], prefix_id: int, max_len: int) -> list
     windows = []
     for s in range(0, len(tokens), max_len):
         e = min(s + max_len, len(tokens))
-        windows.append((full[max(0, e - max_len):e], list(tokens[s:e])))
+        windows.append((full[max(0, e - max_len) : e], list(tokens[s:e])))
     return windows
 
 
-def loglikelihood_rolling(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any, texts: Sequence[str],
-                          batch_size: int = 16, max_len: int | None = None, prefix_id: int | None = None
-                          ) -> list[float]:
+def loglikelihood_rolling(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int = 16,
+    max_len: int | None = None,
+    prefix_id: int | None = None,
+) -> list[float]:
     """Σ log p(text), each text a document of its own that starts after the document separator,
     scored in `rolling_windows` of the model's context (the harness's `loglikelihood_rolling`)."""
     max_len = _max_len(model, max_len)
@@ -197,9 +213,15 @@ def loglikelihood_rolling(model: Callable[[torch.Tensor], torch.Tensor], tokeniz
 
 
 @torch.no_grad()
-def greedy_until(model: Callable[[torch.Tensor], torch.Tensor], tokenizer: Any, context: str,
-                 until: Sequence[str] | str = (), max_gen_toks: int = 256, max_len: int | None = None,
-                 prefix_id: int | None = None) -> str:
+def greedy_until(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    context: str,
+    until: Sequence[str] | str = (),
+    max_gen_toks: int = 256,
+    max_len: int | None = None,
+    prefix_id: int | None = None,
+) -> str:
     """Greedy continuation of `context`: stops after max_gen_toks tokens, at the document separator,
     or once a stop string appears, and returns the text before the first stop string.
 
@@ -246,8 +268,15 @@ def _lm_class() -> type:
         Requests are lm_eval `Instance`s whose `.args` are (context, continuation) for
         loglikelihood, (text,) for loglikelihood_rolling, (context, gen_kwargs) for generate_until."""
 
-        def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16, max_len: int | None = None,
-                     max_gen_toks: int = 256, prefix_id: int | None = None):
+        def __init__(
+            self,
+            model: Any,
+            tokenizer: Any,
+            batch_size: int = 16,
+            max_len: int | None = None,
+            max_gen_toks: int = 256,
+            prefix_id: int | None = None,
+        ):
             super().__init__()
             self.model, self.tokenizer = model, tokenizer
             self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
@@ -255,12 +284,24 @@ def _lm_class() -> type:
             self.prefix_id = _prefix_id(tokenizer, prefix_id)
 
         def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return loglikelihood(self.model, self.tokenizer, [tuple(r.args) for r in requests],
-                                 self.batch_size, self.max_length, self.prefix_id)
+            return loglikelihood(
+                self.model,
+                self.tokenizer,
+                [tuple(r.args) for r in requests],
+                self.batch_size,
+                self.max_length,
+                self.prefix_id,
+            )
 
         def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-            return loglikelihood_rolling(self.model, self.tokenizer, [r.args[0] for r in requests],
-                                         self.batch_size, self.max_length, self.prefix_id)
+            return loglikelihood_rolling(
+                self.model,
+                self.tokenizer,
+                [r.args[0] for r in requests],
+                self.batch_size,
+                self.max_length,
+                self.prefix_id,
+            )
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
             out = []
@@ -269,9 +310,17 @@ def _lm_class() -> type:
                 kwargs = dict(kwargs or {})
                 if kwargs.get("do_sample") and kwargs.get("temperature", 1.0) != 0:
                     warnings.warn("RankscopeLM decodes greedily; do_sample is ignored", stacklevel=2)
-                out.append(greedy_until(self.model, self.tokenizer, context, kwargs.get("until") or (),
-                                        int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                        self.max_length, self.prefix_id))
+                out.append(
+                    greedy_until(
+                        self.model,
+                        self.tokenizer,
+                        context,
+                        kwargs.get("until") or (),
+                        int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                        self.max_length,
+                        self.prefix_id,
+                    )
+                )
             return out
 
     _LM_CLASS = RankscopeLM
@@ -285,8 +334,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def evaluate(model: nn.Module, tokenizer: Any, tasks: list[str], *, batch_size: int = 16,
-             max_len: int | None = None, **kwargs: Any) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    batch_size: int = 16,
+    max_len: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run lm-evaluation-harness tasks on a rankscope model: `lm_eval.simple_evaluate(model=
     RankscopeLM(...), tasks=tasks, **kwargs)` (e.g. num_fewshot=0, limit=100), in eval mode.
     Returns the harness's results dict. Raises RankscopeError when lm_eval is missing."""

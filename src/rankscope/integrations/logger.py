@@ -124,8 +124,15 @@ class ProbeLogger:
         wandb, overwrite; see `ProbeOptions`). seed None means 0.
     """
 
-    def __init__(self, model: nn.Module, out: str | Path, options: ProbeOptions | None = None, *,
-                 probe: Probe | None = None, **settings: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        out: str | Path,
+        options: ProbeOptions | None = None,
+        *,
+        probe: Probe | None = None,
+        **settings: Any,
+    ):
         opts = ProbeOptions.of(options, settings)
         self.options = opts
         self.model = model
@@ -148,8 +155,8 @@ class ProbeLogger:
 
         self._t0 = time.perf_counter()
         self.probe_s = 0.0
-        self._next = 0           # the next token (or step) count due for a probe
-        self._calls = 0          # step() calls that counted as optimizer steps
+        self._next = 0  # the next token (or step) count due for a probe
+        self._calls = 0  # step() calls that counted as optimizer steps
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_n = 0
         self._val_loss: float | None = None
@@ -168,15 +175,31 @@ class ProbeLogger:
         model = {**(att.config() if att is not None else {}), **dict(user.get("model") or {})}
         shapes = [list(b.shape) for b in self.batches]
         # the JSON layout of the store's own files: sorted keys, anything else as its str()
-        fsio.write_json(self.path / "config.json", {
-            **dict(user), "arm": self.arm, "seed": self.seed, "model": model,
-            "probe": {"sites": self.probe.sites, "every_tokens": self.options.every_tokens,
-                      "every_steps": self.options.every_steps, "batches": shapes, "notes": list(self.probe.notes)},
-            "source": "rankscope.integrations.ProbeLogger",
-        }, sort_keys=True, default=str)
-        fsio.write_json(self.path / "provenance.json", {
-            **environment(device_of(self.model)), "arm": self.arm, "seed": self.seed, "started": now(),
-        }, sort_keys=True, default=str)
+        fsio.write_json(
+            self.path / "config.json",
+            {
+                **dict(user),
+                "arm": self.arm,
+                "seed": self.seed,
+                "model": model,
+                "probe": {
+                    "sites": self.probe.sites,
+                    "every_tokens": self.options.every_tokens,
+                    "every_steps": self.options.every_steps,
+                    "batches": shapes,
+                    "notes": list(self.probe.notes),
+                },
+                "source": "rankscope.integrations.ProbeLogger",
+            },
+            sort_keys=True,
+            default=str,
+        )
+        fsio.write_json(
+            self.path / "provenance.json",
+            {**environment(device_of(self.model)), "arm": self.arm, "seed": self.seed, "started": now()},
+            sort_keys=True,
+            default=str,
+        )
 
     def _open_sinks(self, tensorboard: bool | str | Path | None, wandb: bool | Mapping[str, Any] | None) -> None:
         if tensorboard is not False and (tensorboard is not None or _installed("tensorboard")):
@@ -184,8 +207,9 @@ class ProbeLogger:
             try:
                 self.sinks.append(_TensorBoard(logdir))
             except ImportError:
-                raise RankscopeError("tensorboard=True needs the tensorboard package: "
-                                     "pip install tensorboard") from None
+                raise RankscopeError(
+                    "tensorboard=True needs the tensorboard package: pip install tensorboard"
+                ) from None
         if wandb is False:
             return
         if wandb is None:
@@ -199,8 +223,14 @@ class ProbeLogger:
 
     # -- in the loop --
 
-    def step(self, tokens: int, *, step: int | None = None, loss: float | torch.Tensor | None = None,
-             val_loss: float | None = None) -> pd.DataFrame | None:
+    def step(
+        self,
+        tokens: int,
+        *,
+        step: int | None = None,
+        loss: float | torch.Tensor | None = None,
+        val_loss: float | None = None,
+    ) -> pd.DataFrame | None:
         """Call after each optimizer step with the training tokens seen so far (and, if you like,
         this step's loss: losses are averaged between probes, and a tensor is read only then, so
         passing one costs no device sync). Call once with tokens=0 before the loop to also measure
@@ -261,8 +291,18 @@ class ProbeLogger:
         now, for callers that learn their losses elsewhere than at probe points (a Trainer's logs)."""
         row = {k: v for k, v in values.items() if v is not None}
         if row:
-            self.store.scalars.append([dict(arm=self.arm, seed=self.seed, step=step, tokens=tokens,
-                                            elapsed_s=time.perf_counter() - self._t0, **row)])
+            self.store.scalars.append(
+                [
+                    dict(
+                        arm=self.arm,
+                        seed=self.seed,
+                        step=step,
+                        tokens=tokens,
+                        elapsed_s=time.perf_counter() - self._t0,
+                        **row,
+                    )
+                ]
+            )
 
     # -- the end --
 
@@ -276,9 +316,18 @@ class ProbeLogger:
             self.measure(self.last_tokens, self.last_step)
         self.closed = True
         try:
-            self.store.finish({"status": status, "arm": self.arm, "seed": self.seed, "step": self.last_step,
-                               "tokens": self.last_tokens, "probes": self.n_probes,
-                               "elapsed_s": time.perf_counter() - self._t0, "probe_s": self.probe_s})
+            self.store.finish(
+                {
+                    "status": status,
+                    "arm": self.arm,
+                    "seed": self.seed,
+                    "step": self.last_step,
+                    "tokens": self.last_tokens,
+                    "probes": self.n_probes,
+                    "elapsed_s": time.perf_counter() - self._t0,
+                    "probe_s": self.probe_s,
+                }
+            )
         finally:
             for sink in self.sinks:
                 sink.close()

@@ -36,7 +36,20 @@ from .series import head_layer_mean, layer_means, metric_summary
 from .stats import Difference, Interval, correlate, paired_difference, t_interval
 
 __all__ = [
-    "StudyData", "load_study", "paradox_text", "write_report", "format_table", "head_layer_mean", "layer_means",
-    "metric_summary", "paradox_table", "pairwise_comparisons", "correlation_table", "t_interval",
-    "paired_difference", "correlate", "Interval", "Difference",
+    "StudyData",
+    "load_study",
+    "paradox_text",
+    "write_report",
+    "format_table",
+    "head_layer_mean",
+    "layer_means",
+    "metric_summary",
+    "paradox_table",
+    "pairwise_comparisons",
+    "correlation_table",
+    "t_interval",
+    "paired_difference",
+    "correlate",
+    "Interval",
+    "Difference",
 ]

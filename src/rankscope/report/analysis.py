@@ -26,17 +26,17 @@ class ReportNumbers:
     study: StudyData
     site: str
     metric: str
-    table: pd.DataFrame                    # the paradox table
-    pairwise: pd.DataFrame                 # every pair of arms at the end (compare.pairwise_comparisons)
-    correlations: pd.DataFrame             # compare.correlation_table
-    series: dict[str, pd.DataFrame]        # quantity key -> series
+    table: pd.DataFrame  # the paradox table
+    pairwise: pd.DataFrame  # every pair of arms at the end (compare.pairwise_comparisons)
+    correlations: pd.DataFrame  # compare.correlation_table
+    series: dict[str, pd.DataFrame]  # quantity key -> series
     downstream: list[tuple[Quantity, pd.DataFrame]]  # the downstream measures that have data, in report order
-    ends: dict[str, int]                   # per arm: END of the probe quantity
+    ends: dict[str, int]  # per arm: END of the probe quantity
     diagnoses: list[Diagnosis]
     n_layers: int
     head_dim: int | None
-    grid: Grid | None = None               # two settings the arms cross (factorial.find_grid)
-    effects: pd.DataFrame | None = None    # their effects on every quantity (factorial.effects_table)
+    grid: Grid | None = None  # two settings the arms cross (factorial.find_grid)
+    effects: pd.DataFrame | None = None  # their effects on every quantity (factorial.effects_table)
 
 
 def _head_dim(study: StudyData) -> int | None:
@@ -61,8 +61,9 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     # crossed arms: compare each with the arm that has both reference levels (for the seed's grid,
     # its own no-QK-Norm arm), not with whichever sorts first
     reference = grid.cells[(grid.a.levels[0], grid.b.levels[0])] if grid else None
-    table = paradox_table(study.scalars, study.probes, site, metric, arms=arms, finished=study.finished,
-                          reference=reference)
+    table = paradox_table(
+        study.scalars, study.probes, site, metric, arms=arms, finished=study.finished, reference=reference
+    )
     pr_q = probe_quantity(site, metric)
     pr = quantity_series(study.scalars, study.probes, pr_q)
     series = {VAL_LOSS.key: quantity_series(study.scalars, study.probes, VAL_LOSS), pr_q.key: pr}
@@ -80,33 +81,36 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     fx = None
     if grid:  # the effects also on the keys' functional rank: is a PR gap "ghost compute"?
         fr = quantity_series(study.scalars, study.probes, KEY_FUNCTIONAL_RANK)
-        fx = effects_table(grid, [(q, s) for q, s in quantities + [(KEY_FUNCTIONAL_RANK, fr)] if len(s)],
-                           study.finished)
-    return ReportNumbers(study, site, metric, table, pairwise, corr, series, down, ends, diags, n_layers, head_dim,
-                         grid, fx)
+        fx = effects_table(
+            grid, [(q, s) for q, s in quantities + [(KEY_FUNCTIONAL_RANK, fr)] if len(s)], study.finished
+        )
+    return ReportNumbers(
+        study, site, metric, table, pairwise, corr, series, down, ends, diags, n_layers, head_dim, grid, fx
+    )
 
 
 # --- what the figures draw ----------------------------------------------------------------------------
+
 
 @dataclass
 class FigureData:
     """The data of every figure, summarised over seeds (`series.seed_stats` frames unless noted)."""
 
-    loss: pd.DataFrame                                # val loss per arm and eval point
-    probe: pd.DataFrame                               # the probe quantity per arm and eval point
-    seeds: dict[str, int]                             # seeds per arm behind those two
-    downstream: list[tuple[Quantity, pd.DataFrame]]   # each downstream measure per arm and eval point
+    loss: pd.DataFrame  # val loss per arm and eval point
+    probe: pd.DataFrame  # the probe quantity per arm and eval point
+    seeds: dict[str, int]  # seeds per arm behind those two
+    downstream: list[tuple[Quantity, pd.DataFrame]]  # each downstream measure per arm and eval point
     downstream_seeds: dict[str, int]
-    functional_rank: dict[str, pd.DataFrame]          # layers.functional_rank_data: per arm, per layer
+    functional_rank: dict[str, pd.DataFrame]  # layers.functional_rank_data: per arm, per layer
     functional_rank_tokens: dict[str, int]
     functional_rank_seeds: dict[str, int]
-    rank_sweep: dict[str, pd.DataFrame]               # layers.rank_sweep_curves, where functional rank was measured
-    scatter: pd.DataFrame                             # compare.rank_downstream_frame: per run and eval point
+    rank_sweep: dict[str, pd.DataFrame]  # layers.rank_sweep_curves, where functional rank was measured
+    scatter: pd.DataFrame  # compare.rank_downstream_frame: per run and eval point
     scatter_targets: list[Quantity]
     scatter_stats: dict[str, tuple[float, float, int]]  # per target: Pearson r, its p and n over run ends
-    layer_bars: pd.DataFrame                          # the probe quantity per arm and layer at the arm's END
-    layer_grid: pd.DataFrame                          # arm, layer, tokens, value: mean over heads, then seeds
-    layer_seeds: dict[str, int]                       # seeds per arm behind the layer grid
+    layer_bars: pd.DataFrame  # the probe quantity per arm and layer at the arm's END
+    layer_grid: pd.DataFrame  # arm, layer, tokens, value: mean over heads, then seeds
+    layer_seeds: dict[str, int]  # seeds per arm behind the layer grid
 
 
 def figure_data(numbers: ReportNumbers) -> FigureData:
@@ -121,8 +125,9 @@ def figure_data(numbers: ReportNumbers) -> FigureData:
     lm = layer_means(study.probes, site, metric)
     if len(lm):
         # per-layer bars at each arm's END, the same point the paradox table reports
-        at_end = pd.concat([lm[(lm["arm"] == a) & (lm["tokens"] == t)] for a, t in numbers.ends.items()],
-                           ignore_index=True)
+        at_end = pd.concat(
+            [lm[(lm["arm"] == a) & (lm["tokens"] == t)] for a, t in numbers.ends.items()], ignore_index=True
+        )
         bars = seed_stats(at_end, by=("arm", "layer", "tokens"))
         # the heatmaps: mean over seeds per (layer, eval point)
         grid = lm.groupby(["arm", "layer", "tokens"], as_index=False)["value"].mean()
@@ -130,11 +135,22 @@ def figure_data(numbers: ReportNumbers) -> FigureData:
     else:
         bars, grid, layer_seeds = seed_stats(lm), lm, {}
     return FigureData(
-        seed_stats(loss), seed_stats(pr), seed_counts(loss, pr),
-        [(q, seed_stats(s)) for q, s in down], seed_counts(*[s for _, s in down]),
-        fr, fr_tokens, fr_seeds, sweep,
-        frame, targets, {r.key: (r.pearson, r.pearson_p, r.n) for r in ends.itertuples()},
-        bars, grid, layer_seeds)
+        seed_stats(loss),
+        seed_stats(pr),
+        seed_counts(loss, pr),
+        [(q, seed_stats(s)) for q, s in down],
+        seed_counts(*[s for _, s in down]),
+        fr,
+        fr_tokens,
+        fr_seeds,
+        sweep,
+        frame,
+        targets,
+        {r.key: (r.pearson, r.pearson_p, r.n) for r in ends.itertuples()},
+        bars,
+        grid,
+        layer_seeds,
+    )
 
 
 __all__ = ["ReportNumbers", "compute_numbers", "FigureData", "figure_data"]

@@ -20,8 +20,11 @@ from .stats import NONE, correlate, holm
 NOT_COMPARABLE = "not comparable"
 
 
-def pairwise_comparisons(quantities: Sequence[tuple[Quantity, pd.DataFrame]], arms: Sequence[str],
-                         finished: Collection[tuple[str, int]] | None = None) -> pd.DataFrame:
+def pairwise_comparisons(
+    quantities: Sequence[tuple[Quantity, pd.DataFrame]],
+    arms: Sequence[str],
+    finished: Collection[tuple[str, int]] | None = None,
+) -> pd.DataFrame:
     """Every pair of arms, seed by seed, at the arms' END, for each quantity.
 
     One row per (quantity, pair) with the later arm minus the earlier one (so with the study's first
@@ -38,38 +41,85 @@ def pairwise_comparisons(quantities: Sequence[tuple[Quantity, pd.DataFrame]], ar
         dec = decimals_for(series["value"].to_numpy(dtype=float), q.label, q.decimals)
         start = len(rows)
         for i, b in enumerate(present):
-            for a in present[i + 1:]:
-                base = {"quantity": q.label, "key": q.key, "a": a, "b": b, "decimals": dec,
-                        "higher": q.higher}
+            for a in present[i + 1 :]:
+                base = {"quantity": q.label, "key": q.key, "a": a, "b": b, "decimals": dec, "higher": q.higher}
                 if ends[a] != ends[b]:
-                    rows.append(dict(base, tokens=math.nan, n=0, mean=math.nan, lo=math.nan, hi=math.nan,
-                                     p=math.nan, p_wilcoxon=math.nan, test=NOT_COMPARABLE, resolved=False,
-                                     verdict="not comparable: ends at different token counts"))
+                    rows.append(
+                        dict(
+                            base,
+                            tokens=math.nan,
+                            n=0,
+                            mean=math.nan,
+                            lo=math.nan,
+                            hi=math.nan,
+                            p=math.nan,
+                            p_wilcoxon=math.nan,
+                            test=NOT_COMPARABLE,
+                            resolved=False,
+                            verdict="not comparable: ends at different token counts",
+                        )
+                    )
                     continue
                 d = compare_at(series, a, b, ends[a])
                 if d.test == NONE:
                     continue
-                rows.append(dict(base, tokens=ends[a], n=d.n, mean=d.mean, lo=d.lo, hi=d.hi, p=d.p,
-                                 p_wilcoxon=d.p_wilcoxon, test=d.test, resolved=d.resolved,
-                                 verdict=d.verdict(), diff=d))
+                rows.append(
+                    dict(
+                        base,
+                        tokens=ends[a],
+                        n=d.n,
+                        mean=d.mean,
+                        lo=d.lo,
+                        hi=d.hi,
+                        p=d.p,
+                        p_wilcoxon=d.p_wilcoxon,
+                        test=d.test,
+                        resolved=d.resolved,
+                        verdict=d.verdict(),
+                        diff=d,
+                    )
+                )
         adjusted = holm([r["p"] for r in rows[start:]])
         for r, ph in zip(rows[start:], adjusted):
             r["p_holm"] = ph
-    cols = ["quantity", "key", "tokens", "a", "b", "n", "mean", "lo", "hi", "p", "p_wilcoxon", "p_holm",
-            "test", "resolved", "verdict", "decimals", "higher", "diff"]
+    cols = [
+        "quantity",
+        "key",
+        "tokens",
+        "a",
+        "b",
+        "n",
+        "mean",
+        "lo",
+        "hi",
+        "p",
+        "p_wilcoxon",
+        "p_holm",
+        "test",
+        "resolved",
+        "verdict",
+        "decimals",
+        "higher",
+        "diff",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
 # --- rank against downstream -------------------------------------------------------------------------
 
 CORRELATION_TARGETS: tuple[Quantity, ...] = (
-    VAL_LOSS, SCALAR_QUANTITIES["ood_loss"], SCALAR_QUANTITIES["icl_score"],
-    SCALAR_QUANTITIES["induction_loss"], INDUCTION, INDUCTION_MAX,
+    VAL_LOSS,
+    SCALAR_QUANTITIES["ood_loss"],
+    SCALAR_QUANTITIES["icl_score"],
+    SCALAR_QUANTITIES["induction_loss"],
+    INDUCTION,
+    INDUCTION_MAX,
 )
 
 
-def rank_downstream_frame(scalars: pd.DataFrame, probes: pd.DataFrame, site: str = "k",
-                          metric: str = "pr_sv") -> tuple[pd.DataFrame, list[Quantity]]:
+def rank_downstream_frame(
+    scalars: pd.DataFrame, probes: pd.DataFrame, site: str = "k", metric: str = "pr_sv"
+) -> tuple[pd.DataFrame, list[Quantity]]:
     """Wide frame ``arm, seed, tokens, x, <target keys>`` (x: the mean key PR) per run and eval
     point, and the targets that have any data. Used by the correlation table and its scatter plot."""
     x = quantity_series(scalars, probes, probe_quantity(site, metric)).rename(columns={"value": "x"})
@@ -84,8 +134,14 @@ def rank_downstream_frame(scalars: pd.DataFrame, probes: pd.DataFrame, site: str
     return frame, targets
 
 
-def correlation_table(scalars: pd.DataFrame, probes: pd.DataFrame, *, site: str = "k", metric: str = "pr_sv",
-                      finished: Collection[tuple[str, int]] | None = None) -> pd.DataFrame:
+def correlation_table(
+    scalars: pd.DataFrame,
+    probes: pd.DataFrame,
+    *,
+    site: str = "k",
+    metric: str = "pr_sv",
+    finished: Collection[tuple[str, int]] | None = None,
+) -> pd.DataFrame:
     """Pearson r (95% Fisher-z interval) and Spearman ρ between mean key PR and each downstream
     measure, in two scopes:
 
@@ -114,13 +170,36 @@ def correlation_table(scalars: pd.DataFrame, probes: pd.DataFrame, *, site: str 
         scopes.append(("run ends", ends))
         for scope, data in scopes:
             c = correlate(data["x"].to_numpy(float), data[q.key].to_numpy(float))
-            rows.append({"quantity": q.label, "key": q.key, "scope": scope, "n": c.n,
-                         "runs": int(data[["arm", "seed"]].drop_duplicates().shape[0]),
-                         "arms": int(data["arm"].nunique()), "pearson": c.pearson, "pearson_lo": c.pearson_lo,
-                         "pearson_hi": c.pearson_hi, "pearson_p": c.pearson_p, "spearman": c.spearman,
-                         "spearman_p": c.spearman_p})
-    cols = ["quantity", "key", "scope", "n", "runs", "arms", "pearson", "pearson_lo", "pearson_hi", "pearson_p",
-            "spearman", "spearman_p"]
+            rows.append(
+                {
+                    "quantity": q.label,
+                    "key": q.key,
+                    "scope": scope,
+                    "n": c.n,
+                    "runs": int(data[["arm", "seed"]].drop_duplicates().shape[0]),
+                    "arms": int(data["arm"].nunique()),
+                    "pearson": c.pearson,
+                    "pearson_lo": c.pearson_lo,
+                    "pearson_hi": c.pearson_hi,
+                    "pearson_p": c.pearson_p,
+                    "spearman": c.spearman,
+                    "spearman_p": c.spearman_p,
+                }
+            )
+    cols = [
+        "quantity",
+        "key",
+        "scope",
+        "n",
+        "runs",
+        "arms",
+        "pearson",
+        "pearson_lo",
+        "pearson_hi",
+        "pearson_p",
+        "spearman",
+        "spearman_p",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -1,6 +1,6 @@
 """Figures over training: validation loss and mean key PR against tokens, the downstream measures
-against tokens, each arm's layer x tokens heatmap, and mean key PR against each downstream measure
-over every eval point. The shared house style is in `plotstyle.py`.
+against tokens, and mean key PR against each downstream measure over every eval point. The shared
+house style is in `plotstyle.py`.
 
 Token axes switch to a log scale when the eval points span more than two decades (log-spaced
 schedules, 100M+ token runs); token 0, which a log axis cannot show, keeps a short linear stretch
@@ -24,7 +24,7 @@ from .plotstyle import REFERENCE, Plot, save, style_axes
 from .quantities import Quantity
 
 TOKENS_AXIS = FuncFormatter(lambda x, _pos: fmt_count(x))
-LOG_DECADES = 2.0   # eval points spanning more than this many decades get a log token axis
+LOG_DECADES = 2.0  # eval points spanning more than this many decades get a log token axis
 BAND_WORDS = "shaded bands: 95% t-intervals over seeds"
 
 
@@ -32,13 +32,16 @@ def band_clause(max_n: int) -> str:
     """What the shading means, for a caption: bands over seeds, or why there are none."""
     if max_n >= 2:
         # Bands are per arm; the arm comparisons are paired. Say so, or overlapping bands get read as "no difference".
-        return (f"lines are the mean over seeds, {BAND_WORDS} (Student t on the seed values at each eval point); "
-                "two arms' bands can overlap although their seed-by-seed difference is clear, because a seed "
-                "shifts every arm alike — the paired comparisons in the tables are the test")
+        return (
+            f"lines are the mean over seeds, {BAND_WORDS} (Student t on the seed values at each eval point); "
+            "two arms' bands can overlap although their seed-by-seed difference is clear, because a seed "
+            "shifts every arm alike — the paired comparisons in the tables are the test"
+        )
     return "one seed per arm, so no band: no interval over seeds is possible"
 
 
 # --- token axes ---------------------------------------------------------------------------------------
+
 
 def use_log_tokens(tokens: Iterable[float]) -> bool:
     """True when the positive eval points span more than `LOG_DECADES` decades."""
@@ -73,11 +76,12 @@ def tokens_axis(ax, tokens: Iterable[float] | None = None, label: str = "trainin
     return False
 
 
-def _log_clause(log: bool, zero: bool) -> str:
+def log_axis_clause(log: bool, zero: bool) -> str:
     if not log:
         return ""
-    return ("; token axis logarithmic (eval points span more than two decades)"
-            + ("; token 0 sits on a short linear stretch at the left" if zero else ""))
+    return "; token axis logarithmic (eval points span more than two decades)" + (
+        "; token 0 sits on a short linear stretch at the left" if zero else ""
+    )
 
 
 def _empty(ax, text: str) -> None:
@@ -98,13 +102,19 @@ def _band_panel(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, *, m
         if not len(s):
             continue
         x = s["tokens"].to_numpy(float)
-        ax.plot(x, s["mean"].to_numpy(float), color=colors[a], lw=1.8, label=a,
-                marker="o" if markers or len(s) == 1 else None, ms=3 if len(s) > 1 else 5)
+        ax.plot(
+            x,
+            s["mean"].to_numpy(float),
+            color=colors[a],
+            lw=1.8,
+            label=a,
+            marker="o" if markers or len(s) == 1 else None,
+            ms=3 if len(s) > 1 else 5,
+        )
         if (s["n"] > 1).any() and "lo" in s:
             lo, hi = s["lo"].to_numpy(float), s["hi"].to_numpy(float)
             ok = np.isfinite(lo) & np.isfinite(hi)
-            ax.fill_between(x, np.where(ok, lo, np.nan), np.where(ok, hi, np.nan), color=colors[a],
-                            alpha=0.2, lw=0)
+            ax.fill_between(x, np.where(ok, lo, np.nan), np.where(ok, hi, np.nan), color=colors[a], alpha=0.2, lw=0)
 
 
 def _dropout_clause(*stats: pd.DataFrame) -> str:
@@ -112,8 +122,10 @@ def _dropout_clause(*stats: pd.DataFrame) -> str:
     going): its mean then averages other seeds from that point on, and can jump for that reason alone."""
     for s in stats:
         if len(s) and (s.groupby("arm")["n"].nunique() > 1).any():
-            return ("; where an arm's seed count drops along the curve (a run diverged or stopped), its mean and "
-                    "band cover fewer seeds from there on and can jump for that reason alone")
+            return (
+                "; where an arm's seed count drops along the curve (a run diverged or stopped), its mean and "
+                "band cover fewer seeds from there on and can jump for that reason alone"
+            )
     return ""
 
 
@@ -143,6 +155,7 @@ def _legend_labels(arms: Sequence[str], seeds: dict[str, int]) -> list[str]:
 
 
 # --- 1. loss and mean key PR over training ------------------------------------------------------
+
 
 def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: bool) -> str:
     """Make the late-training loss gap readable; return the caption clause saying how.
@@ -184,8 +197,11 @@ def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: 
         inset.grid(alpha=0.25)
         what = f"from {fmt_count(start)} tokens" if log else "second half"
         inset.set_title(f"{what}, zoomed", fontsize=8)
-        return (f"; inset: training from {fmt_count(start)} tokens with its own loss scale" if log
-                else "; inset: the second half of training with its own loss scale")
+        return (
+            f"; inset: training from {fmt_count(start)} tokens with its own loss scale"
+            if log
+            else "; inset: the second half of training with its own loss scale"
+        )
     after = stats["tokens"] >= (float(grid[len(grid) // 10]) if log else 0.1 * top_t)
     a, b = float(lo_col[after].min()), float(hi_col[after].max())
     if stats.loc[after, "tokens"].nunique() >= 3 and (hi - lo) > 3 * (b - a):
@@ -195,10 +211,18 @@ def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: 
     return ""
 
 
-def plot_loss_pr(loss_stats: pd.DataFrame, pr_stats: pd.DataFrame, arms: list[str], colors: dict,
-                 path: Path, *, head_dim: int | None = None, quantity: str = "mean key PR",
-                 site_text: str = "keys after QK-Norm and RoPE", seeds: dict[str, int] | None = None
-                 ) -> Plot | None:
+def plot_loss_pr(
+    loss_stats: pd.DataFrame,
+    pr_stats: pd.DataFrame,
+    arms: list[str],
+    colors: dict,
+    path: Path,
+    *,
+    head_dim: int | None = None,
+    quantity: str = "mean key PR",
+    site_text: str = "keys after QK-Norm and RoPE",
+    seeds: dict[str, int] | None = None,
+) -> Plot | None:
     """The seed's comparison figure: val loss (left) and mean key PR (right) against tokens.
 
     `*_stats` are `tables.seed_stats` frames (arm, tokens, mean, sd, min, max, n, lo, hi).
@@ -230,8 +254,16 @@ def plot_loss_pr(loss_stats: pd.DataFrame, pr_stats: pd.DataFrame, arms: list[st
             top = max(top, min(float(np.nanmax(hi)), top * 1.25))
         if head_dim:
             ax_r.axhline(head_dim, color=REFERENCE, ls="--", lw=1)
-            ax_r.annotate(f"head dim {head_dim}", (0.01, head_dim), xycoords=("axes fraction", "data"),
-                          xytext=(0, -3), textcoords="offset points", va="top", fontsize=8, color=REFERENCE)
+            ax_r.annotate(
+                f"head dim {head_dim}",
+                (0.01, head_dim),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, -3),
+                textcoords="offset points",
+                va="top",
+                fontsize=8,
+                color=REFERENCE,
+            )
             top = head_dim if top <= head_dim * 1.1 else top  # a PR cannot exceed the head dim
         ax_r.set_ylim(0, top * 1.06)  # PR counts dimensions: a zero baseline keeps ratios honest
         log = tokens_axis(ax_r, tokens) or log
@@ -244,24 +276,34 @@ def plot_loss_pr(loss_stats: pd.DataFrame, pr_stats: pd.DataFrame, arms: list[st
     for ax in (ax_l, ax_r):
         style_axes(ax)
     handles = [Line2D([], [], color=colors[a], lw=2.5) for a in arms]
-    fig.legend(handles, _legend_labels(arms, seeds or {}), loc="outside lower center",
-               ncols=min(len(arms), 4), frameon=False)
+    fig.legend(
+        handles, _legend_labels(arms, seeds or {}), loc="outside lower center", ncols=min(len(arms), 4), frameon=False
+    )
     save(fig, path)
 
-    caption = (f"Validation loss (left) and {quantity} (right: participation ratio of the {site_text}, "
-               f"averaged over heads then layers) against training tokens; {band_clause(max_n)}")
+    caption = (
+        f"Validation loss (left) and {quantity} (right: participation ratio of the {site_text}, "
+        f"averaged over heads then layers) against training tokens; {band_clause(max_n)}"
+    )
     caption += f"; dashed: the head dimension {head_dim}, the most a head can use" if head_dim and len(pr_stats) else ""
     if len(pr_stats) and np.isfinite(pr_stats["hi"].to_numpy(float)).any():
         cut = cut or bool(np.nanmax(pr_stats["hi"].to_numpy(float)) > ax_r.get_ylim()[1])
     caption += zoom + (CUT_WORDS if cut else "") + _dropout_clause(loss_stats, pr_stats)
-    caption += _log_clause(log, bool((tokens <= 0).any()))
+    caption += log_axis_clause(log, bool((tokens <= 0).any()))
     return Plot(path, caption + ".")
 
 
 # --- 2. downstream over training ----------------------------------------------------------------------
 
-def plot_downstream(panels: Sequence[tuple[Quantity, pd.DataFrame]], arms: list[str], colors: dict, path: Path,
-                    *, seeds: dict[str, int] | None = None) -> Plot | None:
+
+def plot_downstream(
+    panels: Sequence[tuple[Quantity, pd.DataFrame]],
+    arms: list[str],
+    colors: dict,
+    path: Path,
+    *,
+    seeds: dict[str, int] | None = None,
+) -> Plot | None:
     """One panel per downstream measure (OOD loss, ICL score, induction loss, induction scores) over
     training; `panels` holds (Quantity, seed_stats frame)."""
     panels = [(q, s) for q, s in panels if len(s)]
@@ -293,76 +335,38 @@ def plot_downstream(panels: Sequence[tuple[Quantity, pd.DataFrame]], arms: list[
     for ax in axes[k:]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colors[a], lw=2.5) for a in arms]
-    fig.legend(handles, _legend_labels(arms, seeds or {}), loc="outside lower center",
-               ncols=min(len(arms), 4), frameon=False)
+    fig.legend(
+        handles, _legend_labels(arms, seeds or {}), loc="outside lower center", ncols=min(len(arms), 4), frameon=False
+    )
     save(fig, path)
     whats = "; ".join(f"{q.label}: {q.what}" for q, _ in panels)
-    caption = (f"Downstream measures over training ({whats}); {band_clause(max_n)}"
-               + (f"; insets zoom into late training ({', '.join(zoomed)}) with their own scale" if zoomed else "")
-               + (CUT_WORDS if cut else "") + _dropout_clause(*[s for _, s in panels])
-               + _log_clause(log, bool((tokens <= 0).any())) + ".")
+    caption = (
+        f"Downstream measures over training ({whats}); {band_clause(max_n)}"
+        + (f"; insets zoom into late training ({', '.join(zoomed)}) with their own scale" if zoomed else "")
+        + (CUT_WORDS if cut else "")
+        + _dropout_clause(*[s for _, s in panels])
+        + log_axis_clause(log, bool((tokens <= 0).any()))
+        + "."
+    )
     return Plot(path, caption)
 
 
 # --- 3. layer x tokens heatmap -------------------------------------------------------------------
 
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges halfway between eval points, so uneven eval spacing is drawn to scale."""
-    if len(centres) == 1:
-        half = max(abs(centres[0]) * 0.05, 0.5)
-        return np.array([centres[0] - half, centres[0] + half])
-    mids = (centres[1:] + centres[:-1]) / 2
-    return np.concatenate([[centres[0] - (mids[0] - centres[0])], mids, [centres[-1] + (centres[-1] - mids[-1])]])
-
-
-def _edges_on(ax, centres: np.ndarray) -> np.ndarray:
-    """`_edges` computed in the axis' own (possibly log) coordinates, so on a log axis each eval
-    point's cell is centred on it as drawn, not stretched to the right."""
-    tr = ax.xaxis.get_transform()
-    return tr.inverted().transform(_edges(tr.transform(centres.astype(float))))
-
-
-def plot_pr_heatmap(grid: pd.DataFrame, arm: str, path: Path, *, vmin: float, vmax: float,
-                    quantity: str = "mean key PR", n_seeds: int = 1) -> Plot | None:
-    """Layers (rows, layer 0 on top) x eval points (columns) coloured by `quantity`.
-
-    `grid`: one arm's (layer, tokens, value) with value already averaged over heads and seeds.
-    The colour scale is passed in so that all arms share it.
-    """
-    if not len(grid):
-        return None
-    m = grid.pivot_table(index="layer", columns="tokens", values="value", aggfunc="mean")
-    layers = m.index.to_numpy()
-    tokens = m.columns.to_numpy(dtype=float)
-    fig = Figure(figsize=(9, max(3.2, 0.2 * len(layers) + 1.6)), layout="constrained")
-    ax = fig.subplots()
-    log = tokens_axis(ax, tokens)
-    xe = _edges_on(ax, tokens)
-    if log and (tokens <= 0).any():
-        xe[0] = max(xe[0], 0.0)  # nothing happens before token 0
-    mesh = ax.pcolormesh(xe, _edges(layers.astype(float)), np.ma.masked_invalid(m.to_numpy(float)),
-                         cmap="viridis", vmin=vmin, vmax=vmax, shading="flat")
-    ax.invert_yaxis()  # layer 0 (the input side) on top, as the network is usually drawn
-    ax.set_xlim(xe[0], xe[-1])
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(len(layers), 24)))
-    ax.set_ylabel("layer")
-    ax.set_title(f"{arm}: {quantity} per layer over training"
-                 + (f" (mean of {seeds_text(n_seeds)})" if n_seeds > 1 else ""), fontsize=11)
-    cb = fig.colorbar(mesh, ax=ax, pad=0.01)
-    cb.set_label(f"{quantity} (dimensions)")
-    save(fig, path)
-    caption = (f"{arm}: {quantity} of each layer (rows, layer 0 on top; mean over heads"
-               + (f" and {seeds_text(n_seeds)}" if n_seeds > 1 else ", one seed")
-               + f") at each eval point; colour scale {vmin:.0f}–{vmax:.0f} shared by all arms"
-               + _log_clause(log, bool((tokens <= 0).any())) + ".")
-    return Plot(path, caption)
-
 
 # --- 4. rank against downstream ----------------------------------------------------------------------
 
-def plot_rank_scatter(frame: pd.DataFrame, targets: Sequence[Quantity], arms: list[str], colors: dict, path: Path,
-                      *, stats: dict[str, tuple[float, float, int]] | None = None,
-                      x_label: str = "mean key PR") -> Plot | None:
+
+def plot_rank_scatter(
+    frame: pd.DataFrame,
+    targets: Sequence[Quantity],
+    arms: list[str],
+    colors: dict,
+    path: Path,
+    *,
+    stats: dict[str, tuple[float, float, int]] | None = None,
+    x_label: str = "mean key PR",
+) -> Plot | None:
     """Mean key PR (x) against each downstream measure (one panel each): every eval point after
     token 0 as a small faint dot, each run's last point as a large marker. The eye should see what
     the correlation table summarises, including how much of it is training progress."""
@@ -413,14 +417,29 @@ def plot_rank_scatter(frame: pd.DataFrame, targets: Sequence[Quantity], arms: li
     handles = [Line2D([], [], color=colors[a], marker="o", ls="", mec="black", ms=6) for a in arms]
     fig.legend(handles, arms, loc="outside lower center", ncols=min(len(arms), 5), frameon=False)
     save(fig, path)
-    caption = (f"{x_label[0].upper() + x_label[1:]} (x) against each downstream measure: small faint dots are every "
-               "eval point after token 0 (points of one run are not independent, and both axes drift with training "
-               "time); large dots are "
-               "each run's last eval point (one per run), the points behind the 'run ends' correlations"
-               + (f"; the loss panels ({', '.join(zoomed)}) show late training, from {fmt_count(late_from)} tokens — "
-                  "earlier points lie above their top edge" if zoomed else "") + ".")
+    caption = (
+        f"{x_label[0].upper() + x_label[1:]} (x) against each downstream measure: small faint dots are every "
+        "eval point after token 0 (points of one run are not independent, and both axes drift with training "
+        "time); large dots are "
+        "each run's last eval point (one per run), the points behind the 'run ends' correlations"
+        + (
+            f"; the loss panels ({', '.join(zoomed)}) show late training, from {fmt_count(late_from)} tokens — "
+            "earlier points lie above their top edge"
+            if zoomed
+            else ""
+        )
+        + "."
+    )
     return Plot(path, caption)
 
 
-__all__ = ["TOKENS_AXIS", "LOG_DECADES", "band_clause", "use_log_tokens", "tokens_axis", "plot_loss_pr",
-           "plot_downstream", "plot_pr_heatmap", "plot_rank_scatter"]
+__all__ = [
+    "TOKENS_AXIS",
+    "LOG_DECADES",
+    "band_clause",
+    "use_log_tokens",
+    "tokens_axis",
+    "plot_loss_pr",
+    "plot_downstream",
+    "plot_rank_scatter",
+]

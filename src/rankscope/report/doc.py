@@ -95,6 +95,7 @@ def code(text: str) -> str:
 
 # --- markdown ----------------------------------------------------------------------------------------
 
+
 def _md_table(t: Table) -> list[str]:
     align = t.align or ["l"] * len(t.header)
     rule = "| " + " | ".join("---:" if a == "r" else ":---" for a in align) + " |"
@@ -119,8 +120,12 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
         elif isinstance(b, Bullets):
             md += [f"- {item}" for item in b.items] + [""]
         elif isinstance(b, Figure):
-            md += [f"![{md_escape(b.alt or b.path.stem.replace('_', ' '))}]({_rel(b.path, out_dir)})", "",
-                   f"*{md_escape(b.caption)}*", ""]
+            md += [
+                f"![{md_escape(b.alt or b.path.stem.replace('_', ' '))}]({_rel(b.path, out_dir)})",
+                "",
+                f"*{md_escape(b.caption)}*",
+                "",
+            ]
         elif isinstance(b, Box):
             md += to_markdown(b.blocks, out_dir).rstrip("\n").split("\n") + [""]
         elif isinstance(b, Details):
@@ -132,6 +137,7 @@ def to_markdown(blocks: list[Block], out_dir: Path) -> str:
 
 
 # --- HTML ----------------------------------------------------------------------------------------------
+
 
 def inline_html(text: str) -> str:
     """The markdown subset of `text` as HTML: escapes, `code`, **bold**, *italic*; the rest escaped.
@@ -164,7 +170,7 @@ def inline_html(text: str) -> str:
                 i += run
                 continue
             flush()
-            body = text[i + run:j]
+            body = text[i + run : j]
             if body.startswith(" ") and body.endswith(" ") and body.strip():
                 body = body[1:-1]
             tokens.append(("html", f"<code>{html.escape(body)}</code>"))
@@ -248,21 +254,29 @@ def _html_blocks(blocks: list[Block]) -> list[str]:
             align = b.align or ["l"] * len(b.header)
             cls = lambda j, align=align: ' class="r"' if j < len(align) and align[j] == "r" else ""  # noqa: E731
             rows = ["<tr>" + "".join(f"<th{cls(j)}>{inline_html(h)}</th>" for j, h in enumerate(b.header)) + "</tr>"]
-            rows += ["<tr>" + "".join(f"<td{cls(j)}>{inline_html(c)}</td>" for j, c in enumerate(r)) + "</tr>"
-                     for r in b.rows]
-            out.append("<table>\n<thead>" + rows[0] + "</thead>\n<tbody>\n" + "\n".join(rows[1:])
-                       + "\n</tbody>\n</table>")
+            rows += [
+                "<tr>" + "".join(f"<td{cls(j)}>{inline_html(c)}</td>" for j, c in enumerate(r)) + "</tr>"
+                for r in b.rows
+            ]
+            out.append(
+                "<table>\n<thead>" + rows[0] + "</thead>\n<tbody>\n" + "\n".join(rows[1:]) + "\n</tbody>\n</table>"
+            )
         elif isinstance(b, Bullets):
             out.append("<ul>\n" + "\n".join(f"<li>{inline_html(i)}</li>" for i in b.items) + "\n</ul>")
         elif isinstance(b, Figure):
             alt = html.escape(b.alt or b.path.stem.replace("_", " "))
-            out.append(f'<figure>\n<img src="{_data_uri(b.path)}" alt="{alt}">\n'
-                       f"<figcaption>{html.escape(b.caption)}</figcaption>\n</figure>")
+            out.append(
+                f'<figure>\n<img src="{_data_uri(b.path)}" alt="{alt}">\n'
+                f"<figcaption>{html.escape(b.caption)}</figcaption>\n</figure>"
+            )
         elif isinstance(b, Box):
             out.append(f'<div class="{html.escape(b.css)}">\n' + "\n".join(_html_blocks(b.blocks)) + "\n</div>")
         elif isinstance(b, Details):
-            out.append(f"<details>\n<summary>{html.escape(b.summary)}</summary>\n"
-                       + "\n".join(_html_blocks(b.blocks)) + "\n</details>")
+            out.append(
+                f"<details>\n<summary>{html.escape(b.summary)}</summary>\n"
+                + "\n".join(_html_blocks(b.blocks))
+                + "\n</details>"
+            )
         else:  # pragma: no cover
             raise TypeError(f"unknown block {b!r}")
     return out
@@ -271,10 +285,25 @@ def _html_blocks(blocks: list[Block]) -> list[str]:
 def to_html(blocks: list[Block], title: str) -> str:
     """One self-contained HTML page: no external resource, no script."""
     body = "\n".join(_html_blocks(blocks))
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
-__all__ = ["Heading", "Para", "Table", "Bullets", "Figure", "Details", "Box", "Block", "md_escape", "code",
-           "to_markdown", "inline_html", "to_html"]
+__all__ = [
+    "Heading",
+    "Para",
+    "Table",
+    "Bullets",
+    "Figure",
+    "Details",
+    "Box",
+    "Block",
+    "md_escape",
+    "code",
+    "to_markdown",
+    "inline_html",
+    "to_html",
+]

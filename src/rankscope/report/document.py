@@ -39,6 +39,7 @@ from .summary import summary_paragraphs
 
 # --- result tables as blocks ------------------------------------------------------------------------------
 
+
 def _metric_table(summary: pd.DataFrame, arms: list[str]) -> Table | None:
     if not len(summary):
         return None
@@ -69,15 +70,30 @@ def _pairwise_blocks(pairwise: pd.DataFrame) -> list[Block]:
         reading = r.verdict
         if r.resolved and r.test != PAIRED_CONSTANT and np.isfinite(r.p_holm) and r.p_holm >= 0.05:
             reading += " (not after Holm adjustment)"
-        rows.append([f"{r.quantity} @ {fmt_count(r.tokens)}", f"{md_escape(r.a)} − {md_escape(r.b)}", diff, p, pw,
-                     ph, str(r.n) + (" (Welch)" if r.test == WELCH else ""), md_escape(reading)])
+        rows.append(
+            [
+                f"{r.quantity} @ {fmt_count(r.tokens)}",
+                f"{md_escape(r.a)} − {md_escape(r.b)}",
+                diff,
+                p,
+                pw,
+                ph,
+                str(r.n) + (" (Welch)" if r.test == WELCH else ""),
+                md_escape(reading),
+            ]
+        )
     return [
-        Para("Every pair of arms at the end of training, seed by seed (later arm minus earlier arm, on the seeds "
-             "both ran). p: paired t-test; Wilcoxon: signed-rank test, from 6 seeds up, a check that no single "
-             "seed carries the result; Holm: the paired p adjusted for the number of pairs compared on that "
-             "quantity (with many pairs, one p below 0.05 is expected by chance)."),
-        Table(["quantity", "comparison", "difference [95% CI]", "p", "Wilcoxon p", "Holm p", "seeds", "reading"],
-              rows, ["l", "l", "r", "r", "r", "r", "r", "l"]),
+        Para(
+            "Every pair of arms at the end of training, seed by seed (later arm minus earlier arm, on the seeds "
+            "both ran). p: paired t-test; Wilcoxon: signed-rank test, from 6 seeds up, a check that no single "
+            "seed carries the result; Holm: the paired p adjusted for the number of pairs compared on that "
+            "quantity (with many pairs, one p below 0.05 is expected by chance)."
+        ),
+        Table(
+            ["quantity", "comparison", "difference [95% CI]", "p", "Wilcoxon p", "Holm p", "seeds", "reading"],
+            rows,
+            ["l", "l", "r", "r", "r", "r", "r", "l"],
+        ),
     ]
 
 
@@ -87,21 +103,37 @@ def _correlation_blocks(corr: pd.DataFrame, quantity: str) -> list[Block]:
     rows = []
     for r in corr.itertuples():
         if np.isfinite(r.pearson):
-            pearson = f"{signed(r.pearson, 2)}" + (f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}"
-                                                     if np.isfinite(r.pearson_lo) else "")
-            rows.append([r.quantity, r.scope, str(r.n), str(r.runs), pearson, bare_p(r.pearson_p),
-                         signed(r.spearman, 2), bare_p(r.spearman_p)])
+            pearson = f"{signed(r.pearson, 2)}" + (
+                f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}" if np.isfinite(r.pearson_lo) else ""
+            )
+            rows.append(
+                [
+                    r.quantity,
+                    r.scope,
+                    str(r.n),
+                    str(r.runs),
+                    pearson,
+                    bare_p(r.pearson_p),
+                    signed(r.spearman, 2),
+                    bare_p(r.spearman_p),
+                ]
+            )
         else:
             rows.append([r.quantity, r.scope, str(r.n), str(r.runs), "–", "–", "–", "–"])
     return [
-        Para(f"Correlation of {quantity} with each downstream measure. **eval points**: every eval point after "
-             "token 0 of every run, pooled across arms and checkpoints — points within one run are not "
-             "independent (they share one trajectory) and both quantities drift with training time, so these "
-             "p-values overstate the evidence. **run ends**: one point per run at its last eval point (finished "
-             "runs), independent runs and the fairer test. Pearson r with its 95% interval (Fisher z), "
-             "Spearman ρ for monotone but non-linear relations."),
-        Table(["measure", "scope", "n points", "runs", "Pearson r [95% CI]", "p", "Spearman ρ", "p"], rows,
-              ["l", "l", "r", "r", "r", "r", "r", "r"]),
+        Para(
+            f"Correlation of {quantity} with each downstream measure. **eval points**: every eval point after "
+            "token 0 of every run, pooled across arms and checkpoints — points within one run are not "
+            "independent (they share one trajectory) and both quantities drift with training time, so these "
+            "p-values overstate the evidence. **run ends**: one point per run at its last eval point (finished "
+            "runs), independent runs and the fairer test. Pearson r with its 95% interval (Fisher z), "
+            "Spearman ρ for monotone but non-linear relations."
+        ),
+        Table(
+            ["measure", "scope", "n points", "runs", "Pearson r [95% CI]", "p", "Spearman ρ", "p"],
+            rows,
+            ["l", "l", "r", "r", "r", "r", "r", "r"],
+        ),
     ]
 
 
@@ -113,8 +145,12 @@ def _collapsed_blocks(numbers: ReportNumbers) -> list[Block]:
         if not rows:
             continue
         cols = ["layer"] + [titles[k] for k in d.layer_values]
-        blocks.append(Para(f"**{md_escape(d.arm)}** at {fmt_count(d.tokens)} tokens: each collapsed layer next to "
-                           "the median of the arm's other layers."))
+        blocks.append(
+            Para(
+                f"**{md_escape(d.arm)}** at {fmt_count(d.tokens)} tokens: each collapsed layer next to "
+                "the median of the arm's other layers."
+            )
+        )
         blocks.append(Table(cols, [[r.get(c, "–") for c in cols] for r in rows], ["l"] + ["r"] * (len(cols) - 1)))
     return blocks
 
@@ -124,8 +160,9 @@ def _crossed_sentences(numbers: ReportNumbers) -> list[str]:
     if numbers.grid is None or numbers.effects is None or not len(numbers.effects):
         return []
     name = quantity_name(numbers.site, numbers.metric)
-    return (factorial_sentences(numbers.effects, numbers.grid, f"{numbers.site}:{numbers.metric}", name)
-            + factorial_sentences(numbers.effects, numbers.grid, VAL_LOSS.key, "validation loss"))
+    return factorial_sentences(
+        numbers.effects, numbers.grid, f"{numbers.site}:{numbers.metric}", name
+    ) + factorial_sentences(numbers.effects, numbers.grid, VAL_LOSS.key, "validation loss")
 
 
 def _title(study: StudyData) -> str:
@@ -149,36 +186,59 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
     for desc in dict.fromkeys(str(s["description"]).strip() for s in study.studies if s.get("description")):
         b.append(Para(md_escape(desc)))
     sources = ", ".join(code(d) for d in study.dirs)
-    b.append(Para(f"*rankscope report over {len(study.runs)} runs ({n_done} finished"
-                  + (f", {n_div} diverged" if n_div else "") + f") from {sources}.*", css="meta"))
+    b.append(
+        Para(
+            f"*rankscope report over {len(study.runs)} runs ({n_done} finished"
+            + (f", {n_div} diverged" if n_div else "")
+            + f") from {sources}.*",
+            css="meta",
+        )
+    )
 
     ref_header, ref_rows, ref_sentences = seed_reference(study, numbers.series)
     crossed = _crossed_sentences(numbers)
     b.append(Heading(2, "Summary"))
-    b.append(Box("summary", [Para(p) for p in summary_paragraphs(study, table, numbers.correlations, numbers.diagnoses,
-                                                                 ref_sentences, crossed)]))
+    b.append(
+        Box(
+            "summary",
+            [
+                Para(p)
+                for p in summary_paragraphs(
+                    study, table, numbers.correlations, numbers.diagnoses, ref_sentences, crossed
+                )
+            ],
+        )
+    )
 
     setup = setup_items(study)
     b += [Heading(2, "Setup"), Bullets(setup) if setup else Para("(no settings found)")]
     b += [Heading(2, "Arms"), arms_table(study)]
     status = status_items(study)
     if status:
-        b += [Heading(2, "Runs that did not finish"),
-              Para("Their complete rows are used up to the last point they reached (a diverged run: its last "
-                   "finite point); they drop out of the points they did not reach, and a diverged run never "
-                   "counts as finished."),
-              Bullets(status)]
+        b += [
+            Heading(2, "Runs that did not finish"),
+            Para(
+                "Their complete rows are used up to the last point they reached (a diverged run: its last "
+                "finite point); they drop out of the points they did not reach, and a diverged run never "
+                "counts as finished."
+            ),
+            Bullets(status),
+        ]
     if study.notes:
         b += [Heading(2, "Notes"), Bullets([md_escape(n) for n in study.notes])]
 
     b.append(Heading(2, "The paradox table"))
     if len(table):
-        b.append(Para(f"Validation loss and {quantity} ({code(metric)} at site {code(site)}: "
-                      f"{site_description(site)}, averaged over heads, then layers) at the middle and "
-                      "at the end of training, then the downstream measures at the end; mean over seeds with a 95% "
-                      "t-interval. The middle is the eval point closest to half of the last point every arm "
-                      "reached; an arm's end is the last point all its finished runs reached. Arms at different "
-                      "token counts are not compared."))
+        b.append(
+            Para(
+                f"Validation loss and {quantity} ({code(metric)} at site {code(site)}: "
+                f"{site_description(site)}, averaged over heads, then layers) at the middle and "
+                "at the end of training, then the downstream measures at the end; mean over seeds with a 95% "
+                "t-interval. The middle is the eval point closest to half of the last point every arm "
+                "reached; an arm's end is the last point all its finished runs reached. Arms at different "
+                "token counts are not compared."
+            )
+        )
         b += paradox_blocks(table)
     else:
         b.append(Para("No evaluation point written yet."))
@@ -191,24 +251,32 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
     if crossed:
         first, second = numbers.grid.a, numbers.grid.b
         header, rows = effect_rows(numbers.effects, numbers.grid)
-        section("Two settings crossed", [
-            Para(f"The arms cross {code(first.key)} ({', '.join(first.levels)}) with {code(second.key)} "
-                 f"({', '.join(second.levels)}). Each effect is a difference computed seed by seed at the arms' "
-                 "common end point, then a 95% t-interval over seeds: a setting's effect at each level of the "
-                 "other (simple), averaged over the other (main), and how much the first setting's effect changes "
-                 "between levels of the second (interaction; a difference of differences). The first level named "
-                 "is the reference."),
-            Table(header, rows, ["l"] + ["r"] * (len(header) - 1))])
+        section(
+            "Two settings crossed",
+            [
+                Para(
+                    f"The arms cross {code(first.key)} ({', '.join(first.levels)}) with {code(second.key)} "
+                    f"({', '.join(second.levels)}). Each effect is a difference computed seed by seed at the arms' "
+                    "common end point, then a 95% t-interval over seeds: a setting's effect at each level of the "
+                    "other (simple), averaged over the other (main), and how much the first setting's effect changes "
+                    "between levels of the second (interaction; a difference of differences). The first level named "
+                    "is the reference."
+                ),
+                Table(header, rows, ["l"] + ["r"] * (len(header) - 1)),
+            ],
+        )
     section("Over training", _figures(plots, lambda n: n in ("loss_pr.png", "downstream.png")))
     if len(arms) > 2:
         section("Every pair of arms, seed by seed", _pairwise_blocks(numbers.pairwise))
     diag = _figures(plots, lambda n: n.startswith("diagnosis_"))
     if diag:
-        intro = Para("For each arm at the end of training, each layer's key PR next to "
-                     "what shapes its keys: how unevenly its QK-Norm gains grew (gain CV), how sharp its attention "
-                     "became (entropy, max logit) and whether its key weights lost rank (W_K stable rank). Layers "
-                     f"flagged as collapsed ({collapse_rule()}) are shaded. These are associations at one point in "
-                     "training, not causes.")
+        intro = Para(
+            "For each arm at the end of training, each layer's key PR next to "
+            "what shapes its keys: how unevenly its QK-Norm gains grew (gain CV), how sharp its attention "
+            "became (entropy, max logit) and whether its key weights lost rank (W_K stable rank). Layers "
+            f"flagged as collapsed ({collapse_rule()}) are shaded. These are associations at one point in "
+            "training, not causes."
+        )
         section("Why do some layers collapse?", [intro] + diag + _collapsed_blocks(numbers))
     section("Functional rank", _figures(plots, lambda n: n in ("functional_rank.png", "rank_sweep.png")))
     corr = _correlation_blocks(numbers.correlations, quantity)
@@ -219,21 +287,35 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
         b += [Heading(2, "Figures"), Para("No data to plot yet.")]
 
     if ref_rows:
-        section("Compared with the seed study", [
-            Para("The seed's published single-seed numbers (DESIGN.md; ≈: read off its figures) next to this "
-                 "study's means over seeds at the same token counts, for the arms trained as the seed trained "
-                 "(its Muon: Q, K, V, O stacked, Polar Express); \"interpolated\": linearly in log tokens "
-                 "between a run's two neighbouring eval points."),
-            Table(ref_header, ref_rows, ["l"] + ["r"] * (len(ref_header) - 1))] + [Para(s) for s in ref_sentences])
+        section(
+            "Compared with the seed study",
+            [
+                Para(
+                    "The seed's published single-seed numbers (DESIGN.md; ≈: read off its figures) next to this "
+                    "study's means over seeds at the same token counts, for the arms trained as the seed trained "
+                    '(its Muon: Q, K, V, O stacked, Polar Express); "interpolated": linearly in log tokens '
+                    "between a run's two neighbouring eval points."
+                ),
+                Table(ref_header, ref_rows, ["l"] + ["r"] * (len(ref_header) - 1)),
+            ]
+            + [Para(s) for s in ref_sentences],
+        )
 
     summary = metric_summary(study.probes, arms=arms, finished=study.finished)
     st = _metric_table(summary, arms)
     if st is not None:
         sweep = any(p.path.name == "rank_sweep.png" for p in plots)
-        section("Every probe metric at the end of training", [
-            Para("Mean over heads, then layers (per-layer metrics: over layers), then seeds, with a 95% t-interval "
-                 "over seeds, at each arm's end point."
-                 + (" The rank sweep `dloss_r*` is drawn above instead." if sweep else "")), st])
+        section(
+            "Every probe metric at the end of training",
+            [
+                Para(
+                    "Mean over heads, then layers (per-layer metrics: over layers), then seeds, with a 95% t-interval "
+                    "over seeds, at each arm's end point."
+                    + (" The rank sweep `dloss_r*` is drawn above instead." if sweep else "")
+                ),
+                st,
+            ],
+        )
 
     shared = shared_settings_table(study)
     if shared is not None:
@@ -243,8 +325,10 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
 
 # --- the writers ----------------------------------------------------------------------------------------
 
-def write_report(study_dirs: StudyDirs, out_dir: str | Path | None = None, *,
-                 site: str = "k", metric: str = "pr_sv") -> Path:
+
+def write_report(
+    study_dirs: StudyDirs, out_dir: str | Path | None = None, *, site: str = "k", metric: str = "pr_sv"
+) -> Path:
     """Write ``out_dir/report.md``, ``out_dir/report.html`` (self-contained: figures embedded) and the
     figures under ``out_dir/plots/``; return the path of report.md.
 
@@ -272,19 +356,34 @@ def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv
     n_done = sum(r.done for r in study.runs)
     n_div = sum(r.diverged for r in study.runs)
     seeds = max((len({r.seed for r in study.runs if r.arm == a}) for a in study.arms), default=0)
-    head = (f"{_title(study)}: {len(study.runs)} runs, {n_done} finished" + (f", {n_div} diverged" if n_div else "")
-            + (f"; up to {seeds} seeds per arm" if seeds > 1 else "; one seed per arm: no interval is possible"
-               if seeds == 1 else ""))
+    head = (
+        f"{_title(study)}: {len(study.runs)} runs, {n_done} finished"
+        + (f", {n_div} diverged" if n_div else "")
+        + (
+            f"; up to {seeds} seeds per arm"
+            if seeds > 1
+            else "; one seed per arm: no interval is possible"
+            if seeds == 1
+            else ""
+        )
+    )
     lines = [head, "", format_table(table, "text")]
     crossed = _crossed_sentences(numbers)
     if crossed:
         lines += ["", "two settings crossed (report.md has every effect):"] + [f"  {w}" for w in crossed]
-    div = [f"{r.arm}/seed-{r.seed}" + (f" after {fmt_count(r.last_finite_tokens)}" if r.last_finite_tokens is not None
-                                        else "") for r in study.runs if r.diverged]
+    div = [
+        f"{r.arm}/seed-{r.seed}"
+        + (f" after {fmt_count(r.last_finite_tokens)}" if r.last_finite_tokens is not None else "")
+        for r in study.runs
+        if r.diverged
+    ]
     if div:
         lines += ["", "diverged: " + ", ".join(div)]
-    open_runs = [f"{r.arm}/seed-{r.seed}" + (f" at {fmt_count(r.last_tokens)}" if r.last_tokens is not None else "")
-                 for r in study.runs if not r.done and not r.diverged]
+    open_runs = [
+        f"{r.arm}/seed-{r.seed}" + (f" at {fmt_count(r.last_tokens)}" if r.last_tokens is not None else "")
+        for r in study.runs
+        if not r.done and not r.diverged
+    ]
     if open_runs:
         lines += ["", "unfinished: " + ", ".join(open_runs)]
     return "\n".join(lines)

@@ -38,8 +38,8 @@ _OFF = ("none", "off", "false", "0", "0.0", "")
 
 @dataclass(frozen=True)
 class Factor:
-    key: str                  # the setting, e.g. model.qk_norm
-    levels: tuple[str, ...]   # levels[0] is the reference
+    key: str  # the setting, e.g. model.qk_norm
+    levels: tuple[str, ...]  # levels[0] is the reference
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ class Grid:
 
 @dataclass(frozen=True)
 class Effect:
-    kind: str          # "main" | "simple" | "interaction"
-    factor: str        # the setting whose change is measured
-    level: str         # the level compared with the reference
+    kind: str  # "main" | "simple" | "interaction"
+    factor: str  # the setting whose change is measured
+    level: str  # the level compared with the reference
     reference: str
-    at: str            # "" (main), the other setting's level (simple), or its level vs its reference
+    at: str  # "" (main), the other setting's level (simple), or its level vs its reference
     diff: Difference
 
 
@@ -65,8 +65,10 @@ def _text(v: Any) -> str:
 
 def find_grid(arm_configs: Mapping[str, Mapping[str, Any]], arm_order: Sequence[str]) -> Grid | None:
     """The two settings the arms cross, if the arms are exactly one full grid over them."""
-    flat = {arm: {k: _text(v) for k, v in flatten(cfg).items() if k.startswith(_SECTIONS)}
-            for arm, cfg in arm_configs.items()}
+    flat = {
+        arm: {k: _text(v) for k, v in flatten(cfg).items() if k.startswith(_SECTIONS)}
+        for arm, cfg in arm_configs.items()
+    }
     arms = [a for a in arm_order if a in flat]
     if len(arms) < 4:
         return None
@@ -108,16 +110,29 @@ def effects(grid: Grid, series: pd.DataFrame, finished: Collection[tuple[str, in
     if set(ends) != set(arms) or len(set(ends.values())) != 1:
         return []
     end = next(iter(ends.values()))
-    v = {cell: {s: val for s, (val, _) in seed_values(series, arm, end).items() if math.isfinite(val)}
-         for cell, arm in grid.cells.items()}
+    v = {
+        cell: {s: val for s, (val, _) in seed_values(series, arm, end).items() if math.isfinite(val)}
+        for cell, arm in grid.cells.items()
+    }
     out: list[Effect] = []
     for f, g, at in ((grid.a, grid.b, lambda x, y: (x, y)), (grid.b, grid.a, lambda x, y: (y, x))):
         ref = f.levels[0]
         for level in f.levels[1:]:
             simple = {o: (v[at(level, o)], v[at(ref, o)]) for o in g.levels}
-            out.append(Effect("main", f.key, level, ref, "", paired_difference(
-                _mean_dicts([x for x, _ in simple.values()]), _mean_dicts([y for _, y in simple.values()]),
-                names=(level, ref))))
+            out.append(
+                Effect(
+                    "main",
+                    f.key,
+                    level,
+                    ref,
+                    "",
+                    paired_difference(
+                        _mean_dicts([x for x, _ in simple.values()]),
+                        _mean_dicts([y for _, y in simple.values()]),
+                        names=(level, ref),
+                    ),
+                )
+            )
             for o, (x, y) in simple.items():
                 out.append(Effect("simple", f.key, level, ref, o, paired_difference(x, y, names=(level, ref))))
     # the interaction, once: how A's effect changes from B's reference to each other level of B
@@ -126,13 +141,22 @@ def effects(grid: Grid, series: pd.DataFrame, finished: Collection[tuple[str, in
         base = _minus(v[(la, b.levels[0])], v[(a.levels[0], b.levels[0])])
         for lb in b.levels[1:]:
             other = _minus(v[(la, lb)], v[(a.levels[0], lb)])
-            out.append(Effect("interaction", a.key, la, a.levels[0], f"{lb} vs {b.levels[0]}",
-                              paired_difference(other, base, names=(lb, b.levels[0]))))
+            out.append(
+                Effect(
+                    "interaction",
+                    a.key,
+                    la,
+                    a.levels[0],
+                    f"{lb} vs {b.levels[0]}",
+                    paired_difference(other, base, names=(lb, b.levels[0])),
+                )
+            )
     return out
 
 
-def effects_table(grid: Grid, quantities: Sequence[tuple[Quantity, pd.DataFrame]],
-                  finished: Collection[tuple[str, int]] | None = None) -> pd.DataFrame:
+def effects_table(
+    grid: Grid, quantities: Sequence[tuple[Quantity, pd.DataFrame]], finished: Collection[tuple[str, int]] | None = None
+) -> pd.DataFrame:
     """One row per (effect, quantity): kind, factor, level, reference, at, quantity, key, mean, lo,
     hi, p, n, test, resolved, decimals (taken from the quantity)."""
     rows = []
@@ -142,10 +166,26 @@ def effects_table(grid: Grid, quantities: Sequence[tuple[Quantity, pd.DataFrame]
         dec = decimals_for(series["value"].to_numpy(dtype=float), q.label, q.decimals)
         for e in effects(grid, series, finished):
             d = e.diff
-            rows.append({"kind": e.kind, "factor": e.factor, "level": e.level, "reference": e.reference,
-                         "at": e.at, "quantity": q.label, "key": q.key, "higher": q.higher, "mean": d.mean,
-                         "lo": d.lo, "hi": d.hi, "p": d.p, "n": d.n, "test": d.test, "resolved": d.resolved,
-                         "decimals": dec})
+            rows.append(
+                {
+                    "kind": e.kind,
+                    "factor": e.factor,
+                    "level": e.level,
+                    "reference": e.reference,
+                    "at": e.at,
+                    "quantity": q.label,
+                    "key": q.key,
+                    "higher": q.higher,
+                    "mean": d.mean,
+                    "lo": d.lo,
+                    "hi": d.hi,
+                    "p": d.p,
+                    "n": d.n,
+                    "test": d.test,
+                    "resolved": d.resolved,
+                    "decimals": dec,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -198,19 +238,26 @@ def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]
             continue
         ns = set(simple["n"].astype(int))
         dec = int(simple["decimals"].iloc[0])
-        parts = [(f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)}" if math.isfinite(r.lo)
-                  else signed(r.mean, dec)) + f" at {b.key} = {r.at}"
-                 + ("" if len(ns) == 1 else f" ({seeds_text(int(r.n))})") for r in simple.itertuples()]
+        parts = [
+            (f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)}" if math.isfinite(r.lo) else signed(r.mean, dec))
+            + f" at {b.key} = {r.at}"
+            + ("" if len(ns) == 1 else f" ({seeds_text(int(r.n))})")
+            for r in simple.itertuples()
+        ]
         over = f" over {seeds_text(ns.pop())}" if len(ns) == 1 else ""
         out.append(f"{name[0].upper() + name[1:]}, {a.key} {la} − {a.levels[0]}{over}: " + "; ".join(parts) + ".")
         inter = t[(t["kind"] == "interaction") & (t["level"] == la)]
         for r in inter.itertuples():
             at, ref = r.at.split(" vs ")
             if not math.isfinite(r.lo):
-                out.append(f"That effect changes by {signed(r.mean, dec)} from {b.key} = {ref} to {at} "
-                           "(one seed: no interval).")
+                out.append(
+                    f"That effect changes by {signed(r.mean, dec)} from {b.key} = {ref} to {at} "
+                    "(one seed: no interval)."
+                )
                 continue
-            verdict = ("beyond seed noise" if r.resolved else "not distinguishable from seed noise")
-            out.append(f"From {b.key} = {ref} to {at} that effect changes by {signed(r.mean, dec)} "
-                       f"{fmt_interval(r.lo, r.hi, dec)} ({fmt_p(r.p)}): {verdict}.")
+            verdict = "beyond seed noise" if r.resolved else "not distinguishable from seed noise"
+            out.append(
+                f"From {b.key} = {ref} to {at} that effect changes by {signed(r.mean, dec)} "
+                f"{fmt_interval(r.lo, r.hi, dec)} ({fmt_p(r.p)}): {verdict}."
+            )
     return out

@@ -102,5 +102,15 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str
     return out
 
 
-__all__ = ["MINUS", "signed", "fmt_p", "bare_p", "fmt_interval", "seeds_text", "decimals_for", "fmt_mean_ci",
-           "describe", "text_table"]
+__all__ = [
+    "MINUS",
+    "signed",
+    "fmt_p",
+    "bare_p",
+    "fmt_interval",
+    "seeds_text",
+    "decimals_for",
+    "fmt_mean_ci",
+    "describe",
+    "text_table",
+]

@@ -1,11 +1,10 @@
 """Figures across layers and heads at one point of training: each arm's per-layer bars, the
-collapse diagnosis, functional rank next to key PR, the rank sweep behind it, and the layer x head
-heatmap of one model that `rankscope analyze` draws. The shared house style is in `plotstyle.py`.
+collapse diagnosis, functional rank next to key PR, and the rank sweep behind it. The shared house
+style is in `plotstyle.py`.
 """
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +23,17 @@ from .plotstyle import FLAG, REFERENCE, Plot, ci_err, save, style_axes
 
 # --- 1. per-layer bars at the end of training ---------------------------------------------------
 
-def plot_layer_pr(layer_stats: pd.DataFrame, arm: str, color, path: Path, *, ymax: float,
-                  head_dim: int | None = None, quantity: str = "mean key PR") -> Plot | None:
+
+def plot_layer_pr(
+    layer_stats: pd.DataFrame,
+    arm: str,
+    color,
+    path: Path,
+    *,
+    ymax: float,
+    head_dim: int | None = None,
+    quantity: str = "mean key PR",
+) -> Plot | None:
     """Bars of `quantity` per layer at the arm's END; whiskers: 95% t interval over seeds; grey line = arm mean.
 
     `layer_stats`: one arm's rows of (layer, mean, lo, hi, n, tokens) at one eval point.
@@ -49,21 +57,43 @@ def plot_layer_pr(layer_stats: pd.DataFrame, arm: str, color, path: Path, *, yma
     if len(layers) <= 40:  # print each bar's value: the seed's post reads layers off by number
         for x, y, top in zip(layers, means, tops):
             if np.isfinite(y):
-                ax.annotate(f"{y:.0f}" if ymax >= 20 else f"{y:.1f}", (x, top), xytext=(0, 2),
-                            textcoords="offset points", ha="center", va="bottom",
-                            fontsize=7 if len(layers) > 16 else 8)
+                ax.annotate(
+                    f"{y:.0f}" if ymax >= 20 else f"{y:.1f}",
+                    (x, top),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7 if len(layers) > 16 else 8,
+                )
     arm_mean = float(np.nanmean(means))
     ax.axhline(arm_mean, color=REFERENCE, lw=1.2, zorder=1)
     # reference labels go in the right margin, where no bar or value label can sit under them
     close = bool(head_dim) and abs(head_dim - arm_mean) < 0.12 * ymax  # two-line labels would collide
-    ax.annotate(f"mean\n{arm_mean:.1f}", (1.0, arm_mean), xycoords=("axes fraction", "data"),
-                xytext=(4, 0), textcoords="offset points", ha="left", va="top" if close else "center",
-                fontsize=8, color="0.25")
+    ax.annotate(
+        f"mean\n{arm_mean:.1f}",
+        (1.0, arm_mean),
+        xycoords=("axes fraction", "data"),
+        xytext=(4, 0),
+        textcoords="offset points",
+        ha="left",
+        va="top" if close else "center",
+        fontsize=8,
+        color="0.25",
+    )
     if head_dim:
         ax.axhline(head_dim, color=REFERENCE, ls="--", lw=1, zorder=1)
-        ax.annotate(f"head\ndim {head_dim}", (1.0, head_dim), xycoords=("axes fraction", "data"),
-                    xytext=(4, 0), textcoords="offset points", ha="left", va="bottom" if close else "center",
-                    fontsize=8, color=REFERENCE)
+        ax.annotate(
+            f"head\ndim {head_dim}",
+            (1.0, head_dim),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            ha="left",
+            va="bottom" if close else "center",
+            fontsize=8,
+            color=REFERENCE,
+        )
     ax.set_ylim(0, ymax)
     ax.set_xlim(layers.min() - 0.7, layers.max() + 0.7)
     if len(layers) <= 32:
@@ -72,22 +102,41 @@ def plot_layer_pr(layer_stats: pd.DataFrame, arm: str, color, path: Path, *, yma
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))
     ax.set_xlabel("layer")
     ax.set_ylabel(f"{quantity} (dimensions)")
-    ax.set_title(f"{arm}: {quantity} per layer at {fmt_count(tokens)} tokens"
-                 + (f" (mean of {seeds_text(n)})" if n > 1 else " (one seed)"), fontsize=11)
+    ax.set_title(
+        f"{arm}: {quantity} per layer at {fmt_count(tokens)} tokens"
+        + (f" (mean of {seeds_text(n)})" if n > 1 else " (one seed)"),
+        fontsize=11,
+    )
     ax.grid(axis="y", alpha=0.25, zorder=0)
     ax.spines[["top", "right"]].set_visible(False)
     save(fig, path)
-    caption = (f"{arm}: {quantity} of each layer (mean over its heads) at {fmt_count(tokens)} tokens"
-               + (f", mean of {seeds_text(n)} with whiskers spanning the 95% t-interval over seeds" if n > 1
-                  else ", one seed (no interval possible)")
-               + f"; grey line: the arm's mean over layers ({arm_mean:.1f}); same y-axis for every arm.")
+    caption = (
+        f"{arm}: {quantity} of each layer (mean over its heads) at {fmt_count(tokens)} tokens"
+        + (
+            f", mean of {seeds_text(n)} with whiskers spanning the 95% t-interval over seeds"
+            if n > 1
+            else ", one seed (no interval possible)"
+        )
+        + f"; grey line: the arm's mean over layers ({arm_mean:.1f}); same y-axis for every arm."
+    )
     return Plot(path, caption)
 
 
 # --- 2. why do some layers collapse? per-layer diagnosis --------------------------------------------
 
-def plot_diagnosis(arm: str, panels: list[DiagPanel], color, path: Path, *, tokens: float, n_seeds: int,
-                   n_layers: int, flagged: Sequence[int] = (), flag_rule: str = "") -> Plot | None:
+
+def plot_diagnosis(
+    arm: str,
+    panels: list[DiagPanel],
+    color,
+    path: Path,
+    *,
+    tokens: float,
+    n_seeds: int,
+    n_layers: int,
+    flagged: Sequence[int] = (),
+    flag_rule: str = "",
+) -> Plot | None:
     """One column of panels, one quantity each, across the layers of `arm` at its END, with the
     collapsed layers (`flagged`) shaded in every panel so what they did differently lines up.
 
@@ -118,21 +167,50 @@ def plot_diagnosis(arm: str, panels: list[DiagPanel], color, path: Path, *, toke
                 m = s["mean"].to_numpy(float)
                 ax.bar(x, m, width=w * 0.92, zorder=2, label=name or None, **style)
                 if (s["n"] > 1).any():
-                    ax.errorbar(x, m, yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)),
-                                fmt="none", ecolor="0.15", elinewidth=0.9, capsize=1.5, zorder=3)
+                    ax.errorbar(
+                        x,
+                        m,
+                        yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)),
+                        fmt="none",
+                        ecolor="0.15",
+                        elinewidth=0.9,
+                        capsize=1.5,
+                        zorder=3,
+                    )
             if p.heads is not None and len(p.heads):
                 h = p.heads
                 n_heads = max(int(h["head"].max()) + 1, 1)
                 jitter = (h["head"].to_numpy(float) / max(n_heads - 1, 1) - 0.5) * 0.5 if n_heads > 1 else 0.0
-                ax.scatter(h["layer"].to_numpy(float) + jitter, h["value"].to_numpy(float), s=7, color="0.1",
-                           zorder=4, linewidths=0, alpha=0.75)
+                ax.scatter(
+                    h["layer"].to_numpy(float) + jitter,
+                    h["value"].to_numpy(float),
+                    s=7,
+                    color="0.1",
+                    zorder=4,
+                    linewidths=0,
+                    alpha=0.75,
+                )
             if len(series) > 1:  # above the panel, beside its left-aligned title: no bar or whisker under it
-                ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False,
-                          ncols=len(series), borderaxespad=0.1)
+                ax.legend(
+                    fontsize=7,
+                    loc="lower right",
+                    bbox_to_anchor=(1.0, 1.0),
+                    frameon=False,
+                    ncols=len(series),
+                    borderaxespad=0.1,
+                )
         if p.hline:
             ax.axhline(p.hline[0], color=REFERENCE, ls="--", lw=0.9, zorder=1)
-            ax.annotate(p.hline[1], (1.0, p.hline[0]), xycoords=("axes fraction", "data"), xytext=(3, 0),
-                        textcoords="offset points", fontsize=7, color=REFERENCE, va="center")
+            ax.annotate(
+                p.hline[1],
+                (1.0, p.hline[0]),
+                xycoords=("axes fraction", "data"),
+                xytext=(3, 0),
+                textcoords="offset points",
+                fontsize=7,
+                color=REFERENCE,
+                va="center",
+            )
         ax.set_ylim(*p.ylim)
         ax.set_title(p.title, fontsize=9.5, loc="left")
         ax.set_ylabel(p.ylabel, fontsize=8)
@@ -152,23 +230,42 @@ def plot_diagnosis(arm: str, panels: list[DiagPanel], color, path: Path, *, toke
     seeds = f"mean of {seeds_text(n_seeds)}" if n_seeds > 1 else "one seed"
     fig.suptitle(f"{arm}: per-layer diagnosis at {fmt_count(tokens)} tokens ({seeds})", fontsize=11)
     save(fig, path)
-    flagged_text = (f"shaded in red: layers {', '.join(map(str, flagged))} ({flag_rule})" if flagged
-                    else f"no layer is flagged as collapsed ({flag_rule})" if flag_rule else "")
-    caption = (f"{arm}: per-layer diagnosis at {fmt_count(tokens)} tokens, one quantity per row "
-               f"({', '.join(p.title.split(' (')[0] for p in panels)}). Bars: mean over heads, then "
-               + (f"over {seeds_text(n_seeds)}, whiskers the 95% t-interval over seeds (cut at the panel edge "
-                  "where they run past it: the scale follows the bars)" if n_seeds > 1
-                  else "one seed (no interval possible)")
-               + "; dots: individual heads (mean over seeds); every row's y-axis is shared by all arms"
-               + (f"; {flagged_text}" if flagged_text else "") + ".")
+    flagged_text = (
+        f"shaded in red: layers {', '.join(map(str, flagged))} ({flag_rule})"
+        if flagged
+        else f"no layer is flagged as collapsed ({flag_rule})"
+        if flag_rule
+        else ""
+    )
+    caption = (
+        f"{arm}: per-layer diagnosis at {fmt_count(tokens)} tokens, one quantity per row "
+        f"({', '.join(p.title.split(' (')[0] for p in panels)}). Bars: mean over heads, then "
+        + (
+            f"over {seeds_text(n_seeds)}, whiskers the 95% t-interval over seeds (cut at the panel edge "
+            "where they run past it: the scale follows the bars)"
+            if n_seeds > 1
+            else "one seed (no interval possible)"
+        )
+        + "; dots: individual heads (mean over seeds); every row's y-axis is shared by all arms"
+        + (f"; {flagged_text}" if flagged_text else "")
+        + "."
+    )
     return Plot(path, caption)
 
 
 # --- 3. functional rank next to key PR ---------------------------------------------------------------
 
-def plot_functional_rank(data: dict[str, pd.DataFrame], arms: list[str], colors: dict, path: Path, *,
-                         head_dim: int | None = None, tokens: dict[str, float] | None = None,
-                         n_seeds: dict[str, int] | None = None) -> Plot | None:
+
+def plot_functional_rank(
+    data: dict[str, pd.DataFrame],
+    arms: list[str],
+    colors: dict,
+    path: Path,
+    *,
+    head_dim: int | None = None,
+    tokens: dict[str, float] | None = None,
+    n_seeds: dict[str, int] | None = None,
+) -> Plot | None:
     """Per arm (one panel each, shared y), per layer: key PR and functional rank side by side.
 
     `data[arm]`: rows (layer, series in {"key PR", "functional rank"}, mean, lo, hi, n).
@@ -184,8 +281,9 @@ def plot_functional_rank(data: dict[str, pd.DataFrame], arms: list[str], colors:
     fig = Figure(figsize=(panel_w * ncols, 3.3 * nrows + 0.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
     top = max(float(np.nanmax(d["mean"].to_numpy(float))) for a, d in data.items() if a in arms and len(d))
-    whisk = max(float(np.nanmax(np.append(d["hi"].to_numpy(float), -np.inf))) for a, d in data.items()
-                if a in arms and len(d))
+    whisk = max(
+        float(np.nanmax(np.append(d["hi"].to_numpy(float), -np.inf))) for a, d in data.items() if a in arms and len(d)
+    )
     top = max(top, min(whisk, top * 1.25))  # whiskers never set the scale (see layers.diagnoses)
     top = max(top, head_dim or 0) * 1.08
     max_n = 1
@@ -197,12 +295,19 @@ def plot_functional_rank(data: dict[str, pd.DataFrame], arms: list[str], colors:
                 continue
             x = s["layer"].to_numpy(float) + (j - 0.5) * 0.38
             m = s["mean"].to_numpy(float)
-            ax.bar(x, m, width=0.36, color=colors[a], alpha=alpha, hatch=hatch, zorder=2,
-                   edgecolor=colors[a], lw=0.8)
+            ax.bar(x, m, width=0.36, color=colors[a], alpha=alpha, hatch=hatch, zorder=2, edgecolor=colors[a], lw=0.8)
             if (s["n"] > 1).any():
                 max_n = max(max_n, int(s["n"].max()))
-                ax.errorbar(x, m, yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)), fmt="none",
-                            ecolor="0.2", elinewidth=0.9, capsize=1.5, zorder=3)
+                ax.errorbar(
+                    x,
+                    m,
+                    yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)),
+                    fmt="none",
+                    ecolor="0.2",
+                    elinewidth=0.9,
+                    capsize=1.5,
+                    zorder=3,
+                )
         if head_dim:
             ax.axhline(head_dim, color=REFERENCE, ls="--", lw=1, zorder=1)
         ax.set_ylim(0, top)
@@ -215,7 +320,7 @@ def plot_functional_rank(data: dict[str, pd.DataFrame], arms: list[str], colors:
         ax.set_title(f"{a}{when}{seeds}", fontsize=10)
         ax.grid(axis="y", alpha=0.25, zorder=0)
         ax.spines[["top", "right"]].set_visible(False)
-    for ax in axes[len(arms):]:
+    for ax in axes[len(arms) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("dimensions")
     handles = [Patch(facecolor="0.5", alpha=0.35, edgecolor="0.5"), Patch(facecolor="0.5", alpha=0.95)]
@@ -225,17 +330,28 @@ def plot_functional_rank(data: dict[str, pd.DataFrame], arms: list[str], colors:
         labels.append(f"head dim {head_dim}")
     fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False, fontsize=9)
     save(fig, path)
-    caption = ("Functional rank of the keys (the smallest projection rank r of each head's keys that keeps the "
-               "loss within 1%: the dimensions the model actually uses; solid) next to the key PR (pale), per "
-               "layer at the last point where functional rank was measured; "
-               + ("bars are means over seeds, whiskers 95% t-intervals over seeds" if max_n > 1
-                  else "one seed, no interval possible")
-               + "; shared y-axis.")
+    caption = (
+        "Functional rank of the keys (the smallest projection rank r of each head's keys that keeps the "
+        "loss within 1%: the dimensions the model actually uses; solid) next to the key PR (pale), per "
+        "layer at the last point where functional rank was measured; "
+        + (
+            "bars are means over seeds, whiskers 95% t-intervals over seeds"
+            if max_n > 1
+            else "one seed, no interval possible"
+        )
+        + "; shared y-axis."
+    )
     return Plot(path, caption)
 
 
-def plot_rank_sweep(curves: dict[str, pd.DataFrame], arms: list[str], path: Path, *,
-                    tokens: dict[str, float] | None = None, threshold: float = 0.01) -> Plot | None:
+def plot_rank_sweep(
+    curves: dict[str, pd.DataFrame],
+    arms: list[str],
+    path: Path,
+    *,
+    tokens: dict[str, float] | None = None,
+    threshold: float = 0.01,
+) -> Plot | None:
     """Per arm, the relative loss increase when every head's keys are projected onto their top-r
     directions, against r, one line per layer (mean over seeds). The functional rank is where a
     layer's line crosses the dashed 1% threshold.
@@ -270,75 +386,25 @@ def plot_rank_sweep(curves: dict[str, pd.DataFrame], arms: list[str], path: Path
         when = f" at {fmt_count(tokens[a])}" if tokens and a in tokens else ""
         ax.set_title(f"{a}{when}", fontsize=10)
         style_axes(ax)
-    for ax in axes[len(arms):]:
+    for ax in axes[len(arms) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("relative loss increase")
     sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-    cb = fig.colorbar(sm, ax=list(axes[:len(arms)]), pad=0.01, aspect=30)
+    cb = fig.colorbar(sm, ax=list(axes[: len(arms)]), pad=0.01, aspect=30)
     cb.locator = MaxNLocator(integer=True)  # layers are whole numbers
     cb.update_ticks()
     cb.set_label("layer")
     save(fig, path)
-    caption = ("Rank sweep of the keys: the relative loss increase when each head's keys are projected onto their "
-               "top-r principal directions, against r (log scale), one line per layer (colour), mean over seeds; "
-               f"dashed red: the {threshold:.0%} threshold that defines the functional rank; y-axis symlog "
-               "(linear near 0).")
+    caption = (
+        "Rank sweep of the keys: the relative loss increase when each head's keys are projected onto their "
+        "top-r principal directions, against r (log scale), one line per layer (colour), mean over seeds; "
+        f"dashed red: the {threshold:.0%} threshold that defines the functional rank; y-axis symlog "
+        "(linear near 0)."
+    )
     return Plot(path, caption)
 
 
 # --- 4. one model's layers x heads (`rankscope analyze`) ---------------------------------------------
 
-def plot_head_heatmap(grid: pd.DataFrame, path: Path, *, title: str, subtitle: str, head_dim: int,
-                      grouped: bool = False) -> Path:
-    """Heatmap of key PR per layer (rows, layer 0 on top) and key head (columns), on the absolute
-    scale 1..head_dim so that collapse reads the same in every model; beside it each layer's mean."""
-    L, H = grid.shape
-    values = grid.to_numpy(float)
-    cell_w, cell_h = (0.55 if H <= 16 else 0.3), (0.32 if L <= 24 else 0.2)
-    width = max(6.0, 2.2 + H * cell_w + 2.0)
-    height = max(3.4, 1.5 + L * cell_h)
-    fig = Figure(figsize=(width, height), layout="constrained")
-    ax, bar_ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [max(H, 2.5), max(1.6, H * 0.35)]})
-    cmap = "viridis"
-    mesh = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=1.0, vmax=float(head_dim), aspect="auto",
-                     interpolation="nearest")
-    ax.set_xticks(range(H), [str(h) for h in grid.columns])
-    ax.set_yticks(range(L), [str(i) for i in grid.index])
-    if L > 32:
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=24))
-    ax.set_xlabel("key/value head" if grouped else "head")
-    ax.set_ylabel("layer")
-    if L * H <= 400:  # values in the cells while they stay legible
-        size = 8 if H <= 12 else 6.5
-        norm = mesh.norm
-        for i in range(L):
-            for j in range(H):
-                v = values[i, j]
-                if np.isfinite(v):
-                    light = mesh.cmap(norm(v))[:3]
-                    dark_text = 0.299 * light[0] + 0.587 * light[1] + 0.114 * light[2] > 0.5
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=size,
-                            color="black" if dark_text else "white")
 
-    means = np.nanmean(values, axis=1)
-    colors = mesh.cmap(mesh.norm(means))
-    bar_ax.barh(range(L), means, color=colors, edgecolor="0.3", linewidth=0.5)
-    bar_ax.axvline(float(np.nanmean(values)), color="0.35", linestyle="--", linewidth=1)
-    bar_ax.set_xlim(0, head_dim)
-    bar_ax.set_xlabel("layer mean\n(dashed: all heads)")
-    bar_ax.tick_params(axis="y", left=False)
-    for i, m in enumerate(means):
-        if np.isfinite(m):
-            bar_ax.text(min(m, head_dim) + head_dim * 0.02, i, f"{m:.1f}", va="center", fontsize=8,
-                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85})
-    bar_ax.set_xlim(0, head_dim * 1.22)
-    cb = fig.colorbar(mesh, ax=[ax, bar_ax], location="right", pad=0.02, fraction=0.04, aspect=30)
-    cb.set_label(f"key PR (1 = one direction, {head_dim} = all)")
-    # wrap to the figure's width (about 12 characters per inch at 9.5 pt) so nothing is cut off
-    chars = max(40, int(width * 12))
-    lines = [textwrap.fill(line, chars) for line in f"{title}\n{subtitle}".splitlines()]
-    fig.suptitle("\n".join(lines), fontsize=9.5)
-    return save(fig, path)
-
-
-__all__ = ["plot_layer_pr", "plot_diagnosis", "plot_functional_rank", "plot_rank_sweep", "plot_head_heatmap"]
+__all__ = ["plot_layer_pr", "plot_diagnosis", "plot_functional_rank", "plot_rank_sweep"]

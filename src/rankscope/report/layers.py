@@ -57,12 +57,22 @@ class DiagSpec:
 
 DIAGNOSIS: tuple[DiagSpec, ...] = (
     DiagSpec("key_pr", "key PR (participation ratio of the keys)", "PR (dims)", (("", "k", "pr_sv"),), True),
-    DiagSpec("gain_cv", "QK-Norm gain spread (coefficient of variation of the gains)", "gain CV",
-             (("keys", "k_gain", "gain_cv"), ("queries", "q_gain", "gain_cv")), False),
+    DiagSpec(
+        "gain_cv",
+        "QK-Norm gain spread (coefficient of variation of the gains)",
+        "gain CV",
+        (("keys", "k_gain", "gain_cv"), ("queries", "q_gain", "gain_cv")),
+        False,
+    ),
     DiagSpec("entropy", "attention entropy (mean over queries)", "entropy (nats)", (("", "attn", "entropy"),), True),
     DiagSpec("max_logit", "max attention logit", "max logit", (("", "attn", "max_logit"),), True),
-    DiagSpec("wk_stable_rank", "W_K stable rank (each head's key weights)", "stable rank",
-             (("", "w_k", "stable_rank"),), True),
+    DiagSpec(
+        "wk_stable_rank",
+        "W_K stable rank (each head's key weights)",
+        "stable rank",
+        (("", "w_k", "stable_rank"),),
+        True,
+    ),
 )
 
 
@@ -72,8 +82,9 @@ def _partition(probes: pd.DataFrame, pairs: Collection[tuple[str, str]]) -> dict
     return {(str(s), str(m)): g for (s, m), g in sub.groupby(["site", "metric"], sort=False) if (s, m) in want}
 
 
-def layer_stats_at(rows: pd.DataFrame, arm: str, tokens: int,
-                   seeds: Collection[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def layer_stats_at(
+    rows: pd.DataFrame, arm: str, tokens: int, seeds: Collection[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(layer stats, per-head means) of one arm's rows of one (site, metric) at `tokens`.
 
     `seeds`: the runs that reached `tokens` (by default, those with a row at exactly `tokens`). Only
@@ -120,8 +131,9 @@ class Diagnosis:
     layer_values: dict[str, pd.DataFrame]  # spec key -> (layer, mean) of the first series
 
 
-def diagnoses(probes: pd.DataFrame, arms: Sequence[str], ends: dict[str, int],
-              head_dim: int | None = None) -> tuple[list[Diagnosis], int]:
+def diagnoses(
+    probes: pd.DataFrame, arms: Sequence[str], ends: dict[str, int], head_dim: int | None = None
+) -> tuple[list[Diagnosis], int]:
     """One `Diagnosis` per arm with key PR at its END (`ends`, from the key PR series), and the
     number of layers. Each quantity's y-range is shared by all arms; quantities no arm recorded
     are left out, and an arm lacking one (no QK-Norm, so no gains) says so in its panel."""
@@ -132,8 +144,10 @@ def diagnoses(probes: pd.DataFrame, arms: Sequence[str], ends: dict[str, int],
     n_layers = 0
     # the runs that reached each arm's END (they have key PR there); only they describe the end
     key_rows = parts.get(("k", "pr_sv"), probes.iloc[:0])
-    reached = {a: set(key_rows.loc[(key_rows["arm"] == a) & (key_rows["tokens"] == t), "seed"].tolist())
-               for a, t in ends.items()}
+    reached = {
+        a: set(key_rows.loc[(key_rows["arm"] == a) & (key_rows["tokens"] == t), "seed"].tolist())
+        for a, t in ends.items()
+    }
     for a in arms:
         if a not in ends:
             continue
@@ -149,8 +163,11 @@ def diagnoses(probes: pd.DataFrame, arms: Sequence[str], ends: dict[str, int],
                     n_layers = max(n_layers, int(st["layer"].max()) + 1)
                 if spec.per_head and len(hd):
                     heads.append(hd)
-            layer_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-                columns=["layer", "series", "mean", "lo", "hi", "n"])
+            layer_df = (
+                pd.concat(frames, ignore_index=True)
+                if frames
+                else pd.DataFrame(columns=["layer", "series", "mean", "lo", "hi", "n"])
+            )
             head_df = pd.concat(heads, ignore_index=True) if heads else None
             per_arm[a][spec.key] = (layer_df, head_df)
 
@@ -193,8 +210,11 @@ def diagnoses(probes: pd.DataFrame, arms: Sequence[str], ends: dict[str, int],
         key_pr = data.get("key_pr", (pd.DataFrame(), None))[0]
         flagged = collapsed_layers(key_pr) if len(key_pr) else []
         n = int(key_pr["n"].max()) if len(key_pr) else 0
-        values = {spec.key: data[spec.key][0][data[spec.key][0]["series"] == spec.series[0][0]][["layer", "mean"]]
-                  for spec in specs if len(data[spec.key][0])}
+        values = {
+            spec.key: data[spec.key][0][data[spec.key][0]["series"] == spec.series[0][0]][["layer", "mean"]]
+            for spec in specs
+            if len(data[spec.key][0])
+        }
         out.append(Diagnosis(a, int(ends[a]), n, panels, flagged, values))
     return out, n_layers
 
@@ -222,9 +242,10 @@ def collapsed_rows(diag: Diagnosis, titles: dict[str, str]) -> list[dict[str, st
 
 # --- functional rank and the rank sweep ------------------------------------------------------------
 
-def functional_rank_data(probes: pd.DataFrame, arms: Sequence[str],
-                         finished: Collection[tuple[str, int]] | None = None, site: str = "k"
-                         ) -> tuple[dict[str, pd.DataFrame], dict[str, int], dict[str, int]]:
+
+def functional_rank_data(
+    probes: pd.DataFrame, arms: Sequence[str], finished: Collection[tuple[str, int]] | None = None, site: str = "k"
+) -> tuple[dict[str, pd.DataFrame], dict[str, int], dict[str, int]]:
     """Per arm: (layer, series, mean, lo, hi, n) for "functional rank" and "key PR" at the last
     point where functional rank was measured (usually only the end), that point, and the seeds.
     Empty dicts when no run recorded functional rank (an older study)."""
@@ -269,5 +290,15 @@ def rank_sweep_curves(probes: pd.DataFrame, ends: dict[str, int], site: str = "k
     return out
 
 
-__all__ = ["DIAGNOSIS", "COLLAPSE_SHARE", "Diagnosis", "diagnoses", "collapsed_layers", "collapse_rule",
-           "collapsed_rows", "functional_rank_data", "rank_sweep_curves", "layer_stats_at"]
+__all__ = [
+    "DIAGNOSIS",
+    "COLLAPSE_SHARE",
+    "Diagnosis",
+    "diagnoses",
+    "collapsed_layers",
+    "collapse_rule",
+    "collapsed_rows",
+    "functional_rank_data",
+    "rank_sweep_curves",
+    "layer_stats_at",
+]

@@ -18,16 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import RankscopeError
-from ..store import (
-    DONE,
-    PROBE_COLUMNS,
-    SCALAR_COLUMNS,
-    is_done,
-    load_probes,
-    load_scalars,
-    read_json,
-    run_dirs,
-)
+from ..store import DONE, PROBE_COLUMNS, SCALAR_COLUMNS, is_done, load_probes, load_scalars, read_json, run_dirs
 
 StudyDirs = str | Path | Sequence[str | Path]
 FINISHED, DIVERGED, UNFINISHED = "finished", "diverged", "unfinished"
@@ -40,10 +31,10 @@ class Run:
     arm: str
     seed: int
     path: Path
-    done: bool                 # finished normally (done.json present and not marked diverged)
+    done: bool  # finished normally (done.json present and not marked diverged)
     config: dict[str, Any]
     target_tokens: int | None  # the run's token budget, from its config (or the study's)
-    last_tokens: int | None    # the last evaluation point it wrote; None = no rows yet
+    last_tokens: int | None  # the last evaluation point it wrote; None = no rows yet
     status: str = "unfinished"  # "finished" | "diverged" | "unfinished" (still running, or stopped)
     message: str | None = None  # why it stopped, for a diverged run (from its done.json)
     last_finite_tokens: int | None = None  # the last eval point whose val loss is a number
@@ -58,10 +49,10 @@ class StudyData:
     """Everything the report needs, merged over the given study folders."""
 
     dirs: list[Path]
-    studies: list[dict[str, Any]]          # each folder's study.json ({} where absent)
+    studies: list[dict[str, Any]]  # each folder's study.json ({} where absent)
     runs: list[Run]
-    scalars: pd.DataFrame                   # store.SCALAR_COLUMNS; arm is str, seed and tokens int
-    probes: pd.DataFrame                    # store.PROBE_COLUMNS; same dtypes
+    scalars: pd.DataFrame  # store.SCALAR_COLUMNS; arm is str, seed and tokens int
+    probes: pd.DataFrame  # store.PROBE_COLUMNS; same dtypes
     notes: list[str] = field(default_factory=list)  # anything odd met while merging
 
     @property
@@ -69,7 +60,7 @@ class StudyData:
         """Arms in the order the study files list them, then any others found on disk."""
         order: list[str] = []
         for s in self.studies:
-            for a in (s.get("arms") or {}):
+            for a in s.get("arms") or {}:
                 if str(a) not in order:
                     order.append(str(a))
         for r in self.runs:
@@ -113,16 +104,14 @@ def _identify(rd: Path, config: dict[str, Any], scalars: pd.DataFrame) -> tuple[
     arm = config.get("arm")
     seed = config.get("seed")
     if arm is None:
-        arm = rd.parent.name if _SEED_DIR.match(rd.name) else (
-            scalars["arm"].iloc[0] if len(scalars) else rd.name)
+        arm = rd.parent.name if _SEED_DIR.match(rd.name) else (scalars["arm"].iloc[0] if len(scalars) else rd.name)
     if seed is None:
         m = _SEED_DIR.match(rd.name)
         seed = int(m.group(1)) if m else (int(scalars["seed"].iloc[0]) if len(scalars) else 0)
     return str(arm), int(seed)
 
 
-def _normalise(df: pd.DataFrame, columns: Sequence[str], arm: str, seed: int,
-               keep_extra: bool = False) -> pd.DataFrame:
+def _normalise(df: pd.DataFrame, columns: Sequence[str], arm: str, seed: int, keep_extra: bool = False) -> pd.DataFrame:
     """Give every table the store's columns and stable dtypes, whatever pandas inferred.
 
     With `keep_extra`, columns a newer trainer wrote beyond `columns` (icl_score, induction_loss,
@@ -173,8 +162,18 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
             finite = scalars.loc[np.isfinite(scalars["val_loss"].to_numpy(dtype=float)), "tokens"]
             last_finite = int(finite.max()) if len(finite) else None
             status, message = _status(rd)
-            run = Run(arm, seed, rd, status == FINISHED, config, None if target is None else int(target), last,
-                      status, message, last_finite)
+            run = Run(
+                arm,
+                seed,
+                rd,
+                status == FINISHED,
+                config,
+                None if target is None else int(target),
+                last,
+                status,
+                message,
+                last_finite,
+            )
             key = (arm, seed)
             if key in chosen:
                 old = chosen[key][0]

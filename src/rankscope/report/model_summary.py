@@ -25,16 +25,31 @@ def keys_word(qk_norm: bool, rotary: str) -> str:
     return "the keys" + (f" after {' and '.join(steps)}" if steps else "") + ", as the attention scores see them"
 
 
-def key_pr_summary(table: pd.DataFrame, *, name: str, describe: str, data: str, shape: tuple[int, int],
-                   head_dim: int, step: int | None, tokens: int | None, notes: tuple[str, ...] = (),
-                   keys: str = "the keys") -> str:
+def key_pr_summary(
+    table: pd.DataFrame,
+    *,
+    name: str,
+    describe: str,
+    data: str,
+    shape: tuple[int, int],
+    head_dim: int,
+    step: int | None,
+    tokens: int | None,
+    notes: tuple[str, ...] = (),
+    keys: str = "the keys",
+) -> str:
     """The markdown summary: where keys are most and least collapsed, and each layer's mean."""
     grid = key_pr_grid(table)
-    where = ", ".join(x for x in (f"step {step}" if step is not None else "",
-                                  f"{fmt_count(tokens)} tokens" if tokens else "") if x)
-    lines = [f"# rankscope analyze: {name}", "",
-             f"{describe}" + (f"; {where}" if where else "") + ".",
-             f"Probe batch: {shape[0]} x {shape[1]} tokens from {data}.", ""]
+    where = ", ".join(
+        x for x in (f"step {step}" if step is not None else "", f"{fmt_count(tokens)} tokens" if tokens else "") if x
+    )
+    lines = [
+        f"# rankscope analyze: {name}",
+        "",
+        f"{describe}" + (f"; {where}" if where else "") + ".",
+        f"Probe batch: {shape[0]} x {shape[1]} tokens from {data}.",
+        "",
+    ]
     lines += [f"Note: {n}" for n in notes] + ([""] if notes else [])
     if grid.empty:
         return "\n".join(lines + ["No key rows were measured."]) + "\n"
@@ -43,12 +58,17 @@ def key_pr_summary(table: pd.DataFrame, *, name: str, describe: str, data: str, 
     overall = float(np.nanmean(grid.to_numpy(float)))
     n = max(1, min(TOP, len(layer_mean) // 2))  # the two lists never share an entry
     k = max(1, min(TOP, len(heads) // 2))
-    fmt_layers = lambda s: ", ".join(f"layer {int(i)} ({v:.1f})" for i, v in s.items())  # noqa: E731
-    fmt_heads = lambda d: ", ".join(f"layer {int(r.layer)} head {int(r.head)} ({r.value:.1f})"  # noqa: E731
-                                    for r in d.itertuples())
+
+    def fmt_layers(s: pd.Series) -> str:
+        return ", ".join(f"layer {int(i)} ({v:.1f})" for i, v in s.items())
+
+    def fmt_heads(d: pd.DataFrame) -> str:
+        return ", ".join(f"layer {int(r.layer)} head {int(r.head)} ({r.value:.1f})" for r in d.itertuples())
+
     lines += [
         f"Key participation ratio (pr_sv of {keys}; 1 = one direction, {head_dim} = all {head_dim}): "
-        f"mean {overall:.2f} over {grid.size} key heads.", "",
+        f"mean {overall:.2f} over {grid.size} key heads.",
+        "",
         f"- Most collapsed layers (lowest mean key PR): {fmt_layers(layer_mean.sort_values().head(n))}",
         "- Least collapsed layers (highest mean key PR): "
         f"{fmt_layers(layer_mean.sort_values(ascending=False).head(n))}",
@@ -57,12 +77,17 @@ def key_pr_summary(table: pd.DataFrame, *, name: str, describe: str, data: str, 
         "",
     ]
     ent = table[(table["site"] == "attn") & (table["metric"] == "entropy")].groupby("layer")["value"].mean()
-    header = ("| layer | mean key PR | lowest head | highest head |"
-              + (" attention entropy (nats) |" if len(ent) else ""))
+    header = "| layer | mean key PR | lowest head | highest head |" + (
+        " attention entropy (nats) |" if len(ent) else ""
+    )
     lines += [header, "|" + "---|" * (4 + bool(len(ent)))]
     for layer, row in grid.iterrows():
-        cells = [str(int(layer)), f"{row.mean():.2f}", f"{row.min():.2f} (head {int(row.idxmin())})",
-                 f"{row.max():.2f} (head {int(row.idxmax())})"]
+        cells = [
+            str(int(layer)),
+            f"{row.mean():.2f}",
+            f"{row.min():.2f} (head {int(row.idxmin())})",
+            f"{row.max():.2f} (head {int(row.idxmax())})",
+        ]
         if len(ent):
             cells.append(f"{ent.get(layer, float('nan')):.3f}")
         lines.append("| " + " | ".join(cells) + " |")

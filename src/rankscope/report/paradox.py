@@ -25,9 +25,17 @@ BETTER = "better"  # level-0 column of the paradox table holding the verdict per
 VERDICT_STATS = ("arm", "resolved", "margin", "lo", "hi", "p", "n", "test")
 
 
-def paradox_table(scalars: pd.DataFrame, probes: pd.DataFrame, site: str = "k", metric: str = "pr_sv",
-                  *, arms: list[str] | None = None, finished: Collection[tuple[str, int]] | None = None,
-                  reference: str | None = None, downstream: bool = True) -> pd.DataFrame:
+def paradox_table(
+    scalars: pd.DataFrame,
+    probes: pd.DataFrame,
+    site: str = "k",
+    metric: str = "pr_sv",
+    *,
+    arms: list[str] | None = None,
+    finished: Collection[tuple[str, int]] | None = None,
+    reference: str | None = None,
+    downstream: bool = True,
+) -> pd.DataFrame:
     """The seed's comparison table with intervals: val loss and mean key PR at the middle and end of
     training, then (when recorded) the downstream measures at the end.
 
@@ -79,33 +87,61 @@ def paradox_table(scalars: pd.DataFrame, probes: pd.DataFrame, site: str = "k", 
             if same and ref is not None and cells[ref]["n"]:
                 for a in arms:
                     if a != ref and cells[a]["n"]:
-                        diffs.append(paired_difference({s: v for s, (v, _) in values[a].items()},
-                                                       {s: v for s, (v, _) in values[ref].items()}, names=(a, ref)))
-            meta = {"quantity": q.key, "point": point, "higher_is_better": q.higher, "comparable": same,
-                    "name": q.label, "decimals": q.decimals, "what": q.what}
+                        diffs.append(
+                            paired_difference(
+                                {s: v for s, (v, _) in values[a].items()},
+                                {s: v for s, (v, _) in values[ref].items()},
+                                names=(a, ref),
+                            )
+                        )
+            meta = {
+                "quantity": q.key,
+                "point": point,
+                "higher_is_better": q.higher,
+                "comparable": same,
+                "name": q.label,
+                "decimals": q.decimals,
+                "what": q.what,
+            }
             rows.append((f"{q.label} @ {where}", meta, cells, verdict, diffs))
 
-    columns = pd.MultiIndex.from_tuples([(a, s) for a in arms for s in CELL_STATS]
-                                        + [(BETTER, v) for v in VERDICT_STATS])
-    data = [[cells[a][s] for a in arms for s in CELL_STATS] + [verdict[v] for v in VERDICT_STATS]
-            for _, _, cells, verdict, _ in rows]
+    columns = pd.MultiIndex.from_tuples(
+        [(a, s) for a in arms for s in CELL_STATS] + [(BETTER, v) for v in VERDICT_STATS]
+    )
+    data = [
+        [cells[a][s] for a in arms for s in CELL_STATS] + [verdict[v] for v in VERDICT_STATS]
+        for _, _, cells, verdict, _ in rows
+    ]
     table = pd.DataFrame(data, index=pd.Index([r[0] for r in rows], name="quantity"), columns=columns)
     for a in arms:
         table[(a, "n")] = table[(a, "n")].astype("int64")
     if len(table):
         table[(BETTER, "n")] = table[(BETTER, "n")].astype("int64")
         table[(BETTER, "resolved")] = table[(BETTER, "resolved")].astype(bool)
-    table.attrs = {"site": site, "metric": metric, "reference": ref,
-                   "rows": {label: meta for label, meta, *_ in rows},
-                   "diffs": {label: diffs for label, _, _, _, diffs in rows}}
+    table.attrs = {
+        "site": site,
+        "metric": metric,
+        "reference": ref,
+        "rows": {label: meta for label, meta, *_ in rows},
+        "diffs": {label: diffs for label, _, _, _, diffs in rows},
+    }
     return table
 
 
-def _verdict(values: dict[str, dict[int, tuple[float, int]]], cells: dict[str, dict[str, float]],
-             higher: bool | None) -> dict[str, Any]:
+def _verdict(
+    values: dict[str, dict[int, tuple[float, int]]], cells: dict[str, dict[str, float]], higher: bool | None
+) -> dict[str, Any]:
     """The best mean, and its lead over the runner-up measured seed by seed."""
-    empty = {"arm": None, "resolved": False, "margin": math.nan, "lo": math.nan, "hi": math.nan,
-             "p": math.nan, "n": 0, "test": ""}
+    empty = {
+        "arm": None,
+        "resolved": False,
+        "margin": math.nan,
+        "lo": math.nan,
+        "hi": math.nan,
+        "p": math.nan,
+        "n": 0,
+        "test": "",
+    }
     have = [a for a, c in cells.items() if c["n"] and np.isfinite(c["mean"])]
     if higher is None or len(have) < 2:
         return empty
@@ -114,12 +150,23 @@ def _verdict(values: dict[str, dict[int, tuple[float, int]]], cells: dict[str, d
     best, runner = ranked[0], ranked[1]
     if cells[best]["mean"] == cells[runner]["mean"]:
         return dict(empty, margin=0.0)
-    d = paired_difference({s: v for s, (v, _) in values[best].items()},
-                          {s: v for s, (v, _) in values[runner].items()}, names=(best, runner))
+    d = paired_difference(
+        {s: v for s, (v, _) in values[best].items()},
+        {s: v for s, (v, _) in values[runner].items()},
+        names=(best, runner),
+    )
     lo, hi = sorted((sign * d.lo, sign * d.hi)) if d.has_interval else (math.nan, math.nan)
     margin = sign * d.mean
-    return {"arm": best, "resolved": bool(d.resolved and margin > 0), "margin": margin, "lo": lo, "hi": hi,
-            "p": d.p, "n": d.n, "test": d.test}
+    return {
+        "arm": best,
+        "resolved": bool(d.resolved and margin > 0),
+        "margin": margin,
+        "lo": lo,
+        "hi": hi,
+        "p": d.p,
+        "n": d.n,
+        "test": d.test,
+    }
 
 
 def table_arms(table: pd.DataFrame) -> list[str]:
@@ -128,6 +175,7 @@ def table_arms(table: pd.DataFrame) -> list[str]:
 
 
 # --- rendering ------------------------------------------------------------------------------------
+
 
 def _paradox_cells(table: pd.DataFrame, fmt: str) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, arms) of the paradox table in `fmt` ('markdown' or 'text')."""
@@ -186,13 +234,16 @@ def _legend(table: pd.DataFrame, fmt: str) -> str:
         parts.append("Cells: mean over seeds [95% t-interval over seeds]")
     else:
         parts.append("Cells: one seed per arm, so no interval is possible")
-    parts.append(f"{star} the better arm (lower loss and ICL score, higher PR and induction score), with its "
-                 "seed-by-seed lead over the runner-up beyond seed noise (95% interval excludes 0); "
-                 f"{best}{' without ✅' if fmt == 'markdown' else ''}: the best mean, not distinguishable "
-                 "from the runner-up" + (" (one seed: no test is possible)" if most < 2 else ""))
+    parts.append(
+        f"{star} the better arm (lower loss and ICL score, higher PR and induction score), with its "
+        "seed-by-seed lead over the runner-up beyond seed noise (95% interval excludes 0); "
+        f"{best}{' without ✅' if fmt == 'markdown' else ''}: the best mean, not distinguishable "
+        "from the runner-up" + (" (one seed: no test is possible)" if most < 2 else "")
+    )
     parts.append("lead of best: its paired difference to the runner-up over the seeds both ran")
-    parts.append("higher PR counts as better by the seed's convention; whether more dimensions help is "
-                 "one of the open questions")
+    parts.append(
+        "higher PR counts as better by the seed's convention; whether more dimensions help is one of the open questions"
+    )
     return "; ".join(parts) + "."
 
 
@@ -237,9 +288,13 @@ def paradox_blocks(table: pd.DataFrame, *, legend: bool = True) -> list[Block]:
     ch, crows = comparison_rows(table, "markdown")
     ref = table.attrs.get("reference")
     if crows:
-        blocks.append(Para(f"Seed by seed: each arm minus **{md_escape(ref)}** ({_ref_words(table)}), on the "
-                           "seeds both ran (same seed = same initial weights and batches), with a 95% paired t "
-                           "interval and p-value; \"not distinguishable from seed noise\" when the interval covers 0."))
+        blocks.append(
+            Para(
+                f"Seed by seed: each arm minus **{md_escape(ref)}** ({_ref_words(table)}), on the "
+                "seeds both ran (same seed = same initial weights and batches), with a 95% paired t "
+                'interval and p-value; "not distinguishable from seed noise" when the interval covers 0.'
+            )
+        )
         blocks.append(Table(ch, crows, ["l", "l", "r", "r", "r", "l"]))
     return blocks
 
@@ -277,5 +332,12 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown", *, legend: bool = T
     return "\n".join(out)
 
 
-__all__ = ["BETTER", "VERDICT_STATS", "paradox_table", "table_arms", "comparison_rows", "paradox_blocks",
-           "format_table"]
+__all__ = [
+    "BETTER",
+    "VERDICT_STATS",
+    "paradox_table",
+    "table_arms",
+    "comparison_rows",
+    "paradox_blocks",
+    "format_table",
+]

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 DPI = 150
 REFERENCE = "0.45"  # grey for reference lines (head dim, arm mean)
-FLAG = "#d62728"    # collapsed layers
+FLAG = "#d62728"  # collapsed layers
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class Plot:
     caption: str
 
 
-def arm_colors(arms: Iterable[str], grid: dict[str, tuple[int, int]] | None = None,
-               shape: tuple[int, int] = (0, 0)) -> dict[str, tuple[float, ...]]:
+def arm_colors(
+    arms: Iterable[str], grid: dict[str, tuple[int, int]] | None = None, shape: tuple[int, int] = (0, 0)
+) -> dict[str, tuple[float, ...]]:
     """One colour per arm, fixed by the arm's position in the study so every figure agrees. For
     arms that cross two settings (`grid`: arm -> (level of the first, level of the second), with
     `shape` levels of each), a hue per level of the first and a shade per level of the second, so
@@ -44,8 +45,7 @@ def arm_colors(arms: Iterable[str], grid: dict[str, tuple[int, int]] | None = No
     families = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
     if grid and set(arms) <= set(grid) and shape[0] <= len(families):
         nb = max(shape[1], 1)
-        return {a: matplotlib.colormaps[families[grid[a][0]]](0.95 - 0.4 * grid[a][1] / max(nb - 1, 1))
-                for a in arms}
+        return {a: matplotlib.colormaps[families[grid[a][0]]](0.95 - 0.4 * grid[a][1] / max(nb - 1, 1)) for a in arms}
     palette = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"].colors
     return {a: palette[i % len(palette)] for i, a in enumerate(arms)}
 

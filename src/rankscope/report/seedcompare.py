@@ -26,8 +26,14 @@ SEED_REFERENCE: dict[str, tuple[tuple[str, str, int, dict[str, float], bool, str
         ("mean key PR", "k:pr_sv", 25_000_000, {"qk": 30.0, "none": 51.0}, True, "25M"),
     ),
     "seed-1.5b": (
-        ("mean key PR before RoPE", "k_pre:pr_sv", 50_000_000, {"qk": 65.7, "frozen": 59.6, "none": 63.3},
-         False, "1.5B"),
+        (
+            "mean key PR before RoPE",
+            "k_pre:pr_sv",
+            50_000_000,
+            {"qk": 65.7, "frozen": 59.6, "none": 63.3},
+            False,
+            "1.5B",
+        ),
     ),
 }
 _KIND_NAMES = {"qk": "QK-Norm", "frozen": "QK-Norm, gain frozen", "none": "no QK-Norm"}
@@ -51,8 +57,9 @@ def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[l
     with a seed preset and the seed's arms (its Muon, with and without QK-Norm; at 1.5B also the
     frozen gain). `series`: quantity key -> series; missing keys are read from the study. Empty
     when not applicable."""
-    presets = [p for p in dict.fromkeys(str(s.get("preset")) for s in study.studies if s.get("preset"))
-               if p in SEED_REFERENCE]
+    presets = [
+        p for p in dict.fromkeys(str(s.get("preset")) for s in study.studies if s.get("preset")) if p in SEED_REFERENCE
+    ]
     if not presets:
         return [], [], []
     reference = SEED_REFERENCE[presets[0]]
@@ -95,9 +102,12 @@ def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[l
     for same in (True, False):
         where = [w for w, ok in checks if ok == same]
         if where:
-            sentences.append(f"At {' and '.join(where)} tokens the key PR order of **{md_escape(kinds['qk'])}** and "
-                             f"**{md_escape(kinds['none'])}** " + ("matches" if same else "is the reverse of")
-                             + " the seed's figure at the same point.")
+            sentences.append(
+                f"At {' and '.join(where)} tokens the key PR order of **{md_escape(kinds['qk'])}** and "
+                f"**{md_escape(kinds['none'])}** "
+                + ("matches" if same else "is the reverse of")
+                + " the seed's figure at the same point."
+            )
     if sources:
         sentences.append("The seed's figures come from different runs: " + "; ".join(dict.fromkeys(sources)) + ".")
     return header, rows, sentences

@@ -36,6 +36,7 @@ from .stats import Difference, paired_difference, t_interval, t_interval_arrays
 
 # --- per-run series ----------------------------------------------------------------------------
 
+
 def empty_series(with_layer: bool = False) -> pd.DataFrame:
     """A series with no rows but the usual dtypes, so callers can filter and compare without
     special cases (an object-typed empty column breaks numpy's isfinite)."""
@@ -54,7 +55,8 @@ def loss_series(scalars: pd.DataFrame, column: str = "val_loss") -> pd.DataFrame
     df = df[pd.to_numeric(df["value"], errors="coerce").notna()]
     # a resumed run may repeat an eval point; keep its last write
     return df.drop_duplicates(["arm", "seed", "tokens"], keep="last").sort_values(
-        ["arm", "seed", "tokens"], ignore_index=True)
+        ["arm", "seed", "tokens"], ignore_index=True
+    )
 
 
 def layer_means(probes: pd.DataFrame, site: str = "k", metric: str = "pr_sv") -> pd.DataFrame:
@@ -127,8 +129,9 @@ def quantity_series(scalars: pd.DataFrame, probes: pd.DataFrame, q: Quantity | s
     return out
 
 
-def downstream_series(scalars: pd.DataFrame, probes: pd.DataFrame,
-                      keys: Iterable[str] = DOWNSTREAM) -> list[tuple[Quantity, pd.DataFrame]]:
+def downstream_series(
+    scalars: pd.DataFrame, probes: pd.DataFrame, keys: Iterable[str] = DOWNSTREAM
+) -> list[tuple[Quantity, pd.DataFrame]]:
     """(Quantity, series) for each downstream measure that has data (an older study has none)."""
     out = []
     for key in keys:
@@ -178,14 +181,14 @@ def arm_order(*frames: pd.DataFrame) -> list[str]:
 
 # Every rule takes a run's own eval point at N when it has one. When its eval grid lacks N, they
 # differ on purpose, because they answer different questions:
-NEAREST = "nearest"          # the nearer of the run's two points around N (a tie: the earlier), never one outside
-                             # its own range (so a run never lends a value from a point it has not reached): the tables
-                             # compare measured values and say which point was used. With log-spaced grids
-                             # "near" scales with the local spacing, which a fixed token tolerance would not.
+NEAREST = "nearest"  # the nearer of the run's two points around N (a tie: the earlier), never one outside
+# its own range (so a run never lends a value from a point it has not reached): the tables
+# compare measured values and say which point was used. With log-spaced grids
+# "near" scales with the local spacing, which a fixed token tolerance would not.
 INTERPOLATE = "interpolate"  # linear in log tokens between its two points around N (token 0 left out): the
-                             # seed's published figures sit at round counts (16M) that log grids rarely hit.
-LATEST = "latest"            # its last point at or before N: a quantity probed on another cadence (or only at
-                             # some points) still shows the value it had by then, e.g. at the end of training.
+# seed's published figures sit at round counts (16M) that log grids rarely hit.
+LATEST = "latest"  # its last point at or before N: a quantity probed on another cadence (or only at
+# some points) still shows the value it had by then, e.g. at the end of training.
 RULES = (NEAREST, INTERPOLATE, LATEST)
 
 
@@ -243,9 +246,9 @@ def _interpolated(series: pd.DataFrame, tokens: int, keys: list[str]) -> pd.Data
 
 # --- which eval points the tables compare ---------------------------------------------------------
 
+
 def _run_tokens(series: pd.DataFrame) -> dict[tuple[str, int], np.ndarray]:
-    return {(str(a), int(s)): np.sort(g["tokens"].to_numpy())
-            for (a, s), g in series.groupby(["arm", "seed"])}
+    return {(str(a), int(s)): np.sort(g["tokens"].to_numpy()) for (a, s), g in series.groupby(["arm", "seed"])}
 
 
 def _counting_runs(runs: list[tuple[str, int]], per_run: dict, finished: Collection | None) -> list:
@@ -264,8 +267,9 @@ def _counting_runs(runs: list[tuple[str, int]], per_run: dict, finished: Collect
     return moved or runs
 
 
-def choose_points(series: pd.DataFrame, arms: Iterable[str],
-                  finished: Collection[tuple[str, int]] | None = None) -> tuple[int | None, dict[str, int]]:
+def choose_points(
+    series: pd.DataFrame, arms: Iterable[str], finished: Collection[tuple[str, int]] | None = None
+) -> tuple[int | None, dict[str, int]]:
     """(MIDDLE, {arm: END}) in tokens for one quantity.
 
     END of an arm: the last eval point reached by all of its counting runs (see `_counting_runs`).
@@ -319,8 +323,14 @@ def cell_of(values: Mapping[int, tuple[float, int]]) -> dict[str, float]:
     tokens used."""
     iv = t_interval([v for v, _ in values.values()])
     used = [t for _, t in values.values()]
-    return {"mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "sd": iv.sd, "n": iv.n,
-            "tokens": float(np.mean(used)) if used else math.nan}
+    return {
+        "mean": iv.mean,
+        "lo": iv.lo,
+        "hi": iv.hi,
+        "sd": iv.sd,
+        "n": iv.n,
+        "tokens": float(np.mean(used)) if used else math.nan,
+    }
 
 
 def cell(series: pd.DataFrame, arm: str, tokens: int) -> dict[str, float]:
@@ -336,8 +346,9 @@ def compare_at(series: pd.DataFrame, a: str, b: str, tokens: int) -> Difference:
     return paired_difference(va, vb, names=(a, b))
 
 
-def metric_summary(probes: pd.DataFrame, *, arms: list[str] | None = None,
-                   finished: Collection[tuple[str, int]] | None = None) -> pd.DataFrame:
+def metric_summary(
+    probes: pd.DataFrame, *, arms: list[str] | None = None, finished: Collection[tuple[str, int]] | None = None
+) -> pd.DataFrame:
     """Every recorded (site, metric) at each arm's END: mean over heads then layers, then seeds.
 
     Index ``(site, metric)``; columns ``(arm, stat)`` with stat in mean, lo, hi (95% t interval
@@ -347,8 +358,9 @@ def metric_summary(probes: pd.DataFrame, *, arms: list[str] | None = None,
     arms = [str(a) for a in arms] if arms is not None else arm_order(probes)
     site_order = {s: i for i, s in enumerate(SITE_ORDER)}
     # one partition pass over the (possibly millions of) probe rows, not one filter per metric
-    groups = {(str(s), str(m)): g for (s, m), g in probes.groupby(["site", "metric"], sort=False)
-              if not is_rank_sweep(str(m))}
+    groups = {
+        (str(s), str(m)): g for (s, m), g in probes.groupby(["site", "metric"], sort=False) if not is_rank_sweep(str(m))
+    }
     pairs = sorted(groups, key=lambda p: (site_order.get(p[0], 99), p[0], p[1]))
     out = []
     for site, metric in pairs:
@@ -360,13 +372,38 @@ def metric_summary(probes: pd.DataFrame, *, arms: list[str] | None = None,
             c = cell(series, a, ends[a]) if a in ends else cell_of({})
             row.update({(a, s): c[s] for s in CELL_STATS})
         out.append(row)
-    index = pd.MultiIndex.from_tuples(pairs, names=["site", "metric"]) if pairs else \
-        pd.MultiIndex.from_arrays([[], []], names=["site", "metric"])
+    index = (
+        pd.MultiIndex.from_tuples(pairs, names=["site", "metric"])
+        if pairs
+        else pd.MultiIndex.from_arrays([[], []], names=["site", "metric"])
+    )
     cols = pd.MultiIndex.from_tuples([(a, s) for a in arms for s in CELL_STATS])
     return pd.DataFrame(out, index=index, columns=cols)
 
 
-__all__ = ["empty_series", "loss_series", "layer_means", "layer_means_of", "complete_rows", "head_layer_mean",
-           "head_max", "quantity_series", "downstream_series", "seed_stats", "seed_counts", "arm_order", "NEAREST",
-           "INTERPOLATE", "LATEST", "RULES", "runs_at", "choose_points", "CELL_STATS", "seed_values", "cell_of", "cell",
-           "compare_at", "metric_summary"]
+__all__ = [
+    "empty_series",
+    "loss_series",
+    "layer_means",
+    "layer_means_of",
+    "complete_rows",
+    "head_layer_mean",
+    "head_max",
+    "quantity_series",
+    "downstream_series",
+    "seed_stats",
+    "seed_counts",
+    "arm_order",
+    "NEAREST",
+    "INTERPOLATE",
+    "LATEST",
+    "RULES",
+    "runs_at",
+    "choose_points",
+    "CELL_STATS",
+    "seed_values",
+    "cell_of",
+    "cell",
+    "compare_at",
+    "metric_summary",
+]

@@ -61,6 +61,7 @@ def _is_constant(v: np.ndarray) -> bool:
 
 # --- one quantity over seeds ------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Interval:
     """Mean of the seed values with its Student t interval. lo/hi are NaN for fewer than 2 seeds."""
@@ -93,8 +94,9 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = LEVEL) -> In
     return Interval(mean, mean - half, mean + half, sd, n, level)
 
 
-def t_interval_arrays(mean: np.ndarray, sd: np.ndarray, n: np.ndarray,
-                      level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+def t_interval_arrays(
+    mean: np.ndarray, sd: np.ndarray, n: np.ndarray, level: float = LEVEL
+) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised `t_interval` bounds from per-group mean, sd and count (NaN where n < 2).
 
     Used for the bands of every trajectory plot: one interval per (arm, eval point).
@@ -152,15 +154,18 @@ class Difference:
         if self.test == PAIRED_CONSTANT:
             if self.mean == 0:
                 return "identical in every seed"
-            return (f"{self.a} {higher if self.mean > 0 else lower} by the same amount in all "
-                    f"{self.n} seeds (no seed-to-seed spread)")
+            return (
+                f"{self.a} {higher if self.mean > 0 else lower} by the same amount in all "
+                f"{self.n} seeds (no seed-to-seed spread)"
+            )
         if not self.resolved:
             return "not distinguishable from seed noise"
         return f"{self.a} {higher if self.mean > 0 else lower}, beyond seed noise"
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], *, names: tuple[str, str] = ("a", "b"),
-                      level: float = LEVEL) -> Difference:
+def paired_difference(
+    a: Mapping[int, float], b: Mapping[int, float], *, names: tuple[str, str] = ("a", "b"), level: float = LEVEL
+) -> Difference:
     """`a − b` from per-seed values ``{seed: value}``, paired on the seeds both have (finite).
 
     Falls back to Welch's unequal-variance interval when fewer than two seeds are shared but each
@@ -174,8 +179,20 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], *, names: 
         mean = float(np.mean(d))
         if _is_constant(d):
             # sd = 0: t = mean / 0. The interval has zero width; p is the limit (0, or 1 for no shift).
-            return Difference(na, nb, mean, mean, mean, 0.0 if mean != 0 else 1.0, n, PAIRED_CONSTANT,
-                              tuple(shared), 0.0, math.nan, level)
+            return Difference(
+                na,
+                nb,
+                mean,
+                mean,
+                mean,
+                0.0 if mean != 0 else 1.0,
+                n,
+                PAIRED_CONSTANT,
+                tuple(shared),
+                0.0,
+                math.nan,
+                level,
+            )
         sd = float(np.std(d, ddof=1))
         half = t_quantile(n - 1, level) * sd / math.sqrt(n)
         with warnings.catch_warnings():
@@ -205,8 +222,13 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], *, names: 
     return Difference(na, nb, math.nan, math.nan, math.nan, math.nan, 0, NONE, level=level)
 
 
-def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
-                     names: tuple[str, str] = ("a", "b"), level: float = LEVEL) -> Difference:
+def welch_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    level: float = LEVEL,
+) -> Difference:
     """`mean(a) − mean(b)` with Welch's interval (Welch 1947), for unmatched samples."""
     va, vb = _finite(a), _finite(b)
     mean = float(np.mean(va) - np.mean(vb))
@@ -243,6 +265,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 # --- correlations -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Correlation:
     """Pearson r (with its Fisher-z 95% interval) and Spearman ρ of finite (x, y) pairs."""
@@ -256,8 +279,7 @@ class Correlation:
     spearman_p: float
 
 
-def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
-              level: float = LEVEL) -> Correlation:
+def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, level: float = LEVEL) -> Correlation:
     """Correlations of the pairs where both x and y are finite; NaN where undefined.
 
     Undefined: fewer than three pairs, or x or y constant (no variation to correlate with).
@@ -275,11 +297,32 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
         pr = sps.pearsonr(x, y)
         ci = pr.confidence_interval(level) if n > 3 else None
         sr = sps.spearmanr(x, y)
-    return Correlation(n, float(pr.statistic), float(ci.low) if ci else nan, float(ci.high) if ci else nan,
-                       float(pr.pvalue), float(sr.statistic), float(sr.pvalue))
+    return Correlation(
+        n,
+        float(pr.statistic),
+        float(ci.low) if ci else nan,
+        float(ci.high) if ci else nan,
+        float(pr.pvalue),
+        float(sr.statistic),
+        float(sr.pvalue),
+    )
 
 
 __all__ = [
-    "LEVEL", "Interval", "t_interval", "t_interval_arrays", "t_quantile", "Difference", "paired_difference",
-    "welch_difference", "holm", "Correlation", "correlate", "PAIRED", "PAIRED_CONSTANT", "WELCH", "SINGLE", "NONE",
+    "LEVEL",
+    "Interval",
+    "t_interval",
+    "t_interval_arrays",
+    "t_quantile",
+    "Difference",
+    "paired_difference",
+    "welch_difference",
+    "holm",
+    "Correlation",
+    "correlate",
+    "PAIRED",
+    "PAIRED_CONSTANT",
+    "WELCH",
+    "SINGLE",
+    "NONE",
 ]

@@ -70,14 +70,16 @@ def _model_line(cfg: dict[str, Any]) -> str | None:
 
 def setup_items(study: StudyData) -> list[str]:
     meta = [s for s in study.studies if s]
-    cfg = next((r.config for r in study.runs if r.config and r.done), None) or \
-        next((r.config for r in study.runs if r.config), {})
+    cfg = next((r.config for r in study.runs if r.config and r.done), None) or next(
+        (r.config for r in study.runs if r.config), {}
+    )
     lines = []
     presets = sorted({str(s["preset"]) for s in meta if s.get("preset")})
     if presets:
         lines.append(f"**preset:** {', '.join(code(p) for p in presets)}")
-    budgets = sorted({int(s["tokens"]) for s in meta if s.get("tokens")} |
-                     {r.target_tokens for r in study.runs if r.target_tokens})
+    budgets = sorted(
+        {int(s["tokens"]) for s in meta if s.get("tokens")} | {r.target_tokens for r in study.runs if r.target_tokens}
+    )
     if budgets:
         lines.append(f"**tokens per run:** {' / '.join(fmt_count(b) for b in budgets)}")
     seeds = study.seeds() or sorted({int(x) for s in meta for x in (s.get("seeds") or [])})
@@ -97,8 +99,9 @@ def setup_items(study: StudyData) -> list[str]:
         lines.append(f"**batch:** {train['batch_size']} x {train['seq_len']} tokens{when}")
     points = sorted(set(study.scalars["tokens"].tolist())) if len(study.scalars) else []
     if points:
-        lines.append(f"**eval points found:** {len(points)}, from {fmt_count(points[0])} to "
-                     f"{fmt_count(points[-1])} tokens")
+        lines.append(
+            f"**eval points found:** {len(points)}, from {fmt_count(points[0])} to {fmt_count(points[-1])} tokens"
+        )
     data = cfg.get("data") or {}
     if data:
         path = data.get("path", "")
@@ -106,8 +109,10 @@ def setup_items(study: StudyData) -> list[str]:
     lines += _seed_difference_items(study)
     probe = cfg.get("probe") or {}
     if probe.get("sites"):
-        lines.append(f"**probe sites:** {', '.join(code(s) for s in probe['sites'])}"
-                     + (f" on a fixed batch of {probe['batch_size']} sequences" if probe.get("batch_size") else ""))
+        lines.append(
+            f"**probe sites:** {', '.join(code(s) for s in probe['sites'])}"
+            + (f" on a fixed batch of {probe['batch_size']} sequences" if probe.get("batch_size") else "")
+        )
     return lines
 
 
@@ -133,12 +138,17 @@ def _seed_difference_items(study: StudyData) -> list[str]:
         unrecorded = [f"not recorded by the rankscope that ran them: {', '.join(unset)}"] if unset else []
         return ", ".join(known + unrecorded)
 
-    lines = [f"**differs from {seed_run}** (read from its code; arms' QK-Norm and optimizer aside): "
-             + (words(common) if common else "in nothing else") + f"; the seed trained on {SEED_DATA}"]
+    lines = [
+        f"**differs from {seed_run}** (read from its code; arms' QK-Norm and optimizer aside): "
+        + (words(common) if common else "in nothing else")
+        + f"; the seed trained on {SEED_DATA}"
+    ]
     extra = {arm: d - common for arm, d in per_arm.items() if d - common}
     if extra:
-        lines.append("**arms that differ from it further:** "
-                     + "; ".join(f"{md_escape(arm)}: {words(d)}" for arm, d in extra.items()))
+        lines.append(
+            "**arms that differ from it further:** "
+            + "; ".join(f"{md_escape(arm)}: {words(d)}" for arm, d in extra.items())
+        )
     return lines
 
 
@@ -158,8 +168,13 @@ def arms_table(study: StudyData) -> Table:
         done = sum(r.done for r in runs)
         div = sum(r.diverged for r in runs)
         reached = sorted({r.last_tokens for r in runs if r.last_tokens is not None})
-        where = ("–" if not reached else fmt_count(reached[0]) if len(reached) == 1
-                 else f"{fmt_count(reached[0])} – {fmt_count(reached[-1])}")
+        where = (
+            "–"
+            if not reached
+            else fmt_count(reached[0])
+            if len(reached) == 1
+            else f"{fmt_count(reached[0])} – {fmt_count(reached[-1])}"
+        )
         status = f"{done} of {total}" + (f" ({div} diverged)" if div else "")
         rows.append([f"**{md_escape(a)}**", text, status, where])
     return Table(["arm", "settings", "runs finished", "tokens reached"], rows)
@@ -173,22 +188,29 @@ def status_items(study: StudyData) -> list[str]:
         if not r.diverged:
             continue
         of = f" of {fmt_count(r.target_tokens)}" if r.target_tokens else ""
-        where = (f"last finite eval at {fmt_count(r.last_finite_tokens)}{of} tokens"
-                 if r.last_finite_tokens is not None else "no finite eval point")
+        where = (
+            f"last finite eval at {fmt_count(r.last_finite_tokens)}{of} tokens"
+            if r.last_finite_tokens is not None
+            else "no finite eval point"
+        )
         why = f"; {md_escape(r.message)}" if r.message else ""
         items.append(f"{code(r.arm)} seed {r.seed}: **diverged** ({where}{why}) — {code(r.path)}")
     for r in study.runs:
         if r.done or r.diverged:
             continue
         of = f" of {fmt_count(r.target_tokens)}" if r.target_tokens else ""
-        where = (f"last eval at {fmt_count(r.last_tokens)}{of} tokens" if r.last_tokens is not None
-                 else "no eval point written yet")
-        items.append(f"{code(r.arm)} seed {r.seed}: **unfinished** ({where}; still running, or stopped) — "
-                     f"{code(r.path)}")
+        where = (
+            f"last eval at {fmt_count(r.last_tokens)}{of} tokens"
+            if r.last_tokens is not None
+            else "no eval point written yet"
+        )
+        items.append(
+            f"{code(r.arm)} seed {r.seed}: **unfinished** ({where}; still running, or stopped) — {code(r.path)}"
+        )
     planned = sorted({int(x) for s in study.studies for x in (s.get("seeds") or [])})
     have = {(r.arm, r.seed) for r in study.runs}
     for s in study.studies:
-        for a in (s.get("arms") or {}):
+        for a in s.get("arms") or {}:
             for k in planned:
                 if (str(a), k) not in have:
                     items.append(f"{code(a)} seed {k}: **not started**")

@@ -38,16 +38,21 @@ def _phrase(d: Difference, dec: int, noun: str, *, judge: bool | None = None, si
     if d.test == PAIRED_CONSTANT:
         if round(d.mean, dec) == 0:
             return f"{noun} the same in every seed"
-        return (f"{noun} {word} by {size:.{dec}f} in every seed "
-                f"(no seed-to-seed spread{'; ' + verdict if verdict else ''})")
+        return (
+            f"{noun} {word} by {size:.{dec}f} in every seed (no seed-to-seed spread{'; ' + verdict if verdict else ''})"
+        )
     unpaired = ", unpaired Welch: fewer than 2 shared seeds" if d.test == WELCH else ""
     if not d.resolved:
-        return (f"{noun} not distinguishable from seed noise ({signed(d.mean, dec)} "
-                f"{fmt_interval(d.lo, d.hi, dec)}, {fmt_p(d.p)}{unpaired})")
+        return (
+            f"{noun} not distinguishable from seed noise ({signed(d.mean, dec)} "
+            f"{fmt_interval(d.lo, d.hi, dec)}, {fmt_p(d.p)}{unpaired})"
+        )
     sign = 1.0 if d.mean > 0 else -1.0
     lo, hi = sorted((sign * d.lo, sign * d.hi))
-    return (f"{noun} {word}{' (' + verdict + ')' if verdict else ''} by {size:.{dec}f} {fmt_interval(lo, hi, dec)} "
-            f"({fmt_p(d.p)}{unpaired})")
+    return (
+        f"{noun} {word}{' (' + verdict + ')' if verdict else ''} by {size:.{dec}f} {fmt_interval(lo, hi, dec)} "
+        f"({fmt_p(d.p)}{unpaired})"
+    )
 
 
 def _row(table: pd.DataFrame, key: str, point: str = "end") -> str | None:
@@ -74,8 +79,14 @@ def _pair_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None,
     0.030] (p = 0.01); mean key PR lower by 3.1 [1.2, 5.0] (p = 0.02). ...', tests made)."""
     loss_label = _row(table, "val_loss")
     # the probe quantity of the table (key PR by default) is the one row keyed "site:metric"
-    pr_label = next((lbl for lbl, m in table.attrs.get("rows", {}).items()
-                     if m.get("point") == "end" and ":" in m.get("quantity", "") and m.get("comparable", True)), None)
+    pr_label = next(
+        (
+            lbl
+            for lbl, m in table.attrs.get("rows", {}).items()
+            if m.get("point") == "end" and ":" in m.get("quantity", "") and m.get("comparable", True)
+        ),
+        None,
+    )
     dl, dp = _diff(table, loss_label, arm), _diff(table, pr_label, arm)
     found = [(d, lbl) for d, lbl in ((dl, loss_label), (dp, pr_label)) if d is not None and d.test != NONE]
     if not found:
@@ -87,25 +98,34 @@ def _pair_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None,
     for d, label in found:
         noun = "validation loss" if label == loss_label else table.attrs["rows"][label]["name"]
         parts.append(_phrase(d, _dec(table, label), noun, single_note=not single))
-    lead = (f"With one seed (no interval possible), at {where} tokens" if single
-            else f"Across {seeds_text(n)} at {where} tokens")
+    lead = (
+        f"With one seed (no interval possible), at {where} tokens"
+        if single
+        else f"Across {seeds_text(n)} at {where} tokens"
+    )
     sentence = f"{lead}, {_b(arm)} vs {_b(ref)}: " + "; ".join(parts) + "."
     if dl is not None and dp is not None and dl.resolved and dp.resolved:
         if dl.mean < 0 and dp.mean < 0:
-            sentence += (" Lower loss with fewer key dimensions: the seed's paradox holds here (whether fewer "
-                         "dimensions cost anything is what the downstream measures address).")
+            sentence += (
+                " Lower loss with fewer key dimensions: the seed's paradox holds here (whether fewer "
+                "dimensions cost anything is what the downstream measures address)."
+            )
         elif dl.mean < 0 < dp.mean:
             sentence += " Lower loss and more key dimensions together: no paradox between these two arms."
     elif dl is not None and dp is not None and SINGLE not in (dl.test, dp.test) and NONE not in (dl.test, dp.test):
-        sentence += (" Whether the seed's paradox holds cannot be decided here: at least one difference is within "
-                     "seed noise.")
+        sentence += (
+            " Whether the seed's paradox holds cannot be decided here: at least one difference is within seed noise."
+        )
     tests = sum(d.test not in (SINGLE, NONE) for d, _ in found)
     return sentence, tests
 
 
 def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None, int]:
-    labels = [(lbl, m) for lbl, m in table.attrs.get("rows", {}).items()
-              if m.get("point") == "end" and m.get("quantity") in DOWNSTREAM and m.get("comparable")]
+    labels = [
+        (lbl, m)
+        for lbl, m in table.attrs.get("rows", {}).items()
+        if m.get("point") == "end" and m.get("quantity") in DOWNSTREAM and m.get("comparable")
+    ]
     clear, unclear, single = [], [], []
     tests = 0
     for lbl, meta in labels:
@@ -128,8 +148,14 @@ def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str |
         note = " (one seed: no interval possible)" if single and not clear else ""
         bits.append(f"Downstream at {where} tokens{note}, {_b(arm)} vs {_b(ref)}: " + "; ".join(clear + single))
     if unclear:
-        bits.append(("Within seed noise: " if bits else
-                     f"Downstream at {where} tokens, {_b(arm)} vs {_b(ref)}, within seed noise: ") + ", ".join(unclear))
+        bits.append(
+            (
+                "Within seed noise: "
+                if bits
+                else f"Downstream at {where} tokens, {_b(arm)} vs {_b(ref)}, within seed noise: "
+            )
+            + ", ".join(unclear)
+        )
     return ". ".join(bits) + ".", tests
 
 
@@ -140,24 +166,40 @@ def _correlation_sentence(corr: pd.DataFrame) -> str | None:
     ok = ends[np.isfinite(ends["pearson"].to_numpy(dtype=float))]
     if not len(ok):
         n = int(ends["n"].max()) if len(ends) else 0
-        return (f"Correlations of mean key PR with the downstream measures across runs need at least three runs "
-                f"with varied values (have {n}); see the pooled eval points below with care.")
+        return (
+            f"Correlations of mean key PR with the downstream measures across runs need at least three runs "
+            f"with varied values (have {n}); see the pooled eval points below with care."
+        )
     sig = ok[ok["pearson_p"] < 0.05]
     n = int(ok["n"].max())
     if not len(sig):
-        return (f"Across runs at their end (one point per run, n = {n}), mean key PR did not correlate with any "
-                "downstream measure at p < 0.05 (Pearson).")
-    parts = [f"{r.quantity} r = {signed(r.pearson, 2)}"
-             + (f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}" if np.isfinite(r.pearson_lo) else "")
-             + f" ({fmt_p(r.pearson_p)})" for r in sig.itertuples()]
+        return (
+            f"Across runs at their end (one point per run, n = {n}), mean key PR did not correlate with any "
+            "downstream measure at p < 0.05 (Pearson)."
+        )
+    parts = [
+        f"{r.quantity} r = {signed(r.pearson, 2)}"
+        + (f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}" if np.isfinite(r.pearson_lo) else "")
+        + f" ({fmt_p(r.pearson_p)})"
+        for r in sig.itertuples()
+    ]
     fragile = f" With only {n} points a correlation is fragile: one run can make or break it." if n < 6 else ""
-    return (f"Across runs at their end (one point per run, n = {n}), mean key PR correlated with "
-            + "; ".join(parts) + ". Correlation across runs mixes arm and seed effects; it is not a causal link."
-            + fragile)
+    return (
+        f"Across runs at their end (one point per run, n = {n}), mean key PR correlated with "
+        + "; ".join(parts)
+        + ". Correlation across runs mixes arm and seed effects; it is not a causal link."
+        + fragile
+    )
 
 
-def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame, diags: Sequence[Diagnosis],
-                       reference_lines: Sequence[str] = (), crossed_lines: Sequence[str] = ()) -> list[str]:
+def summary_paragraphs(
+    study: StudyData,
+    table: pd.DataFrame,
+    corr: pd.DataFrame,
+    diags: Sequence[Diagnosis],
+    reference_lines: Sequence[str] = (),
+    crossed_lines: Sequence[str] = (),
+) -> list[str]:
     """The report's opening paragraphs, in markdown. `crossed_lines`: when the arms cross two
     settings, the effects in words (factorial.sentences); they replace the arm-by-arm sentences
     against the first arm, which a grid makes arbitrary."""
@@ -171,26 +213,39 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
     presets = sorted({str(s["preset"]) for s in study.studies if s.get("preset")})
     budget = sorted({r.target_tokens for r in runs if r.target_tokens})
     fewest = min(seeds_per_arm.values(), default=0)
-    scope = (f"{len(arms)} arm{'s' if len(arms) != 1 else ''} × {'' if fewest == most else 'up to '}{seeds_text(most)}"
-             f" ({len(runs)} runs: {n_done} finished"
-             + (f", {len(div)} diverged" if div else "")
-             + (f", {len(runs) - n_done - len(div)} not finished" if len(runs) - n_done - len(div) else "") + ")"
-             + (f", preset {', '.join(f'`{p}`' for p in presets)}" if presets else "")
-             + (f", {' / '.join(fmt_count(b) for b in budget)} tokens per run" if budget else ""))
+    scope = (
+        f"{len(arms)} arm{'s' if len(arms) != 1 else ''} × {'' if fewest == most else 'up to '}{seeds_text(most)}"
+        f" ({len(runs)} runs: {n_done} finished"
+        + (f", {len(div)} diverged" if div else "")
+        + (f", {len(runs) - n_done - len(div)} not finished" if len(runs) - n_done - len(div) else "")
+        + ")"
+        + (f", preset {', '.join(f'`{p}`' for p in presets)}" if presets else "")
+        + (f", {' / '.join(fmt_count(b) for b in budget)} tokens per run" if budget else "")
+    )
     # seeds that actually entered a comparison at the end (a seed still running or diverged does not)
-    end_n = [d.n for lbl, ds in (table.attrs.get("diffs", {}) if len(table) else {}).items()
-             if table.attrs["rows"][lbl].get("point") == "end" for d in ds]
+    end_n = [
+        d.n
+        for lbl, ds in (table.attrs.get("diffs", {}) if len(table) else {}).items()
+        if table.attrs["rows"][lbl].get("point") == "end"
+        for d in ds
+    ]
     if most >= 2 and (not end_n or max(end_n) >= 2):
-        how = ("Arms are compared seed by seed (same seed = same initial weights and batches): each difference "
-               "comes with a 95% paired t-interval and p-value, and is called within seed noise when the "
-               "interval covers 0.")
+        how = (
+            "Arms are compared seed by seed (same seed = same initial weights and batches): each difference "
+            "comes with a 95% paired t-interval and p-value, and is called within seed noise when the "
+            "interval covers 0."
+        )
     elif most >= 2:
-        how = ("Arms are compared seed by seed (same seed = same initial weights and batches), but at the end only "
-               "one seed is shared by the arms compared (the others did not finish), so no interval is possible "
-               "there: the differences below are single observations and could be seed noise.")
+        how = (
+            "Arms are compared seed by seed (same seed = same initial weights and batches), but at the end only "
+            "one seed is shared by the arms compared (the others did not finish), so no interval is possible "
+            "there: the differences below are single observations and could be seed noise."
+        )
     else:
-        how = ("With one seed per arm no interval is possible: every difference below is a single observation "
-               "and could be seed noise. Run more seeds (e.g. `--seeds 0 1 2`) to get intervals.")
+        how = (
+            "With one seed per arm no interval is possible: every difference below is a single observation "
+            "and could be seed noise. Run more seeds (e.g. `--seeds 0 1 2`) to get intervals."
+        )
     out.append(f"This study ran {scope}. {how}")
 
     out += list(crossed_lines)
@@ -207,10 +262,11 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
                     out.append(s)
         if tests >= 5:
             # Many tests at 0.05: some "findings" are expected by chance alone; say how many.
-            out.append(f"Each p-value above is for one comparison; with {tests} comparisons, about "
-                       f"{tests * 0.05:.1f} would fall below 0.05 by chance even with no real differences"
-                       + (" (the table of every pair of arms below gives Holm-adjusted p-values)." if len(arms) > 2
-                          else "."))
+            out.append(
+                f"Each p-value above is for one comparison; with {tests} comparisons, about "
+                f"{tests * 0.05:.1f} would fall below 0.05 by chance even with no real differences"
+                + (" (the table of every pair of arms below gives Holm-adjusted p-values)." if len(arms) > 2 else ".")
+            )
     elif not len(table):
         out.append("No evaluation point has been written yet.")
     s = _correlation_sentence(corr) if len(corr) else None
@@ -219,19 +275,27 @@ def summary_paragraphs(study: StudyData, table: pd.DataFrame, corr: pd.DataFrame
     collapsed = [(d.arm, d.flagged) for d in diags if d.flagged]
     if diags:
         if collapsed:
-            out.append("Collapsed layers (" + collapse_rule() + "): "
-                       + "; ".join(f"{_b(a)} layer{'s' if len(f) > 1 else ''} {', '.join(map(str, f))}"
-                                   for a, f in collapsed)
-                       + ". The diagnosis figures show what those layers did differently.")
+            out.append(
+                "Collapsed layers ("
+                + collapse_rule()
+                + "): "
+                + "; ".join(f"{_b(a)} layer{'s' if len(f) > 1 else ''} {', '.join(map(str, f))}" for a, f in collapsed)
+                + ". The diagnosis figures show what those layers did differently."
+            )
         else:
             out.append(f"No layer collapsed by the report's rule ({collapse_rule()}).")
     if div:
         many = len(div) > 1
-        out.append(f"{len(div)} run{'s' if many else ''} diverged (loss became NaN or infinite) and "
-                   f"count{'' if many else 's'} only up to {'their' if many else 'its'} last finite eval point: "
-                   + ", ".join(f"{_b(r.arm)} seed {r.seed}" + (f" after {fmt_count(r.last_finite_tokens)} tokens"
-                                                                  if r.last_finite_tokens is not None else "")
-                               for r in div) + ".")
+        out.append(
+            f"{len(div)} run{'s' if many else ''} diverged (loss became NaN or infinite) and "
+            f"count{'' if many else 's'} only up to {'their' if many else 'its'} last finite eval point: "
+            + ", ".join(
+                f"{_b(r.arm)} seed {r.seed}"
+                + (f" after {fmt_count(r.last_finite_tokens)} tokens" if r.last_finite_tokens is not None else "")
+                for r in div
+            )
+            + "."
+        )
     out += list(reference_lines)
     return out
 

@@ -43,10 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or train:VOCAB to train a byte-level BPE on SRC (e.g. train:8192)",
     )
     parser.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output folder (new, empty, or an earlier prepare to resume)",
+        "--out", required=True, metavar="DIR", help="output folder (new, empty, or an earlier prepare to resume)"
     )
     parser.add_argument(
         "--text-field",

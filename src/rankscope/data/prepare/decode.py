@@ -27,8 +27,7 @@ def decode_text(label: str, offset: int, data: bytes) -> str:
         return data.decode("utf-8-sig" if offset == 0 else "utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{label}: not UTF-8 text (bad byte near offset {offset + e.start}); "
-            "convert it to UTF-8 or remove it"
+            f"{label}: not UTF-8 text (bad byte near offset {offset + e.start}); convert it to UTF-8 or remove it"
         ) from None
 
 

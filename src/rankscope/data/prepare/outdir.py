@@ -49,9 +49,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise DataError(
-            f"{path}: unreadable ({one_line(e)}); delete the output folder and start over"
-        ) from None
+        raise DataError(f"{path}: unreadable ({one_line(e)}); delete the output folder and start over") from None
     return value if isinstance(value, dict) else None
 
 
@@ -110,9 +108,7 @@ def finished_meta(out: Path, args: dict[str, Any], progress: bool) -> dict[str, 
         return None
     diff = _args_difference(meta.get("args", {}), args)
     if diff:
-        raise DataError(
-            f"{out} was already prepared with different arguments: {diff}; use another --out or delete it"
-        )
+        raise DataError(f"{out} was already prepared with different arguments: {diff}; use another --out or delete it")
     log(progress, f"{out} is already complete; nothing to do")
     return meta
 
@@ -120,9 +116,7 @@ def finished_meta(out: Path, args: dict[str, Any], progress: bool) -> dict[str, 
 def check_empty(out: Path) -> None:
     """A new output goes only into a new or empty folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(
-            f"--out {out} is not empty and holds no rankscope prepare output; use a new or empty folder"
-        )
+        raise DataError(f"--out {out} is not empty and holds no rankscope prepare output; use a new or empty folder")
 
 
 def verified_shards(out: Path, shards: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:

@@ -69,9 +69,7 @@ def _text_units(index: int, src: Source, start: int, splittable: bool) -> Iterat
             # One document read whole: a tokenizer that is not known to be exact on pieces
             # must see each document as one string.
             if start:
-                raise DataError(
-                    f"{src.label}: cannot resume inside this file; delete the output and start over"
-                )
+                raise DataError(f"{src.label}: cannot resume inside this file; delete the output and start over")
             data = f.read()
             yield Unit((index, 0), len(data), len(data), ("text", src.label, 0, data))
             return
@@ -150,10 +148,7 @@ def _column_units(index: int, src: Source, row: int, col: Any) -> Iterator[Unit]
         size = int(ends[last - 1]) - base
         progress = src.size * (last - first) // max(src.rows, 1)
         yield Unit(
-            (index, row + first),
-            size,
-            progress,
-            ("docs", src.label, col.slice(first, last - first).to_pylist()),
+            (index, row + first), size, progress, ("docs", src.label, col.slice(first, last - first).to_pylist())
         )
         base, first = int(ends[last - 1]), last
 
@@ -171,9 +166,7 @@ def _parquet_units(index: int, src: Source, start: int, field: str) -> Iterator[
         return
     skip = start - row
     # One record batch of one column at a time: the file is never held in memory.
-    batches = pf.iter_batches(
-        batch_size=UNIT_ROWS, row_groups=range(group, md.num_row_groups), columns=[field]
-    )
+    batches = pf.iter_batches(batch_size=UNIT_ROWS, row_groups=range(group, md.num_row_groups), columns=[field])
     for batch in batches:
         col = batch.column(0)
         if skip >= len(col):

@@ -32,9 +32,7 @@ class ShardSink:
     once it holds ``VAL_SHARE * val_tokens`` tokens or the stream ends.
     """
 
-    def __init__(
-        self, out: Path, state: dict[str, Any], state_path: Path, shard_tokens: int, val_tokens: int
-    ):
+    def __init__(self, out: Path, state: dict[str, Any], state_path: Path, shard_tokens: int, val_tokens: int):
         self.out, self.state, self.state_path = out, state, state_path
         self.shard_tokens, self.val_asked = shard_tokens, val_tokens
         self.val_tokens: int | None = state["val_tokens"]  # V, once decided

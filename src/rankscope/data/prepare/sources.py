@@ -100,9 +100,7 @@ def import_datasets() -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(
-            "streaming from the hub needs the optional 'hub' extra: pip install 'rankscope[hub]'"
-        ) from None
+        raise DataError("streaming from the hub needs the optional 'hub' extra: pip install 'rankscope[hub]'") from None
     return datasets
 
 
@@ -175,8 +173,7 @@ def _check_dataset_dict(folder: Path) -> None:
     names = ", ".join(map(str, splits)) or "several splits"
     example = f" {folder / str(splits[0])}" if splits else ""
     raise DataError(
-        f"{folder} holds a DatasetDict ({names}); pass one split's folder as SRC, "
-        f"e.g.{example or ' its train folder'}"
+        f"{folder} holds a DatasetDict ({names}); pass one split's folder as SRC, e.g.{example or ' its train folder'}"
     )
 
 
@@ -253,9 +250,7 @@ def _check_text_column(label: str, names: list[str], types: list[Any], field: st
         raise DataError(f"{label}: no {what} {field!r} (it has: {shown}); choose one with --text-field")
     t = types[names.index(field)]
     if not _is_text_type(t):
-        raise DataError(
-            f"{label}: {what} {field!r} holds {t}, not text; choose a string {what} with --text-field"
-        )
+        raise DataError(f"{label}: {what} {field!r} holds {t}, not text; choose a string {what} with --text-field")
 
 
 def _checked_arrow(src: Source, field: str) -> Source:

@@ -117,9 +117,7 @@ def _build_tokenizer(
         log(progress, f"training a {vocab}-token byte-level BPE on the source")
         t0 = time.perf_counter()
         tok = train_tokenizer(_training_texts(sources, text_field), vocab)
-        log(
-            progress, f"tokenizer trained in {time.perf_counter() - t0:.1f}s ({tok.get_vocab_size()} tokens)"
-        )
+        log(progress, f"tokenizer trained in {time.perf_counter() - t0:.1f}s ({tok.get_vocab_size()} tokens)")
         return tok, tok.to_str(), None
     if spec.path is not None:
         text = spec.path.read_text(encoding="utf-8")
@@ -207,9 +205,7 @@ def _splittable(j: dict[str, Any]) -> bool:
     if j.get("normalizer") is not None:
         return False
     pre = j.get("pre_tokenizer")
-    members = (
-        pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
-    )
+    members = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
     byte_level = False
     for m in members:
         if not isinstance(m, dict):
