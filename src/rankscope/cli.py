@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import ConfigError, RankscopeError
+from .errors import ConfigError, Interrupted, RankscopeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data, "analyze": _analyze}[
             args.command
         ](args)
+    except Interrupted as e:
+        print(f"rankscope: {e}", file=sys.stderr)
+        return e.exit_code
     except RankscopeError as e:  # DataError and ConfigError included
         print(f"rankscope: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(
             "rankscope: interrupted; finished runs and checkpoints are kept, rerun the same command to continue",
