@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -200,13 +202,21 @@ def bad_shard(path: Path) -> Path:
     return path
 
 
+def fake_study(root: Path) -> Path:
+    """A study folder as `rankscope report` finds one (a run's scalars table), without training."""
+    run = root / "study" / "a" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "scalars.csv").write_text("arm,seed,step,tokens\na,0,0,0\n")
+    return root / "study"
+
+
 @pytest.mark.parametrize(
     "case,needle",
     [
         ("malformed", "not valid TOML"),
         ("unknown_top", "unknown key 'colour'"),
         ("unknown_override", "unknown setting 'model.qk_nrom'"),
-        ("wrong_type", "model.n_layer: expected int"),
+        ("wrong_type", "model.n_layer must be an integer from 1 to 1,024, got 'four'"),
         ("bad_value", "model.qk_norm must be"),
         ("no_arms", "no arms"),
         ("bad_seeds", "seeds must be a non-empty list of integers"),
@@ -214,7 +224,30 @@ def bad_shard(path: Path) -> Path:
         ("missing_data", "--data: no such file or folder"),
         ("bad_shard", "version 7"),
         ("bad_set", "--set expects key=value"),
-        ("bad_tokens", "--tokens expects a count"),
+        ("bad_tokens", "--tokens must be an integer from 1 to 2^63 - 1 (a token count such as 2M), got 'lots'"),
+        ("zero_tokens", "--tokens must be an integer from 1 to 2^63 - 1 (a token count such as 2M), got '0'"),
+        ("huge_tokens", "--tokens must be an integer from 1 to 2^63 - 1 (a token count such as 2M), got '1e400'"),
+        ("schedule_too_long", "train.eval_every (100,000) makes 10,000,000,000 evaluations, more than 100,000"),
+        ("beta", "optim.adamw_beta1 must be a number >= 0 and < 1, got '1.5'"),
+        ("init_std", "model.init_std must be a number > 0 and <= 1, got '-1'"),
+        ("muon_lr", "optim.muon_lr must be a finite number >= 0, got '-0.01'"),
+        ("nan", "optim.grad_clip must be a finite number >= 0, got 'nan'"),
+        ("negative_seed", "--seeds must be an integer from 0 to 2^63 - 1, got -1"),
+        ("huge_seed", "--seeds must be an integer from 0 to 2^63 - 1, got 99999999999999999999999"),
+        ("duplicate_seeds", "--seeds: seed 0 is given twice; each seed is one run of every arm"),
+        ("seed_setting", "'seed' cannot be set on the command line: each run's seed comes from the study's seeds"),
+        ("file_seeds", "seeds: seed 1 is given twice"),
+        ("file_negative_seed", "seeds must be an integer from 0 to 2^63 - 1, got -1"),
+        ("file_tokens", "tokens must be an integer from 1 to 2^63 - 1 (a token count such as 2M), got -5"),
+        ("file_name", "name '../up' must be a folder name"),
+        ("arm_name", "arm name 'a\\n' must be letters, digits"),
+        ("shard_range", "--shard '5/5': need 0 <= i < n"),
+        ("out_is_file", "not a folder; choose another --out"),
+        ("out_under_file", "is a file); choose another --out"),
+        ("report_out_is_file", "not a folder; choose another --out"),
+        ("bench_tokens", "--tokens must be an integer from 1 to 2^63 - 1 (a token count such as 2M), got 'abc'"),
+        ("bench_zero_tokens", "got '0'"),
+        ("bench_negative_tokens", "got '-5'"),
         ("unknown_preset", "unknown preset 'huge'"),
         ("missing_report_dir", "no such study folder"),
     ],
@@ -235,6 +268,29 @@ def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, capsys, case, needle
         "bad_shard": lambda: ["run", "--data", str(bad_shard(tmp_path / "x.bin")), "--out", str(tmp_path / "o")],
         "bad_set": lambda: ["run", "--set", "model.qk_norm"],
         "bad_tokens": lambda: ["run", "--tokens", "lots"],
+        "zero_tokens": lambda: ["run", "--tokens", "0"],
+        "huge_tokens": lambda: ["run", "--tokens", "1e400"],
+        "schedule_too_long": lambda: ["run", "--tokens", "1e15"],
+        "beta": lambda: ["run", "--set", "optim.adamw_beta1=1.5"],
+        "init_std": lambda: ["run", "--set", "model.init_std=-1"],
+        "muon_lr": lambda: ["run", "--set", "optim.muon_lr=-0.01"],
+        "nan": lambda: ["run", "--set", "optim.grad_clip=nan"],
+        "negative_seed": lambda: ["run", "--seeds", "-1"],
+        "huge_seed": lambda: ["run", "--seeds", "99999999999999999999999"],
+        "duplicate_seeds": lambda: ["run", "--seeds", "0", "1", "0"],
+        "seed_setting": lambda: ["run", "--set", "seed=3"],
+        "file_seeds": lambda: s.write_text(f"seeds = [1, 2, 1]\n{arms}") and ["run", str(s)],
+        "file_negative_seed": lambda: s.write_text(f"seeds = [-1]\n{arms}") and ["run", str(s)],
+        "file_tokens": lambda: s.write_text(f"tokens = -5\n{arms}") and ["run", str(s)],
+        "file_name": lambda: s.write_text(f'name = "../up"\n{arms}') and ["run", str(s)],
+        "arm_name": lambda: s.write_text('[arms."a\\n"]\nmodel.qk_norm = "none"\n') and ["run", str(s)],
+        "shard_range": lambda: ["run", "--shard", "5/5"],
+        "out_is_file": lambda: s.write_text("x") and ["run", "--out", str(s)],
+        "out_under_file": lambda: s.write_text("x") and ["run", "--out", str(s / "sub")],
+        "report_out_is_file": lambda: s.write_text("x") and ["report", str(fake_study(tmp_path)), "--out", str(s)],
+        "bench_tokens": lambda: ["bench", "--tokens", "abc"],
+        "bench_zero_tokens": lambda: ["bench", "--tokens", "0"],
+        "bench_negative_tokens": lambda: ["bench", "--tokens=-5"],
         "unknown_preset": lambda: ["run", "--preset", "huge"],
         "missing_report_dir": lambda: ["report", str(tmp_path / "nothing")],
     }[case]()
@@ -260,3 +316,86 @@ def test_list_shows_studies_and_presets(capsys):
     assert "qk-muon" in out and "qk-4way" in out and "gamma" in out and "seed-88m" in out and "model.qk_norm" in out
     assert "muon-grouping" in out and "optim.muon_qkvo" in out
     assert "differs from the seed's 88M study in: none" in out  # seed-88m is the seed's run
+
+
+def test_a_shard_with_no_run_says_so_and_exits_0(tmp_path, capsys):
+    """An array job larger than the study is normal: its extra tasks say so in one line, exit 0
+    and write nothing."""
+    out = tmp_path / "out"
+    assert main(["run", "--shard", "3/5", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "rankscope: --shard 3/5 holds no run: study qk-muon has 2 run(s) (1 seed(s) x 2 arm(s)), so only slices "
+        "0..1 have work; nothing to do"
+    )
+    assert not out.exists()
+
+
+def test_diverged_runs_exit_1_naming_them(tmp_path, capsys, monkeypatch):
+    """run_study returns a summary per run of the slice, finished now or before; any diverged one
+    makes the command exit 1 after the rest of the study."""
+    summaries = [
+        {"status": "done", "arm": "qk-norm", "seed": 0},
+        {"status": "diverged", "arm": "no-norm", "seed": 0, "message": "loss is nan"},
+    ]
+    monkeypatch.setattr("rankscope.study.run_study", lambda *a, **k: summaries)
+    assert main(["run", "--out", str(tmp_path / "o"), "--no-report"]) == 1
+    assert capsys.readouterr().err.strip() == "rankscope: error: 1 run(s) diverged: no-norm seed 0"
+    monkeypatch.setattr("rankscope.study.run_study", lambda *a, **k: summaries[:1])
+    assert main(["run", "--out", str(tmp_path / "o"), "--no-report"]) == 0
+
+
+@pytest.mark.parametrize(
+    "error,line",
+    [
+        (
+            OSError(errno.EROFS, "Read-only file system", "/x/y"),
+            "rankscope: error: cannot write /x/y: Read-only file system ([Errno 30]); choose another --out",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/x/.study.json.123.0123abcd.tmp"),
+            "rankscope: error: cannot write /x: No space left on device ([Errno 28]); free some space or choose "
+            "another --out",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/x/a"),
+            "rankscope: error: cannot access /x/a: Permission denied ([Errno 13]); check its permissions or choose "
+            "another --out",
+        ),
+        (
+            NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/f/a"),
+            "rankscope: error: cannot use /x/f/a: Not a directory ([Errno 20]); choose another --out",
+        ),
+        (OSError(errno.EIO, "Input/output error", "/x/z"), "rankscope: error: /x/z: Input/output error ([Errno 5])"),
+    ],
+)
+def test_file_system_faults_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, error, line):
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr("rankscope.study.run_study", fail)
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == line
+    # `report --out` goes the same way
+    monkeypatch.setattr("rankscope.report.write_report", fail)
+    assert main(["report", str(fake_study(tmp_path)), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_read_only_out_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    # as root every folder is writable, so the file system's answer is imitated
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"rankscope: error: --out {tmp_path / 'o'}: cannot write in {tmp_path} (read-only or not permitted); "
+        "choose another --out"
+    )
+
+
+def test_closed_pipe_exits_quietly():
+    """`rankscope list | head -1`: the reader is gone before rankscope writes; no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "rankscope", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and err == ""

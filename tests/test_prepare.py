@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import signal
+import socket
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ import rankscope.data.prepare as prep  # noqa: E402
 from rankscope.data import BatchSampler, DataError, load_data, read_shard  # noqa: E402
 from rankscope.data.prepare import encode, outdir, prepare, reader, tokenizer_spec  # noqa: E402
 from rankscope.data.tokenizer import EOT_TOKEN, train_tokenizer  # noqa: E402
+from rankscope.locks import FileLock, LockHeld  # noqa: E402
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are from or an at which not have "
@@ -615,3 +621,58 @@ def test_out_folder_must_be_new_or_ours(tmp_path: Path, docs: list[str], tok_pat
     inner = src / "prepared"
     meta = prepare(src, tok_path, inner, shard_tokens=300, val_tokens=30, progress=False)
     assert prepare(src, tok_path, inner, shard_tokens=300, val_tokens=30, progress=False) == meta
+
+
+def test_prepare_lock_names_its_holder(tmp_path: Path, docs: list[str], tok_path: Path) -> None:
+    src = _write_text_folder(tmp_path / "src", docs[:10])
+    kwargs: dict[str, Any] = dict(shard_tokens=300, val_tokens=30, progress=False)
+    ref = prepare(src, tok_path, tmp_path / "ref", **kwargs)
+    out = tmp_path / "out"
+    out.mkdir()
+    # the lock held here, as by another prepare (flock refuses a second descriptor in one process too)
+    with FileLock(out / outdir.LOCK_FILE, "rankscope data prepare"):
+        with pytest.raises(DataError) as e:
+            prepare(src, tok_path, out, **kwargs)
+    assert str(e.value).startswith(
+        f"another process is writing to {out}: pid {os.getpid()} on {socket.gethostname()} since "
+    ) and str(e.value).endswith(" UTC (rankscope data prepare); wait for it or use another --out")
+    assert not any(out.iterdir())  # refused before writing anything; the lock file went with the lock
+    assert prepare(src, tok_path, out, **kwargs)["shards"] == ref["shards"]
+    assert _files(out) == _files(tmp_path / "ref")  # no lock file left in a finished output
+
+
+def test_prepare_killed_with_sigkill_leaves_no_lock(tmp_path: Path, docs: list[str], tok_path: Path) -> None:
+    src = _write_text_folder(tmp_path / "src", docs)
+    kwargs: dict[str, Any] = dict(shard_tokens=300, val_tokens=30, progress=False)
+    prepare(src, tok_path, tmp_path / "ref", **kwargs)
+    out = tmp_path / "out"
+    # a prepare that stops for good once it has recorded two shards, still holding its lock
+    child = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from rankscope.data.prepare import outdir, prepare
+        save = outdir.save_state
+        def save_then_wait(path, state):
+            save(path, state)
+            if len(state["shards"]) == 2:
+                print("saved", flush=True)
+                sys.stdin.readline()  # until killed
+        outdir.save_state = save_then_wait
+        prepare(Path({str(src)!r}), Path({str(tok_path)!r}), Path({str(out)!r}), **{kwargs!r})
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "saved", proc.stderr.read()
+        with pytest.raises(LockHeld) as e:  # held by the child, which says so
+            FileLock(out / outdir.LOCK_FILE, "test").acquire()
+        assert (e.value.holder.pid, e.value.holder.what) == (proc.pid, "rankscope data prepare")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / outdir.LOCK_FILE).exists()  # left behind by the kill, but no longer locked
+    meta = prepare(src, tok_path, out, **kwargs)
+    assert meta["run"]["resumed"] is True
+    assert _files(out) == _files(tmp_path / "ref")

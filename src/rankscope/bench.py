@@ -154,9 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import parse_set
-    from .units import parse_count
+    from .config import parse_set, setting_value
 
-    tokens = parse_count(args.tokens) if args.tokens else None
+    # the budget to time follows train.tokens' rule (a count from 1 up), so 0, -5 and abc are refused
+    tokens = setting_value("--tokens", "train.tokens", args.tokens) if args.tokens is not None else None
     print(format_result(run_bench(args.preset, tokens, parse_set(args.overrides), not args.no_progress)))
     return 0

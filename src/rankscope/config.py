@@ -1,18 +1,26 @@
 """Typed run configuration: small frozen dataclasses, named presets, and `a.b=value` overrides.
 
 Every default already makes a working run (the `tiny` CPU preset). Overrides name a field by its
-dotted path (`model.qk_norm=none`, `optim.muon_lr=0.024`); unknown keys and wrong types are
-rejected with one clear line (nanoGPT's configurator idea, litgpt's typed Config).
+dotted path (`model.qk_norm=none`, `optim.muon_lr=0.024`); unknown keys, wrong types and values
+out of range are rejected with one clear line (nanoGPT's configurator idea, litgpt's typed Config).
+
+Every field declares what it accepts next to its default: a `Literal` of choices, or
+`Annotated[type, rule]` with a `Range`, `Match` or `Distinct` rule. `_coerce` applies the type and
+the rule wherever a value comes in (study file, `--set`, `--tokens`, `--seeds`, a saved config), so
+a bad value stops the command before any data is read or anything is written; `validate` adds the
+rules that tie several fields together. This module never imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from .errors import ConfigError
 from .units import parse_count
@@ -22,22 +30,114 @@ from .vocab import ProbeSite
 # parsed, and the message lists the choices.
 QKNorm = Literal["learned", "frozen", "parameter_free", "none"]  # a gain that trains / stays 1 / none; no QK-Norm
 
+# Token counts, steps and seeds end up in 64-bit signed integers: checkpoint counters, and the run
+# tables' int64 columns (pandas turns a larger value into a float and loses its last digits).
+INT64_MAX = 2**63 - 1
+# Token shards store uint16 ids, so no vocabulary is larger (rankscope.data.format.MAX_VOCAB; a
+# test holds the two equal, as importing the data package here would import torch).
+MAX_VOCAB = 65536
+# Evaluation and checkpoint steps are listed in memory before training starts; a budget that
+# would list more than this (1e15 tokens probed every 100k: 10^10 entries) is a typo, not a study.
+MAX_SCHEDULE = 100_000
+
+
+def _bound(v: float) -> str:
+    """A range's end as people read it: 1,024, 0.5, 2^63 - 1."""
+    if isinstance(v, int):
+        if v >= 2**31 and (v + 1) & v == 0:
+            return f"2^{v.bit_length()} - 1"
+        return f"{v:,}"
+    return f"{v:g}"
+
+
+def show_value(value: Any) -> str:
+    """A value for a one-line message: its repr, shortened; never an error of its own (an int of
+    more than 4,300 digits has no repr, a deeply nested list overflows the recursion limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = repr(value)
+    except Exception:  # any repr failure: name the type instead
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting accepts: lo..hi, either end open; NaN and infinities never pass.
+    `why` is shown with the range when it is not obvious where a limit comes from."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def describe(self, typ: type) -> str:
+        if typ is int:
+            text = f"an integer from {_bound(self.lo)} to {_bound(self.hi)}"
+        else:
+            low = f"{'>' if self.lo_open else '>='} {_bound(self.lo)}"
+            if math.isinf(self.hi):
+                text = f"a finite number {low}"
+            else:
+                text = f"a number {low} and {'<' if self.hi_open else '<='} {_bound(self.hi)}"
+        return f"{text} ({self.why})" if self.why else text
+
+    def check(self, key: str, value: Any, given: Any) -> None:
+        ok = not (isinstance(value, float) and not math.isfinite(value))
+        ok = ok and (value > self.lo if self.lo_open else value >= self.lo)
+        ok = ok and (value < self.hi if self.hi_open else value <= self.hi)
+        if not ok:
+            raise ConfigError(f"{key} must be {self.describe(type(value))}, got {show_value(given)}")
+
+
+@dataclass(frozen=True)
+class Match:
+    """The strings a setting accepts: those `pattern` matches whole, described as `what`."""
+
+    pattern: str
+    what: str
+
+    def check(self, key: str, value: str, given: Any) -> None:
+        if re.fullmatch(self.pattern, value) is None:
+            raise ConfigError(f"{key} must be {self.what}, got {show_value(given)}")
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """A list setting that names each item at most once (a site probed twice writes every row twice)."""
+
+    def check(self, key: str, value: tuple, given: Any) -> None:
+        twice = next((v for i, v in enumerate(value) if v in value[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"{key} lists {twice} twice; list each once")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 4096
-    n_layer: int = 4
-    d_model: int = 192
-    n_head: int = 3
-    n_kv_head: int = 3
-    head_dim: int = 64
-    d_mlp: int = 768
-    max_seq_len: int = 256
-    rope_base: float = 10000.0
+    vocab_size: Annotated[int, Range(2, MAX_VOCAB, why="token shards store uint16 ids")] = 4096
+    n_layer: Annotated[int, Range(1, 1024)] = 4
+    d_model: Annotated[int, Range(1, 65536)] = 192
+    n_head: Annotated[int, Range(1, 1024)] = 3
+    n_kv_head: Annotated[int, Range(1, 1024)] = 3
+    head_dim: Annotated[int, Range(2, 4096)] = 64  # even, for RoPE (validate)
+    d_mlp: Annotated[int, Range(1, 2**20)] = 768
+    max_seq_len: Annotated[int, Range(1, 2**20)] = 256
+    rope_base: Annotated[float, Range(1, lo_open=True)] = 10000.0
     qk_norm: QKNorm = "learned"
-    norm_eps: float = 1.1920928955078125e-07  # float32 machine epsilon: nn.RMSNorm's default, as the seed
-    init_std: float = 0.02  # every matrix and the embedding ~ N(0, init_std²), as the seed
+    # float32 machine epsilon: nn.RMSNorm's default, as the seed; 0 would divide a zero vector by zero
+    norm_eps: Annotated[float, Range(0, 1, lo_open=True)] = 1.1920928955078125e-07
+    # every matrix and the embedding ~ N(0, init_std²), as the seed; 0 makes every head the same
+    init_std: Annotated[float, Range(0, 1, lo_open=True)] = 0.02
     scaled_residual_init: bool = False  # GPT-2's std / sqrt(2 n_layer) on O and the MLP's down; the seed: no
+
+
+# Learning rates, weight decays and thresholds: 0 or more, finite.
+_NonNegative = Annotated[float, Range(0)]
+# Adam's betas and Muon's momentum: a momentum of 1 never takes in a gradient (torch refuses it too).
+_Momentum = Annotated[float, Range(0, 1, hi_open=True)]
+_Tokens = Annotated[int, Range(0, INT64_MAX)]
 
 
 @dataclass(frozen=True)
@@ -45,55 +145,57 @@ class OptimConfig:
     # Every default is the seed's 88M/20M-token study (its code at 772cf07), unless a comment says not.
     name: Literal["muon", "adamw"] = "muon"
     # Muon on the 2D hidden matrices
-    muon_lr: float = 0.012
-    muon_momentum: float = 0.95
+    muon_lr: _NonNegative = 0.012
+    muon_momentum: _Momentum = 0.95
     muon_nesterov: bool = True
     muon_qkvo: Literal["stacked", "separate", "per_head"] = "stacked"  # stacked: the seed's one QKVO matrix a layer
     muon_ns: Literal["polar_express", "newton_schulz"] = "polar_express"  # the seed's | torch.optim.Muon's
-    muon_ns_steps: int = 5  # at most 5 for polar_express (it has five coefficient triples)
-    muon_weight_decay: float = 0.0
+    muon_ns_steps: Annotated[int, Range(1, 99)] = 5  # at most 5 for polar_express (it has five coefficient triples)
+    muon_weight_decay: _NonNegative = 0.0
     # AdamW on embeddings and gains (and on everything when name == "adamw"); torch's betas
-    adamw_lr: float = 0.006
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.999
-    adamw_eps: float = 1e-8
-    adamw_weight_decay: float = 0.2
-    adamw_gain_weight_decay: float = 0.2  # on norm gains, QK-Norm's included (the seed decays every AdamW parameter)
+    adamw_lr: _NonNegative = 0.006
+    adamw_beta1: _Momentum = 0.9
+    adamw_beta2: _Momentum = 0.999
+    adamw_eps: Annotated[float, Range(0, 1, lo_open=True)] = 1e-8  # 0 divides 0 by 0 for a gradient that is 0
+    adamw_weight_decay: _NonNegative = 0.2
+    # on norm gains, QK-Norm's included (the seed decays every AdamW parameter)
+    adamw_gain_weight_decay: _NonNegative = 0.2
     # AdamW's learning rate for the hidden matrices when name == "adamw"
-    adamw_matrix_lr: float = 0.006
-    grad_clip: float = 0.0  # max global grad norm; 0 = off (the seed's 20M study did not clip)
+    adamw_matrix_lr: _NonNegative = 0.006
+    grad_clip: _NonNegative = 0.0  # max global grad norm; 0 = off (the seed's 20M study did not clip)
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # cosine, linear: decay after warmup
-    warmup_tokens: int = 0
-    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
-    qk_clip_tau: float = 0.0  # QK-Clip threshold on each head's max attention logit; 0 = off
+    warmup_tokens: _Tokens = 0
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.0  # floor of the decay, as a fraction of the peak
+    qk_clip_tau: _NonNegative = 0.0  # QK-Clip threshold on each head's max attention logit; 0 = off
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    tokens: int = 1_000_000  # token budget
-    batch_size: int = 32  # sequences per step
-    seq_len: int = 128
-    eval_every: int = 100_000  # tokens between evaluations and probes (and at token 0 and the end)
-    eval_batches: int = 2  # fixed validation batches per evaluation
+    tokens: Annotated[int, Range(1, INT64_MAX, why="a token count such as 2M")] = 1_000_000  # token budget
+    batch_size: Annotated[int, Range(1, 2**20)] = 32  # sequences per step
+    seq_len: Annotated[int, Range(1, 2**20)] = 128
+    # tokens between evaluations and probes (and at token 0 and the end)
+    eval_every: Annotated[int, Range(1, INT64_MAX)] = 100_000
+    eval_batches: Annotated[int, Range(1, 10_000)] = 2  # fixed validation batches per evaluation
     eval_schedule: Literal["linear", "log"] = "linear"  # linear: every eval_every tokens; log: eval_points log-spaced
-    eval_points: int = 24  # evaluation points of the log schedule (plus token 0)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
+    eval_points: Annotated[int, Range(1, MAX_SCHEDULE)] = 24  # evaluation points of the log schedule (plus token 0)
+    device: Annotated[str, Match(r"auto|cpu|mps|cuda(:\d{1,4})?", "auto, cpu, mps, cuda or cuda:N")] = "auto"
+    threads: Annotated[int, Range(0, 4096)] = 0  # CPU threads for torch; 0 = torch's default
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA
-    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
+    grad_accum: Annotated[int, Range(1, 2**20)] = 1  # micro-batches per optimizer step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    checkpoint_every: int = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
-    keep_checkpoints: int = 2  # most recent checkpoints kept
+    checkpoint_every: _Tokens = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
+    keep_checkpoints: Annotated[int, Range(1, 10**6)] = 2  # most recent checkpoints kept
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    sites: tuple[ProbeSite, ...] = ("k",)
-    batch_size: int = 16  # sequences in the fixed probe batch (seq_len tokens each)
+    sites: Annotated[tuple[ProbeSite, ...], Distinct()] = ("k",)
+    batch_size: Annotated[int, Range(1, 2**20)] = 16  # sequences in the fixed probe batch (seq_len tokens each)
     attention: bool = True  # per-head attention entropy and max logit
     enabled: bool = True
     downstream: bool = True  # ICL score, induction loss and head scores, W_Q/W_K spectra
-    induction_batch: int = 8  # sequences of repeated random tokens for the induction eval
+    induction_batch: Annotated[int, Range(1, 2**20)] = 8  # sequences of repeated random tokens for the induction eval
     functional_rank: Literal["off", "end", "middle-end", "every"] = (
         "end"  # every: each evaluation (~2.5% of a tiny run each)
     )
@@ -101,7 +203,8 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""  # "" = the embedded corpus (this Python's standard library)
+    # "" = the embedded corpus (this Python's standard library); a NUL byte is the one thing no path holds
+    path: Annotated[str, Match(r"[^\x00]*", "a file or folder path")] = ""
 
 
 @dataclass(frozen=True)
@@ -111,7 +214,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 0
+    # torch.manual_seed takes 0..2^64 - 1 and numpy's SeedSequence any integer >= 0; the run tables
+    # store seeds as int64, so the seeds that survive the report are 0..2^63 - 1
+    seed: Annotated[int, Range(0, INT64_MAX)] = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,26 +280,45 @@ def preset(name: str) -> RunConfig:
 
 # --- overrides -------------------------------------------------------------------------------
 
+# What each plain type accepts, for messages.
+_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
-    """Turn a TOML value or a command-line string into the field's type, or fail clearly."""
+    """Turn a TOML value or a command-line string into the field's type and check its rule, or fail
+    with one line that names the key, the value and what is allowed."""
     origin = typing.get_origin(typ)
+    if origin is Annotated:
+        base, *rules = typing.get_args(typ)
+        try:
+            typed = _coerce(key, base, value)
+        except ConfigError:
+            ranges = [r for r in rules if isinstance(r, Range)]
+            if ranges:  # '1e400' or 'lots' for a count: say which numbers would do
+                raise ConfigError(f"{key} must be {ranges[0].describe(base)}, got {show_value(value)}") from None
+            raise
+        for rule in rules:
+            rule.check(key, typed, value)  # the message shows the value as given: '-1', not -1.0
+        return typed
     from_text = isinstance(value, str)
     try:
         if typ is bool:
             if isinstance(value, bool):
                 return value
-            if from_text and value.lower() in ("true", "1", "yes", "on"):
+            if from_text and value.strip().lower() in ("true", "1", "yes", "on"):
                 return True
-            if from_text and value.lower() in ("false", "0", "no", "off"):
+            if from_text and value.strip().lower() in ("false", "0", "no", "off"):
                 return False
         elif typ is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            if isinstance(value, float) and value == int(value):
+            if isinstance(value, float) and value.is_integer():  # TOML's 2.0; not inf or nan
                 return int(value)
             if from_text:
-                return parse_count(value)
+                try:
+                    return int(value)  # exact, however many digits ('-3' included, for a range message)
+                except ValueError:
+                    return parse_count(value)  # 2M, 1.5e6, 4_096
         elif typ is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
@@ -205,24 +329,25 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 return value
         elif origin is Literal:
             choices = typing.get_args(typ)
-            if value in choices:
+            if isinstance(value, str) and value in choices:
                 return value
-            raise ConfigError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+            raise ConfigError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {show_value(value)}")
         elif origin is tuple:
             (inner, _) = typing.get_args(typ)
             items = value.split(",") if from_text else value
             if isinstance(items, (list, tuple)):
                 return tuple(_coerce(key, inner, v.strip() if isinstance(v, str) else v) for v in items if v != "")
+            raise ConfigError(f"{key} must be a comma-separated list, got {show_value(value)}")
     except ConfigError:
         raise
-    except ValueError:
+    except (ValueError, OverflowError):  # float('x'), float(10**400), int('9' * 5000)
         pass
-    name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    raise ConfigError(f"{key} must be {_KIND.get(typ, getattr(typ, '__name__', str(typ)))}, got {show_value(value)}")
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def known_keys(cfg: Any = None, prefix: str = "") -> list[str]:
@@ -238,8 +363,11 @@ def known_keys(cfg: Any = None, prefix: str = "") -> list[str]:
 
 
 def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
-    """Return cfg with dotted-key overrides applied; values typed from the field, unknown keys rejected."""
+    """Return cfg with dotted-key overrides applied; values typed and range-checked by their field,
+    unknown keys rejected, then the cross-field rules (`validate`)."""
     for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"setting names are text, got {show_value(key)}")
         cfg = _set(cfg, key.split("."), value, key)
     validate(cfg)
     return cfg
@@ -249,15 +377,31 @@ def _set(obj: Any, path: list[str], value: Any, key: str) -> Any:
     names = {f.name for f in fields(obj)}
     if path[0] not in names:
         hint = ", ".join(known_keys(obj)) if dataclasses.is_dataclass(obj) else ""
-        raise ConfigError(f"unknown setting {key!r} (known: {hint})")
+        raise ConfigError(f"unknown setting {show_value(key)} (known: {hint})")
     current = getattr(obj, path[0])
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{fields(current)[0].name}=...")
         return replace(obj, **{path[0]: _coerce(key, _field_types(type(obj))[path[0]], value)})
     if not dataclasses.is_dataclass(current):
-        raise ConfigError(f"unknown setting {key!r}: {'.'.join(path[:1])} has no fields")
+        raise ConfigError(f"unknown setting {show_value(key)}: {path[0]} has no fields")
     return replace(obj, **{path[0]: _set(current, path[1:], value, key)})
+
+
+def _field_type(key: str) -> Any:
+    """The annotated type of a dotted setting name ('train.tokens')."""
+    cls: Any = RunConfig
+    *sections, name = key.split(".")
+    for s in sections:
+        cls = _field_types(cls)[s]
+    return _field_types(cls)[name]
+
+
+def setting_value(name: str, key: str, value: Any) -> Any:
+    """`value` typed and checked by setting `key`'s rule, with `name` in the message: for flags
+    that stand for one setting (`--tokens` for train.tokens, each of `--seeds` for seed), so they
+    accept exactly what `--set key=...` accepts."""
+    return _coerce(name, _field_type(key), value)
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
@@ -265,39 +409,38 @@ def parse_set(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {show_value(item)}")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
 
 
-def _check_choices(obj: Any, prefix: str = "") -> None:
-    """Every Literal-typed field (or tuple of them) holds one of its values, also in a config
-    built in code rather than parsed."""
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Every field holds a value of its type within its rule (choices, range, pattern), also in a
+    config built in code rather than parsed."""
     for name, typ in _field_types(type(obj)).items():
         value, key = getattr(obj, name), prefix + name
         if dataclasses.is_dataclass(value):
-            _check_choices(value, key + ".")
-        elif typing.get_origin(typ) is Literal:
+            _check_fields(value, key + ".")
+        else:
             _coerce(key, typ, value)
-        elif typing.get_origin(typ) is tuple and typing.get_origin(typing.get_args(typ)[0]) is Literal:
-            _coerce(key, typ, tuple(value))
 
 
 def validate(cfg: RunConfig) -> None:
-    """The values of typed choices, then the cross-field checks that a type alone cannot express."""
-    _check_choices(cfg)
+    """Each field's own rule, then the cross-field rules that no single field's range can express."""
+    _check_fields(cfg)
     m, o, t, p = cfg.model, cfg.optim, cfg.train, cfg.probe
+    per_step = t.batch_size * t.seq_len
+    total = -(-t.tokens // per_step) * per_step  # the budget in whole steps, as train() runs it
     checks = [
         (
-            m.n_head % max(m.n_kv_head, 1) == 0 and m.n_kv_head >= 1,
+            m.n_head % m.n_kv_head == 0,
             f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({m.n_kv_head})",
         ),
         (m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}"),
-        (min(m.n_layer, m.d_model, m.n_head, m.head_dim, m.d_mlp, m.vocab_size) > 0, "model sizes must be positive"),
         (t.seq_len <= m.max_seq_len, f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})"),
         (
-            1 <= o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
+            o.muon_ns_steps <= (5 if o.muon_ns == "polar_express" else 99),
             f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
             f"got {o.muon_ns_steps}",
         ),
@@ -307,24 +450,31 @@ def validate(cfg: RunConfig) -> None:
             f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head",
         ),
         (
-            t.tokens > 0 and t.batch_size > 0 and t.seq_len > 0 and t.eval_every > 0 and t.eval_batches > 0,
-            "train.tokens, batch_size, seq_len, eval_every and eval_batches must be positive",
-        ),
-        (p.batch_size > 0, "probe.batch_size must be positive"),
-        (p.induction_batch > 0, "probe.induction_batch must be positive"),
-        (t.eval_points >= 1, "train.eval_points must be positive"),
-        (o.qk_clip_tau >= 0, "optim.qk_clip_tau must be >= 0"),
-        (
-            t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0,
+            t.batch_size % t.grad_accum == 0,
             f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})",
         ),
         (
-            t.checkpoint_every >= 0 and t.keep_checkpoints >= 1,
-            "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
+            total <= INT64_MAX,
+            f"train.tokens ({t.tokens:,}) in whole steps of train.batch_size x train.seq_len ({per_step:,} tokens) "
+            f"is {total:,}, past the 64-bit token counters (at most 2^63 - 1)",
         ),
         (
-            re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
-            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}",
+            t.eval_schedule != "linear" or -(-total // t.eval_every) <= MAX_SCHEDULE,
+            f"train.tokens ({t.tokens:,}) / train.eval_every ({t.eval_every:,}) makes {-(-total // t.eval_every):,} "
+            f"evaluations, more than {MAX_SCHEDULE:,}: raise train.eval_every to at least "
+            f"{-(-total // MAX_SCHEDULE):,} or set train.eval_schedule=log",
+        ),
+        (
+            t.checkpoint_every == 0 or -(-total // max(t.checkpoint_every, 1)) <= MAX_SCHEDULE,
+            f"train.tokens ({t.tokens:,}) / train.checkpoint_every ({t.checkpoint_every:,}) makes "
+            f"{-(-total // max(t.checkpoint_every, 1)):,} checkpoints, more than {MAX_SCHEDULE:,}: raise "
+            f"train.checkpoint_every to at least {-(-total // MAX_SCHEDULE):,} (0 = only at the end)",
+        ),
+        (
+            not (p.enabled and p.downstream) or 4 <= t.seq_len <= 2 * (m.vocab_size - 1) + 1,
+            f"the induction evaluation (probe.downstream) repeats train.seq_len / 2 distinct token ids, so it needs "
+            f"4 <= train.seq_len ({t.seq_len}) and train.seq_len / 2 < model.vocab_size ({m.vocab_size}); "
+            f"change them or set probe.downstream=false",
         ),
     ]
     for ok, message in checks:

@@ -26,16 +26,15 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import store
-from .config import RunConfig, apply_overrides, preset
+from .config import RunConfig, apply_overrides, preset, setting_value, show_value
 from .errors import ConfigError, RankscopeError
 from .flat import flatten
-from .units import parse_count
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,7 +117,9 @@ BUILTIN: dict[str, Study] = {
 }
 DEFAULT_STUDY = "qk-muon"
 
-_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a folder name on every system (fullmatch)
+# The study's name is the default --out folder (rankscope-out/NAME): one folder, not a path.
+_STUDY_NAME = re.compile(r"[^/\\\x00-\x1f]+")
 _TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"}
 
 
@@ -139,44 +140,46 @@ def read_study(spec: str) -> Study:
 
 
 def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: str = "study") -> Study:
-    unknown = set(raw) - _TOP_KEYS
+    unknown = sorted(str(k) for k in set(raw) - _TOP_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+        raise ConfigError(f"{where}: unknown key {show_value(unknown[0])} (known: {', '.join(sorted(_TOP_KEYS))})")
 
     def typed(key: str, typ: type | tuple, what: str) -> Any:
         value = raw[key]
         if not isinstance(value, typ) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be {what}, got {show_value(value)}")
         return value
 
     settings: dict[str, Any] = {}
     if "settings" in raw:
         settings.update(flatten(typed("settings", dict, "a table of overrides")))
     for key, target in (("tokens", "train.tokens"), ("probe_every", "train.eval_every")):
-        if key in raw:
-            value = typed(key, (int, str), 'a token count such as 2000000 or "2M"')
-            try:
-                settings[target] = parse_count(value) if isinstance(value, str) else value
-            except ValueError:
-                raise ConfigError(f'{where}: {key} must be a token count such as "2M", got {value!r}') from None
+        if key in raw:  # checked here by the setting's own rule, so the message names the study's key
+            settings[target] = setting_value(f"{where}: {key}", target, raw[key])
     arms_raw = typed("arms", dict, "a table of arms") if "arms" in raw else {}
     if not arms_raw:
         raise ConfigError(f"{where}: no arms (add tables such as [arms.qk-norm])")
     arms = {}
     for name, overrides in arms_raw.items():
-        if not _ARM_NAME.match(name):
-            raise ConfigError(f"{where}: arm name {name!r} must be letters, digits, '-', '_', '.' or '+'")
+        if not _ARM_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: arm name {show_value(name)} must be letters, digits, '-', '_', '.' or '+', "
+                "starting with a letter or digit"
+            )
         if not isinstance(overrides, dict):
-            raise ConfigError(f"{where}: arms.{name} must be a table of overrides, got {overrides!r}")
+            raise ConfigError(f"{where}: arms.{name} must be a table of overrides, got {show_value(overrides)}")
         arms[name] = flatten(overrides)
     seeds = (0,)
     if "seeds" in raw:
-        seeds_raw = typed("seeds", list, "a list of integers")
-        if not seeds_raw or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds_raw):
-            raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds_raw!r}")
-        seeds = tuple(seeds_raw)
+        seeds = check_seeds(typed("seeds", list, "a list of integers"), f"{where}: seeds")
+    name = typed("name", str, "a string") if "name" in raw else default_name
+    if not _STUDY_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{where}: name {show_value(name)} must be a folder name (it is the default --out, rankscope-out/NAME): "
+            "not empty, no '/', '\\' or control characters"
+        )
     study = Study(
-        name=typed("name", str, "a string") if "name" in raw else default_name,
+        name=name,
         description=typed("description", str, "a string") if "description" in raw else "",
         arms=arms,
         preset=typed("preset", str, "a preset name") if "preset" in raw else "tiny",
@@ -190,10 +193,19 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
 def resolve(
     study: Study, overrides: Mapping[str, Any], seeds: tuple[int, ...] | None = None
 ) -> list[tuple[str, RunConfig]]:
-    """Every (arm, config) of the study, seed-major, so partial results hold whole seeds."""
+    """Every (arm, config) of the study, seed-major, so partial results hold whole seeds. Every
+    setting is checked here, before any data is read or anything is written."""
+    # each run's seed comes from the seed list; a `seed` setting would be overwritten without a word
+    sources = [("in the study's settings", study.settings), ("on the command line", overrides)]
+    for where, given in sources + [(f"in arm {a}", o) for a, o in study.arms.items()]:
+        if "seed" in given:
+            raise ConfigError(
+                f"study {study.name}: 'seed' cannot be set {where}: each run's seed comes from the "
+                "study's seeds (seeds = [...] in the study file, or --seeds)"
+            )
     runs = []
     base = preset(study.preset)
-    for seed in seeds or study.seeds:
+    for seed in check_seeds(seeds or study.seeds, "seeds"):
         for arm, arm_overrides in study.arms.items():
             try:
                 cfg = apply_overrides(base, {**study.settings, **arm_overrides, **overrides, "seed": seed})
@@ -201,6 +213,20 @@ def resolve(
                 raise ConfigError(f"study {study.name}, arm {arm}: {e}") from None
             runs.append((arm, cfg))
     return runs
+
+
+def check_seeds(seeds: Sequence[Any], what: str) -> tuple[int, ...]:
+    """Seeds from a study file or --seeds: integers in the `seed` setting's range, each once (a
+    seed given twice would train the same run twice, into the same folder)."""
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{what} must be a non-empty list of integers, got {show_value(list(seeds))}")
+    checked = tuple(setting_value(what, "seed", s) for s in seeds)
+    seen: set[int] = set()
+    for s in checked:
+        if s in seen:
+            raise ConfigError(f"{what}: seed {s} is given twice; each seed is one run of every arm")
+        seen.add(s)
+    return checked
 
 
 # Settings that change where or how fast a run goes, not what it computes.
@@ -223,10 +249,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n: the i-th of n disjoint slices of a study's runs."""
     try:
         i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard expects i/n such as 0/4, got {text!r}") from None
+    except ValueError:  # also a number of more than 4,300 digits
+        raise ConfigError(f"--shard expects i/n such as 0/4, got {show_value(text)}") from None
     if not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+        raise ConfigError(f"--shard {show_value(text)}: need 0 <= i < n (slice i of n, counted from 0)")
     return i, n
 
 
@@ -248,11 +274,21 @@ def run_study(
     """Run every unfinished (arm, seed) of the study (or of its slice `shard`) into out_dir.
 
     Finished runs are skipped; unfinished ones resume from their newest checkpoint, or start over
-    when they have none. Under torchrun every rank walks the same list; rank 0 alone writes.
+    when they have none. Returns one summary per run of the slice, in order: what `train` returned
+    ("status": "done"), the done.json of a run finished before, or {"status": "diverged", "arm",
+    "seed", "message"} for a run that diverged, now or before.
+
+    One process at a time writes a run: it holds the run's lock (`store.run_lock`) while it works
+    on it. Shards of one study never share runs, so a run held by another process means the same
+    study or shard was started twice; that raises RankscopeError naming the holder, before this
+    process touches the run, rather than writing its rows twice or quietly taking over part of the
+    other's slice. Under torchrun every rank walks the same list; rank 0 alone locks, decides what
+    to run and writes, and the other ranks follow its decisions.
     """
     from . import checkpoint
     from . import dist as rdist
     from .data import load_data
+    from .locks import LockHeld
     from .train import RunDiverged, train
 
     world = rdist.world()
@@ -277,7 +313,9 @@ def run_study(
 
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        store.write_json(
+        # the same text from every shard (the whole study, not the slice): the first shard to
+        # start writes it, the others find it there and leave it alone
+        store.write_json_once(
             out_dir / "study.json",
             {
                 "name": study.name,
@@ -291,45 +329,96 @@ def run_study(
             },
         )
 
-    pending = [(a, c, rd) for a, c, rd in todo if not store.is_done(rd)]
-    if len(pending) < len(todo):
-        say(f"rankscope: {len(todo) - len(pending)} of {len(todo)} runs already finished in {out_dir}; skipping them")
+    # what finished before (rank 0 reads, every rank gets the same list)
+    before = [store.read_done(rd, a, c.seed) if store.is_done(rd) else None for a, c, rd in todo] if world.main else []
+    before = rdist.broadcast_object(before, world)
+    finished = [s for s in before if s is not None]
+    if finished:
+        say(f"rankscope: {len(finished)} of {len(todo)} runs already finished in {out_dir}; skipping them")
+        # a rerun must not pass over a failed run in silence (its exit code counts it too)
+        diverged = [f"{s['arm']} seed {s['seed']}" for s in finished if s["status"] == "diverged"]
+        if diverged:
+            say(f"rankscope: diverged before, not rerun: {', '.join(diverged)} (remove a run's folder to run it again)")
+        for s in finished:
+            if s["status"] not in ("done", "diverged"):
+                say(f"rankscope: {s['arm']} seed {s['seed']}: status {s['status']}: {s.get('message', '')}")
+    pending = [(a, c, rd) for (a, c, rd), s in zip(todo, before) if s is None]
     data = None
     summaries = []
-    for i, (arm, cfg, rd) in enumerate(pending):
-        if data is None:
-            sources = {(c.data.path, c.model.vocab_size) for _, c, _ in pending}
-            if len(sources) > 1:
-                raise ConfigError("all arms of a study must share data.path and model.vocab_size")
-            if world.main:  # rank 0 builds the tokenizer cache; the others then read it
-                data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
-            rdist.barrier(world)
-            if not world.main:
-                data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
-            say(f"rankscope: data: {data.source}")
-        if world.main:
-            if checkpoint.steps(rd):
-                say(
-                    f"rankscope: {arm} seed {cfg.seed}: resuming from the checkpoint at step {checkpoint.steps(rd)[-1]}"
+    started, warned = 0, False
+    for (arm, cfg, rd), done_before in zip(todo, before):
+        if done_before is not None:
+            summaries.append(done_before)
+            continue
+        # rank 0 takes the run's lock and, holding it, looks again: another process may have
+        # finished the run since the list above was made
+        lock = store.run_lock(rd) if world.main else None
+        verdict: tuple[str, Any] | None = None
+        if lock is not None:
+            rd.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+            except LockHeld as e:
+                verdict = (
+                    "stop",
+                    f"run {arm} seed {cfg.seed} ({rd}) is being written by {e.holder}; not writing it a second "
+                    "time (the same study or --shard started twice?): wait for that process, or end it and rerun",
                 )
+            except RankscopeError as e:  # no lock file can be made there: stop every rank, not only this one
+                verdict = ("stop", str(e))
             else:
-                store.clear_run(rd)  # an unfinished run without a checkpoint starts over
-        rdist.barrier(world)
+                if lock.unguarded and not warned:
+                    say(f"rankscope: warning: {lock.unguarded}; nothing stops two processes writing one run")
+                    warned = True
+                if store.is_done(rd):
+                    lock.release()
+                    verdict = ("done", store.read_done(rd, arm, cfg.seed))
+        verdict = rdist.broadcast_object(verdict, world)  # every rank stops or skips with rank 0
+        if verdict is not None:
+            if verdict[0] == "stop":
+                raise RankscopeError(verdict[1])
+            say(f"rankscope: {arm} seed {cfg.seed}: finished by another process meanwhile; skipping it")
+            summaries.append(verdict[1])
+            continue
+        started += 1
         try:
-            summaries.append(
-                train(
-                    cfg,
-                    rd,
-                    data,
-                    arm=arm,
-                    progress=progress,
-                    progress_desc=f"[{i + 1}/{len(pending)}] {arm} seed {cfg.seed}",
-                )
-            )
-        except RunDiverged as e:
-            say(f"rankscope: {e}")
-            summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}
+            if data is None:
+                sources = {(c.data.path, c.model.vocab_size) for _, c, _ in pending}
+                if len(sources) > 1:
+                    raise ConfigError("all arms of a study must share data.path and model.vocab_size")
+                if world.main:  # rank 0 builds the tokenizer cache; the others then read it
+                    data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
+                rdist.barrier(world)
+                if not world.main:
+                    data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
+                say(f"rankscope: data: {data.source}")
             if world.main:
-                store.write_json(rd / store.DONE, summary)
-            summaries.append(summary)
+                if checkpoint.steps(rd):
+                    say(
+                        f"rankscope: {arm} seed {cfg.seed}: resuming from the checkpoint at step "
+                        f"{checkpoint.steps(rd)[-1]}"
+                    )
+                else:
+                    store.clear_run(rd)  # an unfinished run without a checkpoint starts over
+            rdist.barrier(world)
+            try:
+                summaries.append(
+                    train(
+                        cfg,
+                        rd,
+                        data,
+                        arm=arm,
+                        progress=progress,
+                        progress_desc=f"[{started}/{len(pending)}] {arm} seed {cfg.seed}",
+                    )
+                )
+            except RunDiverged as e:
+                say(f"rankscope: {e}")
+                summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}
+                if world.main:
+                    store.write_json(rd / store.DONE, summary)
+                summaries.append(summary)
+        finally:
+            if lock is not None:
+                lock.release()  # also after an error or Ctrl-C; a kill leaves it to the kernel
     return summaries

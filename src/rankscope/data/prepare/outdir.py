@@ -9,17 +9,21 @@ else's, and refuse a re-run whose arguments differ from the recorded ones.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ...errors import RankscopeError
 from ...fsio import TEMP_NAME, write_json
+from ...locks import FileLock, LockHeld
 from ..errors import DataError
 from ..format import META_FILE
 from ..messages import log, one_line
 from ..shards import read_shard
+
+# Held while a prepare writes the folder; hidden, so no source listing or loader ever reads it.
+LOCK_FILE = ".rankscope-prepare.lock"
 
 # How a differing recorded argument is named in the refusal.
 _ARG_NAMES = {
@@ -55,23 +59,23 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` so two prepares never write the same output."""
+    """Hold an exclusive lock on ``folder`` so two prepares never write the same output. The lock
+    (``rankscope.locks``) dies with its process, so a killed prepare leaves the folder resumable."""
+    lock = FileLock(folder / LOCK_FILE, "rankscope data prepare")
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks, run unguarded
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
+        lock.acquire()
+    except LockHeld as e:
+        raise DataError(
+            f"another process is writing to {folder}: {e.holder}; wait for it or use another --out"
+        ) from None
+    except RankscopeError as e:
+        raise DataError(str(e)) from None
+    if lock.unguarded:
+        log(True, f"warning: {lock.unguarded}; nothing stops two prepares writing this folder")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(
-                f"another rankscope data prepare is writing to {folder}; wait for it or use another --out"
-            ) from None
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
 
 
 def remove_temp_files(folder: Path) -> None:
@@ -114,8 +118,9 @@ def finished_meta(out: Path, args: dict[str, Any], progress: bool) -> dict[str, 
 
 
 def check_empty(out: Path) -> None:
-    """A new output goes only into a new or empty folder."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """A new output goes only into a new or empty folder (the lock file of a prepare killed before
+    it wrote anything else does not count)."""
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir())):
         raise DataError(f"--out {out} is not empty and holds no rankscope prepare output; use a new or empty folder")
 
 
