@@ -1,8 +1,12 @@
 """Checkpoints and resume: a run killed with SIGKILL and resumed writes exactly the rows of an
-uninterrupted run (CPU float32, compared bitwise); divergence; untrusted checkpoints refused."""
+uninterrupted run (CPU float32, compared bitwise); a damaged newest checkpoint falls back to the one
+before it; done.json keeps its final values however the run was resumed; divergence; untrusted
+checkpoints refused. The helpers here (an uninterrupted run, the comparison, a stand-in for a kill)
+serve test_signals and test_faults too."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +44,7 @@ SETTINGS = {
     "train.keep_checkpoints": 2,
     "train.threads": 1,
 }
+TIMING = ("elapsed_s", "probe_s", "eval_s", "tokens_per_s", "peak_memory_bytes")
 METRIC_COLUMNS = ["arm", "seed", "step", "tokens", "train_loss", "val_loss", "ood_loss", "lr_scale", "grad_norm"]
 
 
@@ -64,11 +69,78 @@ def metric_rows(run: Path) -> tuple[str, str]:
     return scal, probes
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+def same(a, b) -> bool:
+    """Bitwise equality of nested checkpoint contents (tensors, dicts, lists, numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def final_values(run: Path) -> str:
+    """done.json without its timing fields (as text, so that a NaN compares equal)."""
+    done = store.read_json(run / store.DONE)
+    return json.dumps({k: v for k, v in done.items() if k not in TIMING}, sort_keys=True)
+
+
+def assert_same_run(run: Path, whole: Path) -> None:
+    """`run` finished with the rows, checkpoints, final weights and optimizer state, and final
+    values of the uninterrupted `whole`, bit for bit."""
+    assert store.is_done(run)
+    assert metric_rows(run) == metric_rows(whole)
+    assert checkpoint.steps(run) == checkpoint.steps(whole)
+    last = checkpoint.steps(whole)[-1]
+    a = torch.load(whole / checkpoint.FOLDER / f"step-{last:09d}.pt", weights_only=True)
+    b = torch.load(run / checkpoint.FOLDER / f"step-{last:09d}.pt", weights_only=True)
+    for key in ("model", "optim", "rng_cpu", "loss_sum", "norm_sum", "last_eval"):
+        assert same(a[key], b[key]), key
+    assert final_values(run) == final_values(whole)
+    assert store.read_json(run / store.DONE)["final_val_loss"] is not None
+
+
+def uninterrupted(tmp_path_factory) -> Path:
+    """An uninterrupted run of `config` (arm "a"), to compare interrupted ones with."""
+    tmp = tmp_path_factory.mktemp("whole")
+    train(config(shards(tmp)), tmp / "run", progress=False, arm="a")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    return uninterrupted(tmp_path_factory)
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing in the library catches it."""
+
+
+def after_row(step: int, action, table: str = "scalars.csv"):
+    """A replacement for TableWriter.append that calls `action()` once the rows of `step` are in
+    `table`: where a test kills, signals or fills the disk."""
+    append = store.TableWriter.append
+
+    def append_then(self, rows):
+        rows = list(rows)
+        append(self, rows)
+        if self.path.name == table and rows and rows[0]["step"] == step:
+            action()
+
+    return append_then
+
+
+def kill_after_row(monkeypatch, step: int) -> None:
+    def kill():
+        raise Killed
+
+    monkeypatch.setattr(store.TableWriter, "append", after_row(step, kill))
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, whole):
     data = shards(tmp_path)
     cfg = config(data)
-    whole = tmp_path / "whole"
-    train(cfg, whole, progress=False, arm="a")
 
     # the same run in a child process, killed with SIGKILL once it has written rows past its
     # second checkpoint (step 10) -- the rows of step 12 must be dropped on resume
@@ -99,12 +171,75 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     assert store.read_table(killed / "scalars.csv")["step"].max() == 12
 
     train(cfg, killed, progress=False, arm="a")  # resumes from step 10
-    assert store.is_done(killed)
-    assert metric_rows(killed) == metric_rows(whole)
-    assert checkpoint.steps(killed) == checkpoint.steps(whole) == [15, 16]
-    a = torch.load(whole / "checkpoints" / "step-000000016.pt", weights_only=True)
-    b = torch.load(killed / "checkpoints" / "step-000000016.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert checkpoint.steps(whole) == [15, 16]
+    assert_same_run(killed, whole)
+
+
+def test_run_resumed_at_its_last_step_keeps_its_final_values(tmp_path, whole):
+    # killed between the last checkpoint and done.json: the rerun evaluates nothing more, and
+    # done.json must still carry the final values of the uninterrupted run
+    run = tmp_path / "run"
+    cfg = config(shards(tmp_path))
+    train(cfg, run, progress=False, arm="a")
+    (run / store.DONE).unlink()
+    train(cfg, run, progress=False, arm="a")
+    assert_same_run(run, whole)
+
+    # trained again although finished (`--seeds 0 0`): done.json is rewritten with the same values
+    train(cfg, run, progress=False, arm="a")
+    assert_same_run(run, whole)
+
+    # a checkpoint from before checkpoints carried the last evaluation: read back from the tables
+    path = run / checkpoint.FOLDER / "step-000000016.pt"
+    state = torch.load(path, weights_only=True)
+    del state["last_eval"]
+    torch.save(state, path)
+    (run / store.DONE).unlink()
+    train(cfg, run, progress=False, arm="a")
+    assert final_values(run) == final_values(whole)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, whole, monkeypatch, capsys):
+    run = tmp_path / "run"
+    cfg = config(shards(tmp_path))
+    with monkeypatch.context() as m:
+        kill_after_row(m, 12)
+        with pytest.raises(Killed):
+            train(cfg, run, progress=False, arm="a")
+    folder = run / checkpoint.FOLDER
+    assert checkpoint.steps(run) == [5, 10]
+    newest = folder / "step-000000010.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # as a crash of the file system would leave it
+    stale = folder / ".step-000000015.pt.12345.0123abcd.tmp"  # left by a write that was killed
+    stale.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+
+    train(cfg, run, progress=False, arm="a")  # resumes from step 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rankscope: warning: checkpoint ")
+    assert str(newest) in err and "step-000000010.pt.corrupt" in err and "resuming from step 5" in err
+    assert (folder / "step-000000010.pt.corrupt").read_bytes() == data[: len(data) // 2]  # kept, not deleted
+    assert not stale.exists()
+    assert_same_run(run, whole)
+
+    # a file of garbage is set aside the same way, next to the first one
+    (folder / "step-000000016.pt").write_bytes(b"not a checkpoint")
+    state = checkpoint.load(run, set_aside=True)
+    assert state["step"] == 15 and (folder / "step-000000016.pt.corrupt").exists()
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
+    run = tmp_path / "run"
+    cfg = config(shards(tmp_path))
+    train(cfg, run, progress=False, arm="a")
+    (run / store.DONE).unlink()
+    for step in checkpoint.steps(run):
+        (run / checkpoint.FOLDER / f"step-{step:09d}.pt").write_bytes(b"truncated")
+    with pytest.raises(RankscopeError, match="cannot read checkpoint .*step-000000016.pt") as e:
+        train(cfg, run, progress=False, arm="a")
+    assert "\n" not in str(e.value) and ", nor any of the 1 older one(s); to start the run over" in str(e.value)
+    assert checkpoint.steps(run) == [15, 16]  # nothing set aside when nothing could replace it
 
 
 def test_diverging_run_stops_clearly_and_keeps_rows_and_checkpoint(tmp_path):

@@ -2,14 +2,23 @@
 
 A checkpoint of step s lives in `<run>/checkpoints/step-<s>.pt` (model, optimizer state of rank 0,
 RNG states, counters) plus, with several processes, `step-<s>.rank<r>.pt` for each other rank's
-share of Muon's state. Every file goes to a temporary name, is fsynced, then renamed, and the main
-file is written last, so its presence means the whole checkpoint is on disk. Loading with
-`weights_only=True` means a checkpoint from elsewhere can hold tensors and plain data, never code.
+own state (its share of Muon's state, its loss sums, its RNG). Every file goes to a temporary
+name, is fsynced, then renamed, and the main file is written last, so its presence means the
+whole checkpoint is on disk. Loading with `weights_only=True` means a checkpoint from elsewhere
+can hold tensors and plain data, never code.
+
+A checkpoint that cannot be read (truncated by a full disk or a crashed file system, corrupted,
+refused) is skipped for the previous one with a warning; when resuming it is also renamed to
+`<name>.corrupt`, so it is not tried again and nothing is deleted. Only when no checkpoint can be
+read is that an error.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +28,9 @@ from . import fsio
 from .errors import RankscopeError
 
 FOLDER = "checkpoints"
+# What differs between ranks, so each rank's share carries its own: its part of Muon's state, its
+# sums of the loss over its rows since the last evaluation, and its random number generators.
+RANK_KEYS = ("optim", "loss_sum", "norm_sum", "rng_cpu", "rng_cuda")
 _MAIN = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -27,9 +39,53 @@ def _path(run_dir: Path, step: int, rank: int) -> Path:
     return Path(run_dir) / FOLDER / name
 
 
+def _first_line(e: BaseException) -> str:
+    """The gist of an error for a one-line message (torch's zip reader appends a paragraph)."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return text.split(". ")[0] if len(text) > 120 else text
+
+
+class _Recorder:
+    """A file wrapper that remembers what a write raised: torch.save reports any failed write as
+    RuntimeError('unexpected pos ...'), which would hide 'No space left on device' or turn a
+    KeyboardInterrupt into an error with a traceback."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except BaseException as e:
+            self.error = e
+            raise
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    with fsio.atomic_open(path) as f:
-        torch.save(obj, f)
+    recorder = None
+    try:
+        with fsio.atomic_open(path) as f:
+            recorder = _Recorder(f)
+            torch.save(obj, recorder)
+    except BaseException as e:
+        # fsio removes its temporary file, except when closing the file fails again (a full disk
+        # fails the flush in close() too): a half-written checkpoint must not stay behind.
+        for tmp in path.parent.glob(f".{path.name}.{os.getpid()}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        error = recorder.error if recorder is not None and recorder.error is not None else e
+        if isinstance(error, OSError) and error.filename is None:  # a write on an open file names none
+            error.filename = str(path)
+        if error is e:
+            raise
+        raise error from None
 
 
 def steps(run_dir: str | Path) -> list[int]:
@@ -40,6 +96,12 @@ def steps(run_dir: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _MAIN.match(p.name)))
 
 
+def _files(folder: Path, step: int) -> list[Path]:
+    """The files of the checkpoint of `step` (main and rank shares); not the ones set aside."""
+    pattern = re.compile(rf"^step-{step:09d}(\.rank\d+)?\.pt$")
+    return [p for p in folder.iterdir() if pattern.match(p.name)]
+
+
 def save(
     run_dir: str | Path, step: int, state: dict[str, Any], rank: int = 0, keep: int = 2, barrier=lambda: None
 ) -> None:
@@ -47,34 +109,108 @@ def save(
     folder = Path(run_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     if rank != 0:
-        _atomic_save({"optim": state["optim"]}, _path(run_dir, step, rank))
+        _atomic_save({k: state[k] for k in RANK_KEYS if k in state}, _path(run_dir, step, rank))
     barrier()  # every rank's share is on disk before the main file says the checkpoint exists
     if rank == 0:
         _atomic_save(state, _path(run_dir, step, 0))
         for old in steps(run_dir)[:-keep]:  # run folders are on a file system every rank sees
-            for f in folder.glob(f"step-{old:09d}.*"):
+            for f in _files(folder, old):
                 f.unlink(missing_ok=True)
     barrier()
 
 
-def load(run_dir: str | Path, rank: int = 0, device: torch.device | str = "cpu") -> dict[str, Any] | None:
-    """The newest complete checkpoint as seen by `rank` (rank 0's file, with this rank's optimizer
-    share swapped in), or None when the run has none."""
-    found = steps(run_dir)
-    if not found:
-        return None
-    main = _path(run_dir, found[-1], 0)
+def _read(run_dir: Path, step: int, rank: int, device: torch.device | str) -> tuple[dict | None, tuple | None]:
+    """(state, None), or (None, (unreadable file, why, whether this rank owns that file))."""
+    main = _path(run_dir, step, 0)
     try:
         state = torch.load(main, map_location=device, weights_only=True)
-        if rank != 0:
-            state["optim"] = torch.load(_path(run_dir, found[-1], rank), map_location=device, weights_only=True)[
-                "optim"
-            ]
-    except FileNotFoundError as e:
+    except Exception as e:  # unpickling refused, truncated file, I/O error, ...
+        return None, (main, _first_line(e), rank == 0)
+    if not isinstance(state, dict) or state.get("step") != step or not isinstance(state.get("model"), dict):
+        return None, (main, f"not a rankscope checkpoint of step {step}", rank == 0)
+    if rank != 0:
+        share = _path(run_dir, step, rank)
+        try:
+            own = torch.load(share, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise RankscopeError(
+                f"checkpoint {main} is missing its share for rank {rank} ({share}); "
+                f"resume with the same number of processes"
+            ) from None
+        except Exception as e:
+            return None, (share, _first_line(e), True)
+        if not isinstance(own, dict) or "optim" not in own:
+            return None, (share, f"not a rankscope checkpoint share of step {step}", True)
+        state.update({k: own[k] for k in RANK_KEYS if k in own})  # older shares hold "optim" only
+    return state, None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to `<name>.corrupt` (or `.corrupt-2`, ... if taken) and return the new name."""
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    path.rename(target)
+    return target
+
+
+def _warn(message: str) -> None:
+    print(f"rankscope: warning: {message}", file=sys.stderr, flush=True)
+
+
+def load(
+    run_dir: str | Path,
+    rank: int = 0,
+    device: torch.device | str = "cpu",
+    *,
+    agree: Callable[[bool], bool] | None = None,
+    set_aside: bool = False,
+    warn: Callable[[str], None] = _warn,
+) -> dict[str, Any] | None:
+    """The newest readable checkpoint as seen by `rank` (rank 0's file, with this rank's optimizer
+    share swapped in), or None when the run has none.
+
+    An unreadable checkpoint is skipped for the one before it, with a warning naming the file.
+    `set_aside` (when resuming) also renames unreadable files to `*.corrupt` and removes temporary
+    files left by a write that was killed. Under torchrun pass `agree(ok) -> ok on every rank`, so
+    that all ranks settle on the same checkpoint."""
+    run_dir = Path(run_dir)
+    found = steps(run_dir)
+    if set_aside and rank == 0 and found:
+        # a write killed mid-way leaves its hidden temporary file (as large as a checkpoint); nothing
+        # else writes here while a run resumes
+        for tmp in (run_dir / FOLDER).iterdir():
+            if tmp.name.startswith(".step-") and fsio.TEMP_NAME.match(tmp.name):
+                tmp.unlink(missing_ok=True)
+    bad: list[tuple[Path, str, bool]] = []
+    state = None
+    for step in reversed(found):
+        state, failure = _read(run_dir, step, rank, device)
+        ok = agree(failure is None) if agree is not None else failure is None
+        if failure is not None:
+            bad.append(failure)
+        if ok:
+            break
+        state = None
+    if not found:
+        return None
+    if state is None:
+        what = f"{bad[0][0]} ({bad[0][1]})" if bad else f"{_path(run_dir, found[-1], 0)} on another process"
+        older = f", nor any of the {len(found) - 1} older one(s)" if len(found) > 1 else ""
         raise RankscopeError(
-            f"checkpoint {main} is missing its share for rank {rank} ({e.filename}); "
-            f"resume with the same number of processes"
-        ) from None
-    except Exception as e:  # unpickling refused, truncated file, ...
-        raise RankscopeError(f"cannot read checkpoint {main}: {str(e).splitlines()[0]}") from None
+            f"cannot read checkpoint {what}{older}; to start the run over, remove the run folder {run_dir}"
+        )
+    for path, why, owned in bad:
+        if not owned:  # rank 0 reports and moves the main file; each rank its own share
+            continue
+        if set_aside:
+            try:
+                moved = f"moved it to {_set_aside(path).name}"
+            except OSError as e:
+                moved = f"could not move it aside ({_first_line(e)})"
+            warn(f"checkpoint {path} is unreadable ({why}); {moved}; resuming from step {state['step']}")
+        else:
+            warn(f"checkpoint {path} is unreadable ({why}); using the one of step {state['step']}")
     return state

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, so a closed pipe is met inside this try and not at exit
         return code
     except Interrupted as e:
+        if threading.current_thread() is threading.main_thread():  # a third Ctrl-C must not cut this line short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"rankscope: {e}", file=sys.stderr)
         return e.exit_code
     except RankscopeError as e:  # DataError and ConfigError included

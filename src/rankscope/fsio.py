@@ -67,7 +67,8 @@ def commit(tmp: Path, f: IO[Any], path: Path) -> None:
         f.close()
         os.replace(tmp, path)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()  # a full disk fails close()'s flush again; the file is closed regardless
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
@@ -82,7 +83,8 @@ def atomic_open(path: str | Path, binary: bool = True) -> Iterator[IO[Any]]:
     try:
         yield f
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()  # a full disk fails close()'s flush again; the file is closed regardless
         tmp.unlink(missing_ok=True)
         raise
     commit(tmp, f, path)

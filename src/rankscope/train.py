@@ -7,7 +7,9 @@ compare seed by seed.
 
 A run checkpoints every `train.checkpoint_every` tokens and at the end; calling train() again on
 the same folder resumes from the newest checkpoint and, on CPU in float32, reproduces the rows of
-an uninterrupted run bit for bit. Under torchrun the global batch is split across ranks
+an uninterrupted run bit for bit. Ctrl-C (SIGINT) and SIGTERM stop it between two optimizer steps,
+after writing a checkpoint of that step, with `Interrupted`; a newest checkpoint that cannot be read
+is set aside for the one before it. Under torchrun the global batch is split across ranks
 (DistributedDataParallel), Muon's work is divided between them, and rank 0 alone evaluates,
 probes and writes.
 """
@@ -15,9 +17,14 @@ probes and writes.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import math
 import resource
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,13 @@ from . import checkpoint
 from . import dist as rdist
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
-from .errors import RankscopeError
+from .errors import Interrupted, RankscopeError
 from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
 from .model import GPT, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
 from .provenance import environment, now
-from .store import RunStore, truncate_after, write_json
+from .store import PROBES, SCALARS, RunStore, truncate_after, write_json
 
 
 class RunDiverged(RankscopeError):
@@ -83,6 +90,106 @@ def eval_steps(
     if kind == "log":
         return log_schedule(total_steps, points)
     return schedule(total_steps, tokens_per_step, every_tokens)
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before it kills a job) ask the
+    training loop to stop at its next safe point, between two optimizer steps, rather than at
+    whatever bytecode the signal lands on; the loop then writes a checkpoint and raises
+    `Interrupted`. The handlers are installed only in the main thread (Python allows no other), not
+    over a signal the caller ignores (a background job's SIGINT), and restored on exit.
+
+    A second SIGINT while stopping forces the stop at once (KeyboardInterrupt): every file is written
+    atomically, so the run then resumes from its previous checkpoint. Under torchrun a repeated
+    signal is ignored instead, because torchrun forwards the signal it got to workers that the
+    terminal or the scheduler already signalled."""
+
+    def __init__(self, world: rdist.World):
+        self.signum = 0
+        self._world = world
+        self._old: dict[int, Any] = {}
+        self._group = None
+        if world.distributed and torch.distributed.get_backend() != "gloo":
+            # agree on a small CPU group: an all-reduce on the GPU would make the host wait for
+            # every step to finish, where the loop otherwise never synchronises between evaluations
+            self._group = torch.distributed.new_group(backend="gloo")
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT and not self._world.distributed:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN or old is None:  # ignored on purpose, or owned by non-Python code
+                    continue
+                try:
+                    signal.signal(sig, self._handle)
+                except ValueError:  # a subinterpreter's main thread: no signals there either
+                    continue
+                self._old[sig] = old
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def agreed(self) -> int:
+        """The signal to stop for (0: none), the same on every rank: a collective under torchrun,
+        so every rank must call it at the same steps."""
+        if not self._world.distributed:
+            return self.signum
+        t = torch.tensor([self.signum], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        return int(t.item())
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A failed write on an open file (a full disk) raises an OSError without a file name; add it
+    so the one-line error says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def _close_tables(store: RunStore, quiet: bool) -> None:
+    """Close both tables even when one fails (a full disk fails the flush in close() again); raise
+    the first failure unless `quiet` (another exception is already on its way out)."""
+    error = None
+    for table in (store.scalars, store.probes):
+        try:
+            with _naming(table.path):
+                table.close()
+        except OSError as e:
+            error = error or e
+    if error is not None and not quiet:
+        raise error
+
+
+def _last_eval_from_tables(run: Path, step: int) -> dict[str, Any]:
+    """The values `evaluate` returned at `step`, read back from the tables: for a run resumed at its
+    last step from a checkpoint written before checkpoints carried them (format 1 without
+    "last_eval"). Parsed with float(), which round-trips the repr() the tables hold exactly."""
+
+    def rows(name: str) -> list[dict[str, str]]:
+        path = run / name
+        if not path.exists():
+            return []
+        text = path.read_text()
+        return [r for r in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])) if r.get("step") == str(step)]
+
+    scalars = rows(SCALARS)
+    if not scalars:
+        return {}
+    key = [float(r["value"]) for r in rows(PROBES) if r["site"] == "k" and r["metric"] == "pr_sv"]
+    return {"val_loss": float(scalars[-1]["val_loss"]), "key_pr": sum(key) / len(key) if key else float("nan")}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -180,7 +287,10 @@ def train(
     norm_sum = torch.zeros((), device=device)
     timers = {"n_since": 0, "probe_s": 0.0, "eval_s": 0.0, "elapsed_s": 0.0}
     start_step = 0
-    state = checkpoint.load(out_dir, world.rank, device)
+    last: dict[str, Any] = {}  # what evaluate() returned last: the final values in done.json
+    state = checkpoint.load(
+        out_dir, world.rank, device, agree=lambda ok: not rdist.any_rank(not ok, world, device), set_aside=True
+    )
     if state is not None:
         model.load_state_dict(state["model"])
         try:
@@ -194,26 +304,35 @@ def train(
         norm_sum.copy_(state["norm_sum"])
         timers.update(state["timers"])
         start_step = state["step"]
+        if world.main:
+            # a run resumed at its last step (killed before done.json, or run twice) evaluates no
+            # more: its final values come from the checkpoint, or from the tables of an older one
+            last = dict(state.get("last_eval") or {})
+            if not last and start_step == total_steps:
+                last = _last_eval_from_tables(out_dir, start_step)
     if world.main:
         if state is not None:
-            truncate_after(out_dir, start_step)
+            with _naming(out_dir):
+                truncate_after(out_dir, start_step)
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json(
-                out_dir / "config.json",
-                {
-                    "arm": arm,
-                    **cfg.to_dict(),
-                    "n_params": model.num_params(),
-                    "param_roles": opt.counts,
-                    "data_source": data.source,
-                    "tokens_per_step": tokens_per_step,
-                    "steps": total_steps,
-                    "flops_per_token": model.flops_per_token(tc.seq_len),
-                    "world_size": world.size,
-                },
-            )
-            write_json(out_dir / "provenance.json", provenance(cfg, device, world))
+            with _naming(out_dir / "config.json"):
+                write_json(
+                    out_dir / "config.json",
+                    {
+                        "arm": arm,
+                        **cfg.to_dict(),
+                        "n_params": model.num_params(),
+                        "param_roles": opt.counts,
+                        "data_source": data.source,
+                        "tokens_per_step": tokens_per_step,
+                        "steps": total_steps,
+                        "flops_per_token": model.flops_per_token(tc.seq_len),
+                        "world_size": world.size,
+                    },
+                )
+            with _naming(out_dir / "provenance.json"):
+                write_json(out_dir / "provenance.json", provenance(cfg, device, world))
     store = RunStore(out_dir) if world.main else None
 
     # --- evaluation, probing and checkpoints (rank 0 evaluates; everyone checkpoints) -------------
@@ -252,11 +371,13 @@ def train(
             if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
                 extra += functional_rank(model, *probe_batch)
         if probe_rows or extra:
-            store.probes.append(dict(base, **r) for r in probe_rows + extra)
+            with _naming(store.probes.path):
+                store.probes.append(dict(base, **r) for r in probe_rows + extra)
         model.train()
         timers["eval_s"] += time.perf_counter() - t0
         row.update(elapsed_s=elapsed + time.perf_counter() - t0, probe_s=timers["probe_s"], eval_s=timers["eval_s"])
-        store.scalars.append([row])
+        with _naming(store.scalars.path):
+            store.scalars.append([row])
         key = [r["value"] for r in probe_rows if r["site"] == "k" and r["metric"] == "pr_sv"]
         row["key_pr"] = sum(key) / len(key) if key else float("nan")
         return row
@@ -274,6 +395,8 @@ def train(
             "timers": dict(timers),
             "world_size": world.size,
         }
+        if last:
+            state["last_eval"] = {"val_loss": last.get("val_loss"), "key_pr": last.get("key_pr")}
         if use_cuda:
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
         checkpoint.save(out_dir, step, state, world.rank, tc.keep_checkpoints, lambda: rdist.barrier(world))
@@ -304,109 +427,130 @@ def train(
             desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}",
         )
     scale = lr_scale(start_step * tokens_per_step, tc.tokens, cfg.optim)
-    last: dict[str, Any] = {}
     t_start = time.perf_counter() - timers["elapsed_s"]
     model.train()
     batch = fetch(start_step) if start_step < total_steps else None
-    try:
-        for step in range(start_step, total_steps + 1):
-            resumed_here = state is not None and step == start_step  # its eval and checkpoint exist
-            if step in evals and not resumed_here:
-                # the only place losses are read on the host: once per evaluation
-                n = timers["n_since"]
-                means = torch.stack([loss_sum, norm_sum]) / max(n, 1)
-                if world.distributed:
-                    torch.distributed.all_reduce(means, op=torch.distributed.ReduceOp.AVG)
-                train_loss, grad_norm = means.tolist() if n else (float("nan"), float("nan"))
-                loss_sum.zero_(), norm_sum.zero_()
-                timers["n_since"] = 0
-                bad = ""
-                if world.main:
-                    last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
-                    bad = next(
-                        (
-                            f"{k} is {last[k]}"
-                            for k in ("train_loss", "val_loss")
-                            if step > 0 and not math.isfinite(last[k])
-                        ),
-                        "",
-                    )
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{train_loss:.3f}",
-                            val=f"{last['val_loss']:.3f}",
-                            pr=f"{last['key_pr']:.1f}",
-                            refresh=False,
+    label = f"run {arm + ' ' if arm else ''}seed {cfg.seed}"
+    with StopRequest(world) as stop:
+        try:
+            for step in range(start_step, total_steps + 1):
+                resumed_here = state is not None and step == start_step  # its eval and checkpoint exist
+                if step in evals and not resumed_here:
+                    # the only place losses are read on the host: once per evaluation
+                    n = timers["n_since"]
+                    means = torch.stack([loss_sum, norm_sum]) / max(n, 1)
+                    if world.distributed:
+                        torch.distributed.all_reduce(means, op=torch.distributed.ReduceOp.AVG)
+                    train_loss, grad_norm = means.tolist() if n else (float("nan"), float("nan"))
+                    loss_sum.zero_(), norm_sum.zero_()
+                    timers["n_since"] = 0
+                    bad = ""
+                    if world.main:
+                        last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
+                        bad = next(
+                            (
+                                f"{k} is {last[k]}"
+                                for k in ("train_loss", "val_loss")
+                                if step > 0 and not math.isfinite(last[k])
+                            ),
+                            "",
                         )
-                elif step > 0 and not math.isfinite(train_loss):
-                    bad = f"train_loss is {train_loss}"
-                if rdist.any_rank(bool(bad), world, device):
-                    raise RunDiverged(
-                        f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
-                        f"{': ' + bad if bad else ''}; its rows and last good checkpoint are kept"
+                        if bar is not None:
+                            bar.set_postfix(
+                                loss=f"{train_loss:.3f}",
+                                val=f"{last['val_loss']:.3f}",
+                                pr=f"{last['key_pr']:.1f}",
+                                refresh=False,
+                            )
+                    elif step > 0 and not math.isfinite(train_loss):
+                        bad = f"train_loss is {train_loss}"
+                    if rdist.any_rank(bool(bad), world, device):
+                        raise RunDiverged(
+                            f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
+                            f"{': ' + bad if bad else ''}; its rows and last good checkpoint are kept"
+                        )
+                # the safe point: after this step's evaluation (a resume skips the evaluation of
+                # its first step, so none is lost), before the next optimizer step; on the last
+                # step the run finishes first
+                halt = stop.agreed() if step < total_steps else 0
+                if (step in saves or halt) and not resumed_here:
+                    if step not in evals and rdist.any_rank(not bool(torch.isfinite(loss_sum)), world, device):
+                        raise RunDiverged(
+                            f"run {arm} seed {cfg.seed} diverged before {step * tokens_per_step:,} "
+                            f"tokens; its rows and last good checkpoint are kept"
+                        )
+                    timers["elapsed_s"] = time.perf_counter() - t_start
+                    save_checkpoint(step)
+                if halt:
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(halt).name}: {label} saved at step {step} of {total_steps} "
+                        f"({step * tokens_per_step:,} tokens); rerun the same command to resume",
+                        halt,
                     )
-            if step in saves and not resumed_here:
-                if step not in evals and rdist.any_rank(not bool(torch.isfinite(loss_sum)), world, device):
-                    raise RunDiverged(
-                        f"run {arm} seed {cfg.seed} diverged before {step * tokens_per_step:,} "
-                        f"tokens; its rows and last good checkpoint are kept"
-                    )
-                timers["elapsed_s"] = time.perf_counter() - t_start
-                save_checkpoint(step)
-            if step == total_steps:
-                break
+                if step == total_steps:
+                    break
 
-            # one optimizer step on the global batch: this rank's rows, in grad_accum micro-batches
-            scale = lr_scale(step * tokens_per_step, tc.tokens, cfg.optim)
-            opt.set_lr(scale)
-            x, y = batch
-            for i, (xm, ym) in enumerate(zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum))):
-                sync = ddp is None or i == tc.grad_accum - 1  # all-reduce gradients once, after the last
-                with contextlib.nullcontext() if sync else ddp.no_sync(), autocast():
-                    loss = step_model(xm, ym) / tc.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if cfg.optim.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            opt.step()
-            opt.zero_grad()
-            if clip_tau > 0:
-                if world.distributed:  # every rank must clip the same heads: use the global maxima
-                    maxima = torch.stack([b.attn.max_logit for b in model.blocks])
-                    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-                    for b, m in zip(model.blocks, maxima):
-                        b.attn.max_logit.copy_(m)
-                qk_clip(model, clip_tau)
-            norm_sum += norm.detach()
-            timers["n_since"] += 1
-            if step + 1 < total_steps:
-                batch = fetch(step + 1)  # prepared while the device works on this step
+                # one optimizer step on the global batch: this rank's rows, in grad_accum micro-batches
+                scale = lr_scale(step * tokens_per_step, tc.tokens, cfg.optim)
+                opt.set_lr(scale)
+                x, y = batch
+                for i, (xm, ym) in enumerate(zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum))):
+                    sync = ddp is None or i == tc.grad_accum - 1  # all-reduce gradients once, after the last
+                    with contextlib.nullcontext() if sync else ddp.no_sync(), autocast():
+                        loss = step_model(xm, ym) / tc.grad_accum
+                    loss.backward()
+                    loss_sum += loss.detach()
+                if cfg.optim.grad_clip > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                else:
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                opt.step()
+                opt.zero_grad()
+                if clip_tau > 0:
+                    if world.distributed:  # every rank must clip the same heads: use the global maxima
+                        maxima = torch.stack([b.attn.max_logit for b in model.blocks])
+                        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+                        for b, m in zip(model.blocks, maxima):
+                            b.attn.max_logit.copy_(m)
+                    qk_clip(model, clip_tau)
+                norm_sum += norm.detach()
+                timers["n_since"] += 1
+                if step + 1 < total_steps:
+                    batch = fetch(step + 1)  # prepared while the device works on this step
+                if bar is not None:
+                    bar.update(tokens_per_step)
+        except BaseException:
+            if store is not None:
+                _close_tables(store, quiet=True)  # without hiding the error on its way out
+            raise
+        finally:
             if bar is not None:
-                bar.update(tokens_per_step)
-    finally:
-        if bar is not None:
-            bar.close()
-        if store is not None:
-            store.close()
+                bar.close()
 
-    elapsed = time.perf_counter() - t_start
-    summary = {
-        "status": "done",
-        "arm": arm,
-        "seed": cfg.seed,
-        "steps": total_steps,
-        "tokens": total_steps * tokens_per_step,
-        "elapsed_s": elapsed,
-        "probe_s": timers["probe_s"],
-        "eval_s": timers["eval_s"],
-        "tokens_per_s": total_steps * tokens_per_step / max(elapsed, 1e-9),
-        "final_val_loss": last.get("val_loss"),
-        "final_key_pr": last.get("key_pr"),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "world_size": world.size,
-    }
-    if store is not None:
-        store.finish(summary)
+        elapsed = time.perf_counter() - t_start
+        summary = {
+            "status": "done",
+            "arm": arm,
+            "seed": cfg.seed,
+            "steps": total_steps,
+            "tokens": total_steps * tokens_per_step,
+            "elapsed_s": elapsed,
+            "probe_s": timers["probe_s"],
+            "eval_s": timers["eval_s"],
+            "tokens_per_s": total_steps * tokens_per_step / max(elapsed, 1e-9),
+            "final_val_loss": last.get("val_loss"),
+            "final_key_pr": last.get("key_pr"),
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "world_size": world.size,
+        }
+        if store is not None:
+            _close_tables(store, quiet=False)
+            with _naming(out_dir / "done.json"):
+                store.finish(summary)
+        halt = stop.agreed()  # a signal during the last step: the run is finished; stop before the next
+        if halt:
+            raise Interrupted(
+                f"stopped by {signal.Signals(halt).name} after finishing {label}; rerun the same command to continue",
+                halt,
+            )
     return summary

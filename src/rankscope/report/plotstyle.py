@@ -23,6 +23,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from .. import fsio
+
 DPI = 150
 REFERENCE = "0.45"  # grey for reference lines (head dim, arm mean)
 FLAG = "#d62728"  # collapsed layers
@@ -66,7 +68,9 @@ def safe_names(arms: Iterable[str]) -> dict[str, str]:
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    # through a temporary file: a report written while another shard writes one never tears a figure
+    with fsio.atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=DPI)
     return path
 
 
