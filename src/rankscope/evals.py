@@ -33,7 +33,7 @@ from torch import nn
 from .attention import logit_chunks
 from .metrics import singular_value_metrics
 from .model import Tap
-from .probe import Site, _matching, gpt_sites, pair_qk
+from .probe import Site, SiteCalls, _matching, gpt_sites, pair_qk
 from .vocab import LAYER_WIDE
 
 Row = dict[str, Any]
@@ -196,9 +196,11 @@ class InductionScores:
     scores the mean of 1/(i+1). Also `prev_token_score`, the weight on key i - 1: induction runs
     through a previous-token head in an earlier layer, so both halves of the circuit are visible.
 
-    Hooks on the post-RoPE query and key sites (like `probe.AttentionStats`) recompute the causal
-    softmax in query chunks, in float32; query head h reads key head h // (H/G). The hooks return
-    nothing and are removed after each call, so outputs are unchanged.
+    Hooks on the post-RoPE query and key sites (like `probe.AttentionStats`, read as the sites say:
+    input or output, transform, layout, and which call of a module that runs more than once; see
+    `probe.SiteCalls`) recompute the causal softmax in query chunks, in float32; query head h reads
+    key head h // (H/G). The hooks return nothing and are removed after each call, so outputs are
+    unchanged.
 
     >>> scores = InductionScores(model, *gpt_sites(["q", "k"]), half_len=64)
     >>> loss, rows = scores.measure_with_loss(induction_batch(4096, 8, 64).to(device))
@@ -211,7 +213,8 @@ class InductionScores:
             raise ValueError(f"half_len must be at least 2, got {half_len}")
         self.model, self.q, self.k, self.half_len = model, q, k, half_len
         self.scale, self.query_chunk = scale, query_chunk
-        self._q_mods, self._k_mods = _matching(model, q.pattern), _matching(model, k.pattern)  # fail early
+        for site in (q, k):
+            _matching(model, site.pattern)  # a pattern that matches nothing fails here, not mid-training
 
     def _attend(self, which: str, layer: int, x: torch.Tensor) -> None:
         pair = pair_qk(self._pending, which, layer, x)
@@ -221,8 +224,7 @@ class InductionScores:
 
     def _score(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         L = self.half_len
-        q = self.q.to_bthe(q)[:, L:]  # (B, L, H, E): queries of the second copy, at positions L .. 2L - 1
-        k = self.k.to_bthe(k)  # (B, T, G, E)
+        q = q[:, L:]  # (B, L, H, E): queries of the second copy, at positions L .. 2L - 1; k is (B, T, G, E)
         B, _, H, E = q.shape
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(E)
         ind = torch.zeros(H, dtype=torch.float64, device=q.device)
@@ -233,7 +235,8 @@ class InductionScores:
             for acc, target in ((ind, j + 1), (prev, L + j - 1)):
                 idx = target[None, None, :, None].expand(B, H, -1, 1)
                 acc += (logits.gather(-1, idx).squeeze(-1) - lse).exp().sum((0, 2)).double()
-        # summed, not stored: a module that runs twice in one pass (shared weights) adds its queries
+        # one (q, k) pair per layer and pass: SiteCalls hands on one call of each module, and refuses
+        # a module that runs twice unless its site picks the call (a shared module would sum both)
         s_ind, s_prev, s_n = self._sums.get(layer, (0.0, 0.0, 0))
         self._sums[layer] = (s_ind + ind, s_prev + prev, s_n + B * L)
 
@@ -243,12 +246,15 @@ class InductionScores:
             raise ValueError(f"x has {x.shape[1]} tokens; expected 2 x half_len = {2 * self.half_len}")
         self._pending: dict[tuple[str, int], torch.Tensor] = {}
         self._sums: dict[int, Any] = {}
-        handles = []
-        for which, mods in (("q", self._q_mods), ("k", self._k_mods)):
-            for layer, mod in mods:
-                handles.append(mod.register_forward_hook(lambda m, i, out, w=which, l=layer: self._attend(w, l, out)))
+        calls, handles = SiteCalls(), []
+        for which, site in (("q", self.q), ("k", self.k)):
+            handles += calls.attach(
+                self.model, f"induction {which} site {site.name!r}", site, lambda l, t, w=which: self._attend(w, l, t)
+            )
         try:
+            calls.start()
             out = (forward or self.model)(x)
+            calls.check()
         finally:
             for h in handles:
                 h.remove()

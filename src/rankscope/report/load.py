@@ -3,7 +3,8 @@
 Reads only what `rankscope.store` wrote; never imports torch. Runs are loaded one folder at a time
 (rather than with one `load_scalars(study_dir)` call) so that every row keeps track of where it
 came from: whether its run finished, its resolved config, and which of several merged study
-folders it lives in.
+folders it lives in. A damaged table (anything but a torn last line) stops the load with one line
+naming the file and line (`store.read_table`), and so does a row whose arm or seed is not its run's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ import numpy as np
 import pandas as pd
 
 from ..errors import RankscopeError
-from ..store import DONE, PROBE_COLUMNS, SCALAR_COLUMNS, is_done, load_probes, load_scalars, read_json, run_dirs
+from ..store import (
+    DONE,
+    PROBE_COLUMNS,
+    PROBES,
+    SCALAR_COLUMNS,
+    SCALARS,
+    is_done,
+    read_json,
+    read_table,
+    run_dirs,
+)
 
 StudyDirs = str | Path | Sequence[str | Path]
 FINISHED, DIVERGED, UNFINISHED = "finished", "diverged", "unfinished"
@@ -151,10 +162,14 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
     for d, study in zip(dirs, studies):
         for rd in run_dirs(d):
             config = read_json(rd / "config.json") if (rd / "config.json").exists() else {}
-            # the store's loaders, pointed at one run folder, read exactly that run's tables
-            scalars = load_scalars(rd)
-            probes = load_probes(rd)
+            # exactly this folder's tables (the store's loaders would also glob any folder inside it)
+            scalars = read_table(rd / SCALARS)
             arm, seed = _identify(rd, config, scalars)
+            # every row must be this run's: read again with the run's arm and seed to check against
+            # (a scalars table has a row per eval point; reading it twice costs little)
+            own = {"arm": arm, "seed": seed}
+            scalars = read_table(rd / SCALARS, own)
+            probes = read_table(rd / PROBES, own) if (rd / PROBES).exists() else pd.DataFrame()
             scalars = _normalise(scalars, SCALAR_COLUMNS, arm, seed, keep_extra=True)
             probes = _normalise(probes, PROBE_COLUMNS, arm, seed)
             target = (config.get("train") or {}).get("tokens", study.get("tokens"))
