@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from _common import train_step_fn
 
+from rankscope.cadence import eval_steps
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
 from rankscope.evals import (
@@ -45,7 +46,6 @@ from rankscope.evals import (
 from rankscope.model import GPT
 from rankscope.optim import build_optimizers
 from rankscope.probe import gpt_probe
-from rankscope.train import eval_steps
 
 BUDGET = 0.10  # the target: all downstream evaluations together at most 10% of a run
 

@@ -24,12 +24,12 @@ import torch
 from _common import train_step_fn
 
 from rankscope.bench import matmul_rate
+from rankscope.cadence import eval_steps
 from rankscope.config import apply_overrides, preset
 from rankscope.data import BatchSampler, fixed_batches, load_data
 from rankscope.model import GPT
 from rankscope.optim import build_optimizers
 from rankscope.probe import gpt_probe
-from rankscope.train import eval_steps
 
 
 def main() -> None:

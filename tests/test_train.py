@@ -6,8 +6,9 @@ from dataclasses import replace
 from test_resume import config, shards
 
 from rankscope import store
+from rankscope.cadence import eval_steps, log_schedule, schedule
 from rankscope.study import BUILTIN, resolve
-from rankscope.train import eval_steps, log_schedule, schedule, train
+from rankscope.train import train
 
 
 def test_linear_schedule():

@@ -66,11 +66,12 @@ def matmul_rate(device: torch.device, reps: int = 10) -> float:
 
 
 def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
+    from .cadence import eval_steps
     from .config import apply_overrides
     from .config import preset as get_preset
     from .data import load_data
     from .store import load_scalars, read_json
-    from .train import eval_steps, resolve_device, train
+    from .train import resolve_device, train
 
     cfg = apply_overrides(get_preset(preset), overrides)
     tps = cfg.train.batch_size * cfg.train.seq_len

@@ -181,12 +181,33 @@ def truncate_after(run_path: str | Path, step: int) -> None:
         if not path.exists():
             continue
         data = path.read_bytes()
-        lines = data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
-        if not lines:
+        data = data[: data.rfind(b"\n") + 1]  # a torn last line goes
+        if not data:
             continue
+        _check_lines(path, data)  # a damaged line is named, not a traceback from int() below
+        lines = data.splitlines(keepends=True)
         col = lines[0].decode().rstrip("\n").split(",").index("step")
         kept = [lines[0]] + [ln for ln in lines[1:] if int(next(csv.reader([ln.decode()]))[col]) <= step]
         fsio.write_bytes(path, b"".join(kept))
+
+
+def last_eval_from_tables(run: Path, step: int) -> dict[str, Any]:
+    """The values `evaluate` returned at `step`, read back from the tables: for a run resumed at its
+    last step from a checkpoint written before checkpoints carried them (format 1 without
+    "last_eval"). Parsed with float(), which round-trips the repr() the tables hold exactly."""
+
+    def rows(name: str) -> list[dict[str, str]]:
+        path = run / name
+        if not path.exists():
+            return []
+        text = path.read_text()
+        return [r for r in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])) if r.get("step") == str(step)]
+
+    scalars = rows(SCALARS)
+    if not scalars:
+        return {}
+    key = [float(r["value"]) for r in rows(PROBES) if r["site"] == "k" and r["metric"] == "pr_sv"]
+    return {"val_loss": float(scalars[-1]["val_loss"]), "key_pr": sum(key) / len(key) if key else float("nan")}
 
 
 def read_table(path: str | Path, expect: Mapping[str, Any] | None = None) -> pd.DataFrame:
@@ -235,10 +256,8 @@ _CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 
 
 def _damaged(path: Path, line: int | None, what: str) -> Exception:
-    from .errors import RankscopeError  # torch-free, like this module
-
     where = f"{path} line {line}" if line is not None else str(path)
-    return RankscopeError(f"{where}: {what}; the run's table is damaged: remove the line or rerun the run")
+    return DamagedFile(f"{where}: {what}; the run's table is damaged: remove the line or rerun the run")
 
 
 def _show(v: str) -> str:

@@ -17,12 +17,9 @@ probes and writes.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import resource
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +29,7 @@ import torch
 
 from . import checkpoint
 from . import dist as rdist
+from .cadence import eval_steps, schedule
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import Interrupted, RankscopeError
@@ -40,7 +38,8 @@ from .model import GPT, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
 from .provenance import environment, now
-from .store import PROBES, SCALARS, RunStore, truncate_after, write_json
+from .stopping import StopRequest
+from .store import RunStore, last_eval_from_tables, truncate_after, write_json
 
 
 class RunDiverged(RankscopeError):
@@ -60,91 +59,6 @@ def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
 def provenance(cfg: RunConfig, device: torch.device, world: rdist.World) -> dict[str, Any]:
     """Where and with what a run was made (see `rankscope.provenance`), plus its world size and seed."""
     return {**environment(device), "world_size": world.size, "seed": cfg.seed, "started": now()}
-
-
-def schedule(total_steps: int, tokens_per_step: int, every_tokens: int) -> list[int]:
-    """Steps (0..total_steps) at which something recurs every `every_tokens`: the first step at or
-    after each multiple, plus step 0 and the last step. every_tokens == 0: only the ends."""
-    steps = {0, total_steps}
-    k = 1
-    while every_tokens and k * every_tokens < total_steps * tokens_per_step:
-        steps.add(math.ceil(k * every_tokens / tokens_per_step))
-        k += 1
-    return sorted(steps)
-
-
-def log_schedule(total_steps: int, points: int) -> list[int]:
-    """Step 0, the last step, and `points` steps spaced evenly in log(step): dense early, where the
-    geometry moves fast, sparse late, so a 100M-token run costs few evaluations."""
-    steps = {0, total_steps}
-    if total_steps > 1 and points > 1:
-        ratio = total_steps ** (1 / (points - 1))
-        steps |= {min(total_steps, round(ratio**i)) for i in range(points)}
-    return sorted(steps)
-
-
-def eval_steps(
-    total_steps: int, tokens_per_step: int, every_tokens: int, kind: str = "linear", points: int = 24
-) -> list[int]:
-    """The steps at which to evaluate and probe."""
-    if kind == "log":
-        return log_schedule(total_steps, points)
-    return schedule(total_steps, tokens_per_step, every_tokens)
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before it kills a job) ask the
-    training loop to stop at its next safe point, between two optimizer steps, rather than at
-    whatever bytecode the signal lands on; the loop then writes a checkpoint and raises
-    `Interrupted`. The handlers are installed only in the main thread (Python allows no other), not
-    over a signal the caller ignores (a background job's SIGINT), and restored on exit.
-
-    A second SIGINT while stopping forces the stop at once (KeyboardInterrupt): every file is written
-    atomically, so the run then resumes from its previous checkpoint. Under torchrun a repeated
-    signal is ignored instead, because torchrun forwards the signal it got to workers that the
-    terminal or the scheduler already signalled."""
-
-    def __init__(self, world: rdist.World):
-        self.signum = 0
-        self._world = world
-        self._old: dict[int, Any] = {}
-        self._group = None
-        if world.distributed and torch.distributed.get_backend() != "gloo":
-            # agree on a small CPU group: an all-reduce on the GPU would make the host wait for
-            # every step to finish, where the loop otherwise never synchronises between evaluations
-            self._group = torch.distributed.new_group(backend="gloo")
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum and signum == signal.SIGINT and not self._world.distributed:
-            raise KeyboardInterrupt
-        self.signum = self.signum or signum
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old = signal.getsignal(sig)
-                if old is signal.SIG_IGN or old is None:  # ignored on purpose, or owned by non-Python code
-                    continue
-                try:
-                    signal.signal(sig, self._handle)
-                except ValueError:  # a subinterpreter's main thread: no signals there either
-                    continue
-                self._old[sig] = old
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    def agreed(self) -> int:
-        """The signal to stop for (0: none), the same on every rank: a collective under torchrun,
-        so every rank must call it at the same steps."""
-        if not self._world.distributed:
-            return self.signum
-        t = torch.tensor([self.signum], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        return int(t.item())
 
 
 @contextlib.contextmanager
@@ -171,25 +85,6 @@ def _close_tables(store: RunStore, quiet: bool) -> None:
             error = error or e
     if error is not None and not quiet:
         raise error
-
-
-def _last_eval_from_tables(run: Path, step: int) -> dict[str, Any]:
-    """The values `evaluate` returned at `step`, read back from the tables: for a run resumed at its
-    last step from a checkpoint written before checkpoints carried them (format 1 without
-    "last_eval"). Parsed with float(), which round-trips the repr() the tables hold exactly."""
-
-    def rows(name: str) -> list[dict[str, str]]:
-        path = run / name
-        if not path.exists():
-            return []
-        text = path.read_text()
-        return [r for r in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])) if r.get("step") == str(step)]
-
-    scalars = rows(SCALARS)
-    if not scalars:
-        return {}
-    key = [float(r["value"]) for r in rows(PROBES) if r["site"] == "k" and r["metric"] == "pr_sv"]
-    return {"val_loss": float(scalars[-1]["val_loss"]), "key_pr": sum(key) / len(key) if key else float("nan")}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -309,7 +204,7 @@ def train(
             # more: its final values come from the checkpoint, or from the tables of an older one
             last = dict(state.get("last_eval") or {})
             if not last and start_step == total_steps:
-                last = _last_eval_from_tables(out_dir, start_step)
+                last = last_eval_from_tables(out_dir, start_step)
     if world.main:
         if state is not None:
             with _naming(out_dir):
