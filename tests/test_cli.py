@@ -399,3 +399,14 @@ def test_closed_pipe_exits_quietly():
     p.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1 and err == ""
+
+
+def test_a_run_folder_whose_config_is_not_json_is_one_line(tmp_path, capsys):
+    study = write_study(tmp_path / "s.toml", '[arms.a]\nmodel.qk_norm = "none"\n')
+    run = tmp_path / "out" / "a" / "seed-0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{not json")
+    assert main(["run", str(study), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "config.json: not valid JSON" in err and "Traceback" not in err
+    assert (run / "config.json").read_text() == "{not json"  # nothing written over it
