@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+from _tolerances import U32, entropy_tol, gram_rtol, logit_atol, perturbed_pr_rtol, r90_is_stable, rope_eps
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -127,12 +128,17 @@ def test_post_rope_keys_and_queries_equal_what_the_attention_function_receives(f
         for site, act in (("k", k), ("q", q)):
             expected = all_metrics(per_head(act))
             assert len(rows(df, site, "pr_sv", layer)) == act.shape[1]  # kv heads for keys (GQA)
+            # the probe rebuilds the very same q and k with the model's own functions (bitwise), but
+            # sums their Grams in float32 against this float64 reference: `gram_rtol`. r90 is a count:
+            # equal, as long as no share lies within round-off of 90%
+            rtol = gram_rtol([per_head(act)])
+            assert r90_is_stable([per_head(act)])
             for m in METRICS:
                 np.testing.assert_allclose(
                     rows(df, site, m, layer),
                     expected[m].numpy(),
-                    rtol=2e-4,
-                    atol=1e-5,
+                    rtol=0 if m == "r90" else rtol,
+                    atol=0,
                     err_msg=f"{family} {site} {m} layer {layer}",
                 )
 
@@ -178,11 +184,16 @@ def test_qwen3_keys_rebuilt_by_hand_from_weights_norm_and_rope():
             k = (h @ attn.k_proj.weight.T).view(*h.shape[:2], G, E)  # (B, T, G, E); no bias in Qwen3
             k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * attn.k_norm.weight
             k_rot = _rope_by_hand(k.transpose(1, 2), 500.0, E)  # (B, G, T, E)
+        # the projection and the norm by hand are the model's own float32 ops (bitwise equal keys), so
+        # k_pre differs only in the Gram's precision (`gram_rtol`); the rotated keys also differ by the
+        # model's float32 RoPE angles (`rope_eps`), which moves pr_sv by `perturbed_pr_rtol`
+        k_pre = per_head(k.transpose(1, 2))
         np.testing.assert_allclose(
-            rows(df, "k_pre", "pr_sv", layer), participation_ratio(per_head(k.transpose(1, 2))).numpy(), rtol=1e-4
+            rows(df, "k_pre", "pr_sv", layer), participation_ratio(k_pre).numpy(), rtol=gram_rtol([k_pre])
         )
+        rtol = gram_rtol([per_head(k_rot)]) + perturbed_pr_rtol(E, rope_eps(X.shape[1]))
         np.testing.assert_allclose(
-            rows(df, "k", "pr_sv", layer), participation_ratio(per_head(k_rot)).numpy(), rtol=1e-4
+            rows(df, "k", "pr_sv", layer), participation_ratio(per_head(k_rot)).numpy(), rtol=rtol
         )
     # the norm matters: without it the pre-RoPE keys would differ
     assert not np.allclose(rows(df, "k_pre", "pr_sv", 0), rows(df, "q_pre", "pr_sv", 0)[:G])
@@ -199,8 +210,11 @@ def test_gpt_neox_partial_rotary_by_hand():
             qkv = attn.query_key_value(h).view(*h.shape[:2], H, 3 * E)  # per head [q | k | v]
             k, v = qkv[..., E : 2 * E].transpose(1, 2), qkv[..., 2 * E :].transpose(1, 2)  # (B, H, T, E)
         for site, act in (("k_pre", k), ("k", _rope_by_hand(k, 10000.0, r)), ("v", v)):
+            # k_pre and v are slices of the model's own projection output: only the Gram's precision
+            # differs (`gram_rtol`); the keys rotated by hand also differ by the model's float32 angles
+            rtol = gram_rtol([per_head(act)]) + (perturbed_pr_rtol(E, rope_eps(X.shape[1])) if site == "k" else 0)
             np.testing.assert_allclose(
-                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=1e-4, err_msg=site
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=rtol, err_msg=site
             )
     assert "partial RoPE (4 of 16 dims)" in detect(model).describe()
 
@@ -219,8 +233,12 @@ def test_gpt2_keys_have_no_rope_and_values_and_outputs_match_hand_splits():
             q, k, v = (h @ attn.c_attn.weight + attn.c_attn.bias).split(64, dim=-1)  # Conv1D: x W + b
         for site, act in (("q", q), ("k", k), ("v", v), ("o", outs[layer])):
             heads = act.view(*act.shape[:2], 4, 16).transpose(1, 2)
+            # o is c_proj's own input; x W + b the products of Conv1D's addmm, which may add the bias
+            # in another rounding (about 2 u of |x W| + |b| per element, say 4 u of the activations:
+            # `perturbed_pr_rtol`); beyond that only the Gram's precision differs (`gram_rtol`)
+            rtol = gram_rtol([per_head(heads)]) + (perturbed_pr_rtol(16, 4 * U32) if site != "o" else 0)
             np.testing.assert_allclose(
-                rows(df, site, "pr_sv", layer), participation_ratio(per_head(heads)).numpy(), rtol=1e-4, err_msg=site
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(heads)).numpy(), rtol=rtol, err_msg=site
             )
 
 
@@ -240,12 +258,17 @@ def test_attention_entropy_and_max_logit_equal_the_models_own_attention(family):
     hidden = (j > i) | ((i - j >= window) if window else torch.zeros(T, T, dtype=torch.bool))
     for layer, p in enumerate(probs):
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
-        np.testing.assert_allclose(rows(df, "attn", "entropy", layer), ent.numpy(), rtol=1e-4, atol=1e-6)
         q, k = ref[layer]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         logits = (q @ k.mT) * (q.shape[-1] ** -0.5)
         mx = logits.masked_fill(hidden, float("-inf")).amax((0, 2, 3))
-        np.testing.assert_allclose(rows(df, "attn", "max_logit", layer), mx.numpy(), rtol=1e-4, atol=1e-6)
+        # the probe's logits are float32 dot products of the same q and k, perhaps summed in another
+        # order (`logit_atol`; so is the max over them); its entropy moves by at most 2 log T times that,
+        # plus the two sides' own rounding of softmax and entropy sums over T keys and B x T rows
+        dlogit = logit_atol(q, k, q.shape[-1] ** -0.5)
+        rtol, atol = entropy_tol(T, X.shape[0] * T, dlogit)
+        np.testing.assert_allclose(rows(df, "attn", "entropy", layer), ent.numpy(), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(rows(df, "attn", "max_logit", layer), mx.numpy(), rtol=0, atol=dlogit)
 
 
 def test_qwen3_gains_are_reported_per_layer():
@@ -295,7 +318,8 @@ def test_rankscope_gpt_is_found_and_agrees_with_gpt_probe():
     key = ["site", "layer", "head", "metric"]
     merged = df.merge(expected, on=key, suffixes=("", "_ref"))
     assert len(merged) == len(df) == len(expected)
-    np.testing.assert_allclose(merged["value"], merged["value_ref"], rtol=1e-6)
+    # the same sites, hooks and arithmetic (Probe wraps a GramProbe on the same taps): bitwise equal
+    np.testing.assert_array_equal(merged["value"], merged["value_ref"])
     assert detect(model).describe().startswith("rankscope-gpt: 3 layers, 4 query heads, 2 key/value heads (GQA)")
 
 
@@ -357,14 +381,25 @@ def test_transformer_lens_hooked_transformer():
             ("o", a("hook_z")),
             ("k_pre", k_pre.transpose(1, 2)),
         ):
+            # the probe reads these very hooks, so only the Grams' precision differs (`gram_rtol`); k_pre by
+            # hand takes rsqrt and a product where TransformerLens takes sqrt and a division: within
+            # about 4 u of each other per element, which moves pr_sv by `perturbed_pr_rtol`
+            rtol = gram_rtol([per_head(act)]) + (perturbed_pr_rtol(cfg.d_head, 4 * U32) if site == "k_pre" else 0)
             np.testing.assert_allclose(
-                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=1e-4, err_msg=site
+                rows(df, site, "pr_sv", layer), participation_ratio(per_head(act)).numpy(), rtol=rtol, err_msg=site
             )
         p = cache[f"blocks.{layer}.attn.hook_pattern"]
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1).mean((0, 2))
-        np.testing.assert_allclose(rows(df, "attn", "entropy", layer), ent.numpy(), rtol=1e-4, atol=1e-6)
+        # attention scores from the same rotated q and k, as float32 dot products perhaps summed in
+        # another order, scaled by 1 / attn_scale here and divided by it there (`logit_atol`); the
+        # entropy moves by at most 2 log T times that, plus each side's rounding (`entropy_tol`)
+        q = a("hook_rot_q")
+        k = a("hook_rot_k").repeat_interleave(2, dim=1)  # GQA: 4 query heads read 2 key heads
+        dlogit = logit_atol(q, k, 1.0 / float(model.blocks[layer].attn.attn_scale))
+        rtol, atol = entropy_tol(X.shape[1], X.numel(), dlogit)
+        np.testing.assert_allclose(rows(df, "attn", "entropy", layer), ent.numpy(), rtol=rtol, atol=atol)
         mx = cache[f"blocks.{layer}.attn.hook_attn_scores"].amax((0, 2, 3))  # masked entries are -inf
-        np.testing.assert_allclose(rows(df, "attn", "max_logit", layer), mx.numpy(), rtol=1e-4)
+        np.testing.assert_allclose(rows(df, "attn", "max_logit", layer), mx.numpy(), rtol=0, atol=dlogit)
     assert len(rows(df, "k", "pr_sv", 0)) == 2  # key/value heads
     assert df[df.site == "k_gain"]["layer"].tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -406,8 +441,9 @@ def test_unknown_models_take_explicit_sites_and_names_fail_clearly():
     with torch.no_grad():
         model(X)
     h.remove()
-    expected = participation_ratio(per_head(captured[0].unflatten(-1, (2, 8)).transpose(1, 2)))
-    np.testing.assert_allclose(rows(df, "keys", "pr_sv", 1), expected.numpy(), rtol=1e-5)
+    keys = per_head(captured[0].unflatten(-1, (2, 8)).transpose(1, 2))
+    # the very tensor the probe read; only the Gram's precision differs (float32 there, float64 here)
+    np.testing.assert_allclose(rows(df, "keys", "pr_sv", 1), participation_ratio(keys).numpy(), rtol=gram_rtol([keys]))
     assert set(df.site) == {"keys"}
     with pytest.raises(RankscopeError, match="no module matches"):
         Probe(model, [Site("keys", "layers.*.nothing")])

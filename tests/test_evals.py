@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerances import U32
 from torch import nn
 
 from rankscope.errors import RankscopeError
@@ -63,15 +64,24 @@ def test_per_position_loss_and_loss_and_icl_match_direct_cross_entropy():
             [F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(y.shape) for x, y in batches]
         ).mean(0)
     assert per_pos.shape == (40,)
-    torch.testing.assert_close(per_pos, direct, rtol=1e-5, atol=1e-6)
+    # the same token losses (the same logits, the same F.cross_entropy) summed over the R = 8 rows in
+    # another grouping (3 + 5 rows, then both; /8 is exact): a sum of R non-negative terms in any order
+    # is within (R - 1) u of itself, so the two are 2 (R - 1) u apart at most
+    R, T = 8, 40
+    torch.testing.assert_close(per_pos, direct, rtol=2 * (R - 1) * U32, atol=0)
     mean, icl = loss_and_icl(model, batches)
-    assert mean == pytest.approx(direct.mean().item(), rel=1e-6)
-    assert icl == pytest.approx(icl_score(per_pos), abs=1e-6)
+    # and then each side's mean of T = 40 non-negative values adds (T - 1) u
+    assert mean == pytest.approx(direct.mean().item(), rel=2 * (R - 1 + T - 1) * U32)
+    assert icl == icl_score(per_pos)  # the same per-position losses and the same two window means
     # equal batch sizes: the mean is the trainer's mean of per-batch losses
     same = [batch(4, 40, 2), batch(4, 40, 3)]
     with torch.no_grad():
         trainer = torch.stack([model(x, y) for x, y in same]).mean().item()
-    assert loss_and_icl(model, same)[0] == pytest.approx(trainer, rel=1e-6)
+    # the same token losses averaged two ways: the trainer's mean of 4 x 40 = 160 per batch, then of 2
+    # batches; here per position over 8 rows, then the mean of 40 positions. A sum of n non-negative
+    # terms is within (n - 1) u of itself, and each division by a count not a power of 2 rounds once:
+    # (159 + 1 + 1) u for the trainer's, (7 + 39 + 1) u for this one
+    assert loss_and_icl(model, same)[0] == pytest.approx(trainer, rel=(161 + 47) * U32)
 
 
 def test_icl_score_closed_form_windows():
@@ -219,11 +229,13 @@ def test_induction_scores_on_the_gpt_match_a_direct_softmax_and_leave_the_model_
         rows = table(rows)
         assert no_hooks(model)
         assert torch.equal(model(x), before)
-        assert loss == pytest.approx(induction_loss(model, x), rel=1e-6)
-        assert table(scores.measure(x)) == pytest.approx(rows)
+        # the same forward and the same token losses, and the same scores again: bitwise
+        assert loss == induction_loss(model, x)
+        assert table(scores.measure(x)) == rows
         acts = capture(model, x, ["q", "k"])
     acts = {key: a.float() for key, a in acts.items()}  # the direct softmax below runs in float32
     T = 2 * L
+    B, E = x.shape[0], CFG.head_dim
     for layer in range(CFG.n_layer):
         q = acts[("q", layer)].transpose(1, 2)  # (B, H, T, E)
         k = acts[("k", layer)].transpose(1, 2).repeat_interleave(2, dim=1)
@@ -233,9 +245,16 @@ def test_induction_scores_on_the_gpt_match_a_direct_softmax_and_leave_the_model_
         j = torch.arange(L)
         ind = p[:, :, L + j, j + 1].mean((0, 2))
         prev = p[:, :, L + j, L + j - 1].mean((0, 2))
+        # both sides read the same q and k (under bf16 autocast: the same bf16 values, made float32 on
+        # both sides, so bf16 does not enter). Logits: float32 dot products of E terms in two orders,
+        # scaled by a product there and a division here: 2 (E + 1) u of scale Σ|q_e k_e| apart; a
+        # probability exp(l_t - lse) moves relatively by twice a logit's move, and each side rounds its
+        # softmax ((T + 2) u: T exponentials summed, exp, division) and its mean over B L queries
+        dlogit = 2 * (E + 1) * U32 * (q.abs() @ k.abs().mT).amax().item() / math.sqrt(E)
+        rel = 2 * dlogit + 2 * (T + 2 + B * L) * U32
         for h in range(CFG.n_head):
-            assert rows[("attn", layer, h, "induction_score")] == pytest.approx(ind[h].item(), rel=1e-5, abs=1e-7)
-            assert rows[("attn", layer, h, "prev_token_score")] == pytest.approx(prev[h].item(), rel=1e-5, abs=1e-7)
+            assert rows[("attn", layer, h, "induction_score")] == pytest.approx(ind[h].item(), rel=rel, abs=0)
+            assert rows[("attn", layer, h, "prev_token_score")] == pytest.approx(prev[h].item(), rel=rel, abs=0)
     with pytest.raises(ValueError):
         scores.measure(induction_batch(61, 3, L + 1))  # wrong length
 
@@ -278,8 +297,12 @@ def test_functional_rank_matches_a_direct_projected_forward():
     with torch.no_grad():
         full = model(x, y).item()
     for layer in range(CFG.n_layer):
-        a = acts[("q", layer)].flatten(0, 1).transpose(0, 1).double()  # (H, N, E)
-        vecs = torch.linalg.eigh(a.mT @ a).eigenvectors[..., -2:]  # (H, E, 2)
+        # each head's Gram summed as functional_rank sums it (one float32 einsum over the N rows, then
+        # float64), so the top-2 eigenvectors, the projection and the projected forward are its own to
+        # the bit; its cached residual stream repeats the full forward op for op: dloss is exact
+        a = acts[("q", layer)].float().flatten(0, 1)  # (N, H, E)
+        g = torch.einsum("nhe,nhf->hef", a, a).double()  # (H, E, E)
+        vecs = torch.linalg.eigh(g).eigenvectors[..., -2:]  # (H, E, 2)
         p = (vecs @ vecs.mT).float()
         hook = model.blocks[layer].attn.q.register_forward_hook(
             lambda m, i, o, p=p: torch.einsum("bthe,hef->bthf", o, p)
@@ -287,7 +310,7 @@ def test_functional_rank_matches_a_direct_projected_forward():
         with torch.no_grad():
             projected = model(x, y).item()
         hook.remove()
-        assert t[("q", layer, LAYER_WIDE, "dloss_r2")] == pytest.approx((projected - full) / full, rel=1e-4, abs=1e-6)
+        assert t[("q", layer, LAYER_WIDE, "dloss_r2")] == (projected - full) / full
 
 
 @bf16_warning
@@ -312,8 +335,13 @@ def test_exactly_rank_two_keys_have_functional_rank_at_most_two(qk_norm, bf16):
     s = torch.linalg.svdvals(acts[("k", 1)].flatten(0, 1).transpose(0, 1).double())
     assert (s[:, 2:] < 1e-6 * s[:, :1]).all()  # the setup: rank-2 keys
     assert t[("k", 1, LAYER_WIDE, "functional_rank")] <= 2
-    assert t[("k", 1, LAYER_WIDE, "dloss_r2")] == pytest.approx(0.0, abs=1e-5)
-    assert t[("k", 1, LAYER_WIDE, "dloss_r8")] == pytest.approx(0.0, abs=1e-6)
+    # exactly 0, in float32 or bf16: the keys lie on two coordinates of each head, so the float64
+    # projector onto its top 2 (or all 8) eigenvectors is the identity there up to about 1e-16 (its
+    # diagonal rounds to exactly 1.0 in float32) and zero elsewhere up to as much; x P moves no key by
+    # more than 1e-16 of its norm, some 1e-9 of a float32 rounding (let alone a bf16 one), so the
+    # projected forward rounds exactly as the plain one: the same ops on the same numbers
+    assert t[("k", 1, LAYER_WIDE, "dloss_r2")] == 0.0
+    assert t[("k", 1, LAYER_WIDE, "dloss_r8")] == 0.0
     assert abs(t[("k", 1, LAYER_WIDE, "dloss_r1")]) > 1e-4  # rank 1 is not enough
 
 

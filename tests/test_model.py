@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerances import U32
 
 from rankscope.config import PRESETS
 from rankscope.model import GPT, LinearCrossEntropy, ModelConfig, apply_rope
@@ -48,7 +49,9 @@ def test_causal():
     y[:, 7:] = torch.randint(0, 97, (2, 5))
     with torch.no_grad():
         a, b = model(x), model(y)
-    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    # bitwise: both batches have one shape, so every kernel is the same and sums each row in the
+    # same order, and a masked key adds exp(-inf) = 0 exactly to the softmax of an earlier query
+    assert torch.equal(a[:, :7], b[:, :7])
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
@@ -71,7 +74,7 @@ def test_frozen_gain_equals_parameter_free():
     a.reset_parameters(1)
     b.reset_parameters(1)
     x = torch.randint(0, 97, (2, 10))
-    assert torch.allclose(a(x), b(x), atol=1e-6)
+    assert torch.equal(a(x), b(x))  # bitwise: the same ops, and x̂ · 1.0 is exactly x̂
     assert not a.blocks[0].attn.q_norm.weight.requires_grad
 
 
@@ -105,18 +108,33 @@ def test_attention_matches_reference(qk_norm):
                 blk.attn.k_norm.weight.uniform_(0.5, 1.5)
     h = torch.randn(2, 11, SMALL.d_model)
     out = model.blocks[1].attn(h, model.rope_cos[:11], model.rope_sin[:11])
-    assert torch.allclose(out, reference_attention(model, 1, h), atol=1e-5)
+    ref = reference_attention(model, 1, h)
+    # every rounding differs (SDPA against einsum and softmax, rsqrt against 1/sqrt): a chain of float32
+    # sums of D = 32 (projections), E = 8 (norm, logits), T = 11 (softmax, weighted values) and H E = 32
+    # (output) terms, about 102 u in all, with the logits' error multiplied by up to 1 + max|logit|
+    # (softmax; |logit| <= sqrt(E) x 1.5² under QK-Norm with these gains, far less without): relative
+    # to the output's scale, which random weights make about its largest entry
+    terms, logit = 32 + 8 + 8 + 11 + 11 + 32, math.sqrt(8) * 1.5**2
+    assert torch.allclose(out, ref, rtol=0, atol=terms * (1 + logit) * U32 * ref.abs().max().item())
 
 
 def test_rope_preserves_norm_and_is_relative():
     cos, sin = GPT(SMALL).rope_cos, GPT(SMALL).rope_sin
     x = torch.randn(1, 16, 1, 8)
-    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    # the rotated vector is within about 5 u of its norm of the exact rotation (two products and a sum
+    # per coordinate, cos and sin rounded to float32); each norm sums E = 8 squares (E u, halved by the
+    # square root, plus its own rounding): 5 + 2 (E / 2 + 1) = E + 7 u relative in all
+    rtol = (8 + 7) * U32
+    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1), rtol=rtol, atol=0)
     # <R_m q, R_n k> depends only on m - n
     q, k = torch.randn(8), torch.randn(8)
     rq = apply_rope(q.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
     rk = apply_rope(k.expand(1, 16, 1, 8), cos, sin)[0, :, 0]
-    assert torch.allclose(rq[5] @ rk[2], rq[12] @ rk[9], atol=1e-5)
+    # each rotated vector is within 5 u of its norm of the exact rotation (above; the float64 angles
+    # leave only the tables' float32 rounding), each dot product of E terms within E u of Σ|terms| <=
+    # |q||k|: 2 (E + 2 x 5) u |q||k| apart at most
+    atol = 2 * (8 + 2 * 5) * U32 * (q.norm() * k.norm()).item()
+    assert torch.allclose(rq[5] @ rk[2], rq[12] @ rk[9], rtol=0, atol=atol)
 
 
 def test_linear_cross_entropy_matches_reference():
@@ -139,8 +157,12 @@ def test_training_loss_equals_eval_loss():
     with torch.no_grad():
         eval_loss = model(x, y)
         direct = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    assert train_loss.item() == pytest.approx(eval_loss.item(), rel=1e-5)
-    assert eval_loss.item() == pytest.approx(direct.item(), rel=1e-6)
+    # the fused chunked loss against logits + F.cross_entropy: on each side a token's lse - logit is
+    # within (V + 2 D) u absolute (logits: dot products of D = 32 terms, Σ|terms| <= |x| |w| < 1 here;
+    # the log-sum-exp of V = 97 exponentials), (V + 2 D) u / log V relative to a loss near log V, and
+    # the mean over N = 20 tokens adds N u: twice that apart at most
+    assert train_loss.item() == pytest.approx(eval_loss.item(), rel=2 * ((97 + 2 * 32) / math.log(97) + 20) * U32)
+    assert eval_loss.item() == direct.item()  # the same F.linear and F.cross_entropy on the same numbers
     assert train_loss.item() == pytest.approx(math.log(97), rel=0.1)  # near uniform at init
 
 
@@ -194,7 +216,7 @@ def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
     model(x)
     attn = model.blocks[0].attn
     before = attn.max_logit.clone()
-    assert torch.allclose(before, causal_max_logit(taps[("q", 0)], taps[("k", 0)]))
+    assert torch.equal(before, causal_max_logit(taps[("q", 0)], taps[("k", 0)]))  # the same function, same q, k
     tau = float(before.median())
     wq_before = attn.q_proj.weight.clone()
     assert qk_clip(model, tau) >= 1
@@ -203,7 +225,11 @@ def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
     model(x)
     after = causal_max_logit(taps[("q", 0)], taps[("k", 0)])
     expected = torch.minimum(before, torch.full_like(before, tau))
-    assert torch.allclose(after, expected, rtol=1e-4)
+    # the rescaled weights change every rounding: queries and keys are float32 sums of D = 32 products
+    # (whose Σ|terms| random weights make about sqrt(D) times the sum), the logits of E = 8 (aligned q
+    # and k for the largest one), and γ = tau / S, γ_q = γ / γ_k round once each; before and after
+    rtol = 2 * (2 * 32 * math.sqrt(32) + 8 + 2) * U32
+    assert torch.allclose(after, expected, rtol=rtol, atol=0)
     unclipped = before <= tau
     E = 8
     for h in range(4):

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _tolerances import U32, gram_rtol
 
 from rankscope.metrics import METRICS, effective_rank, gram, participation_ratio, r90, stable_rank
 from rankscope.model import GPT, ModelConfig
@@ -42,28 +43,6 @@ def capture(model, x, names):
 
 def table(rows):
     return {(r["site"], r["layer"], r["head"], r["metric"]): r["value"] for r in rows}
-
-
-U32 = 2.0**-24  # float32 unit round-off
-
-
-def gram_rtol(acts) -> float:
-    """Relative tolerance of the spectral metrics when two paths sum the same heads' Gram matrices
-    XᵀX (N rows of E dims) in another order or precision (the probe: float32, batch by batch).
-
-    Each entry moves by about sqrt(N) U32 of the largest eigenvalue, and so does every eigenvalue
-    (Weyl); a singular value s_i = sqrt(λ_i) then by sqrt(N) U32 s_max² / (2 s_i). Summed over E
-    directions, relative to Σ s >= s_max: E sqrt(N) U32 κ / 2 with κ = s_max / s_min; (Σ s)² (pr_sv)
-    doubles it, and erank's entropy multiplies it by at most 1 + log(E κ) (|log p| of the smallest
-    share). Metrics of the eigenvalues themselves (stable_rank, pr_eig) move less. acts: (heads, N, E).
-    """
-    worst = 0.0
-    for a in acts:
-        s = torch.linalg.svdvals(a.double())  # (heads, E), descending
-        n, e = a.shape[-2], a.shape[-1]
-        kappa = (s[:, 0] / s[:, -1]).max().item()
-        worst = max(worst, e * math.sqrt(n) * U32 * kappa * (1 + math.log(e * kappa)))
-    return worst
 
 
 def test_spectral_rows_equal_direct_computation():
