@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _corpus import write_corpus
 from _tolerances import U32
 
 from rankscope import store
@@ -37,17 +37,7 @@ probe.batch_size = 4
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A small text folder: sentences from a toy grammar, enough for a 512-token BPE."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    nouns = "model head layer token key query value norm rank gain loss seed".split()
-    verbs = "drops keeps loses finds learns spreads collapses trains".split()
-    for i in range(12):
-        lines = [
-            f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} at step {rng.randint(0, 999)}."
-            for _ in range(400)
-        ]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"), files=12, lines=400, steps=True)
 
 
 @pytest.fixture(autouse=True)

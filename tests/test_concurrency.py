@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _corpus import write_corpus
 from test_resume import SETTINGS, shards
 
 from rankscope import store
@@ -47,14 +47,7 @@ EVAL_POINTS = 3  # tokens 0, 64 and 128: see write_study
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A small text folder, so every shard builds (or finds) the same tokenizer cache."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    nouns = "model head layer token key query value norm rank gain loss seed".split()
-    verbs = "drops keeps loses finds learns spreads collapses trains".split()
-    for i in range(6):
-        lines = [f"the {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)}." for _ in range(300)]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"), files=6, lines=300)
 
 
 @pytest.fixture(autouse=True)
