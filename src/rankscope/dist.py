@@ -7,6 +7,7 @@ are no-ops, so the training loop has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -67,5 +68,14 @@ def broadcast_object(obj, w: World, src: int = 0):
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a rank that tears gloo down while a peer is still using
+    the connection aborts the peer ("terminate called without an active exception"), so wait for
+    every rank first; a bounded wait, as a rank that failed may never arrive."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
