@@ -146,7 +146,8 @@ def test_every_setting_declares_what_it_accepts():
     of the right type reaches a run unchecked."""
     import typing
 
-    from rankscope.config import Distinct, Match, Range, _field_type, known_keys
+    from rankscope.config import _field_type, known_keys
+    from rankscope.rules import Distinct, Match, Range
 
     for key in known_keys():
         typ = _field_type(key)

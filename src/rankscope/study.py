@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from . import store
-from .config import RunConfig, apply_overrides, preset, setting_value, show_value
+from .config import RunConfig, apply_overrides, preset, setting_value
 from .errors import ConfigError, RankscopeError
 from .flat import flatten
+from .locks import LockHeld
+from .rules import show_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -288,7 +290,6 @@ def run_study(
     from . import checkpoint
     from . import dist as rdist
     from .data import load_data
-    from .locks import LockHeld
     from .train import RunDiverged, train
 
     world = rdist.world()
