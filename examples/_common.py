@@ -3,13 +3,13 @@ byte-level BPE trained on it, so every example runs without downloading anything
 
 from __future__ import annotations
 
-from rankscope.data import embedded_corpus_files
+from rankscope.data import stdlib_corpus_files
 from rankscope.data.corpus import read_document
 
 
 def stdlib_text(n_files: int = 40, split: str = "train") -> list[str]:
     """The first n_files documents of rankscope's embedded corpus (train or val split)."""
-    train, val, _ = embedded_corpus_files()
+    train, val, _ = stdlib_corpus_files()
     files = train if split == "train" else val
     return [read_document(p, python_source=True) for p in files[:n_files]]
 

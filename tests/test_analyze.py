@@ -124,7 +124,7 @@ def test_a_hugging_face_folder_on_the_embedded_corpus(hf_folder):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
-    _, val, _ = corpus.embedded_corpus_files()
+    _, val, _ = corpus.stdlib_corpus_files()
     ids = token_batches([corpus.read_document(p, python_source=True) for p in val], tok, 64, 2)
     # the same weights, batch and Probe on the device analyze chose: the same arithmetic, bitwise
     model.to(result.info["device"])

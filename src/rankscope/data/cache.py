@@ -6,7 +6,7 @@ upgrading Python, which changes the stdlib) builds a fresh folder instead of sil
 stale tokens. A folder is built under a temporary name and renamed into place only when
 complete, so a killed build never leaves something that looks like a valid cache.
 
-Folder contents: ``tokenizer.json``, ``train.bin``, ``val.bin``, ``ood.bin`` (embedded corpus
+Folder contents: ``tokenizer.json``, ``train.bin``, ``val.bin``, ``ood.bin`` (built-in corpora
 only) and ``meta.json`` (counts and provenance).
 """
 

@@ -1,7 +1,7 @@
-"""Finding the documents to train on: the embedded stdlib corpus and user text folders.
+"""Finding the documents to train on: the interpreter's standard library and text folders.
 
-The default corpus is the running interpreter's own standard library, so a fresh install can
-train without downloading anything. Every listing is sorted by relative POSIX path and the
+The python-stdlib corpus (see `corpora`) is the running interpreter's own standard library, so it
+is on every machine with nothing to download. Every listing is sorted by relative POSIX path and the
 train/validation split is a hash of that path, so the same files give the same split on every
 machine and on every run, independent of file-system ordering.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import DataError
 
-# Directories never descended into for the embedded corpus: installed third-party packages (they
+# Directories never descended into for the python-stdlib corpus: installed third-party packages (they
 # differ between machines, so they would make the "same" corpus differ) and the test suites
 # (huge, repetitive, and full of deliberately odd code). Any directory whose name starts with
 # "test" is skipped as well.
@@ -102,8 +102,8 @@ def _stdlib_relpaths(root: Path) -> list[str]:
     return sorted(found)
 
 
-def embedded_corpus_files(val_percent: int = 5) -> tuple[list[Path], list[Path], list[str]]:
-    """The default corpus: (train files, val files, OOD documents).
+def stdlib_corpus_files(val_percent: int = 5) -> tuple[list[Path], list[Path], list[str]]:
+    """The python-stdlib corpus: (train files, val files, OOD documents).
 
     Train/val are the stdlib's ``*.py`` files (tests, third-party packages and ``pydoc_data``
     excluded) split by :func:`is_val`, each list sorted by relative path. The OOD documents are
@@ -198,8 +198,8 @@ def _source_file(root_for_rel: Path, path: Path, data: bytes) -> SourceFile:
 
 
 def stdlib_source_files(val_percent: int = 5) -> tuple[list[SourceFile], list[SourceFile], list[SourceFile]]:
-    """The embedded corpus as hashed :class:`SourceFile` lists (train, val, OOD source file)."""
-    train_paths, val_paths, _ = embedded_corpus_files(val_percent)
+    """The python-stdlib corpus as hashed :class:`SourceFile` lists (train, val, OOD source file)."""
+    train_paths, val_paths, _ = stdlib_corpus_files(val_percent)
     root = stdlib_root()
     train = [_source_file(root, p, p.read_bytes()) for p in train_paths]
     val = [_source_file(root, p, p.read_bytes()) for p in val_paths]

