@@ -179,8 +179,10 @@ def test_report_has_the_crossed_section_and_words(tmp_path):
     assert "interaction: (model.qk_norm: learned − none) at optim.muon_qkvo = separate minus at stacked" in md
     assert "From optim.muon_qkvo = stacked to separate that effect changes by 4.0 [" in md
     assert "beyond seed noise" in md
-    # arm-by-arm comparisons are against the arm with both reference levels, not the first in order
-    assert "each arm minus **no-norm.stacked** (the reference arm)" in md
+    # seed-by-seed comparisons are the contrasts derived from the settings: pairs that differ in one
+    # setting, QK-Norm's "none" as the control, never a pair that differs in both
+    # (9 of the 15 pairs: the 6 that differ in both settings are only in the table of every pair)
+    assert "the study's 9 contrasts" in md and "| qk-norm.stacked − no-norm.stacked |" in md
 
 
 def test_no_grid_when_arms_do_not_cross_two_settings():

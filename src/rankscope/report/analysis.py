@@ -58,11 +58,9 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     for r in study.runs:
         configs.setdefault(r.arm, r.config)
     grid = find_grid(configs, arms)
-    # crossed arms: compare each with the arm that has both reference levels (for the seed's grid,
-    # its own no-QK-Norm arm), not with whichever sorts first
-    reference = grid.cells[(grid.a.levels[0], grid.b.levels[0])] if grid else None
+    # the study's contrasts (QK-Norm on vs off under one optimizer, ...), not every arm against one
     table = paradox_table(
-        study.scalars, study.probes, site, metric, arms=arms, finished=study.finished, reference=reference
+        study.scalars, study.probes, site, metric, arms=arms, finished=study.finished, contrasts=study.contrasts
     )
     pr_q = probe_quantity(site, metric)
     pr = quantity_series(study.scalars, study.probes, pr_q)

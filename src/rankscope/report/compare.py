@@ -15,7 +15,7 @@ import pandas as pd
 from .format import decimals_for
 from .quantities import INDUCTION, INDUCTION_MAX, SCALAR_QUANTITIES, VAL_LOSS, Quantity, probe_quantity
 from .series import choose_points, compare_at, quantity_series
-from .stats import NONE, correlate, holm
+from .stats import NONE, correlate, holm, within_groups
 
 NOT_COMPARABLE = "not comparable"
 
@@ -151,6 +151,9 @@ def correlation_table(
       reported because it is what a scatter of all checkpoints shows.
     * ``run ends``: one point per run, at its last eval point (finished runs only, when any
       finished): independent runs, the honest test, with fewer points.
+    * ``within arms``: the run ends with each arm's mean removed (`stats.within_groups`): whether
+      PR and the measure move together among seeds of one arm, or only between arms (two arms
+      far apart give r near ±1 across runs however the seeds inside them scatter).
 
     Token 0 is left out: every arm starts from the same untrained weights there.
     """
@@ -168,8 +171,10 @@ def correlation_table(
         keep = set(keep)
         ends = ends[np.array([(a, s) in keep for a, s in zip(ends["arm"], ends["seed"])], dtype=bool)]
         scopes.append(("run ends", ends))
+        scopes.append(("within arms", ends))
         for scope, data in scopes:
-            c = correlate(data["x"].to_numpy(float), data[q.key].to_numpy(float))
+            x, y = data["x"].to_numpy(float), data[q.key].to_numpy(float)
+            c = within_groups(x, y, data["arm"].tolist()) if scope == "within arms" else correlate(x, y)
             rows.append(
                 {
                     "quantity": q.label,

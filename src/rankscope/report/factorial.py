@@ -25,15 +25,14 @@ from typing import Any
 
 import pandas as pd
 
+from ..contrasts import OFF, SECTIONS
+from ..contrasts import text as setting_text
 from ..flat import flatten
 from ..seedref import SEED_88M
 from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
 from .quantities import Quantity
 from .series import choose_points, seed_values
 from .stats import SINGLE, Difference, paired_difference
-
-_SECTIONS = ("model.", "optim.", "train.", "probe.", "data.")
-_OFF = ("none", "off", "false", "0", "0.0", "")
 
 
 @dataclass(frozen=True)
@@ -59,14 +58,10 @@ class Effect:
     diff: Difference
 
 
-def _text(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def find_grid(arm_configs: Mapping[str, Mapping[str, Any]], arm_order: Sequence[str]) -> Grid | None:
     """The two settings the arms cross, if the arms are exactly one full grid over them."""
     flat = {
-        arm: {k: _text(v) for k, v in flatten(cfg).items() if k.startswith(_SECTIONS)}
+        arm: {k: setting_text(v) for k, v in flatten(cfg).items() if k.startswith(SECTIONS)}
         for arm, cfg in arm_configs.items()
     }
     arms = [a for a in arm_order if a in flat]
@@ -79,8 +74,8 @@ def find_grid(arm_configs: Mapping[str, Mapping[str, Any]], arm_order: Sequence[
     factors = []
     for k in varying:
         levels = list(dict.fromkeys(flat[a].get(k) for a in arms))
-        seeds_own = _text(SEED_88M[k]) if k in SEED_88M else None
-        ref = next((lv for lv in levels if lv in _OFF), seeds_own if seeds_own in levels else None)
+        seeds_own = setting_text(SEED_88M[k]) if k in SEED_88M else None
+        ref = next((lv for lv in levels if lv in OFF), seeds_own if seeds_own in levels else None)
         if ref is not None:
             levels.remove(ref)
             levels.insert(0, ref)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..contrasts import Contrast, derive
 from ..errors import RankscopeError
 from ..store import (
     DONE,
@@ -68,16 +69,31 @@ class StudyData:
 
     @property
     def arms(self) -> list[str]:
-        """Arms in the order the study files list them, then any others found on disk."""
+        """Arms in the order the study files declare them, then any others found on disk."""
         order: list[str] = []
         for s in self.studies:
-            for a in s.get("arms") or {}:
+            # "arm_order" keeps the declared order; older study.json files have only the sorted "arms"
+            for a in s.get("arm_order") or s.get("arms") or {}:
                 if str(a) not in order:
                     order.append(str(a))
         for r in self.runs:
             if r.arm not in order:
                 order.append(r.arm)
         return order
+
+    @property
+    def contrasts(self) -> list[Contrast]:
+        """The (treatment, control) pairs the study compares first: as its study.json lists them,
+        else derived from the runs' settings (`rankscope.contrasts`); only pairs of arms that ran."""
+        arms = self.arms
+        have = {r.arm for r in self.runs}
+        for s in self.studies:
+            if s.get("contrasts"):
+                return [(str(a), str(b)) for a, b in s["contrasts"] if a in have and b in have]
+        configs: dict[str, dict[str, Any]] = {}
+        for r in self.runs:
+            configs.setdefault(r.arm, r.config)
+        return derive({a: configs[a] for a in arms if a in configs})
 
     @property
     def finished(self) -> set[tuple[str, int]]:

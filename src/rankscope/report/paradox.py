@@ -7,7 +7,8 @@ terminal.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from .doc import Block, Para, Table, md_escape, to_markdown
 from .format import bare_p, decimals_for, describe, fmt_interval, fmt_mean_ci, signed, text_table
 from .quantities import VAL_LOSS, probe_quantity
 from .series import CELL_STATS, arm_order, cell_of, choose_points, downstream_series, quantity_series, seed_values
-from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference, paired_difference
+from .stats import LEVEL, NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference, holm, paired_difference
 
 BETTER = "better"  # level-0 column of the paradox table holding the verdict per row
 VERDICT_STATS = ("arm", "resolved", "margin", "lo", "hi", "p", "n", "test")
+ALPHA = 1 - LEVEL  # the significance level that matches the 95% intervals
 
 
 def paradox_table(
@@ -34,6 +36,7 @@ def paradox_table(
     arms: list[str] | None = None,
     finished: Collection[tuple[str, int]] | None = None,
     reference: str | None = None,
+    contrasts: Sequence[tuple[str, str]] | None = None,
     downstream: bool = True,
 ) -> pd.DataFrame:
     """The seed's comparison table with intervals: val loss and mean key PR at the middle and end of
@@ -48,8 +51,10 @@ def paradox_table(
     in the better direction), ``lo``/``hi`` (its 95% interval), ``p``, ``n`` (seeds paired) and
     ``test`` (paired t, Welch t when the two share fewer than two seeds, single seed, none).
 
-    ``table.attrs["diffs"][row]`` holds, per row, each other arm minus the `reference` arm (default:
-    the first arm) as `stats.Difference` objects; `format_table` prints them in words.
+    ``table.attrs["diffs"][row]`` holds, per row, one `stats.Difference` per contrast, treatment
+    minus control, seed by seed: the study's `contrasts` (pairs of arm names), or when none are
+    given each other arm minus the `reference` arm (default: the first arm); ``attrs["contrasts"]``
+    lists the pairs. `format_table` prints them in words.
 
     Which points (see `choose_points`): END is per arm, the last eval point reached by all of its
     finished runs (all runs if `finished` is None or none finished); MIDDLE is the eval point closest
@@ -64,6 +69,10 @@ def paradox_table(
     if BETTER in arms:
         raise ValueError(f"an arm may not be called {BETTER!r}: that name labels the verdict columns")
     ref = reference if reference in arms else (arms[0] if arms else None)
+    if contrasts is None:
+        pairs = [(a, ref) for a in arms if a != ref] if ref is not None else []
+    else:
+        pairs = [(str(a), str(b)) for a, b in contrasts if a in arms and b in arms]
 
     headline = [(VAL_LOSS, loss), (pr_q, pr)]
     extra = downstream_series(scalars, probes) if downstream else []
@@ -83,17 +92,15 @@ def paradox_table(
             where = fmt_count(next(iter(used))) if same and used else point
             higher = q.higher if same else None
             verdict = _verdict(values, cells, higher)
-            diffs = []
-            if same and ref is not None and cells[ref]["n"]:
-                for a in arms:
-                    if a != ref and cells[a]["n"]:
-                        diffs.append(
-                            paired_difference(
-                                {s: v for s, (v, _) in values[a].items()},
-                                {s: v for s, (v, _) in values[ref].items()},
-                                names=(a, ref),
-                            )
-                        )
+            diffs = [
+                paired_difference(
+                    {s: v for s, (v, _) in values[a].items()},
+                    {s: v for s, (v, _) in values[b].items()},
+                    names=(a, b),
+                )
+                for a, b in pairs
+                if same and cells[a]["n"] and cells[b]["n"]
+            ]
             meta = {
                 "quantity": q.key,
                 "point": point,
@@ -121,7 +128,8 @@ def paradox_table(
     table.attrs = {
         "site": site,
         "metric": metric,
-        "reference": ref,
+        "reference": ref if contrasts is None else None,
+        "contrasts": pairs,
         "rows": {label: meta for label, meta, *_ in rows},
         "diffs": {label: diffs for label, _, _, _, diffs in rows},
     }
@@ -150,16 +158,26 @@ def _verdict(
     best, runner = ranked[0], ranked[1]
     if cells[best]["mean"] == cells[runner]["mean"]:
         return dict(empty, margin=0.0)
-    d = paired_difference(
-        {s: v for s, (v, _) in values[best].items()},
-        {s: v for s, (v, _) in values[runner].items()},
-        names=(best, runner),
-    )
+
+    def seeds(a: str) -> dict[int, float]:
+        return {s: v for s, (v, _) in values[a].items()}
+
+    d = paired_difference(seeds(best), seeds(runner), names=(best, runner))
     lo, hi = sorted((sign * d.lo, sign * d.hi)) if d.has_interval else (math.nan, math.nan)
     margin = sign * d.mean
+    resolved = bool(d.resolved and margin > 0)
+    if resolved and len(have) > 2:
+        # With k arms the all-pairs table tests k(k-1)/2 pairs and adjusts their p (Holm); the lead
+        # of the best arm is one of those pairs, so it stands out only if it survives the same
+        # adjustment, or the two tables would disagree about one comparison.
+        pairs = list(combinations(have, 2))
+        ps = [paired_difference(seeds(a), seeds(b)).p for a, b in pairs]
+        adjusted = dict(zip(pairs, holm(ps)))
+        p_holm = adjusted.get((best, runner), adjusted.get((runner, best), math.nan))
+        resolved = bool(p_holm < ALPHA)
     return {
         "arm": best,
-        "resolved": bool(d.resolved and margin > 0),
+        "resolved": resolved,
         "margin": margin,
         "lo": lo,
         "hi": hi,
@@ -236,7 +254,14 @@ def _legend(table: pd.DataFrame, fmt: str) -> str:
         parts.append("Cells: one seed per arm, so no interval is possible")
     parts.append(
         f"{star} the better arm (lower loss and ICL score, higher PR and induction score), with its "
-        "seed-by-seed lead over the runner-up beyond seed noise (95% interval excludes 0); "
+        "seed-by-seed lead over the runner-up beyond seed noise (95% interval excludes 0"
+        + (
+            f", and its p stays below {ALPHA:g} after Holm's adjustment over the {len(arms) * (len(arms) - 1) // 2} "
+            "pairs of arms, as in the table of every pair)"
+            if len(arms) > 2
+            else ")"
+        )
+        + "; "
         f"{best}{' without ✅' if fmt == 'markdown' else ''}: the best mean, not distinguishable "
         "from the runner-up" + (" (one seed: no test is possible)" if most < 2 else "")
     )
@@ -248,7 +273,7 @@ def _legend(table: pd.DataFrame, fmt: str) -> str:
 
 
 def comparison_rows(table: pd.DataFrame, fmt: str = "markdown") -> tuple[list[str], list[list[str]]]:
-    """The seed-by-seed differences of `table` (each arm minus the reference) as a table."""
+    """The seed-by-seed differences of `table` (its contrasts, treatment minus control) as a table."""
     rows_meta = table.attrs.get("rows", {})
     header = ["quantity", "comparison", "difference [95% CI]", "p (paired t)", "seeds", "reading"]
     out = []
@@ -272,9 +297,20 @@ def comparison_rows(table: pd.DataFrame, fmt: str = "markdown") -> tuple[list[st
     return header, out
 
 
-def _ref_words(table: pd.DataFrame) -> str:
-    arms = table_arms(table)
-    return "the first arm" if arms and table.attrs.get("reference") == arms[0] else "the reference arm"
+def contrast_words(table: pd.DataFrame, fmt: str = "markdown") -> str:
+    """What the seed-by-seed differences under the table compare, e.g. "qk-norm − no-norm" or
+    "each arm minus no-norm (the first arm)"."""
+    name = (lambda a: f"**{md_escape(a)}**") if fmt == "markdown" else str
+    ref = table.attrs.get("reference")
+    if ref is not None:
+        arms = table_arms(table)
+        which = "the first arm" if arms and ref == arms[0] else "the reference arm"
+        return f"each arm minus {name(ref)} ({which})"
+    pairs = table.attrs.get("contrasts", [])
+    if len(pairs) > 4:
+        return f"the study's {len(pairs)} contrasts (treatment − control, named in each row)"
+    what = "the study's contrast" + ("s" if len(pairs) != 1 else "")
+    return f"{what}, " + "; ".join(f"{name(a)} − {name(b)}" for a, b in pairs)
 
 
 def paradox_blocks(table: pd.DataFrame, *, legend: bool = True) -> list[Block]:
@@ -286,12 +322,11 @@ def paradox_blocks(table: pd.DataFrame, *, legend: bool = True) -> list[Block]:
     if legend:
         blocks.append(Para(f"*{_legend(table, 'markdown')}*", css="legend"))
     ch, crows = comparison_rows(table, "markdown")
-    ref = table.attrs.get("reference")
     if crows:
         blocks.append(
             Para(
-                f"Seed by seed: each arm minus **{md_escape(ref)}** ({_ref_words(table)}), on the "
-                "seeds both ran (same seed = same initial weights and batches), with a 95% paired t "
+                f"Seed by seed: {contrast_words(table)}, on the seeds both ran (same seed = same initial "
+                "weights and batches), with a 95% paired t "
                 'interval and p-value; "not distinguishable from seed noise" when the interval covers 0.'
             )
         )
@@ -319,8 +354,7 @@ def format_table(table: pd.DataFrame, fmt: str = "markdown", *, legend: bool = T
     out = text_table(header, body)
     diffs = [(label, d) for label, ds in table.attrs.get("diffs", {}).items() for d in ds if d.test != NONE]
     if diffs:
-        ref = table.attrs.get("reference")
-        out += ["", f"seed by seed, each arm minus {ref} ({_ref_words(table)}), on the seeds both ran:"]
+        out += ["", f"seed by seed, {contrast_words(table, 'text')}, on the seeds both ran:"]
         rows_meta = table.attrs.get("rows", {})
         width = max(len(label) for label, _ in diffs)
         for label, diff in diffs:
@@ -338,6 +372,7 @@ __all__ = [
     "paradox_table",
     "table_arms",
     "comparison_rows",
+    "contrast_words",
     "paradox_blocks",
     "format_table",
 ]

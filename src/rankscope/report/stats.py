@@ -27,6 +27,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
@@ -308,6 +309,49 @@ def correlate(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, 
     )
 
 
+def within_groups(
+    x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, groups: Sequence[Any], level: float = LEVEL
+) -> Correlation:
+    """Pearson r of x and y after each group's mean is removed from both (the pooled within-group
+    correlation): what remains when runs differ only by seed, not by arm. With k groups the test
+    has n − k − 1 degrees of freedom (each mean removed costs one), as a partial correlation on
+    the group indicators; Spearman's ρ of the centred values comes with no p-value (NaN).
+
+    A correlation across runs of different arms can be nothing but the arms' difference (two
+    clusters make r near ±1); this says whether x and y also move together inside the arms.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    g = np.asarray([str(v) for v in groups], dtype=object)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y, g = x[ok], y[ok], g[ok]
+    nan = math.nan
+    labels = sorted(set(g))
+    # a group of one point carries no within-group variation: drop it (and its degree of freedom)
+    keep = np.isin(g, [lab for lab in labels if (g == lab).sum() >= 2])
+    x, y, g = x[keep], y[keep], g[keep]
+    k = len(set(g))
+    n = int(len(x))
+    df = n - k - 1
+    if df < 1:
+        return Correlation(n, nan, nan, nan, nan, nan, nan)
+    xc, yc = x.copy(), y.copy()
+    for lab in set(g):
+        m = g == lab
+        xc[m] -= x[m].mean()
+        yc[m] -= y[m].mean()
+    if _is_constant(xc) or _is_constant(yc):
+        return Correlation(n, nan, nan, nan, nan, nan, nan)
+    r = float(np.clip(np.sum(xc * yc) / math.sqrt(np.sum(xc * xc) * np.sum(yc * yc)), -1.0, 1.0))
+    t = r * math.sqrt(df / max(1e-300, 1 - r * r))
+    p = float(2 * sps.t.sf(abs(t), df))
+    lo = hi = nan
+    if df > 1:  # Fisher z with the effective sample size df + 2
+        z, half = math.atanh(min(max(r, -0.999999), 0.999999)), float(sps.norm.ppf(0.5 + level / 2)) / math.sqrt(df - 1)
+        lo, hi = math.tanh(z - half), math.tanh(z + half)
+    rho = float(sps.spearmanr(xc, yc).statistic)
+    return Correlation(n, r, lo, hi, p, rho, nan)
+
+
 __all__ = [
     "LEVEL",
     "Interval",
@@ -320,6 +364,7 @@ __all__ = [
     "holm",
     "Correlation",
     "correlate",
+    "within_groups",
     "PAIRED",
     "PAIRED_CONSTANT",
     "WELCH",

@@ -103,9 +103,11 @@ def setup_items(study: StudyData) -> list[str]:
             f"**eval points found:** {len(points)}, from {fmt_count(points[0])} to {fmt_count(points[-1])} tokens"
         )
     data = cfg.get("data") or {}
-    if data:
+    if cfg.get("data_source"):  # the line the run printed: corpus, documents, token counts
+        lines.append(f"**data:** {md_escape(str(cfg['data_source']))}")
+    elif data:
         path = data.get("path", "")
-        lines.append(f"**data:** {code(path) if path else 'the embedded corpus'}")
+        lines.append(f"**data:** {code(path) if path else 'the default corpus'}")
     lines += _seed_difference_items(study)
     probe = cfg.get("probe") or {}
     if probe.get("sites"):

@@ -62,10 +62,10 @@ def _row(table: pd.DataFrame, key: str, point: str = "end") -> str | None:
     return None
 
 
-def _diff(table: pd.DataFrame, label: str | None, arm: str) -> Difference | None:
+def _diff(table: pd.DataFrame, label: str | None, arm: str, ref: str) -> Difference | None:
     if label is None:
         return None
-    return next((d for d in table.attrs.get("diffs", {}).get(label, []) if d.a == arm), None)
+    return next((d for d in table.attrs.get("diffs", {}).get(label, []) if (d.a, d.b) == (arm, ref)), None)
 
 
 def _dec(table: pd.DataFrame, label: str) -> int:
@@ -87,7 +87,7 @@ def _pair_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None,
         ),
         None,
     )
-    dl, dp = _diff(table, loss_label, arm), _diff(table, pr_label, arm)
+    dl, dp = _diff(table, loss_label, arm, ref), _diff(table, pr_label, arm, ref)
     found = [(d, lbl) for d, lbl in ((dl, loss_label), (dp, pr_label)) if d is not None and d.test != NONE]
     if not found:
         return None, 0
@@ -129,7 +129,7 @@ def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str |
     clear, unclear, single = [], [], []
     tests = 0
     for lbl, meta in labels:
-        d = _diff(table, lbl, arm)
+        d = _diff(table, lbl, arm, ref)
         if d is None or d.test == NONE:
             continue
         if d.test == SINGLE:
@@ -177,17 +177,41 @@ def _correlation_sentence(corr: pd.DataFrame) -> str | None:
             f"Across runs at their end (one point per run, n = {n}), mean key PR did not correlate with any "
             "downstream measure at p < 0.05 (Pearson)."
         )
+    within = {r.key: r for r in corr[corr["scope"] == "within arms"].itertuples()}
+
+    def inside(r: object) -> str:
+        w = within.get(r.key)  # type: ignore[attr-defined]
+        if w is None or not np.isfinite(w.pearson):
+            return ""
+        if w.pearson_p < 0.05:
+            return f"; within arms r = {signed(w.pearson, 2)}, {fmt_p(w.pearson_p)}, so it holds among seeds too"
+        return (
+            f"; within arms only r = {signed(w.pearson, 2)}, {fmt_p(w.pearson_p)}: this correlation is the "
+            "difference between the arms, not runs that vary together"
+        )
+
     parts = [
         f"{r.quantity} r = {signed(r.pearson, 2)}"
         + (f" {fmt_interval(r.pearson_lo, r.pearson_hi, 2)}" if np.isfinite(r.pearson_lo) else "")
-        + f" ({fmt_p(r.pearson_p)})"
+        + f" ({fmt_p(r.pearson_p)}"
+        + inside(r)
+        + ")"
         for r in sig.itertuples()
     ]
     fragile = f" With only {n} points a correlation is fragile: one run can make or break it." if n < 6 else ""
+    arms = int(ok["arms"].max())
+    clusters = (
+        f" Across {arms} arms, arms that differ in both measures make a correlation by themselves; the within-arm "
+        "r (each arm's mean removed) is the test of whether the two move together."
+        if arms > 1
+        else ""
+    )
     return (
         f"Across runs at their end (one point per run, n = {n}), mean key PR correlated with "
         + "; ".join(parts)
-        + ". Correlation across runs mixes arm and seed effects; it is not a causal link."
+        + "."
+        + clusters
+        + " Either way a correlation is not a causal link."
         + fragile
     )
 
@@ -200,9 +224,9 @@ def summary_paragraphs(
     reference_lines: Sequence[str] = (),
     crossed_lines: Sequence[str] = (),
 ) -> list[str]:
-    """The report's opening paragraphs, in markdown. `crossed_lines`: when the arms cross two
-    settings, the effects in words (factorial.sentences); they replace the arm-by-arm sentences
-    against the first arm, which a grid makes arbitrary."""
+    """The report's opening paragraphs, in markdown: the study's contrasts first (the pairs of
+    arms it exists to compare, `table.attrs["contrasts"]`), then `crossed_lines`: when the arms
+    cross two settings, the effects in words (factorial.sentences)."""
     arms = study.arms
     runs = study.runs
     n_done = sum(r.done for r in runs)
@@ -248,13 +272,10 @@ def summary_paragraphs(
         )
     out.append(f"This study ran {scope}. {how}")
 
-    out += list(crossed_lines)
-    ref = table.attrs.get("reference") if len(table) and not crossed_lines else None
+    pairs = [tuple(p) for p in table.attrs.get("contrasts", [])] if len(table) else []
     tests = 0
-    if ref is not None:
-        for a in arms:
-            if a == ref:
-                continue
+    if pairs:
+        for a, ref in pairs:
             for make in (_pair_sentence, _downstream_sentence):
                 s, k = make(table, a, ref)
                 tests += k
@@ -269,6 +290,7 @@ def summary_paragraphs(
             )
     elif not len(table):
         out.append("No evaluation point has been written yet.")
+    out += list(crossed_lines)
     s = _correlation_sentence(corr) if len(corr) else None
     if s:
         out.append(s)
