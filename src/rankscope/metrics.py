@@ -9,14 +9,20 @@ covariance, the column sum Σx: so a probe can accumulate Grams batch by batch a
 - erank:       exp(H(p)), p = s / Σ s   effective rank (Roy & Vetterli 2007)
 - stable_rank: Σ s² / max s²
 - r90:         fewest directions holding 90% of Σ s²
+
+The eigenvalues come from `eigvalsh_batched`, which decomposes a batch where it is fastest: where
+the matrices live, or on the host when they sit on a GPU and are larger than its batched solver takes.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 # torch is imported inside the math below, not here: the report reads this module's vocabulary
@@ -58,13 +64,94 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.mT @ x
 
 
-def _eig(g: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of symmetric PSD matrices, descending, float64. Values below the round-off floor
-    λ_max · d · eps (numpy's matrix_rank tolerance) are set to zero: otherwise a truly null direction
-    gets a singular value of about sqrt(eps) · s_max, which the sqrt in pr_sv would count."""
+# --- where the eigenvalues are computed --------------------------------------------------------
+
+# On CUDA, torch.linalg.eigvalsh hands a batch to cuSOLVER's batched Jacobi solver (syevjBatched)
+# only for matrices up to 32 x 32; above that it decomposes one matrix at a time, a launch and a
+# wait each (pytorch issues 174674 and 175585: 914 ms in torch against 8 ms in a batched solver for
+# 500 matrices of 100 x 100). The probe's Grams are 64 x 64 or 128 x 128, a few hundred per
+# measurement, and LAPACK on the host decomposes them faster than that loop, copy included.
+DEVICE_BATCHED_MAX = 32
+EIG_PATHS = ("auto", "device", "host")
+
+
+def eig_path(g: torch.Tensor, path: str = "auto") -> str:
+    """Where `eigvalsh_batched` decomposes g (..., d, d): 'device' (where g lives) or 'host' (the
+    CPU). 'auto' picks the device on the CPU and for CUDA matrices up to 32 x 32 (the batched
+    solver's size), the host otherwise."""
+    if path not in EIG_PATHS:
+        raise ValueError(f"eigenvalue path must be one of {', '.join(EIG_PATHS)}, got {path!r}")
+    if path != "auto":
+        return path
+    if g.device.type == "cpu" or (g.device.type == "cuda" and g.shape[-1] <= DEVICE_BATCHED_MAX):
+        return "device"
+    return "host"
+
+
+def host_eigvalsh(g: torch.Tensor, workers: int | None = None) -> torch.Tensor:
+    """torch.linalg.eigvalsh of CPU matrices g (..., d, d), each decomposed by one thread, `workers`
+    at a time (default: torch's intra-op thread count).
+
+    LAPACK's own threads split one small matrix's work between them, which costs more than it saves
+    at these sizes (with 2 threads instead of 1: 1.3-1.6x slower at 64 x 64 and 5-17x at 128 x 128
+    on the busy 2-core machine this was written on; benchmarks/bench_probe_eig.py). So torch runs
+    single-threaded for the call (a process-wide setting, restored after it), and threads of our
+    own take contiguous shares of the batch. Each matrix is decomposed alone by the same
+    single-threaded routine, so the result does not depend on `workers`; it may differ in the last
+    bits from a multi-threaded call."""
     import torch
 
-    ev = torch.linalg.eigvalsh(g.double()).flip(-1)
+    if g.device.type != "cpu":
+        raise ValueError(f"host_eigvalsh takes CPU matrices, got a tensor on {g.device}")
+    flat = g.reshape(-1, *g.shape[-2:])
+    workers = max(1, min(workers or torch.get_num_threads(), flat.shape[0]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # also what the workers' threads start with: torch reads it when they begin
+    try:
+        if workers == 1:
+            ev = torch.linalg.eigvalsh(flat)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside LAPACK
+                ev = torch.cat(list(pool.map(torch.linalg.eigvalsh, flat.tensor_split(workers))))
+    finally:
+        torch.set_num_threads(threads)
+    return ev.reshape(g.shape[:-1])
+
+
+def eigvalsh_batched(g: torch.Tensor, *, path: str = "auto", workers: int | None = None) -> torch.Tensor:
+    """Eigenvalues of symmetric matrices g (..., d, d), ascending, on g's device: what
+    torch.linalg.eigvalsh returns, computed on the path `eig_path(g, path)` names. 'host' copies g
+    to the CPU, runs `host_eigvalsh` there and copies the eigenvalues back; for CPU matrices both
+    paths are the same call, torch.linalg.eigvalsh itself."""
+    import torch
+
+    if g.device.type == "cpu" or eig_path(g, path) == "device":
+        return torch.linalg.eigvalsh(g)
+    return host_eigvalsh(g.cpu(), workers).to(g.device)
+
+
+def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """float64 copies of tensors on the CPU, made by one device-to-host copy (one host sync)."""
+    import torch
+
+    parts = [t.double() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+    return [chunk.view(t.shape) for chunk, t in zip(flat.split([t.numel() for t in parts]), parts)]
+
+
+# --- the metrics ---------------------------------------------------------------------------------
+
+
+def _eig(g: torch.Tensor, eigvalsh: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Eigenvalues of symmetric PSD matrices, descending, float64, by `eigvalsh` (default
+    torch.linalg.eigvalsh). Values below the round-off floor λ_max · d · eps (numpy's matrix_rank
+    tolerance) are set to zero: otherwise a truly null direction gets a singular value of about
+    sqrt(eps) · s_max, which the sqrt in pr_sv would count."""
+    import torch
+
+    ev = (eigvalsh or torch.linalg.eigvalsh)(g.double()).flip(-1)
     floor = ev[..., :1].clamp_min(0) * g.shape[-1] * torch.finfo(torch.float64).eps
     return torch.where(ev > floor, ev, torch.zeros_like(ev))
 
@@ -96,19 +183,37 @@ def singular_value_metrics(s: torch.Tensor, ev: torch.Tensor | None = None) -> d
 
 
 def metrics_from_gram(
-    g: torch.Tensor, col_sum: torch.Tensor | None = None, n: int | torch.Tensor | None = None
+    g: torch.Tensor,
+    col_sum: torch.Tensor | None = None,
+    n: int | torch.Tensor | None = None,
+    *,
+    path: str = "auto",
+    workers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """All metrics from Gram matrices g (..., d, d); col_sum (..., d) and row count n (scalar or
     (...)) enable pr_eig.
 
     One batched eigen-decomposition per kind (uncentered, centered) for every head and layer.
     A Gram matrix holding NaN or inf (a diverged model) gives NaN metrics instead of failing.
+
+    path and workers: where the eigenvalues are computed, as `eigvalsh_batched`. When that is the
+    host and g is not already there, g, col_sum and n go to the CPU in one copy, every metric is
+    computed there and comes back as a CPU tensor: that copy is the one host sync, and a caller's
+    `.cpu()` afterwards costs nothing. On the CPU both paths are the same computation.
     """
     import torch
 
+    eigvalsh = None  # torch.linalg.eigvalsh where g lives
+    if g.device.type != "cpu" and eig_path(g, path) == "host":
+        if col_sum is not None and n is not None:
+            n = torch.as_tensor(n, dtype=torch.float64, device=g.device).expand(g.shape[:-2])
+            g, col_sum, n = _to_host(g, col_sum, n)
+        else:
+            (g,) = _to_host(g)
+        eigvalsh = functools.partial(host_eigvalsh, workers=workers)
     finite = torch.isfinite(g).all(-1).all(-1)  # (...)
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
-    ev = _eig(g)  # s², descending
+    ev = _eig(g, eigvalsh)  # s², descending
     out = singular_value_metrics(ev.sqrt(), ev)
     if col_sum is not None and n is not None:
         col_sum = torch.where(
@@ -117,7 +222,7 @@ def metrics_from_gram(
         n = torch.as_tensor(n, dtype=torch.float64, device=g.device)  # scalar or (...)
         mean = col_sum.double() / n[..., None]  # (..., d)
         centered = g.double() - n[..., None, None] * mean.unsqueeze(-1) * mean.unsqueeze(-2)  # XᵀX - n μμᵀ
-        lam = _eig(centered)
+        lam = _eig(centered, eigvalsh)
         out["pr_eig"] = _ratio(lam.sum(-1).square(), lam.square().sum(-1))
     return {k: torch.where(finite, v, torch.full_like(v, float("nan"))) for k, v in out.items()}
 

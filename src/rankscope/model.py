@@ -77,28 +77,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def mixed_precision(device_type: str) -> torch.autocast:
+    """The trainer's autocast on a GPU: bfloat16 matmuls, float32 weights and reductions. It takes
+    the device type so that the same context runs on the CPU too, where the tests check what it
+    does to the model, the probes and the evaluations without a GPU."""
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
 def causal_max_logit(q: torch.Tensor, k: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Largest pre-softmax logit q·k/sqrt(E) of each query head under the causal mask.
-    q (B, T, H, E), k (B, T, G, E) -> (H,). Computed in query chunks; no gradient."""
+    q (B, T, H, E), k (B, T, G, E) -> (H,). Computed in query chunks, in float32 also under
+    autocast (which would run the logits' matmul in bf16, 8 significant bits); no gradient."""
     best = torch.full((q.shape[2],), float("-inf"), device=q.device)
-    for _, logits in logit_chunks(q, k, 1.0 / math.sqrt(q.shape[3]), chunk):
-        best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
+    with torch.autocast(q.device.type, enabled=False):
+        for _, logits in logit_chunks(q, k, 1.0 / math.sqrt(q.shape[3]), chunk):
+            best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
     return best
 
 
 @torch.no_grad()
-def qk_clip(model: GPT, tau: float) -> int:
+def qk_clip(model: GPT, tau: float) -> torch.Tensor:
     """QK-Clip (Kimi K2, 2025): after an optimizer step, rescale the query and key weights of every
     head whose largest logit S_h exceeded tau so that its logits shrink by γ_h = tau / S_h, leaving
     the forward pass itself unchanged. With grouped-query attention a key head is shared: it takes
     sqrt(min γ) of its group and each query head the rest, γ_h / sqrt(min γ). Resets the tracked
-    maxima and returns the number of heads clipped. Under QK-Norm the rescaling is undone by the
-    normalisation, so QK-Clip is meant for models without it."""
-    clipped = 0
+    maxima and returns the number of heads clipped, as a 0-d tensor on the model's device: counting
+    on the host would make every training step wait for the device. Under QK-Norm the rescaling is
+    undone by the normalisation, so QK-Clip is meant for models without it."""
+    clipped = torch.zeros((), dtype=torch.int64, device=model.rope_cos.device)
     for block in model.blocks:
         attn = block.attn
         gamma = (tau / attn.max_logit.clamp_min(1e-30)).clamp(max=1.0)  # (H,)
-        clipped += int((gamma < 1).sum())
+        clipped += (gamma < 1).sum()
         group = attn.n_head // attn.n_kv_head
         gamma_k = gamma.view(attn.n_kv_head, group).amin(dim=1).sqrt()  # (G,)
         gamma_q = gamma / gamma_k.repeat_interleave(group)  # (H,)
@@ -191,6 +201,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# Rows per chunk of LinearCrossEntropy: 512 x V floats fit in cache for V up to a few thousand. A
+# module constant, not a class attribute: torch.compile cannot read the Function's own class
+# inside its forward, and broke the graph there.
+_CE_ROWS = 512
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits h @ wᵀ, computed in row chunks that stay in cache.
 
@@ -200,21 +216,20 @@ class LinearCrossEntropy(torch.autograd.Function):
     makes the output layer about 1.7x faster than logits + F.cross_entropy.
     """
 
-    CHUNK = 512  # rows; 512 x V floats fit in cache for V up to a few thousand
-
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         N = h.shape[0]  # h (N, D), w (V, D), targets (N,)
         dh, dw = torch.empty_like(h), torch.zeros_like(w)
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        for i in range(0, N, LinearCrossEntropy.CHUNK):
-            hc, tc = h[i : i + LinearCrossEntropy.CHUNK], targets[i : i + LinearCrossEntropy.CHUNK, None]
+        c = _CE_ROWS
+        for i in range(0, N, c):
+            hc, tc = h[i : i + c], targets[i : i + c, None]
             logits = hc @ w.T  # (c, V)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (c, 1)
             total += lse.sum() - logits.gather(1, tc).sum()
             p = logits.sub_(lse).exp_()  # softmax, in place
             p.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # softmax - onehot
-            torch.mm(p, w, out=dh[i : i + LinearCrossEntropy.CHUNK])
+            torch.mm(p, w, out=dh[i : i + c])
             dw.addmm_(p.T, hc)
         ctx.save_for_backward(dh, dw)
         ctx.n = N

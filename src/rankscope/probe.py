@@ -3,8 +3,10 @@
 A site is a module-path pattern plus a head layout, so the same probe reads rankscope's GPT or
 another model's attention modules. The hooks accumulate each head's Gram matrix XᵀX and column
 sum Σx in one batched pass (no per-head loops, no stored activations); `measure` then runs one
-batched eigen-decomposition for every layer, head and site. Probes never change the model: the
-hooks return nothing and run under `no_grad`, and they are removed when the pass ends.
+batched eigen-decomposition for every layer, head and site, on the host when the Grams sit on a GPU
+(see `metrics.eig_path`), and reads its results back with one host sync per kind of row. Probes
+never change the model: the hooks return nothing and run under `no_grad`, and they are removed
+when the pass ends.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 
 from .attention import logit_chunks
 from .errors import RankscopeError
-from .metrics import METRICS, metrics_from_gram
+from .metrics import EIG_PATHS, METRICS, metrics_from_gram
 from .vocab import LAYER_WIDE
 
 
@@ -219,6 +221,9 @@ class GramProbe:
 
     >>> probe = GramProbe(model, gpt_sites(["k"]), attention=AttentionStats(*gpt_sites(["q", "k"])))
     >>> rows = probe.measure([x_batch])   # [{'layer', 'head', 'site', 'metric', 'value'}, ...]
+
+    eig_path: where the eigenvalues are computed ('auto', 'device' or 'host'; see
+    `metrics.eig_path`); 'auto' is right everywhere, the others are for benchmarks and tests.
     """
 
     def __init__(
@@ -227,8 +232,12 @@ class GramProbe:
         sites: Sequence[Site],
         attention: AttentionStats | None = None,
         gains: dict[str, str] | None = None,
+        *,
+        eig_path: str = "auto",
     ):
-        self.model, self.sites, self.attention = model, list(sites), attention
+        if eig_path not in EIG_PATHS:
+            raise ValueError(f"eig_path must be one of {', '.join(EIG_PATHS)}, got {eig_path!r}")
+        self.model, self.sites, self.attention, self.eig_path = model, list(sites), attention, eig_path
         self.gains = dict(gains or {})  # row site name -> module pattern whose .weight is a gain
         # validate patterns now, so a bad site fails before any training
         for s in self.sites + ([attention.q, attention.k] if attention else []):
@@ -250,7 +259,11 @@ class GramProbe:
             self._accumulate_gram(site, layer, x)
 
     def _accumulate_gram(self, site: Site, layer: int, x: torch.Tensor) -> None:
-        x = x.float().flatten(0, 1)  # (B, T, H, E) -> (N, H, E), N = B*T
+        # Each batch's Gram in float32 on the CPU, whose matmuls are IEEE; in float64 on CUDA, where a
+        # float32 matmul runs in TF32 (10 significant bits) once allow_tf32 is set, as the trainer
+        # does, and float64 costs little at a probe's size. Whatever the activations' dtype (bf16
+        # under autocast), the sums across batches are float64.
+        x = (x.double() if x.device.type == "cuda" else x.float()).flatten(0, 1)  # (B, T, H, E) -> (N, H, E)
         g = torch.einsum("nhe,nhf->hef", x, x)  # (H, E, E): every head in one batched matmul
         key = (site.name, layer)
         if key in self._gram:
@@ -309,16 +322,17 @@ class GramProbe:
         forward = forward or self.model
         handles = self._hooks()
         try:
-            for x in batches:
-                self._calls.start()  # calls are counted per forward pass, not per measurement
-                forward(x)
-                self._calls.check()
+            try:
+                for x in batches:
+                    self._calls.start()  # calls are counted per forward pass, not per measurement
+                    forward(x)
+                    self._calls.check()
+            finally:
+                for h in handles:
+                    h.remove()
+            return self._spectral_rows() + self._attention_rows() + self._gain_rows()
         finally:
-            for h in handles:
-                h.remove()
-        rows = self._spectral_rows() + self._attention_rows() + self._gain_rows()
-        self._reset()
-        return rows
+            self._reset()  # the Grams and held activations leave device memory, also when a pass failed
 
     def _spectral_rows(self) -> list[dict[str, Any]]:
         keys = list(self._gram)
@@ -335,8 +349,8 @@ class GramProbe:
             n = torch.tensor(
                 [self._n[k] for k, h in zip(group, heads) for _ in range(h)], dtype=torch.float64, device=g.device
             )
-            values = metrics_from_gram(g, s, n)
-            table = torch.stack([values[m] for m in METRICS], -1).cpu().tolist()  # one host sync
+            values = metrics_from_gram(g, s, n, path=self.eig_path)  # on the host path: CPU tensors
+            table = torch.stack([values[m] for m in METRICS], -1).cpu().tolist()  # one host sync (or none)
             i = 0
             for (site, layer), h in zip(group, heads):
                 for head in range(h):
@@ -347,10 +361,16 @@ class GramProbe:
         return rows
 
     def _attention_rows(self) -> list[dict[str, Any]]:
+        layers = sorted(self._ent)
+        if not layers:
+            return []
+        # every layer's entropy and max logit in one host sync (float32 and float64 values are
+        # exact in float64, so the rows hold what a per-layer .tolist() would)
+        parts = [t.double() for l in layers for t in (self._ent[l] / self._ent_n[l], self._maxlogit[l])]
+        values = iter(torch.cat(parts).cpu().split([t.numel() for t in parts]))
         rows = []
-        for layer in sorted(self._ent):
-            ent = (self._ent[layer] / self._ent_n[layer]).cpu().tolist()
-            mx = self._maxlogit[layer].cpu().tolist()
+        for layer in layers:
+            ent, mx = next(values).tolist(), next(values).tolist()
             for head, (e, m) in enumerate(zip(ent, mx)):
                 rows += [
                     dict(layer=layer, head=head, site="attn", metric="entropy", value=e),
@@ -359,28 +379,39 @@ class GramProbe:
         return rows
 
     def _gain_rows(self) -> list[dict[str, Any]]:
-        rows = []
+        found = []
         for name, pattern in self.gains.items():
             for layer, mod in _matching(self.model, pattern):
                 w = getattr(mod, "weight", None)
                 if w is None:  # TransformerLens names a norm's gain `w`
                     w = getattr(mod, "w", None)
-                if w is None:
-                    continue
-                for metric, v in gain_stats(w.detach()).items():
-                    rows.append(dict(layer=layer, head=LAYER_WIDE, site=name, metric=metric, value=v))
-        return rows
+                if w is not None:
+                    found.append((name, layer, _gain_tensor(w.detach())))
+        if not found:
+            return []
+        table = torch.stack([t for _, _, t in found]).cpu().tolist()  # one host sync for every gain
+        return [
+            dict(layer=layer, head=LAYER_WIDE, site=name, metric=metric, value=v)
+            for (name, layer, _), values in zip(found, table)
+            for metric, v in zip(GAIN_STATS, values)
+        ]
+
+
+GAIN_STATS = ("gain_mean", "gain_cv", "gain_near_zero")
+
+
+def _gain_tensor(w: torch.Tensor, near_zero: float = 0.1) -> torch.Tensor:
+    """`gain_stats` as a float64 tensor (3,) on w's device, in GAIN_STATS order: no host sync."""
+    w = w.double()
+    mean = w.mean()
+    cv = torch.where(mean != 0, w.std(unbiased=False) / mean.abs(), torch.full_like(mean, float("inf")))
+    return torch.stack([mean, cv, (w.abs() < near_zero).double().mean()])
 
 
 def gain_stats(w: torch.Tensor, near_zero: float = 0.1) -> dict[str, float]:
-    """Mean, coefficient of variation (std / |mean|) and share of |gain| < near_zero of a gain vector."""
-    w = w.double()
-    mean = w.mean()
-    return {
-        "gain_mean": mean.item(),
-        "gain_cv": (w.std(unbiased=False) / mean.abs()).item() if mean != 0 else float("inf"),
-        "gain_near_zero": (w.abs() < near_zero).double().mean().item(),
-    }
+    """Mean, coefficient of variation (std / |mean|, inf for a zero mean) and share of
+    |gain| < near_zero of a gain vector."""
+    return dict(zip(GAIN_STATS, _gain_tensor(w, near_zero).tolist()))
 
 
 def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) -> GramProbe:
