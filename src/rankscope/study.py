@@ -17,6 +17,12 @@ A study file::
     [arms.no-norm]
     model.qk_norm = "none"
 
+    contrasts = [["qk-norm", "no-norm"]]   # optional, before the tables: the comparisons
+                                           # (treatment, control) the study exists for
+
+Without `contrasts`, the pairs of arms that differ in exactly one setting are the contrasts (see
+`rankscope.contrasts`). The report, the summary and the terminal lead with them, in this order.
+
 Settings apply in order: preset, study settings, the arm's overrides, then the command line.
 Re-running a study skips its finished runs and redoes unfinished ones from the start.
 """
@@ -33,6 +39,8 @@ from typing import Any
 
 from . import store
 from .config import RunConfig, apply_overrides, preset, setting_value
+from .contrasts import Contrast, derive
+from .contrasts import check as check_contrasts
 from .errors import ConfigError, RankscopeError
 from .flat import flatten
 from .locks import LockHeld
@@ -52,6 +60,12 @@ class Study:
     preset: str = "tiny"
     seeds: tuple[int, ...] = (0,)
     settings: dict[str, Any] = field(default_factory=dict)
+    declared_contrasts: tuple[Contrast, ...] = ()  # empty: derived from the arms' settings
+
+    @property
+    def contrasts(self) -> list[Contrast]:
+        """The (treatment, control) pairs the study compares first: declared, else derived."""
+        return list(self.declared_contrasts) or derive(self.arms)
 
 
 _MUON, _ADAMW = {"optim.name": "muon"}, {"optim.name": "adamw"}
@@ -71,6 +85,8 @@ BUILTIN: dict[str, Study] = {
             "qk-norm-adamw": {"model.qk_norm": "learned", **_ADAMW},
             "no-norm-adamw": {"model.qk_norm": "none", **_ADAMW},
         },
+        # QK-Norm on vs off within each optimizer: the question; optimizer pairs are in the all-pairs table
+        declared_contrasts=(("qk-norm-muon", "no-norm-muon"), ("qk-norm-adamw", "no-norm-adamw")),
     ),
     "gamma": Study(
         "gamma",
@@ -83,6 +99,7 @@ BUILTIN: dict[str, Study] = {
             "no-norm": {"model.qk_norm": "none", **_MUON},
         },
         settings={"probe.sites": "k_pre,k"},
+        declared_contrasts=(("learned-gain", "no-norm"), ("frozen-gain", "no-norm"), ("learned-gain", "frozen-gain")),
     ),
     "clip": Study(
         "clip",
@@ -93,6 +110,7 @@ BUILTIN: dict[str, Study] = {
             "qk-norm": {"model.qk_norm": "learned", **_MUON},
             "no-norm": {"model.qk_norm": "none", **_MUON},
         },
+        declared_contrasts=(("qk-clip", "no-norm"), ("qk-norm", "no-norm"), ("qk-clip", "qk-norm")),
     ),
     "norm-variants": Study(
         "norm-variants",
@@ -104,6 +122,7 @@ BUILTIN: dict[str, Study] = {
             "parameter-free": {"model.qk_norm": "parameter_free", **_MUON},
             "none": {"model.qk_norm": "none", **_MUON},
         },
+        declared_contrasts=(("learned", "none"), ("frozen", "none"), ("parameter-free", "none")),
     ),
     "muon-grouping": Study(
         "muon-grouping",
@@ -115,6 +134,8 @@ BUILTIN: dict[str, Study] = {
             for norm, qk in (("qk-norm", "learned"), ("no-norm", "none"))
             for name, grouping in (("stacked", "stacked"), ("separate", "separate"), ("per-head", "per_head"))
         },
+        # QK-Norm on vs off under each grouping; the grid's effects and interactions follow in the report
+        declared_contrasts=tuple((f"qk-norm.{g}", f"no-norm.{g}") for g in ("stacked", "separate", "per-head")),
     ),
 }
 DEFAULT_STUDY = "qk-muon"
@@ -122,7 +143,7 @@ DEFAULT_STUDY = "qk-muon"
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # a folder name on every system (fullmatch)
 # The study's name is the default --out folder (rankscope-out/NAME): one folder, not a path.
 _STUDY_NAME = re.compile(r"[^/\\\x00-\x1f]+")
-_TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"}
+_TOP_KEYS = {"name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms", "contrasts"}
 
 
 def read_study(spec: str) -> Study:
@@ -187,6 +208,7 @@ def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: 
         preset=typed("preset", str, "a preset name") if "preset" in raw else "tiny",
         seeds=seeds,
         settings=settings,
+        declared_contrasts=tuple(check_contrasts(raw["contrasts"], list(arms), where)) if "contrasts" in raw else (),
     )
     resolve(study, {})  # fail now on unknown keys or wrong types, before any run starts
     return study
@@ -215,6 +237,26 @@ def resolve(
                 raise ConfigError(f"study {study.name}, arm {arm}: {e}") from None
             runs.append((arm, cfg))
     return runs
+
+
+def vocab_from_data(study: Study, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """`overrides` with model.vocab_size sized from the data when the arms train on token shards
+    and nobody set it (in the study's settings, an arm or `overrides`; a preset's value is not a
+    choice about this data), and a phrase for the data line saying so; else unchanged and None.
+    A size set explicitly stays as set: load_data refuses one too small for the shards' ids."""
+    from .data.loader import shard_vocab_size
+
+    given = [study.settings, overrides, *study.arms.values()]
+    if any("model.vocab_size" in g for g in given):
+        return dict(overrides), None
+    # each arm's data.path as resolve applies them (the command line over the arm over the study)
+    paths = {str({**study.settings, **arm, **overrides}.get("data.path", "")) for arm in study.arms.values()}
+    if len(paths) != 1:  # several: run_study names the problem when it loads the data
+        return dict(overrides), None
+    sized = shard_vocab_size(paths.pop())
+    if sized is None:
+        return dict(overrides), None
+    return {**overrides, "model.vocab_size": sized[0]}, sized[1]
 
 
 def check_seeds(seeds: Sequence[Any], what: str) -> tuple[int, ...]:
@@ -294,7 +336,7 @@ def run_study(
 
     world = rdist.world()
     say = log if world.main else (lambda s: None)
-    overrides = dict(overrides or {})
+    overrides, vocab_note = vocab_from_data(study, dict(overrides or {}))
     runs = resolve(study, overrides, seeds)
     out_dir = Path(out_dir)
 
@@ -324,6 +366,8 @@ def run_study(
                 "preset": study.preset,
                 "seeds": sorted({cfg.seed for _, cfg in runs}),
                 "arms": study.arms,
+                "arm_order": list(study.arms),  # "arms" is written with sorted keys
+                "contrasts": [list(c) for c in study.contrasts],
                 "settings": study.settings,
                 "overrides": overrides,
                 "tokens": runs[0][1].train.tokens,
@@ -347,10 +391,22 @@ def run_study(
     data = None
     summaries = []
     started, warned = 0, False
+    # the progress bars name each run "run i/N" and show the time left for all N
+    study_progress = None
+    if progress and world.main:
+        from .progress import StudyProgress, tokens_left
+
+        study_progress = StudyProgress(
+            [
+                tokens_left(c.train.tokens, c.train.batch_size * c.train.seq_len, (checkpoint.steps(rd) or [0])[-1])
+                for _, c, rd in pending
+            ]
+        )
     for (arm, cfg, rd), done_before in zip(todo, before):
         if done_before is not None:
             summaries.append(done_before)
             continue
+        started += 1  # which of the pending runs this is
         # rank 0 takes the run's lock and, holding it, looks again: another process may have
         # finished the run since the list above was made
         lock = store.run_lock(rd) if world.main else None
@@ -381,7 +437,6 @@ def run_study(
             say(f"rankscope: {arm} seed {cfg.seed}: finished by another process meanwhile; skipping it")
             summaries.append(verdict[1])
             continue
-        started += 1
         try:
             if data is None:
                 sources = {(c.data.path, c.model.vocab_size) for _, c, _ in pending}
@@ -392,7 +447,7 @@ def run_study(
                 rdist.barrier(world)
                 if not world.main:
                     data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
-                say(f"rankscope: data: {data.source}")
+                say(f"rankscope: data: {data.source}" + (f"; {vocab_note}" if vocab_note else ""))
             if world.main:
                 if checkpoint.steps(rd):
                     say(
@@ -402,6 +457,8 @@ def run_study(
                 else:
                     store.clear_run(rd)  # an unfinished run without a checkpoint starts over
             rdist.barrier(world)
+            if study_progress is not None:
+                study_progress.start_run(started)
             try:
                 summaries.append(
                     train(
@@ -410,7 +467,8 @@ def run_study(
                         data,
                         arm=arm,
                         progress=progress,
-                        progress_desc=f"[{started}/{len(pending)}] {arm} seed {cfg.seed}",
+                        progress_desc=f"run {started}/{len(pending)}: {arm} seed {cfg.seed}",
+                        study_progress=study_progress,
                     )
                 )
             except RunDiverged as e:

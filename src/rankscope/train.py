@@ -34,9 +34,10 @@ from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import Interrupted, RankscopeError
 from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
-from .model import GPT, qk_clip
+from .model import GPT, mixed_precision, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
+from .progress import RunBar, StudyProgress
 from .provenance import environment, now
 from .stopping import StopRequest
 from .store import RunStore, last_eval_from_tables, truncate_after, write_json
@@ -101,7 +102,11 @@ def train(
     arm: str = "",
     progress: bool = True,
     progress_desc: str | None = None,
+    study_progress: StudyProgress | None = None,
 ) -> dict[str, Any]:
+    """Train one run into `out_dir` (resuming from its newest checkpoint) and return its summary.
+    `study_progress`: the study this run belongs to, for the progress bar's "time left" of the
+    whole study (`rankscope.progress`)."""
     # --- setup: processes, device, model, optimizers -------------------------------------------
     tc = cfg.train
     world = rdist.world()
@@ -142,7 +147,7 @@ def train(
         step_model = ddp
     if tc.compile == "on" or (tc.compile == "auto" and use_cuda):
         step_model = torch.compile(step_model)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else contextlib.nullcontext
+    autocast = (lambda: mixed_precision(device.type)) if use_cuda else contextlib.nullcontext
 
     # --- data: training batches by step; fixed validation, out-of-distribution and probe batches --
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -256,6 +261,8 @@ def train(
             probe_rows: list[dict[str, Any]] = []
             extra: list[dict[str, Any]] = []
             healthy = math.isfinite(val_loss)  # a diverged model has no geometry left to measure
+            if bar is not None and healthy and (probe is not None or induction is not None):
+                bar.phase("probing…")
             if probe is not None and healthy:
                 tp = time.perf_counter()
                 probe_rows = probe.measure([probe_batch[0]])
@@ -311,15 +318,11 @@ def train(
     saves = set(schedule(total_steps, tokens_per_step, tc.checkpoint_every)) - {0}
     bar = None
     if progress and world.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total_steps * tokens_per_step,
-            initial=start_step * tokens_per_step,
-            unit="tok",
-            unit_scale=True,
-            dynamic_ncols=True,
-            desc=progress_desc or f"{arm or 'run'} seed {cfg.seed}",
+        bar = RunBar(
+            total_steps * tokens_per_step,
+            start_step * tokens_per_step,
+            progress_desc or f"{arm or 'run'} seed {cfg.seed}",
+            study_progress,
         )
     scale = lr_scale(start_step * tokens_per_step, tc.tokens, cfg.optim)
     t_start = time.perf_counter() - timers["elapsed_s"]
@@ -341,6 +344,8 @@ def train(
                     timers["n_since"] = 0
                     bad = ""
                     if world.main:
+                        if bar is not None:
+                            bar.phase("evaluating…")
                         last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
                         bad = next(
                             (
@@ -351,12 +356,7 @@ def train(
                             "",
                         )
                         if bar is not None:
-                            bar.set_postfix(
-                                loss=f"{train_loss:.3f}",
-                                val=f"{last['val_loss']:.3f}",
-                                pr=f"{last['key_pr']:.1f}",
-                                refresh=False,
-                            )
+                            bar.show_measured(train_loss, last["val_loss"], last["key_pr"])
                     elif step > 0 and not math.isfinite(train_loss):
                         bad = f"train_loss is {train_loss}"
                     if rdist.any_rank(bool(bad), world, device):
@@ -375,7 +375,11 @@ def train(
                             f"tokens; its rows and last good checkpoint are kept"
                         )
                     timers["elapsed_s"] = time.perf_counter() - t_start
+                    if bar is not None:
+                        bar.phase("saving a checkpoint…")
                     save_checkpoint(step)
+                    if bar is not None:
+                        bar.phase("")
                 if halt:
                     raise Interrupted(
                         f"stopped by {signal.Signals(halt).name}: {label} saved at step {step} of {total_steps} "

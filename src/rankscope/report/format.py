@@ -7,8 +7,10 @@ tables are the document model's (`doc.py`).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -93,12 +95,46 @@ def describe(diff: Difference, d: int) -> str:
     return head + body + ": " + diff.verdict()
 
 
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Columns padded to their widest cell and a dashed rule under the header, for a terminal."""
+# The width plain-text tables are fitted to; None: no limit (a file, a pipe, a test).
+_TEXT_WIDTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("text_width", default=None)
+
+
+@contextlib.contextmanager
+def text_width(width: int | None) -> Iterator[None]:
+    """Fit every `text_table` made inside to `width` columns (None: no limit), e.g. to the terminal
+    the command prints to, without passing the width through every function in between."""
+    token = _TEXT_WIDTH.set(width)
+    try:
+        yield
+    finally:
+        _TEXT_WIDTH.reset(token)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None = None) -> list[str]:
+    """Columns padded to their widest cell and a dashed rule under the header, for a terminal.
+
+    A table wider than `width` (default: the one `text_width` set; no limit without it) is printed
+    in parts, one under the other, each with the first column (the row labels) and as many of the
+    other columns as fit, as R and pandas print a wide table; a column wider than `width` on its
+    own still gets a part of its own."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(header, widths)).rstrip()]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    width = width if width is not None else _TEXT_WIDTH.get()
+    parts: list[list[int]] = [list(range(1, len(header)))]
+    if width is not None and len(header) > 2 and sum(widths) + 2 * (len(widths) - 1) > width:
+        parts = []
+        for i in range(1, len(header)):
+            if parts and widths[0] + sum(widths[j] + 2 for j in [*parts[-1], i]) <= width:
+                parts[-1].append(i)
+            else:
+                parts.append([i])
+    out: list[str] = []
+    for part in parts:
+        cols = [0, *part]
+        if out:
+            out.append("")
+        out.append("  ".join(header[i].ljust(widths[i]) for i in cols).rstrip())
+        out.append("  ".join("-" * widths[i] for i in cols))
+        out += ["  ".join(r[i].ljust(widths[i]) for i in cols).rstrip() for r in rows]
     return out
 
 
@@ -113,4 +149,5 @@ __all__ = [
     "fmt_mean_ci",
     "describe",
     "text_table",
+    "text_width",
 ]
