@@ -52,12 +52,7 @@ def test_building_the_parser_imports_neither_torch_nor_pandas():
         "bench",
         "analyze",
         "data",
-        pytest.param(
-            "data prepare",
-            marks=pytest.mark.xfail(
-                strict=True, reason="rankscope.data's __init__ imports data/sampler.py, which imports torch at the top"
-            ),
-        ),
+        "data prepare",
     ],
 )
 def test_help_of_every_command_imports_neither_torch_nor_pandas(command):

@@ -366,6 +366,8 @@ def _list(args: argparse.Namespace) -> int:
     for name, s in BUILTIN.items():
         print(_wrap(s.description, width, f"  {name:<{nw}}", " " * (2 + nw)))
         print(_wrap(f"arms: {', '.join(s.arms)}", width, " " * (2 + nw), " " * (4 + nw)))
+        contrasts = "; ".join(f"{a} − {b}" for a, b in s.contrasts)
+        print(_wrap(f"compares: {contrasts}", width, " " * (2 + nw), " " * (4 + nw)))
     print("presets (--preset P):")
     nw = max(len(n) for n in PRESETS) + 2
     for name, cfg in PRESETS.items():

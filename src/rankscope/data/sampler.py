@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where the windows become tensors, not here: `rankscope data prepare --help`
+# imports this package and should not pay for torch.
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -74,6 +80,8 @@ class _Windows:
                 rows[m] = self.sources[k][local[m, None] + self.offsets]
         # Separate contiguous copies: targets are usually flattened with .view(-1), which a
         # strided slice of one shared buffer would not allow.
+        import torch
+
         x = torch.from_numpy(rows[:, :-1].astype(np.int64, order="C"))
         y = torch.from_numpy(rows[:, 1:].astype(np.int64, order="C"))
         return x, y
