@@ -33,10 +33,10 @@ FOUR = {
 
 def test_derived_contrasts_pair_arms_that_differ_in_one_setting_with_off_as_control():
     assert derive(FOUR) == [
-        ("qk-norm-muon", "no-norm-muon"),
+        ("qk-norm-muon", "no-norm-muon"),  # switching a feature off: first
+        ("qk-norm-adamw", "no-norm-adamw"),
         ("qk-norm-adamw", "qk-norm-muon"),  # neither level is "off": the earlier arm is the control
         ("no-norm-adamw", "no-norm-muon"),
-        ("qk-norm-adamw", "no-norm-adamw"),
     ]
     # declared order decides nothing when one side is off: the off arm is the control either way
     assert derive({"no-norm": {"model.qk_norm": "none"}, "qk": {"model.qk_norm": "learned"}}) == [("qk", "no-norm")]
@@ -125,6 +125,7 @@ def test_an_older_study_folder_derives_its_contrasts_from_the_run_configs(tmp_pa
     root = _four_arm_study(tmp_path / "s", declared=False)
     study = load_study(root)
     assert study.arms == sorted(FOUR)  # all an older study.json can say
+    assert set(study.contrasts[:2]) == {("qk-norm-muon", "no-norm-muon"), ("qk-norm-adamw", "no-norm-adamw")}
     assert set(study.contrasts) == {
         ("qk-norm-muon", "no-norm-muon"),
         ("qk-norm-adamw", "no-norm-adamw"),
@@ -211,3 +212,34 @@ def test_the_summary_says_when_a_correlation_is_only_the_arms_apart():
     assert "r = −0.97" in s and "within arms only r = 0.10, p = 0.80" in s and "difference between the arms" in s
     together = pd.DataFrame([row("run ends", -0.97, 1e-6), row("within arms", -0.8, 0.01)])
     assert "holds among seeds too" in _correlation_sentence(together)
+
+
+def test_measures_at_chance_are_said_to_be_and_not_compared(tmp_path):
+    """A measure that has not left its chance level (induction loss at ln V) is named in words and
+    kept out of the contrasts' downstream sentences; functional rank at 1 in every layer too."""
+    from test_report import make_realistic_study
+
+    from rankscope.report.quantities import chance_level
+    from rankscope.report.summary import chance_sentences
+
+    study = load_study(make_realistic_study(tmp_path / "s", seeds=(0, 1, 2), n_layer=2, n_head=2, n_points=6))
+    numbers = compute_numbers(study)
+    assert chance_sentences(numbers) == ([], set())  # the synthetic study learned everything
+    ln_v = chance_level("induction_loss", study).value
+    assert ln_v == pytest.approx(math.log(study.runs[0].config["model"]["vocab_size"]))
+    rng = np.random.default_rng(1)
+    s = study.scalars
+    s["induction_loss"] = ln_v + rng.normal(0, 0.01, len(s)) + 0.5  # above chance: no better than chance
+    p = study.probes
+    p.loc[p["metric"] == "functional_rank", "value"] = 1.0
+    numbers = compute_numbers(study)
+    lines, everywhere = chance_sentences(numbers)
+    assert everywhere == {"induction_loss"}
+    assert lines[0].startswith("Not yet past chance at the end: induction loss in every arm (chance: ln ")
+    assert lines[1].startswith("Functional rank is at its floor, 1, in every layer of every arm")
+    paragraphs = summary_paragraphs(
+        study, numbers.table, numbers.correlations, numbers.diagnoses, chance_lines=lines, at_chance=everywhere
+    )
+    downstream = [q for q in paragraphs if q.startswith("Downstream at")]
+    assert downstream and not any("induction loss" in q for q in downstream)
+    assert lines[0] in paragraphs and lines[1] in paragraphs

@@ -512,11 +512,8 @@ def test_write_report_files_links_and_html(tmp_path):
     assert stems["qk/learned muon"] == "qk_learned_muon"
     # an older study: no downstream, gains, functional rank -> none of those figures; key PR
     # against val loss is still drawn
-    expected = (
-        ["loss_pr.png", "pr_vs_downstream.png"]
-        + [f"diagnosis_{stems[a]}.png" for a in arms]
-        + [f"{kind}_{stems[a]}.png" for kind in ("layer_pr", "pr_heatmap") for a in arms]
-    )
+    # the arms side by side in one figure of each kind
+    expected = ["loss_pr.png", "pr_vs_downstream.png", "diagnosis_arms.png", "layer_pr_arms.png", "pr_heatmap_arms.png"]
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(expected)
     md = path.read_text()
     for name in expected:
@@ -583,9 +580,8 @@ def test_three_arms_two_seeds(tmp_path):
     md = format_table(table, "markdown")
     assert md.split("\n\n")[0].count("✅") == 4  # one per row: every lead is an exact shift
     path = write_report(root)
-    for a in arms:
-        _assert_png(root / "plots" / f"layer_pr_{a}.png")
-        _assert_png(root / "plots" / f"pr_heatmap_{a}.png")
+    _assert_png(root / "plots" / "layer_pr_arms.png")
+    _assert_png(root / "plots" / "pr_heatmap_arms.png")
     md = path.read_text()
     assert "## Every pair of arms, seed by seed" in md and "Holm" in md  # three arms: every pair
 
@@ -775,10 +771,9 @@ def test_realistic_study_report(tmp_path):
     # the demo's collapsed layers are 1 and 3 of 4: with 4 layers the median is still healthy
     path = write_report(root)
     names = sorted(p.name for p in (root / "plots").iterdir())
-    for a in REAL_ARMS:
-        assert f"diagnosis_{a}.png" in names
-    for name in ("downstream.png", "functional_rank.png", "rank_sweep.png", "pr_vs_downstream.png", "loss_pr.png"):
-        assert name in names
+    figures = ("diagnosis_arms", "downstream", "functional_rank", "rank_sweep", "pr_vs_downstream", "loss_pr")
+    for name in figures:
+        assert f"{name}.png" in names
     for name in names:
         _assert_png(root / "plots" / name)
     md = path.read_text()

@@ -4,9 +4,9 @@ A study exists to answer a few comparisons (QK-Norm on vs off under the same opt
 every pair of its arms. A study file may declare them (``contrasts = [["qk-norm", "no-norm"]]``);
 when it does not, they are derived from the arms' settings: every pair of arms that differ in
 exactly one setting, the arm whose value means "off" (none, off, false, 0), or else the arm
-declared first, being the control. Arms that differ pairwise in more than one setting fall back to
-each arm against the first. The summary, the terminal and the report lead with these pairs; the
-table of every pair stays below them.
+declared first, being the control; pairs that switch something off come first. Arms that differ
+pairwise in more than one setting fall back to each arm against the first. The summary, the
+terminal and the report lead with these pairs; the table of every pair stays below them.
 
 Torch-free: the study reader and the report both use it.
 """
@@ -40,6 +40,7 @@ def derive(settings: Mapping[str, Mapping[str, Any]]) -> list[Contrast]:
     arms = list(settings)
     flat = {a: {k: text(v) for k, v in flatten(dict(settings[a])).items() if k.startswith(SECTIONS)} for a in arms}
     out: list[Contrast] = []
+    off_control: list[bool] = []
     for a, b in combinations(arms, 2):  # a declared before b
         keys = set(flat[a]) | set(flat[b])
         differ = [k for k in keys if flat[a].get(k) != flat[b].get(k)]
@@ -48,6 +49,9 @@ def derive(settings: Mapping[str, Mapping[str, Any]]) -> list[Contrast]:
         va, vb = flat[a].get(differ[0]), flat[b].get(differ[0])
         b_off, a_off = vb is None or vb in OFF, va is None or va in OFF
         out.append((a, b) if b_off and not a_off else (b, a))  # control: the "off" arm, else the earlier
+        off_control.append(a_off != b_off)
+    # a feature on vs off first (QK-Norm on vs off under one optimizer), then changes of level
+    out = [c for _, c in sorted(zip(off_control, out), key=lambda p: not p[0])]
     if not out and len(arms) > 1:
         out = [(a, arms[0]) for a in arms[1:]]
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgG]?)\s*$")
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -42,3 +43,42 @@ def fmt_count(t: float | None) -> str:
         if a >= at:
             return f"{t / unit:.3g}{suffix}"
     return f"{t:.0f}"
+
+
+def fmt_count_ticks(ticks: Sequence[float], *, log: bool = False) -> list[str]:
+    """Labels for the ticks of a token axis, without spurious digits: 0, 50k, 100k, 150k on a
+    linear axis (one unit for the whole axis, chosen by its largest tick, and the fewest decimals
+    that tell the ticks apart), 0, 10k, 100k, 1M, 10M on a log axis (each tick its own unit).
+
+    Unlike `fmt_count`, values from 100k to 1M read in k (100k, not 0.1M): an axis label is read
+    next to its neighbours, not alone in a table. Trailing zeros are dropped (0.5M, 1M, 1.5M).
+    """
+    t = [float(x) for x in ticks]
+    if log:
+        return [_fmt_unit(x, *_unit(abs(x)), None) for x in t]
+    finite = [abs(x) for x in t if math.isfinite(x)]
+    scale, suffix = _unit(max(finite) if finite else 0.0)
+    scaled = [x / scale for x in t if math.isfinite(x)]
+    decimals = 0
+    while decimals < 3 and any(abs(round(v, decimals) - v) > 1e-9 * max(1.0, abs(v)) for v in scaled):
+        decimals += 1
+    return [_fmt_unit(x, scale, suffix, decimals) for x in t]
+
+
+def _unit(a: float) -> tuple[float, str]:
+    for at, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if a >= at:
+            return at, suffix
+    return 1.0, ""
+
+
+def _fmt_unit(x: float, scale: float, suffix: str, decimals: int | None) -> str:
+    if not math.isfinite(x):
+        return "?"
+    if x == 0:
+        return "0"
+    v = x / scale
+    text = f"{v:.3g}" if decimals is None else f"{v:.{decimals}f}"
+    if "." in text:  # 0.5M next to 0.25M, not 0.50M: the digits a tick needs, no more
+        text = text.rstrip("0").rstrip(".")
+    return text + suffix

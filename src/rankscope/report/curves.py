@@ -4,26 +4,42 @@ house style is in `plotstyle.py`.
 
 Token axes switch to a log scale when the eval points span more than two decades (log-spaced
 schedules, 100M+ token runs); token 0, which a log axis cannot show, keeps a short linear stretch
-at the left (matplotlib's symlog with its linear threshold at the first positive eval point).
+at the left (matplotlib's symlog with its linear threshold at the first positive eval point). Their
+ticks are round counts (0, 50k, 100k; 0, 10k, 1M), see `plotstyle.TokenFormatter`.
+
+Measures with a chance level (`quantities.chance_level`: induction loss at ln(vocab), induction
+scores at uniform attention's, the ICL score at 0) get it as a labelled dashed line, and a panel
+whose measure is still at chance at some arm's end says so in a corner note.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
 from ..units import fmt_count
 from .format import fmt_p, seeds_text, signed
-from .plotstyle import REFERENCE, Plot, save, style_axes
-from .quantities import Quantity
+from .plotstyle import (
+    REFERENCE,
+    SMALL,
+    Plot,
+    TokenFormatter,
+    corner_note,
+    min_span_limits,
+    new_figure,
+    reference_line,
+    save,
+    style_axes,
+    token_locator,
+)
+from .quantities import ChanceLevel, Quantity
 
-TOKENS_AXIS = FuncFormatter(lambda x, _pos: fmt_count(x))
 LOG_DECADES = 2.0  # eval points spanning more than this many decades get a log token axis
 BAND_WORDS = "shaded bands: 95% t-intervals over seeds"
 
@@ -60,18 +76,23 @@ def tokens_axis(ax, tokens: Iterable[float] | None = None, label: str = "trainin
         if (t <= 0).any():
             # linscale 0.35: token 0 sits a third of a decade left of the first positive point
             ax.set_xscale("symlog", linthresh=first, linscale=0.35)
+            # ticks at 0 and the decades from the first point on: a decade tick inside the short
+            # linear stretch would print on top of the 0
+            decades = range(math.ceil(math.log10(first)), math.floor(math.log10(last)) + 1)
+            ax.xaxis.set_major_locator(FixedLocator([0.0] + [10.0**k for k in decades]))
+            ax.xaxis.set_minor_locator(NullLocator())
             left = -0.04 * first  # a hair left of 0 so the token-0 marker is not cut; never negative ticks
         else:
             ax.set_xscale("log")
             left = first / 1.15
         # autoscaling a symlog axis pads into negative tokens; fix the range to the data
         ax.set_xlim(left, last * 1.15)
-        ax.xaxis.set_major_formatter(TOKENS_AXIS)
+        ax.xaxis.set_major_formatter(TokenFormatter(log=True))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{label} (log scale)")
         return True
-    ax.xaxis.set_major_formatter(TOKENS_AXIS)
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(TokenFormatter())
+    ax.xaxis.set_major_locator(token_locator())
     ax.set_xlabel(label)
     return False
 
@@ -129,10 +150,28 @@ def _dropout_clause(*stats: pd.DataFrame) -> str:
     return ""
 
 
-def _fit_to_lines(ax, stats: pd.DataFrame, excess: float = 0.35) -> bool:
+# The least y-span of a panel whose measure barely moves, beyond `plotstyle.MIN_REL_SPAN` of its
+# level: induction scores lie in [0, 1] and the ICL score near 0 nats, where a relative rule is void.
+MIN_SPAN = {"induction_score": 0.1, "induction_max": 0.1, "icl_score": 0.05}
+ZERO_FLOOR = {"induction_score", "induction_max"}  # scores that cannot go below 0
+
+
+def _fit_to_lines(
+    ax,
+    stats: pd.DataFrame,
+    excess: float = 0.35,
+    *,
+    include: Sequence[float] = (),
+    min_span: float = 0.0,
+    floor: float | None = None,
+) -> bool:
     """Scale the y-axis to the mean lines, letting bands reach at most `excess` of the lines' range
     beyond them; return True if some band was cut. With two seeds a 95% t band is ±12.7 standard
-    errors wide, and left to autoscaling one such band flattens every line in the panel."""
+    errors wide, and left to autoscaling one such band flattens every line in the panel.
+
+    `include`: levels kept in view (a chance line). A near-constant panel is widened to
+    `plotstyle.min_span_limits` (at least 2% of its level, and `min_span`), never below `floor`, so
+    its noise is not drawn as a trend."""
     m = stats["mean"].to_numpy(float)
     m = m[np.isfinite(m)]
     if not len(m):
@@ -142,9 +181,17 @@ def _fit_to_lines(ax, stats: pd.DataFrame, excess: float = 0.35) -> bool:
     lo_b = np.nanmin(np.append(stats["lo"].to_numpy(float), lo_m)) if "lo" in stats else lo_m
     hi_b = np.nanmax(np.append(stats["hi"].to_numpy(float), hi_m)) if "hi" in stats else hi_m
     lo, hi = max(lo_b, lo_m - excess * span), min(hi_b, hi_m + excess * span)
+    cut = bool(lo_b < lo or hi_b > hi)
+    for level in include:
+        if np.isfinite(level):
+            lo, hi = min(lo, level), max(hi, level)
+    lo, hi = min_span_limits(lo, hi, min_span=min_span)
     pad = 0.05 * (hi - lo)
-    ax.set_ylim(lo - pad, hi + pad)
-    return bool(lo_b < lo or hi_b > hi)
+    lo, hi = lo - pad, hi + pad
+    if floor is not None and lo < floor <= lo_m:
+        lo, hi = floor, hi + (floor - lo)
+    ax.set_ylim(lo, hi)
+    return cut
 
 
 CUT_WORDS = "; bands running past an axis are cut at its edge (the scale follows the means)"
@@ -155,6 +202,9 @@ def _legend_labels(arms: Sequence[str], seeds: dict[str, int]) -> list[str]:
 
 
 # --- 1. loss and mean key PR over training ------------------------------------------------------
+
+
+INSET = (0.42, 0.4, 0.55, 0.52)  # where a loss panel's late-training inset sits, in axes fractions
 
 
 def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: bool) -> str:
@@ -180,23 +230,25 @@ def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: 
     lo, hi = ax.get_ylim()
     tail = stats["tokens"] >= (start if log else 0.35 * top_t)
     if (((hi_col[tail] - lo) / (hi - lo)) <= 0.33).all():
-        inset = ax.inset_axes([0.42, 0.4, 0.55, 0.52])
+        inset = ax.inset_axes(INSET)
         _band_panel(inset, late, arms, colors, markers=log)
         a = float(lo_col[late.index].min())
         b = float(hi_col[late.index].max())
         pad = 0.08 * (b - a) if b > a else 0.01
-        inset.set_ylim(a - pad, b + pad)
+        inset.set_ylim(*min_span_limits(a - pad, b + pad))
         if log:
             inset.set_xscale("log")
             inset.set_xlim(start / 1.1, top_t * 1.1)
             inset.xaxis.set_minor_formatter(NullFormatter())
         else:
-            inset.xaxis.set_major_locator(MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]))
-        inset.xaxis.set_major_formatter(TOKENS_AXIS)
-        inset.tick_params(labelsize=7)
+            inset.xaxis.set_major_locator(token_locator(nbins=4))
+        inset.xaxis.set_major_formatter(TokenFormatter(log=log))
+        inset.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        inset.tick_params(labelsize=SMALL)
         inset.grid(alpha=0.25)
         what = f"from {fmt_count(start)} tokens" if log else "second half"
-        inset.set_title(f"{what}, zoomed", fontsize=8)
+        # on white: a reference line of the panel may run behind it
+        inset.set_title(f"{what}, zoomed", fontsize=SMALL, backgroundcolor="white")
         return (
             f"; inset: training from {fmt_count(start)} tokens with its own loss scale"
             if log
@@ -206,7 +258,7 @@ def _zoom_loss(ax, stats: pd.DataFrame, arms: Sequence[str], colors: dict, log: 
     a, b = float(lo_col[after].min()), float(hi_col[after].max())
     if stats.loc[after, "tokens"].nunique() >= 3 and (hi - lo) > 3 * (b - a):
         pad = 0.06 * (b - a) if b > a else 0.05
-        ax.set_ylim(a - pad, b + pad)
+        ax.set_ylim(*min_span_limits(a - pad, b + pad))
         return "; loss axis cut to the range after the first 10% of training"
     return ""
 
@@ -229,7 +281,7 @@ def plot_loss_pr(
     """
     if not len(loss_stats) and not len(pr_stats):
         return None
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
+    fig = new_figure(12, 4.6)
     ax_l, ax_r = fig.subplots(1, 2)
     max_n = int(max([0] + [int(s["n"].max()) for s in (loss_stats, pr_stats) if len(s)]))
     tokens = np.concatenate([s["tokens"].to_numpy(float) for s in (loss_stats, pr_stats) if len(s)])
@@ -261,7 +313,7 @@ def plot_loss_pr(
                 xytext=(0, -3),
                 textcoords="offset points",
                 va="top",
-                fontsize=8,
+                fontsize=SMALL,
                 color=REFERENCE,
             )
             top = head_dim if top <= head_dim * 1.1 else top  # a PR cannot exceed the head dim
@@ -296,6 +348,32 @@ def plot_loss_pr(
 # --- 2. downstream over training ----------------------------------------------------------------------
 
 
+def _at_chance_note(arms_at: Sequence[str], arms: Sequence[str], word: str = "at chance") -> str:
+    """'at chance' (every arm that has data) or 'at chance: a, b' for a corner note."""
+    at = [a for a in arms if a in set(arms_at)]
+    if not at:
+        return ""
+    return f"{word} (every arm)" if len(at) == len(arms) else f"{word}: " + ", ".join(at)
+
+
+def chance_clause(panels: Sequence[tuple[Quantity, ChanceLevel | None, Sequence[str]]], arms: Sequence[str]) -> str:
+    """Caption words for the chance lines drawn and the measures still at chance at the end."""
+    drawn = [f"{q.label}: {c.kind} {c.label}" for q, c, _ in panels if c is not None]
+    if not drawn:
+        return ""
+    out = "; dashed grey: chance levels (" + "; ".join(drawn) + ")"
+    still = [(q, at) for q, c, at in panels if c is not None and at]
+    if still:
+        out += "; still at chance at the end (" + "; ".join(
+            f"{q.label}: {'every arm' if len(at) == len(arms) else ', '.join(at)}" for q, at in still
+        )
+        out += (
+            ") — the mean over seeds has not moved past the chance level, in the direction learning moves it, by "
+            "more than the seeds' sd or a small tolerance"
+        )
+    return out
+
+
 def plot_downstream(
     panels: Sequence[tuple[Quantity, pd.DataFrame]],
     arms: list[str],
@@ -303,25 +381,40 @@ def plot_downstream(
     path: Path,
     *,
     seeds: dict[str, int] | None = None,
+    chance: dict[str, ChanceLevel] | None = None,
+    at_chance: dict[str, Sequence[str]] | None = None,
 ) -> Plot | None:
     """One panel per downstream measure (OOD loss, ICL score, induction loss, induction scores) over
-    training; `panels` holds (Quantity, seed_stats frame)."""
+    training; `panels` holds (Quantity, seed_stats frame). `chance`: quantity key -> its chance level
+    (`quantities.chance_level`), drawn as a labelled dashed line; `at_chance`: quantity key -> the
+    arms still at that level at their end (`quantities.still_at_chance`), noted in the panel."""
     panels = [(q, s) for q, s in panels if len(s)]
     if not panels:
         return None
+    chance, at_chance = chance or {}, at_chance or {}
     k = len(panels)
     ncols = 2 if k in (2, 4) else min(k, 3)
     nrows = int(np.ceil(k / ncols))
-    fig = Figure(figsize=(5.4 * ncols, 3.6 * nrows + 0.6), layout="constrained")
+    fig = new_figure(4.6 * ncols, 3.4 * nrows + 0.6)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     tokens = np.concatenate([s["tokens"].to_numpy(float) for _, s in panels])
     max_n = max(int(s["n"].max()) for _, s in panels)
     log, cut = False, False
     zoomed = []
     for ax, (q, s) in zip(axes, panels):
+        level = chance.get(q.key)
         _band_panel(ax, s, arms, colors)
         log = tokens_axis(ax, tokens) or log
-        cut = _fit_to_lines(ax, s) or cut
+        cut = (
+            _fit_to_lines(
+                ax,
+                s,
+                include=[level.value] if level is not None else [],
+                min_span=MIN_SPAN.get(q.key, 0.0),
+                floor=0.0 if q.key in ZERO_FLOOR else None,
+            )
+            or cut
+        )
         if q.key.endswith("_loss") and _zoom_loss(ax, s, arms, colors, log):
             zoomed.append(q.label)  # losses fall from ln(vocab): the late gap needs its own scale
         direction = {False: "lower = better", True: "higher = better", None: ""}[q.higher]
@@ -329,7 +422,12 @@ def plot_downstream(
             direction = "more negative = better"
         ax.set_title(f"{q.label} ({direction})" if direction else q.label, fontsize=10)
         ax.set_ylabel(f"{q.label}" + (f" ({q.unit})" if q.unit else ""))
-        if q.key == "icl_score":
+        if level is not None:
+            reference_line(ax, level.value, level.short, where="margin")
+            note = _at_chance_note(at_chance.get(q.key, ()), [a for a in arms if (s["arm"] == a).any()])
+            if note:
+                corner_note(ax, note, loc="best", avoid=[INSET] if ax.child_axes else [])
+        elif q.key == "icl_score":
             ax.axhline(0, color=REFERENCE, lw=0.8, ls=":")
         style_axes(ax)
     for ax in axes[k:]:
@@ -340,8 +438,12 @@ def plot_downstream(
     )
     save(fig, path)
     whats = "; ".join(f"{q.label}: {q.what}" for q, _ in panels)
+    chance_words = chance_clause(
+        [(q, chance.get(q.key), [a for a in arms if a in set(at_chance.get(q.key, ()))]) for q, _ in panels], arms
+    )
     caption = (
         f"Downstream measures over training ({whats}); {band_clause(max_n)}"
+        + chance_words
         + (f"; insets zoom into late training ({', '.join(zoomed)}) with their own scale" if zoomed else "")
         + (CUT_WORDS if cut else "")
         + _dropout_clause(*[s for _, s in panels])
@@ -357,6 +459,22 @@ def plot_downstream(
 # --- 4. rank against downstream ----------------------------------------------------------------------
 
 
+def _off_panel_words(sides: dict[str, set[str]]) -> str:
+    """Where the points that zoomed panels leave out lie, from what was drawn: {panel label:
+    {"above", "below"}} -> 'earlier points lie above their top edges', per panel where they differ."""
+
+    def where(side: set[str], many: bool) -> str:
+        edge = {"above": "above {} top edge{}", "below": "below {} bottom edge{}"}
+        return " or ".join(
+            edge[s].format("their" if many else "its", "s" if many else "") for s in ("above", "below") if s in side
+        )
+
+    kinds = {frozenset(v) for v in sides.values()}
+    if len(kinds) == 1:
+        return f"earlier points lie {where(set(next(iter(kinds))), len(sides) > 1)}"
+    return "; ".join(f"in {label}, earlier points lie {where(side, False)}" for label, side in sides.items())
+
+
 def plot_rank_scatter(
     frame: pd.DataFrame,
     targets: Sequence[Quantity],
@@ -366,22 +484,26 @@ def plot_rank_scatter(
     *,
     stats: dict[str, tuple[float, float, int]] | None = None,
     x_label: str = "mean key PR",
+    chance: dict[str, ChanceLevel] | None = None,
 ) -> Plot | None:
     """Mean key PR (x) against each downstream measure (one panel each): every eval point after
     token 0 as a small faint dot, each run's last point as a large marker. The eye should see what
-    the correlation table summarises, including how much of it is training progress."""
+    the correlation table summarises, including how much of it is training progress. `chance`:
+    quantity key -> chance level, drawn where it falls inside the panel."""
     targets = [q for q in targets if q.key in frame and frame[q.key].notna().any()]
     data = frame[(frame["tokens"] > 0) & np.isfinite(frame["x"])]
     if not targets or not len(data):
         return None
+    chance = chance or {}
     k = len(targets)
     ncols = min(k, 3)
     nrows = int(np.ceil(k / ncols))
-    fig = Figure(figsize=(4.4 * ncols, 3.5 * nrows + 0.6), layout="constrained")
+    fig = new_figure(4.4 * ncols, 3.4 * nrows + 0.6)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     grid = np.sort(data["tokens"].unique())
     late_from = float(grid[-max(3, len(grid) // 3)]) if len(grid) >= 6 else float(grid[0])
-    zoomed = []
+    off_panel: dict[str, set[str]] = {}  # zoomed panel -> where its left-out points lie
+    drawn_chance = []
     for ax, q in zip(axes, targets):
         ends_all = []
         for a in arms:
@@ -393,24 +515,38 @@ def plot_rank_scatter(
             ends_all.append(ends[q.key].to_numpy(float))
             ax.scatter(ends["x"], ends[q.key], s=40, color=colors[a], edgecolors="black", linewidths=0.7, zorder=3)
         # losses fall from ln(vocab): at full scale every run end sits on one line at the bottom, so
-        # loss panels show late training and let the early points fall off the top (said in the caption)
+        # loss panels show late training and let the early points fall off (said in the caption)
         y = data[q.key].to_numpy(float)
         late = data.loc[data["tokens"] >= late_from, q.key].to_numpy(float)
         late = np.concatenate([late] + ends_all)
         late, y = late[np.isfinite(late)], y[np.isfinite(y)]
         if q.key.endswith("_loss") and len(late) and np.ptp(y) > 3 * max(np.ptp(late), 1e-12):
             pad = 0.1 * np.ptp(late) if np.ptp(late) > 0 else 0.01
-            ax.set_ylim(late.min() - pad, late.max() + pad)
-            zoomed.append(q.label)
+            lo, hi = min_span_limits(late.min() - pad, late.max() + pad)  # zoomed, but noise is not a trend
+            ax.set_ylim(lo, hi)
+            side = {"above"} if (y > hi).any() else set()
+            side |= {"below"} if (y < lo).any() else set()
+            if side:
+                off_panel[q.label] = side
+        else:  # a measure that barely moved: its noise must not fill the panel (see `_fit_to_lines`)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(
+                *min_span_limits(lo, hi, min_span=MIN_SPAN.get(q.key, 0.0), floor=0.0 if q.key in ZERO_FLOOR else None)
+            )
+        level = chance.get(q.key)
+        if level is not None:
+            lo, hi = sorted(ax.get_ylim())
+            if lo <= level.value <= hi:  # the scale follows the runs: a chance line never stretches it
+                reference_line(ax, level.value, level.short, where="margin")
+                drawn_chance.append(f"{q.label}: {level.kind} {level.label}")
         title = q.label
         if stats and q.key in stats:
             r, p, n = stats[q.key]
             if np.isfinite(r):
                 title += f"\nrun ends: r = {signed(r, 2)}, {fmt_p(p)}, n = {n}"
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(x_label, fontsize=8)
-        ax.set_ylabel(q.label + (f" ({q.unit})" if q.unit else ""), fontsize=8)
-        ax.tick_params(labelsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(q.label + (f" ({q.unit})" if q.unit else ""))
         style_axes(ax)
     for ax in axes[k:]:
         ax.set_visible(False)
@@ -423,19 +559,21 @@ def plot_rank_scatter(
         "time); large dots are "
         "each run's last eval point (one per run), the points behind the 'run ends' correlations"
         + (
-            f"; the loss panels ({', '.join(zoomed)}) show late training, from {fmt_count(late_from)} tokens — "
-            "earlier points lie above their top edge"
-            if zoomed
+            f"; the loss panels ({', '.join(off_panel)}) show late training, from {fmt_count(late_from)} tokens — "
+            + _off_panel_words(off_panel)
+            if off_panel
             else ""
         )
+        + (f"; dashed grey: chance levels ({'; '.join(drawn_chance)})" if drawn_chance else "")
         + "."
     )
     return Plot(path, caption)
 
 
 __all__ = [
-    "TOKENS_AXIS",
     "LOG_DECADES",
+    "MIN_SPAN",
+    "chance_clause",
     "band_clause",
     "use_log_tokens",
     "tokens_axis",

@@ -6,7 +6,11 @@ inside blocks is a small markdown subset — `code`, **bold**, *italic* and back
 is what the markdown file shows verbatim and what `inline_html` converts for the HTML file.
 
 The HTML file needs nothing else: CSS is inline, figures are embedded as base64 PNG data URIs, and
-collapsible sections are native <details> elements (no JavaScript). Like ArviZ's and seaborn's
+collapsible sections are native <details> elements (no JavaScript). Each figure is shown at its
+natural size: its width and height attributes are its inches (read from the PNG: pixels and the
+dpi it was saved at) times `DISPLAY_DPI`, so text drawn at 10 pt reads 11 px in every figure
+instead of being scaled by how wide the figure happens to be; only a window narrower than the
+figure shrinks it. Like ArviZ's and seaborn's
 static outputs, it can be mailed, archived or opened offline years later and look the same.
 """
 
@@ -15,8 +19,11 @@ from __future__ import annotations
 import base64
 import html
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+DISPLAY_DPI = 80  # CSS pixels per figure inch in report.html: 10 pt text shows 11 px tall
 
 # ASCII punctuation: what CommonMark lets a backslash escape
 _PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -227,7 +234,7 @@ th { background: var(--band); text-align: left; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; }
 tr:nth-child(even) td { background: #fbfcfd; }
 figure { margin: 1.2em 0 1.8em; }
-figure img { max-width: 100%; max-height: 92vh; width: auto; height: auto; border: 1px solid var(--rule); }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); }
 figcaption { color: var(--muted); font-size: 0.9em; margin-top: 0.4em; max-width: 60em; }
 .summary { background: #eef4fb; border-left: 4px solid var(--accent); padding: 0.2em 1em; }
 .check { color: #1e8e3e; font-weight: bold; }
@@ -235,6 +242,29 @@ figcaption { color: var(--muted); font-size: 0.9em; margin-top: 0.4em; max-width
 details { margin: 1em 0; } summary { cursor: pointer; color: var(--accent); }
 ul { padding-left: 1.4em; }
 """
+
+
+def png_display_size(path: Path, display_dpi: float = DISPLAY_DPI) -> tuple[int, int] | None:
+    """(width, height) in CSS pixels at which to show a PNG: its size in inches (pixels over the
+    dpi in its pHYs chunk, which matplotlib writes) times `display_dpi`. None when the file is not
+    a PNG or does not say its dpi (then the browser's own sizing applies)."""
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    i = 8
+    while i + 8 <= len(data):
+        (n,) = struct.unpack(">I", data[i : i + 4])
+        kind = data[i + 4 : i + 8]
+        if kind == b"pHYs" and n >= 9:
+            px, py, unit = struct.unpack(">IIB", data[i + 8 : i + 17])
+            if unit != 1 or not px or not py:  # 1: pixels per metre; 0 would be an aspect ratio only
+                return None
+            return round(w * display_dpi / (px * 0.0254)), round(h * display_dpi / (py * 0.0254))
+        if kind in (b"IDAT", b"IEND"):  # pHYs must come before the image data
+            return None
+        i += 12 + n
+    return None
 
 
 def _data_uri(path: Path) -> str:
@@ -265,8 +295,10 @@ def _html_blocks(blocks: list[Block]) -> list[str]:
             out.append("<ul>\n" + "\n".join(f"<li>{inline_html(i)}</li>" for i in b.items) + "\n</ul>")
         elif isinstance(b, Figure):
             alt = html.escape(b.alt or b.path.stem.replace("_", " "))
+            size = png_display_size(b.path)
+            dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
             out.append(
-                f'<figure>\n<img src="{_data_uri(b.path)}" alt="{alt}">\n'
+                f'<figure>\n<img src="{_data_uri(b.path)}"{dims} alt="{alt}">\n'
                 f"<figcaption>{html.escape(b.caption)}</figcaption>\n</figure>"
             )
         elif isinstance(b, Box):
@@ -305,5 +337,7 @@ __all__ = [
     "code",
     "to_markdown",
     "inline_html",
+    "DISPLAY_DPI",
+    "png_display_size",
     "to_html",
 ]

@@ -35,7 +35,7 @@ from .seedcompare import seed_reference
 from .series import metric_summary
 from .stats import PAIRED_CONSTANT, WELCH
 from .study_setup import arms_table, setup_items, shared_settings_table, status_items
-from .summary import summary_paragraphs
+from .summary import chance_sentences, summary_paragraphs
 
 # --- result tables as blocks ------------------------------------------------------------------------------
 
@@ -126,7 +126,9 @@ def _correlation_blocks(corr: pd.DataFrame, quantity: str) -> list[Block]:
             "token 0 of every run, pooled across arms and checkpoints — points within one run are not "
             "independent (they share one trajectory) and both quantities drift with training time, so these "
             "p-values overstate the evidence. **run ends**: one point per run at its last eval point (finished "
-            "runs), independent runs and the fairer test. Pearson r with its 95% interval (Fisher z), "
+            "runs), independent runs and the fairer test. **within arms**: the run ends with each arm's mean "
+            "removed from both, so only seed-to-seed variation inside an arm is left (a correlation across runs "
+            "can be nothing but two arms far apart). Pearson r with its 95% interval (Fisher z), "
             "Spearman ρ for monotone but non-linear relations."
         ),
         Table(
@@ -197,6 +199,7 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
 
     ref_header, ref_rows, ref_sentences = seed_reference(study, numbers.series)
     crossed = _crossed_sentences(numbers)
+    chance_lines, at_chance = chance_sentences(numbers)
     b.append(Heading(2, "Summary"))
     b.append(
         Box(
@@ -204,7 +207,14 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
             [
                 Para(p)
                 for p in summary_paragraphs(
-                    study, table, numbers.correlations, numbers.diagnoses, ref_sentences, crossed
+                    study,
+                    table,
+                    numbers.correlations,
+                    numbers.diagnoses,
+                    ref_sentences,
+                    crossed,
+                    chance_lines,
+                    at_chance,
                 )
             ],
         )

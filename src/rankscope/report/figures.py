@@ -1,7 +1,12 @@
-"""Which figures a study report draws, in report order, and the scales they share across arms.
+"""Which figures a study report draws, in report order, and what they share across arms: scales,
+chance and floor levels, and which arms are still at them.
 
 The data comes summarised from `analysis.figure_data`; the drawing is in `curves.py` (over
-training) and `layer_plots.py` (across layers). A figure whose data is absent is left out.
+training), `heatmaps.py` (layers over training) and `layer_plots.py` (across layers). A figure whose
+data is absent is left out. Arms are drawn together (overlaid, or side by side on shared scales) so
+they are compared without scrolling: the figures that used to come one per arm are now one
+`<kind>_arms.png` each (the diagnosis continues in `diagnosis_arms_2.png` and on when more arms
+than fit the page width).
 """
 
 from __future__ import annotations
@@ -14,11 +19,26 @@ import pandas as pd
 from ..vocab import site_description
 from .analysis import ReportNumbers, figure_data
 from .curves import plot_downstream, plot_loss_pr, plot_rank_scatter
-from .heatmaps import plot_pr_heatmap
-from .layer_plots import plot_diagnosis, plot_functional_rank, plot_layer_pr, plot_rank_sweep
+from .heatmaps import plot_pr_heatmaps
+from .layer_plots import (
+    DiagColumn,
+    diagnosis_groups,
+    plot_diagnosis,
+    plot_functional_rank,
+    plot_layer_pr,
+    plot_rank_sweep,
+)
 from .layers import collapse_rule
-from .plotstyle import Plot, arm_colors, safe_names
-from .quantities import counts_dimensions, quantity_name
+from .plotstyle import Plot, arm_colors
+from .quantities import (
+    KEY_FUNCTIONAL_RANK,
+    ChanceLevel,
+    chance_level,
+    counts_dimensions,
+    quantity_name,
+    still_at_chance,
+)
+from .series import choose_points, seed_values
 
 
 def _bars_top(bars: pd.DataFrame, head_dim: int | None) -> float:
@@ -32,12 +52,23 @@ def _bars_top(bars: pd.DataFrame, head_dim: int | None) -> float:
     return max(ymax, head_dim or 0) * 1.1
 
 
-def _colour_range(grid: pd.DataFrame) -> tuple[float, float]:
-    """One colour scale for every arm's heatmap."""
-    vmin, vmax = float(np.nanmin(grid["value"])), float(np.nanmax(grid["value"]))
-    if not vmax > vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
-    return vmin, vmax
+def arms_at_chance(numbers: ReportNumbers, key: str) -> list[str]:
+    """The arms whose quantity `key` is still at its chance or floor level at their end
+    (`quantities.still_at_chance` on the seed values at the arm's last point)."""
+    series = numbers.series.get(key)
+    if series is None or not len(series):
+        return []
+    _, ends = choose_points(series, numbers.study.arms, numbers.study.finished)
+    out = []
+    for arm, end in ends.items():
+        values = [v for v, _ in seed_values(series, arm, end).values()]
+        if still_at_chance(key, values, numbers.study):
+            out.append(arm)
+    return out
+
+
+def _part(name: str, i: int) -> str:
+    return f"{name}_arms.png" if i == 0 else f"{name}_arms_{i + 1}.png"
 
 
 def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
@@ -49,10 +80,15 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
         for (la, lb), arm in numbers.grid.cells.items()
     }
     shape = (len(numbers.grid.a.levels), len(numbers.grid.b.levels)) if numbers.grid else (0, 0)
-    arms, colors, stems = study.arms, arm_colors(study.arms, grid, shape), safe_names(study.arms)
+    arms, colors = study.arms, arm_colors(study.arms, grid, shape)
     head_dim = numbers.head_dim if counts_dimensions(metric) else None
     quantity = quantity_name(site, metric)
     drawn: list[Plot | None] = []
+    chance: dict[str, ChanceLevel] = {}
+    for q, _ in data.downstream:
+        level = chance_level(q.key, study)
+        if level is not None:
+            chance[q.key] = level
 
     drawn.append(
         plot_loss_pr(
@@ -69,24 +105,35 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
     )
     if data.downstream:
         drawn.append(
-            plot_downstream(data.downstream, arms, colors, plots_dir / "downstream.png", seeds=data.downstream_seeds)
+            plot_downstream(
+                data.downstream,
+                arms,
+                colors,
+                plots_dir / "downstream.png",
+                seeds=data.downstream_seeds,
+                chance=chance,
+                at_chance={key: arms_at_chance(numbers, key) for key in chance},
+            )
         )
-    # why do some layers collapse: one figure per arm, each quantity's y-range shared by all arms
-    for d in numbers.diagnoses:
+    # why do some layers collapse: the arms side by side, each quantity's y-range shared by all arms
+    columns = [DiagColumn(d.arm, d.panels, d.tokens, d.n_seeds, d.flagged) for d in numbers.diagnoses]
+    for i, group in enumerate(diagnosis_groups(len(columns), numbers.n_layers)):
         drawn.append(
             plot_diagnosis(
-                d.arm,
-                d.panels,
-                colors[d.arm],
-                plots_dir / f"diagnosis_{stems[d.arm]}.png",
-                tokens=d.tokens,
-                n_seeds=d.n_seeds,
+                [columns[j] for j in group],
+                colors,
+                plots_dir / _part("diagnosis", i),
                 n_layers=numbers.n_layers,
-                flagged=d.flagged,
                 flag_rule=collapse_rule(),
             )
         )
     if data.functional_rank:
+        # every layer's mean at 1 means every seed's every layer is: a rank is never below 1
+        at_floor = [
+            a
+            for a, d in data.functional_rank.items()
+            if still_at_chance(KEY_FUNCTIONAL_RANK.key, d.loc[d["series"] == "functional rank", "mean"], study)
+        ]
         drawn.append(
             plot_functional_rank(
                 data.functional_rank,
@@ -96,6 +143,7 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
                 head_dim=numbers.head_dim,
                 tokens=data.functional_rank_tokens,
                 n_seeds=data.functional_rank_seeds,
+                at_floor=at_floor,
             )
         )
         drawn.append(
@@ -111,36 +159,32 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
                 plots_dir / "pr_vs_downstream.png",
                 stats=data.scatter_stats,
                 x_label=quantity,
+                chance={q.key: lv for q in data.scatter_targets if (lv := chance_level(q.key, study)) is not None},
             )
         )
     if len(data.layer_grid):
-        ymax = _bars_top(data.layer_bars, head_dim)
-        for a in arms:
-            drawn.append(
-                plot_layer_pr(
-                    data.layer_bars[data.layer_bars["arm"] == a],
-                    a,
-                    colors[a],
-                    plots_dir / f"layer_pr_{stems[a]}.png",
-                    ymax=ymax,
-                    head_dim=head_dim,
-                    quantity=quantity,
-                )
+        drawn.append(
+            plot_layer_pr(
+                data.layer_bars,
+                arms,
+                colors,
+                plots_dir / _part("layer_pr", 0),
+                ymax=_bars_top(data.layer_bars, head_dim),
+                head_dim=head_dim,
+                quantity=quantity,
             )
-        vmin, vmax = _colour_range(data.layer_grid)
-        for a in arms:
-            drawn.append(
-                plot_pr_heatmap(
-                    data.layer_grid[data.layer_grid["arm"] == a],
-                    a,
-                    plots_dir / f"pr_heatmap_{stems[a]}.png",
-                    vmin=vmin,
-                    vmax=vmax,
-                    quantity=quantity,
-                    n_seeds=data.layer_seeds[a],
-                )
+        )
+        drawn.append(
+            plot_pr_heatmaps(
+                data.layer_grid,
+                arms,
+                plots_dir / _part("pr_heatmap", 0),
+                quantity=quantity,
+                n_seeds=data.layer_seeds,
+                unit="dimensions" if counts_dimensions(metric) else "",
             )
+        )
     return [p for p in drawn if p]
 
 
-__all__ = ["draw_figures"]
+__all__ = ["draw_figures", "arms_at_chance"]

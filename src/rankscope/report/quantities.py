@@ -1,5 +1,6 @@
-"""The quantities the report compares across arms: their keys, names, units and which direction is
-better. A registry only; `series.py` reads their values from the store's tables.
+"""The quantities the report compares across arms: their keys, names, units, which direction is
+better, and the chance or floor level a quantity starts from (`chance_level`, and `still_at_chance`:
+has it left that level?). A registry only; `series.py` reads their values from the store's tables.
 
 Site and metric names come from `rankscope.vocab` and `rankscope.metrics`; a probe quantity is
 keyed ``"<site>:<metric>"`` (``"k:pr_sv"``: the seed's mean key PR), a scalar one by its column.
@@ -7,7 +8,12 @@ keyed ``"<site>:<metric>"`` (``"k:pr_sv"``: the seed's mean key PR), a scalar on
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from ..metrics import SPECTRUM, metric_label
 from ..vocab import site_description, site_label
@@ -116,6 +122,103 @@ def downstream_quantity(key: str) -> Quantity:
     return SCALAR_QUANTITIES.get(key) or {INDUCTION.key: INDUCTION, INDUCTION_MAX.key: INDUCTION_MAX}[key]
 
 
+# --- chance and floor levels ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChanceLevel:
+    """Where a quantity sits before the model has learned what it measures.
+
+    kind: "chance" (what a model that ignores the thing measured scores) or "floor" (the least
+    value possible). rises: True when learning moves the quantity up from the level (scores,
+    ranks), False when down (losses). tol: the smallest move that counts as leaving it (the seeds'
+    spread counts too, see `still_at_chance`). label: the level in words, after its kind ("chance
+    ln 4096 = 8.32"), for captions and text; short: two lines for a figure's line ("chance\n8.32").
+    """
+
+    key: str
+    value: float
+    kind: str
+    rises: bool
+    tol: float
+    label: str
+
+    @property
+    def short(self) -> str:
+        v = abs(self.value)
+        text = "0" if v == 0 else "≈0" if v < 0.002 else f"{self.value:.3g}" if v >= 1 else f"{self.value:.2g}"
+        return f"{self.kind}\n{text}"
+
+
+def uniform_induction_score(seq_len: int) -> float:
+    """The induction score (`evals.InductionScores`) of uniform causal attention on a sequence of
+    `seq_len` tokens (two copies of seq_len // 2): a query at position i gives each of its i + 1
+    keys 1 / (i + 1), averaged over the second copy's positions i = L .. 2L - 1; about ln 2 / L."""
+    L = int(seq_len) // 2
+    return sum(1.0 / (i + 1) for i in range(L, 2 * L)) / L if L else math.nan
+
+
+def _configs(study: Any) -> list[Mapping[str, Any]]:
+    """The run configs of a `load.StudyData` (its runs' config.json), or an iterable of configs."""
+    runs = getattr(study, "runs", None)
+    return [r.config for r in runs] if runs is not None else [c for c in study if isinstance(c, Mapping)]
+
+
+def _shared(configs: list[Mapping[str, Any]], section: str, name: str) -> int | None:
+    """A setting every run has and agrees on (merged studies with other vocabularies have none)."""
+    values = {(c.get(section) or {}).get(name) for c in configs}
+    return int(values.pop()) if len(values) == 1 and None not in values else None
+
+
+def chance_level(key: str, study: Any) -> ChanceLevel | None:
+    """The chance or floor level of quantity `key` in `study` (a `load.StudyData`, or its runs'
+    configs), or None when it has none or the runs disagree on what sets it.
+
+    induction_loss: ln(model.vocab_size), the loss of a model that ignores the repeated context
+    (an untrained model's); induction_score and induction_max: `uniform_induction_score` of
+    train.seq_len, uniform attention's (about 0); icl_score: 0, a model that does not use its
+    context; any site's functional_rank: 1, the fewest directions a projection can keep.
+    """
+    configs = _configs(study)
+    if key == "induction_loss":
+        vocab = _shared(configs, "model", "vocab_size")
+        if not vocab or vocab < 2:
+            return None
+        level = math.log(vocab)
+        return ChanceLevel(key, level, "chance", False, 0.01 * level, f"ln {vocab} = {level:.2f}")
+    if key in ("induction_score", "induction_max"):
+        seq_len = _shared(configs, "train", "seq_len")
+        if not seq_len or seq_len < 4:
+            return None
+        level = uniform_induction_score(seq_len)
+        # still at chance while below twice uniform attention's score
+        return ChanceLevel(key, level, "chance", True, level, f"{level:.3g} (uniform attention)")
+    if key == "icl_score":
+        return ChanceLevel(key, 0.0, "chance", False, 0.02, "0 (context unused)")
+    if key.endswith(":functional_rank") or key == "functional_rank":
+        return ChanceLevel(key, 1.0, "floor", True, 1e-6, "1 (one direction)")
+    return None
+
+
+def still_at_chance(key: str, values: Iterable[float], study: Any) -> bool:
+    """True when quantity `key` has not left its chance or floor level (`chance_level`) in
+    `values`, its values at one point (one per seed; NaNs ignored). A chance level is left when
+    the mean has moved past it, in the direction learning moves it, by more than both the
+    seeds' standard deviation and the level's tolerance; a floor, when any value is above it (so
+    per-layer values test "every layer at the floor"). False when there is no level or no value.
+    """
+    level = chance_level(key, study)
+    v = np.asarray([float(x) for x in values], dtype=float)
+    v = v[np.isfinite(v)]
+    if level is None or not len(v):
+        return False
+    if level.kind == "floor":
+        return bool(np.all(v <= level.value + level.tol))
+    moved = (v.mean() - level.value) if level.rises else (level.value - v.mean())
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return bool(moved <= max(sd, level.tol))
+
+
 __all__ = [
     "Quantity",
     "VAL_LOSS",
@@ -130,4 +233,8 @@ __all__ = [
     "is_rank_sweep",
     "probe_quantity",
     "downstream_quantity",
+    "ChanceLevel",
+    "uniform_induction_score",
+    "chance_level",
+    "still_at_chance",
 ]

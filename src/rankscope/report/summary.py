@@ -5,7 +5,8 @@ an interval, and anything within seed noise is said to be so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,11 +14,15 @@ import pandas as pd
 from ..units import fmt_count
 from .doc import md_escape
 from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
-from .layers import Diagnosis, collapse_rule
+from .layers import Diagnosis, collapse_rule, functional_rank_data
 from .load import StudyData
 from .paradox import table_arms
-from .quantities import DOWNSTREAM
+from .quantities import DOWNSTREAM, chance_level, downstream_quantity, still_at_chance
+from .series import choose_points, seed_values
 from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference
+
+if TYPE_CHECKING:
+    from .analysis import ReportNumbers
 
 
 def _b(arm: str) -> str:
@@ -120,11 +125,18 @@ def _pair_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None,
     return sentence, tests
 
 
-def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str | None, int]:
+def _downstream_sentence(
+    table: pd.DataFrame, arm: str, ref: str, at_chance: Collection[str] = ()
+) -> tuple[str | None, int]:
+    """The downstream measures of one contrast in words; those in `at_chance` (every arm still at
+    chance) are left to the chance sentence, not compared."""
     labels = [
         (lbl, m)
         for lbl, m in table.attrs.get("rows", {}).items()
-        if m.get("point") == "end" and m.get("quantity") in DOWNSTREAM and m.get("comparable")
+        if m.get("point") == "end"
+        and m.get("quantity") in DOWNSTREAM
+        and m.get("comparable")
+        and m.get("quantity") not in at_chance
     ]
     clear, unclear, single = [], [], []
     tests = 0
@@ -157,6 +169,53 @@ def _downstream_sentence(table: pd.DataFrame, arm: str, ref: str) -> tuple[str |
             + ", ".join(unclear)
         )
     return ". ".join(bits) + ".", tests
+
+
+def chance_sentences(numbers: ReportNumbers) -> tuple[list[str], set[str]]:
+    """Measures that have not left their chance or floor level by the end (`quantities.
+    still_at_chance`), in words (their differences between arms are not findings yet), and the
+    keys of those still at chance in every arm."""
+    study = numbers.study
+    out = []
+    still = []
+    everywhere: set[str] = set()
+    for key, series in numbers.series.items():
+        level = chance_level(key, study)
+        if level is None or not len(series):
+            continue
+        _, ends = choose_points(series, study.arms, study.finished)
+        stuck = [
+            a
+            for a, t in ends.items()
+            if still_at_chance(key, [v for v, _ in seed_values(series, a, t).values()], study)
+        ]
+        if stuck:
+            name = downstream_quantity(key).label if key in DOWNSTREAM else key
+            if len(stuck) == len(ends):
+                everywhere.add(key)
+            who = "every arm" if len(stuck) == len(ends) else ", ".join(_b(a) for a in stuck)
+            still.append(f"{name} in {who} (chance: {level.label})")
+    if still:
+        out.append(
+            "Not yet past chance at the end: "
+            + "; ".join(still)
+            + ". Differences between arms in these measures are noise around chance, not findings; "
+            "they need longer training (the figures draw the chance level)."
+        )
+    fr, _, _ = functional_rank_data(study.probes, study.arms, study.finished)
+    floor = [
+        a
+        for a, d in fr.items()
+        if still_at_chance("k:functional_rank", d.loc[d["series"] == "functional rank", "mean"].tolist(), study)
+    ]
+    if floor:
+        who = "every arm" if len(floor) == len(fr) else ", ".join(_b(a) for a in floor)
+        out.append(
+            f"Functional rank is at its floor, 1, in every layer of {who}: projecting each head's keys onto "
+            "their single top direction already keeps the loss within tolerance, so at this budget the keys' "
+            "extra dimensions are not used for the loss yet, and functional rank cannot tell the arms apart."
+        )
+    return out, everywhere
 
 
 def _correlation_sentence(corr: pd.DataFrame) -> str | None:
@@ -223,6 +282,8 @@ def summary_paragraphs(
     diags: Sequence[Diagnosis],
     reference_lines: Sequence[str] = (),
     crossed_lines: Sequence[str] = (),
+    chance_lines: Sequence[str] = (),
+    at_chance: Collection[str] = (),
 ) -> list[str]:
     """The report's opening paragraphs, in markdown: the study's contrasts first (the pairs of
     arms it exists to compare, `table.attrs["contrasts"]`), then `crossed_lines`: when the arms
@@ -276,8 +337,7 @@ def summary_paragraphs(
     tests = 0
     if pairs:
         for a, ref in pairs:
-            for make in (_pair_sentence, _downstream_sentence):
-                s, k = make(table, a, ref)
+            for s, k in (_pair_sentence(table, a, ref), _downstream_sentence(table, a, ref, at_chance)):
                 tests += k
                 if s:
                     out.append(s)
@@ -290,6 +350,7 @@ def summary_paragraphs(
             )
     elif not len(table):
         out.append("No evaluation point has been written yet.")
+    out += list(chance_lines)
     out += list(crossed_lines)
     s = _correlation_sentence(corr) if len(corr) else None
     if s:
