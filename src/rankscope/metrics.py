@@ -9,6 +9,38 @@ covariance, the column sum Σx: so a probe can accumulate Grams batch by batch a
 - erank:       exp(H(p)), p = s / Σ s   effective rank (Roy & Vetterli 2007)
 - stable_rank: Σ s² / max s²
 - r90:         fewest directions holding 90% of Σ s²
+- decay:       α of a power law s_i² ∝ i^(-α) fitted to the eigenvalues by rank (`spectral_decay`)
+- decay_r2:    R² of that fit: how well a power law describes the spectrum at all
+
+The power-law exponent is the number α-ReQ (Agrawal et al. 2022) reads off representations: the
+slope of log λ_i against log i, fitted by least squares; larger α = faster decay = variance in fewer
+directions. It is fitted to the uncentered s², as pr_sv, erank, stable_rank and r90 are, so it is
+there whenever they are. WeightWatcher (Martin & Mahoney 2021) fits weight spectra with a power
+law too, but of the eigenvalue density, ρ(λ) ∝ λ^(-a), by maximum likelihood over its tail; for a
+rank-ordered power law with exponent α the density's exponent is a = 1 + 1/α. This module reports
+the rank-ordered α.
+
+The fit, where the other metrics take every eigenvalue, takes the ranks `DECAY_FIRST` (2) to
+⌊`DECAY_LAST` · d⌋ (d/2), and of those the eigenvalues above `DECAY_FLOOR` (1e-12) · λ_1:
+
+- rank 1 is left out: in an uncentered Gram (these metrics' convention, the seed's) λ_1 holds the
+  mean direction n|μ|² on top of the spread, an outlier off any power law through the rest.
+- the last half is left out: a finite spectrum bends down at its end (the finite-size edge; and a
+  Gram summed in float32, as the probe's on the CPU, carries about sqrt(N) u32 λ_1 of round-off in
+  every eigenvalue), and ranks d/2..d span only ln 2 of the log-rank axis's ln d yet would be half
+  the points, so with equal weights they would set the slope.
+- fixed ranks, not those holding some share of Σ s² (another common choice): a share depends on
+  λ_1, the outlier, and on α itself (at α = 3, 99% of Σ s² lies in the top 6 ranks), while fixed
+  ranks give every head of a model the same ranks, comparable across heads, layers, arms and
+  training.
+- eigenvalues at or below 1e-12 λ_1 are left out (zeros of a rank-deficient head, and those whose
+  logarithm is round-off: a float64 decomposition moves each by about d eps λ_1, the floor below
+  which `_eig` zeroes them, i.e. 1.4% of an eigenvalue at 1e-12 λ_1 when d = 64).
+
+Both are NaN with fewer than 3 eigenvalues left (a dead head; any d < 8, the least with ranks 2 to 4),
+and for a spectrum flat to round-off over the ranks (log λ spread no more than its round-off), α = 0
+and R² = 1, the power law that fits it exactly, instead of a slope and an R² fitted to round-off.
+decay counts no dimensions (`Metric.dimensions`): the report marks neither direction better.
 
 The eigenvalues come from `eigvalsh_batched`, which decomposes a batch where it is fastest: where
 the matrices live, or on the host when they sit on a GPU and are larger than its batched solver takes.
@@ -49,6 +81,8 @@ SPECTRUM: dict[str, Metric] = {
         Metric("erank", "effective rank"),
         Metric("stable_rank", "stable rank"),
         Metric("r90", "r90"),
+        Metric("decay", "decay exponent α", dimensions=False),
+        Metric("decay_r2", "decay fit R²", dimensions=False),
     )
 }
 METRICS: tuple[str, ...] = tuple(SPECTRUM)
@@ -182,6 +216,55 @@ def singular_value_metrics(s: torch.Tensor, ev: torch.Tensor | None = None) -> d
     }
 
 
+# The power-law fit's ranks and floor (module docstring): ranks DECAY_FIRST .. ⌊DECAY_LAST · d⌋,
+# 1-based, of the eigenvalues above DECAY_FLOOR · λ_1; NaN with fewer than DECAY_MIN_POINTS left.
+DECAY_FIRST = 2  # rank 1, the mean direction's outlier in an uncentered Gram, is left out
+DECAY_LAST = 0.5  # the bent, crowded tail is left out: the fit ends at rank d/2
+DECAY_FLOOR = 1e-12
+DECAY_MIN_POINTS = 3
+
+
+def decay_ranks(d: int) -> range:
+    """The 1-based ranks the power-law fit of a d x d Gram's eigenvalues takes (before the floor)."""
+    return range(DECAY_FIRST, int(DECAY_LAST * d) + 1)
+
+
+def spectral_decay(ev: torch.Tensor) -> dict[str, torch.Tensor]:
+    """decay (α) and decay_r2 (R²) of the least-squares line log λ_i = c - α log i, from eigenvalues
+    ev (..., d), descending, non-negative (`_eig`'s): over the ranks `decay_ranks(d)`, of those
+    above DECAY_FLOOR · λ_1. Every head at once: the excluded eigenvalues are masked out of the sums.
+    NaN where fewer than DECAY_MIN_POINTS remain; α = 0 and R² = 1 where log λ over them is flat to
+    its round-off."""
+    import torch
+
+    tiny = torch.finfo(torch.float64).tiny
+    ev = ev.double()
+    d = ev.shape[-1]
+    ranks = decay_ranks(d)
+    lam = ev[..., ranks.start - 1 : ranks.stop - 1]  # (..., m)
+    top = ev[..., :1].clamp_min(0)
+    use = (lam > 0) & (lam > DECAY_FLOOR * top)
+    w = use.double()
+    k = w.sum(-1)
+    x = torch.arange(ranks.start, ranks.stop, dtype=torch.float64, device=ev.device).log().expand_as(lam)
+    y = torch.where(use, lam.clamp_min(tiny).log(), torch.zeros_like(lam))
+    n = k.clamp_min(1).unsqueeze(-1)
+    dx = w * (x - (w * x).sum(-1, keepdim=True) / n)  # deviations from the means of the used points,
+    dy = w * (y - (w * y).sum(-1, keepdim=True) / n)  # 0 at the others
+    sxx, sxy, syy = (dx * dx).sum(-1), (dx * dy).sum(-1), (dy * dy).sum(-1)
+    alpha = -sxy / sxx.clamp_min(tiny)
+    r2 = (sxy.square() / (sxx * syy).clamp_min(tiny)).clamp(0, 1)
+    # each λ_i is off by about d eps λ_1 (`_eig`), its log by d eps λ_1 / λ_i: a spread of log λ
+    # within that is round-off, and the line that fits the spectrum is flat (α = 0, R² = 1)
+    rel = torch.where(use, d * torch.finfo(torch.float64).eps * top / lam.clamp_min(tiny), torch.zeros_like(lam))
+    flat = syy <= rel.square().sum(-1)
+    alpha = torch.where(flat, torch.zeros_like(alpha), alpha)
+    r2 = torch.where(flat, torch.ones_like(r2), r2)
+    few = k < DECAY_MIN_POINTS
+    nan = torch.full_like(alpha, float("nan"))
+    return {"decay": torch.where(few, nan, alpha), "decay_r2": torch.where(few, nan, r2)}
+
+
 def metrics_from_gram(
     g: torch.Tensor,
     col_sum: torch.Tensor | None = None,
@@ -215,6 +298,7 @@ def metrics_from_gram(
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))
     ev = _eig(g, eigvalsh)  # s², descending
     out = singular_value_metrics(ev.sqrt(), ev)
+    out.update(spectral_decay(ev))
     if col_sum is not None and n is not None:
         col_sum = torch.where(
             torch.isfinite(col_sum), col_sum.double(), torch.zeros((), dtype=torch.float64, device=g.device)
