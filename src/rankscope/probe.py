@@ -7,6 +7,12 @@ batched eigen-decomposition for every layer, head and site, on the host when the
 (see `metrics.eig_path`), and reads its results back with one host sync per kind of row. Probes
 never change the model: the hooks return nothing and run under `no_grad`, and they are removed
 when the pass ends.
+
+Every accumulator is a sum over tokens (Grams, column sums, token counts, attention-entropy sums)
+or a maximum (max logits), so data-parallel ranks that each measure their share of a batch give
+the metrics of the whole batch once those are reduced: `measure(..., reduce=True)` packs every sum
+into one float64 buffer for one all-reduce (SUM) and the maxima into a second (MAX), just before
+the metrics. Without `reduce` nothing is communicated and the rows are those of one process.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -316,8 +323,17 @@ class GramProbe:
     # --- one measurement ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def measure(self, batches: Iterable[torch.Tensor], forward: Any = None) -> list[dict[str, Any]]:
-        """Run the model on each batch of token ids with the hooks attached; return tidy rows."""
+    def measure(
+        self, batches: Iterable[torch.Tensor], forward: Any = None, *, reduce: bool = False, group: Any = None
+    ) -> list[dict[str, Any]]:
+        """Run the model on each batch of token ids with the hooks attached; return tidy rows.
+
+        reduce: sum the accumulators over the ranks of `group` (a torch.distributed process group;
+        None = the default group) before the metrics, so every rank of the group returns the rows
+        of all the ranks' tokens together. Every rank of the group must call `measure` with the
+        same sites and at least one batch (the reduced buffers have one layout). Gain rows read
+        the parameters, which are the same on every rank (a sharded DTensor parameter is gathered).
+        """
         self._reset()
         forward = forward or self.model
         handles = self._hooks()
@@ -330,9 +346,52 @@ class GramProbe:
             finally:
                 for h in handles:
                     h.remove()
+            if reduce:
+                self._all_reduce(group)
             return self._spectral_rows() + self._attention_rows() + self._gain_rows()
         finally:
             self._reset()  # the Grams and held activations leave device memory, also when a pass failed
+
+    def _all_reduce(self, group: Any) -> None:
+        """Sum every accumulator over the ranks of `group` in one all-reduce of one float64 buffer, and
+        take the max logits' maxima in a second: two collectives per measurement, whatever the number
+        of layers, heads and sites. Token counts travel as float64, exact below 2^53; the reduced
+        counts stay tensors (no host sync here), which the rows read as they read Python ints."""
+        import torch.distributed as dist
+
+        grams = sorted(self._gram)  # (site, layer): the same order on every rank
+        layers = sorted(self._ent)
+        maxima = [self._maxlogit[l] for l in layers]
+        # a NaN max logit (a diverged model) is NaN in one process; MAX across ranks may drop it, so
+        # the NaNs are counted in the sum and put back
+        nans = [m.isnan().double() for m in maxima]
+        sums = [t for k in grams for t in (self._gram[k], self._sum[k])] + [self._ent[l] for l in layers] + nans
+        counts = [self._n[k] for k in grams] + [self._ent_n[l] for l in layers]
+        if sums:
+            device = sums[0].device
+            flat = torch.cat(
+                [t.reshape(-1).double() for t in sums] + [torch.tensor(counts, dtype=torch.float64).to(device)]
+            )
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            parts = iter(flat.split([t.numel() for t in sums] + [len(counts)]))
+            for k in grams:
+                self._gram[k] = next(parts).view(self._gram[k].shape)
+                self._sum[k] = next(parts).view(self._sum[k].shape)
+            for l in layers:
+                self._ent[l] = next(parts).view(self._ent[l].shape)
+            nans = [next(parts).view(m.shape) for m in maxima]
+            n = next(parts)
+            for i, k in enumerate(grams):
+                self._n[k] = n[i]
+            for i, l in enumerate(layers):
+                self._ent_n[l] = n[len(grams) + i]
+        if maxima:
+            # float32 and bfloat16 values are exact in float64, so the maxima come back unchanged
+            flat = torch.cat([t.reshape(-1).double() for t in maxima])
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+            for l, t, m, nan in zip(layers, flat.split([t.numel() for t in maxima]), maxima, nans):
+                t = torch.where(nan > 0, float("nan"), t.view(m.shape))
+                self._maxlogit[l] = t.to(m.dtype)
 
     def _spectral_rows(self) -> list[dict[str, Any]]:
         keys = list(self._gram)
@@ -346,9 +405,11 @@ class GramProbe:
             heads = [self._gram[k].shape[0] for k in group]
             g = torch.cat([self._gram[k] for k in group])  # (sum of heads, E, E)
             s = torch.cat([self._sum[k] for k in group])
-            n = torch.tensor(
-                [self._n[k] for k, h in zip(group, heads) for _ in range(h)], dtype=torch.float64, device=g.device
-            )
+            counts = [self._n[k] for k, h in zip(group, heads) for _ in range(h)]
+            if isinstance(counts[0], torch.Tensor):  # reduced across ranks: float64 tensors already
+                n = torch.stack(counts)
+            else:
+                n = torch.tensor(counts, dtype=torch.float64, device=g.device)
             values = metrics_from_gram(g, s, n, path=self.eig_path)  # on the host path: CPU tensors
             table = torch.stack([values[m] for m in METRICS], -1).cpu().tolist()  # one host sync (or none)
             i = 0
@@ -386,7 +447,7 @@ class GramProbe:
                 if w is None:  # TransformerLens names a norm's gain `w`
                     w = getattr(mod, "w", None)
                 if w is not None:
-                    found.append((name, layer, _gain_tensor(w.detach())))
+                    found.append((name, layer, _gain_tensor(full_tensor(w.detach()))))
         if not found:
             return []
         table = torch.stack([t for _, _, t in found]).cpu().tolist()  # one host sync for every gain
@@ -398,6 +459,17 @@ class GramProbe:
 
 
 GAIN_STATS = ("gain_mean", "gain_cv", "gain_near_zero")
+
+
+def full_tensor(w: torch.Tensor) -> torch.Tensor:
+    """A parameter as one whole tensor. Under FSDP2 (`fully_shard`) or tensor parallelism a parameter
+    is a `DTensor` holding this rank's shard; its `full_tensor()` gathers every shard, a collective
+    that every rank of its mesh must call in the same order (the probe reads gains in module order on
+    every rank). Anything else is returned as it is."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    if dtensor is not None and isinstance(w, dtensor.DTensor):
+        return w.full_tensor()
+    return w
 
 
 def _gain_tensor(w: torch.Tensor, near_zero: float = 0.1) -> torch.Tensor:

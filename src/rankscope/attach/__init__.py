@@ -26,6 +26,10 @@ Probes never change the model: hooks only read, run under `no_grad`, and are rem
 measurement; the model is put in eval mode for the measurement (no dropout) and every module's
 mode and the random number generators are restored afterwards, so a training loop that probes
 is bitwise the loop that does not.
+
+In a data-parallel or fully sharded run (DDP, FSDP2's `fully_shard`) every rank probes its own
+share of the batch and the probe sums the Grams (and every other sum) over the ranks, so each rank
+gets the table of all their tokens together: `Probe(model, distributed=...)`, see `Probe`.
 """
 
 from __future__ import annotations
@@ -83,6 +87,18 @@ class Probe:
         had exactly; False = none; or an explicit `probe.AttentionStats`.
     gains: QK-Norm gain statistics (per layer, head -1) where the model has learned gains.
     forward: how to run the model on a batch of token ids (found by `detect` when not given).
+    distributed: where the tokens of one measurement come from in a multi-process run (DDP, FSDP2
+        `fully_shard`, or plain replicas). "auto" (the default): when torch.distributed is
+        initialised with more than one process, every rank measures its own share of the batch and
+        the sums behind every row (Grams, column sums, token counts, attention-entropy sums; max
+        logits by maximum) are all-reduced over the default group before the metrics, so every rank
+        returns the same table, that of all the ranks' tokens; in one process nothing is
+        communicated. True: the same, but a missing process group is an error. A ProcessGroup:
+        reduce over that group. False: each rank measures its own tokens alone (and may probe alone,
+        e.g. rank 0 only in a DDP run; under FSDP2 every rank must still run the forward pass). When
+        reducing, every rank of the group must call `measure` at the same point with the same number
+        of batches (at least one). Gain rows read the parameters, the same on every rank; FSDP2's
+        sharded (DTensor) gains are gathered first.
 
     Columns of the result: layer, head, site, metric, value (the metric names of
     `rankscope.metrics.METRICS`; site "attn" holds entropy and max_logit; site q_gain/k_gain holds
@@ -97,8 +113,11 @@ class Probe:
         attention: bool | AttentionStats = True,
         gains: bool = True,
         forward: Callable[[torch.Tensor], Any] | None = None,
+        distributed: bool | str | Any = "auto",
     ):
+        check_distributed(distributed)
         self.model = model
+        self.distributed = distributed
         sites = [sites] if isinstance(sites, (str, Site)) else list(sites)
         names = [s for s in sites if isinstance(s, str)]
         explicit = [s for s in sites if isinstance(s, Site)]
@@ -186,7 +205,8 @@ class Probe:
             # the caller's generators where they were
             with torch.random.fork_rng(devices=devices):
                 self.model.eval()  # no dropout while measuring; every module's own flag comes back below
-                return self._probe.measure(batches, forward=self.forward)
+                reduce, group = reduction(self.distributed)
+                return self._probe.measure(batches, forward=self.forward, reduce=reduce, group=group)
         finally:
             for h in handles:
                 h.remove()
@@ -208,6 +228,42 @@ class Probe:
 
     def __repr__(self) -> str:
         return f"Probe({self.describe().splitlines()[0]}; sites {', '.join(self.sites)})"
+
+
+def check_distributed(distributed: Any) -> None:
+    """Refuse a `distributed` setting that is none of "auto", True, False or a ProcessGroup."""
+    if isinstance(distributed, bool) or (isinstance(distributed, str) and distributed == "auto"):
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_available() and isinstance(distributed, tdist.ProcessGroup):
+        return
+    raise RankscopeError(
+        f"distributed must be 'auto', True, False or a torch.distributed ProcessGroup, got {distributed!r}"
+    )
+
+
+def reduction(distributed: Any) -> tuple[bool, Any]:
+    """(reduce, group) for one measurement under a `Probe(distributed=...)` setting: whether to
+    all-reduce the probe's sums, and over which process group (None: the default group). Decided
+    at each measurement, so a probe made before `init_process_group` still reduces."""
+    if distributed is False:
+        return False, None
+    import torch.distributed as tdist
+
+    initialised = tdist.is_available() and tdist.is_initialized()
+    if distributed is True or isinstance(distributed, str):  # "auto" (check_distributed refused the rest)
+        if not initialised:
+            if distributed is True:
+                raise RankscopeError(
+                    "distributed=True needs an initialised torch.distributed process group "
+                    "(torch.distributed.init_process_group); use 'auto' to probe alone without one"
+                )
+            return False, None
+        return tdist.get_world_size() > 1, None
+    if not initialised:
+        raise RankscopeError("a process group was given, but torch.distributed is not initialised")
+    return tdist.get_world_size(distributed) > 1, distributed
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -81,6 +81,7 @@ class TrainerProbeCallback(TrainerCallback):
             tokenizer=tokenizer,
             seed=opts.seed if opts.seed is not None else args.seed,
             config={"train": train, "trainer": True, **dict(opts.config or {})},
+            distributed=False,  # rank 0 alone probes the whole batch: no collective the other ranks would miss
         )
         self.logger.step(self._tokens(args, state), step=state.global_step)
 

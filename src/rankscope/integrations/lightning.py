@@ -68,7 +68,8 @@ class LightningProbeCallback(Callback):
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
-        self.logger = ProbeLogger(pl_module, self.out, self.options)
+        # rank 0 alone probes the whole batch: no collective the other ranks would miss
+        self.logger = ProbeLogger(pl_module, self.out, self.options, distributed=False)
         self._step = trainer.global_step
         self.logger.step(self._tokens(trainer), step=self._step)
 

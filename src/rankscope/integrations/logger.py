@@ -13,6 +13,12 @@ rows are appended to a rankscope results folder, `<out>/<arm>/seed-<k>/`, with t
 close), so `rankscope report <out>` compares arms and seeds written this way. A summary (mean key
 PR per layer and overall, attention entropy) goes to TensorBoard and Weights & Biases when they
 are there: a handful of scalars per probe instead of layers x heads x sites x metrics.
+
+In a data-parallel or fully sharded run (DDP, FSDP2) make a logger on every rank, each with its own
+share of the held-out batch, and call it on every rank at the same steps: each probe sums over all
+the ranks' tokens (`Probe(distributed=...)`, `ProbeOptions.distributed`) and the train loss is the
+mean over the ranks, as `rankscope run` averages it; global rank 0 alone writes the folder and the
+TensorBoard / W&B summaries, and every rank gets the same table back.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import fsio
-from ..attach import Probe, device_of, token_batches
+from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
 from ..provenance import environment, now
 from ..store import RunStore, is_done, run_dir
@@ -121,7 +127,12 @@ class ProbeLogger:
     out: the results folder; rows go to `<out>/<arm>/seed-<seed>/`.
     options, **settings: a `ProbeOptions`, and/or its fields as keyword arguments (every_tokens or
         every_steps, batch or text and tokenizer, sites, attention, arm, seed, config, tensorboard,
-        wandb, overwrite; see `ProbeOptions`). seed None means 0.
+        wandb, overwrite, distributed; see `ProbeOptions`). seed None means 0.
+
+    Under torch.distributed only global rank 0 writes (`writes`): the folder, its files and the
+    TensorBoard / W&B sinks. When the probe reduces over the ranks (the default with more than one
+    process), every rank must make the logger and call `step`, `measure` and `close` at the same
+    points, each with its own share of the probe batch; every rank gets the same table back.
     """
 
     def __init__(
@@ -136,7 +147,7 @@ class ProbeLogger:
         opts = ProbeOptions.of(options, settings)
         self.options = opts
         self.model = model
-        self.probe = probe or Probe(model, opts.sites, attention=opts.attention)
+        self.probe = probe or Probe(model, opts.sites, attention=opts.attention, distributed=opts.distributed)
         if opts.text is not None:
             if opts.tokenizer is None:
                 raise RankscopeError("text= needs the model's tokenizer (tokenizer=...)")
@@ -146,12 +157,16 @@ class ProbeLogger:
         self.batches = [batch] if isinstance(batch, torch.Tensor) else list(batch)
         self.arm, self.seed = str(opts.arm), int(opts.seed or 0)
         self.path = run_dir(out, self.arm, self.seed)
-        if is_done(self.path):
-            if not opts.overwrite:
-                raise RankscopeError(f"{self.path} holds a finished run; choose another arm or seed, or overwrite=True")
-            shutil.rmtree(self.path)
-        self.store = RunStore(self.path)
-        self._write_config(opts.config or {})
+        self.writes, self.world_size = _place()
+        refused = self.writes and is_done(self.path) and not opts.overwrite
+        if self._agree(refused):  # every rank raises together, rather than the others waiting at a probe
+            raise RankscopeError(f"{self.path} holds a finished run; choose another arm or seed, or overwrite=True")
+        self.store: RunStore | None = None
+        if self.writes:
+            if is_done(self.path):
+                shutil.rmtree(self.path)
+            self.store = RunStore(self.path)
+            self._write_config(opts.config or {})
 
         self._t0 = time.perf_counter()
         self.probe_s = 0.0
@@ -166,9 +181,22 @@ class ProbeLogger:
         self._probed_at: tuple[int, int] | None = None
         self.closed = False
         self.sinks: list[Any] = []
-        self._open_sinks(opts.tensorboard, opts.wandb)
+        if self.writes:
+            self._open_sinks(opts.tensorboard, opts.wandb)
 
     # -- setup --
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank of the probe's group (one small
+        all-reduce, only where the probe reduces over ranks); `flag` itself otherwise."""
+        reduce, group = reduction(self.probe.distributed)
+        if not reduce:
+            return flag
+        import torch.distributed as tdist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device_of(self.model))
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
+        return bool(t.item())
 
     def _write_config(self, user: Mapping[str, Any]) -> None:
         att = self.probe.attachment
@@ -196,7 +224,13 @@ class ProbeLogger:
         )
         fsio.write_json(
             self.path / "provenance.json",
-            {**environment(device_of(self.model)), "arm": self.arm, "seed": self.seed, "started": now()},
+            {
+                **environment(device_of(self.model)),
+                "arm": self.arm,
+                "seed": self.seed,
+                "started": now(),
+                "world_size": self.world_size,
+            },
             sort_keys=True,
             default=str,
         )
@@ -265,32 +299,57 @@ class ProbeLogger:
         self._loss_n += 1
 
     def measure(self, tokens: int, step: int) -> pd.DataFrame:
-        """Probe now, whatever the cadence; append the rows and a scalars row; log the summary."""
+        """Probe now, whatever the cadence; append the rows and a scalars row; log the summary.
+        Where the probe reduces over ranks, the train loss written is the mean of every rank's
+        losses since the last probe; val_loss is rank 0's."""
         t = time.perf_counter()
         table = self.probe.measure(self.batches)
         self.probe_s += time.perf_counter() - t
+        loss_total, loss_n = self._losses()
+        self._loss_sum, self._loss_n = 0.0, 0
+        val_loss, self._val_loss = self._val_loss, None
+        self.n_probes += 1
+        self._probed_at = (step, tokens)
+        if self.store is None:  # not rank 0: it measured its share and took part in the sums
+            return table
         base = {"arm": self.arm, "seed": self.seed, "step": step, "tokens": tokens}
         self.store.probes.append({**base, **r} for r in table.to_dict("records"))
         row = dict(base, elapsed_s=time.perf_counter() - self._t0, probe_s=self.probe_s)
-        if self._loss_n:
-            total = self._loss_sum
-            row["train_loss"] = (total.item() if isinstance(total, torch.Tensor) else total) / self._loss_n
-            self._loss_sum, self._loss_n = 0.0, 0
-        if self._val_loss is not None:
-            row["val_loss"], self._val_loss = self._val_loss, None
+        if loss_n:
+            row["train_loss"] = loss_total / loss_n
+        if val_loss is not None:
+            row["val_loss"] = val_loss
         self.store.scalars.append([row])
         summary = summarize(table)
         for sink in self.sinks:
             sink.log(summary, step, tokens)
-        self.n_probes += 1
-        self._probed_at = (step, tokens)
         return table
+
+    def _losses(self) -> tuple[float, float]:
+        """(sum, count) of the losses since the last probe: this rank's, or every rank's where the
+        probe reduces over ranks (one small all-reduce, which every rank makes at every probe)."""
+        total, n = self._loss_sum, self._loss_n
+        reduce, group = reduction(self.probe.distributed)
+        if not reduce:
+            return (total.item() if isinstance(total, torch.Tensor) else total), n
+        import torch.distributed as tdist
+
+        device = device_of(self.model)  # where the probe's own collectives run (CUDA under NCCL)
+        t = torch.stack(
+            [
+                torch.as_tensor(total, dtype=torch.float64, device=device),
+                torch.tensor(float(n), dtype=torch.float64, device=device),
+            ]
+        )
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
+        total, n = t.tolist()
+        return total, n
 
     def log_scalars(self, step: int, tokens: int, **values: float | None) -> None:
         """Append one scalars row (train_loss, val_loss, grad_norm, ... of `store.SCALAR_COLUMNS`)
         now, for callers that learn their losses elsewhere than at probe points (a Trainer's logs)."""
         row = {k: v for k, v in values.items() if v is not None}
-        if row:
+        if row and self.store is not None:  # rank 0's values; the other ranks write nothing
             self.store.scalars.append(
                 [
                     dict(
@@ -316,6 +375,8 @@ class ProbeLogger:
             self.measure(self.last_tokens, self.last_step)
         self.closed = True
         try:
+            if self.store is None:
+                return
             self.store.finish(
                 {
                     "status": status,
@@ -337,7 +398,8 @@ class ProbeLogger:
         if self.closed:
             return
         self.closed = True
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
         for sink in self.sinks:
             sink.close()
 
@@ -350,6 +412,16 @@ class ProbeLogger:
             self.close()
         else:
             self.abandon()
+
+
+def _place() -> tuple[bool, int]:
+    """(writes, world size): whether this process writes (global rank 0, or no process group) and
+    how many processes the run has."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return True, 1
+    return tdist.get_rank() == 0, tdist.get_world_size()
 
 
 __all__ = ["ProbeLogger", "summarize"]

@@ -42,6 +42,9 @@ class ProbeOptions:
         (offline with WANDB_MODE=offline), False = off, or a dict of `wandb.init` arguments.
     overwrite: a finished run folder of the same arm and seed is refused unless True (then it is
         replaced). An unfinished one is continued: its rows are kept and new rows appended.
+    distributed: in a multi-process run (DDP, FSDP2), "auto" (default) or True sums the probe over
+        every rank's share of the batch, a ProcessGroup over that group, False probes each rank's
+        tokens alone (see `rankscope.attach.Probe`). Only global rank 0 writes files.
     """
 
     every_tokens: int | None = None
@@ -59,8 +62,12 @@ class ProbeOptions:
     tensorboard: bool | str | Path | None = None
     wandb: bool | Mapping[str, Any] | None = None
     overwrite: bool = False
+    distributed: bool | str | Any = "auto"
 
     def __post_init__(self) -> None:
+        from ..attach import check_distributed
+
+        check_distributed(self.distributed)
         if (self.every_tokens is None) == (self.every_steps is None):
             raise RankscopeError("give exactly one of every_tokens and every_steps")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
