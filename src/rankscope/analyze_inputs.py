@@ -27,6 +27,8 @@ class LoadedModel:
     tokens: int | None = None
     seed: int | None = None
     source: str = ""
+    config: Any = None  # a rankscope run's RunConfig (None for Hugging Face models)
+    vocab_size: int | None = None  # rows of the input embedding: checkpoints of one series must agree
 
 
 def first_line(e: BaseException) -> str:
@@ -65,6 +67,16 @@ def load_model(path: Path) -> LoadedModel:
         f"{path} is neither a rankscope run folder (checkpoints/step-*.pt) nor a "
         f"Hugging Face model folder (config.json with a model_type)"
     )
+
+
+def load_checkpoint(run: Path, ckpt: Path) -> LoadedModel:
+    """One checkpoint file of the rankscope run folder `run`."""
+    return _load_rankscope(run, ckpt)
+
+
+def load_revision(repo: str, revision: str) -> LoadedModel:
+    """One revision of a Hugging Face hub repository (needs the network, and transformers)."""
+    return _load_hf(Path(repo), revision)
 
 
 def _load_rankscope(run: Path, ckpt: Path | None) -> LoadedModel:
@@ -123,6 +135,8 @@ def _load_rankscope(run: Path, ckpt: Path | None) -> LoadedModel:
         tokens=None if tokens is None else int(tokens),
         seed=cfg.seed,
         source=str(where),
+        config=cfg,
+        vocab_size=cfg.model.vocab_size,
     )
 
 
@@ -195,7 +209,12 @@ _TOKENIZER_FILES = (
 )
 
 
-def _load_hf(path: Path) -> LoadedModel:
+def _load_hf(path: Path, revision: str | None = None) -> LoadedModel:
+    """A local Hugging Face folder; or, given `revision`, `path` names a hub repository (`org/name`)
+    and that revision (branch, tag or commit) is downloaded (needs the network)."""
+    hub = revision is not None
+    where = f"{path.as_posix()}@{revision}" if hub else str(path)
+    fetch: dict[str, Any] = {"revision": revision} if hub else {"local_files_only": True}
     try:
         import transformers
     except ImportError:
@@ -206,13 +225,18 @@ def _load_hf(path: Path) -> LoadedModel:
     transformers.utils.logging.disable_progress_bar()
     try:
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.as_posix() if hub else path, **fetch)
         except Exception as e:
-            raise RankscopeError(f"cannot load the Hugging Face model in {path}: {first_line(e)}") from None
+            raise RankscopeError(f"cannot load the Hugging Face model in {where}: {first_line(e)}") from None
         tokenizer = None  # shards can still be analyzed; text needs it (said when it is needed)
         # only the folder's own tokenizer: transformers may otherwise build a default one that
         # does not match the model's ids
-        if any((path / f).exists() for f in _TOKENIZER_FILES):
+        if hub:
+            try:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(path.as_posix(), **fetch)
+            except Exception:
+                tokenizer = None
+        elif any((path / f).exists() for f in _TOKENIZER_FILES):
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             except Exception as e:
@@ -223,7 +247,7 @@ def _load_hf(path: Path) -> LoadedModel:
             transformers.utils.logging.enable_progress_bar()
     step = tokens = None
     state = path / "trainer_state.json"  # a Trainer checkpoint folder says where training was
-    if state.is_file():
+    if not hub and state.is_file():
         try:
             s = json.loads(state.read_text())
             step = int(s["global_step"]) if s.get("global_step") is not None else None
@@ -233,6 +257,10 @@ def _load_hf(path: Path) -> LoadedModel:
     config = model.config
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     vocab = getattr(config, "vocab_size", None)
+    try:
+        rows = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        rows = vocab
 
     def batch(data: str | None, batch_size: int | None, seq_len: int | None) -> tuple[Any, str]:
         from .attach import token_batches
@@ -246,7 +274,7 @@ def _load_hf(path: Path) -> LoadedModel:
             return _shard_batch(Path(data), vocab, bs, T)
         if tokenizer is None:
             raise RankscopeError(
-                f"{path} has no tokenizer; save it with the model, or pass --data with .bin token shards"
+                f"{where} has no tokenizer; save it with the model, or pass --data with .bin token shards"
             )
         if data is None:
             docs, what = corpora.validation_documents()
@@ -258,11 +286,12 @@ def _load_hf(path: Path) -> LoadedModel:
 
     return LoadedModel(
         "hf",
-        path.resolve().name,
+        f"{path.name}@{revision}" if hub else path.resolve().name,
         model,
         batch,
-        path.parent / f"{path.name}-analyze",
+        Path("rankscope-analyze") / path.name if hub else path.parent / f"{path.name}-analyze",
         step=step,
         tokens=tokens,
-        source=str(path),
+        source=where,
+        vocab_size=rows,
     )

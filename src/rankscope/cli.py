@@ -5,7 +5,7 @@ rankscope report DIR [DIR ...] [--out DIR]
 rankscope list
 rankscope bench [--preset P]
 rankscope data prepare SRC --tokenizer T --out DIR
-rankscope analyze PATH [--data PATH]
+rankscope analyze PATH [--data PATH] [--series | --hub-revisions] [--steps S,S] [--max-checkpoints N]
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="measure training throughput, MFU, memory and probe cost", install=_bench_arguments)
     sub.add_parser(
         "analyze",
-        help="probe one trained model: a rankscope run or checkpoint, or a local Hugging Face folder",
+        help="probe one trained model (a rankscope run or checkpoint, or a local Hugging Face folder), "
+        "or with --series every checkpoint of a run, as a study folder for rankscope report",
         install=_analyze_arguments,
     )
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

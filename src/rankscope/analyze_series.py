@@ -1,0 +1,454 @@
+"""`rankscope analyze PATH --series`: probe every checkpoint of one training run on one fixed batch
+and write the rows as a study folder that `rankscope report` reads unchanged.
+
+PATH is a rankscope run folder (each `checkpoints/step-*.pt`), a folder of Hugging Face checkpoint
+folders (`step1000/`, `checkpoint-500/`, ...: the step from trainer_state.json or the folder's name;
+found without --series too), or, with `--hub-revisions`, a hub repository whose branches name steps
+(Pythia's `step1000`, OLMo's `step1000-tokens4B`). `--steps` and `--max-checkpoints` pick some.
+
+One batch for all: built once from the first checkpoint (its data and tokenizer); checkpoints that
+disagree on the vocabulary size are refused before anything is written. The output is
+`<out>/<name>/seed-<k>/` in the store's format (`rankscope.store`): config.json, scalars.csv (a row
+per checkpoint: step, tokens, `val_loss` = next-token loss on the fixed batch, and for rankscope
+models the induction loss), probes.csv (the probe's rows per checkpoint, plus per-head induction
+and previous-token scores for rankscope models, as training logs them), series.json (what was
+measured and on which batch), done.json; and `<out>/study.json`. A rerun measures only the
+checkpoints whose step is not in the tables yet (a checkpoint half written by a killed run is
+dropped and measured again); a rerun with another batch is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .analyze_inputs import LoadedModel, first_line, load_checkpoint, load_revision
+from .errors import RankscopeError
+
+SERIES = "series.json"
+_STEP_NAME = re.compile(r"(?:global_step|step|checkpoint)[-_]?(\d+)", re.I)
+_TOKENS_NAME = re.compile(r"tokens[-_]?(\d+(?:\.\d+)?)([KMBT]?)", re.I)
+_UNIT = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint of a series: where training was, and how to load it."""
+
+    step: int
+    label: str  # file, folder or revision name
+    load: Callable[[], LoadedModel] = field(repr=False)
+    tokens: int | None = None  # where the name says (OLMo revisions); else what the loaded model says
+    vocab_size: int | None = None  # where known without loading the weights
+
+
+@dataclass
+class SeriesResult:
+    """What `analyze_series` measured and where it went."""
+
+    out: Path  # the study folder (`rankscope report OUT`)
+    run: Path  # its run folder
+    measured: list[int]  # steps measured now
+    skipped: list[int]  # steps already in the tables
+
+
+# --- finding the checkpoints ---------------------------------------------------------------------
+
+
+def step_of(name: str) -> int | None:
+    """The step a checkpoint folder or revision name says: step1000, step-1000, checkpoint-500,
+    global_step500, step1000-tokens4B; a name that is only a number is that number."""
+    m = _STEP_NAME.search(name)
+    if m:
+        return int(m.group(1))
+    return int(name) if name.isdigit() else None
+
+
+def tokens_of(name: str) -> int | None:
+    """Tokens a revision name states (OLMo's `step1000-tokens4B`), else None."""
+    m = _TOKENS_NAME.search(name)
+    return None if m is None else int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder (not itself a model) holding Hugging Face model folders."""
+    return (
+        path.is_dir()
+        and not (path / "config.json").exists()
+        and any("model_type" in _read_json(d / "config.json") for d in path.iterdir() if d.is_dir())
+    )
+
+
+def _rankscope_checkpoints(run: Path) -> list[Checkpoint]:
+    vocab = (_read_json(run / "config.json").get("model") or {}).get("vocab_size")
+    out = []
+    for f in sorted((run / "checkpoints").glob("step-*.pt")):
+        m = re.fullmatch(r"step-(\d+)\.pt", f.name)  # not a rank's share (step-*.rank1.pt)
+        if m:
+            out.append(Checkpoint(int(m.group(1)), f.name, lambda f=f: load_checkpoint(run, f), vocab_size=vocab))
+    return out
+
+
+def _hf_checkpoints(folder: Path) -> list[Checkpoint]:
+    from .analyze_inputs import load_model
+
+    out = []
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        config = _read_json(d / "config.json")
+        if "model_type" not in config:
+            continue
+        state = _read_json(d / "trainer_state.json")
+        step = state.get("global_step") if isinstance(state.get("global_step"), int) else step_of(d.name)
+        if step is None:
+            raise RankscopeError(f"{d}: cannot tell its step (no trainer_state.json, no step number in its name)")
+        vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        out.append(Checkpoint(int(step), d.name, lambda d=d: load_model(d), vocab_size=vocab))
+    return out
+
+
+def list_revisions(repo: str) -> list[str]:
+    """The branch names of a hub repository (needs `huggingface_hub` and the network)."""
+    try:
+        from huggingface_hub import list_repo_refs
+    except ImportError:
+        raise RankscopeError("--hub-revisions needs huggingface_hub: pip install 'rankscope[hub]'") from None
+    try:
+        refs = list_repo_refs(repo)
+    except Exception as e:
+        raise RankscopeError(f"cannot list the revisions of {repo}: {first_line(e)}") from None
+    return [b.name for b in refs.branches]
+
+
+def hub_checkpoints(repo: str, names: Sequence[str]) -> list[Checkpoint]:
+    """The revisions among `names` that name a step (`main` and others are left out)."""
+    out = []
+    for name in names:
+        step = step_of(name)
+        if step is not None:
+            out.append(Checkpoint(step, name, lambda n=name: load_revision(repo, n), tokens=tokens_of(name)))
+    if not out:
+        raise RankscopeError(f"{repo}: no branch names a step (such as step1000); branches: {', '.join(names[:8])}")
+    return out
+
+
+def select(
+    checkpoints: list[Checkpoint], steps: Sequence[int] | None = None, limit: int | None = None
+) -> list[Checkpoint]:
+    """Sorted by step; only `steps` (each must exist); at most `limit`, evenly spaced, first and last kept."""
+    by_step: dict[int, Checkpoint] = {}
+    for c in sorted(checkpoints, key=lambda c: (c.step, c.label)):
+        if c.step in by_step:
+            raise RankscopeError(f"{by_step[c.step].label} and {c.label} are both step {c.step}; pick one with --steps")
+        by_step[c.step] = c
+    chosen = list(by_step.values())
+    if steps:
+        missing = [s for s in steps if s not in by_step]
+        if missing:
+            have = ", ".join(str(s) for s in list(by_step)[:12])
+            raise RankscopeError(f"no checkpoint at step {', '.join(map(str, missing))} (there are: {have})")
+        chosen = [by_step[s] for s in sorted(set(steps))]
+    if limit is not None and len(chosen) > limit:
+        if limit < 1:
+            raise RankscopeError(f"--max-checkpoints must be positive, got {limit}")
+        picks = sorted({round(i * (len(chosen) - 1) / max(limit - 1, 1)) for i in range(limit)})
+        chosen = [chosen[i] for i in picks]
+    return chosen
+
+
+def find_series(path: str, hub: bool = False) -> tuple[list[Checkpoint], str, int, Path]:
+    """(checkpoints, series name, seed, default output folder) of PATH."""
+    if hub:
+        name = path.rstrip("/").split("/")[-1]
+        return hub_checkpoints(path, list_revisions(path)), name, 0, Path("rankscope-series") / name
+    p = Path(path)
+    if not p.is_dir():
+        raise RankscopeError(f"{p}: no such folder (--series takes a run folder or a folder of checkpoint folders)")
+    if (p / "checkpoints").is_dir():
+        raw = _read_json(p / "config.json")
+        name, seed = str(raw.get("arm") or p.parent.name), int(raw.get("seed") or 0)
+        study = p.parent.parent if re.fullmatch(r"seed-\d+", p.name) else p
+        found = _rankscope_checkpoints(p)
+        if not found:
+            raise RankscopeError(f"{p}/checkpoints holds no step-*.pt checkpoint")
+        return found, name, seed, study.parent / f"{study.name}-series"
+    if is_checkpoint_folder(p):
+        return _hf_checkpoints(p), p.resolve().name, 0, p.parent / f"{p.resolve().name}-series"
+    if "model_type" in _read_json(p / "config.json"):
+        raise RankscopeError(f"{p} is one Hugging Face model; a series is a folder of checkpoint folders")
+    raise RankscopeError(
+        f"{p} is neither a rankscope run folder (checkpoints/) nor a folder of Hugging Face checkpoints"
+    )
+
+
+def check_vocab(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse, in one line, checkpoints that disagree on the vocabulary size (where known before loading)."""
+    known = [(c, c.vocab_size) for c in checkpoints if c.vocab_size is not None]
+    for c, v in known[1:]:
+        if v != known[0][1]:
+            first = known[0][0]
+            raise RankscopeError(
+                f"the checkpoints do not share one tokenizer: {first.label} has a vocabulary of {known[0][1]}, "
+                f"{c.label} of {v}; a series is measured on one batch, so give checkpoints of one run"
+            )
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def _fingerprint(ids: Any) -> str:
+    return hashlib.sha256(ids.cpu().numpy().astype("int64").tobytes()).hexdigest()[:16]
+
+
+def _loss(model: Any, ids: Any) -> float:
+    """Mean next-token cross-entropy on the fixed batch (one extra forward pass)."""
+    import torch
+
+    from .evals import token_losses
+
+    with torch.no_grad():
+        out = model(ids)
+        logits = getattr(out, "logits", out)
+        return float(token_losses(logits[:, :-1], ids[:, 1:]).mean())
+
+
+def _induction(loaded: LoadedModel, device: Any) -> tuple[Any, int] | None:
+    """The repeated-random-token batch and half length a rankscope run logs its induction scores
+    with (`train`: probe.downstream, train.seq_len / 2, the data's vocabulary, seed 0); None when
+    the run does not measure them or this is not a rankscope model."""
+    cfg = loaded.config
+    if cfg is None or not (cfg.probe.enabled and cfg.probe.downstream):
+        return None
+    from .data import load_data
+    from .evals import induction_batch
+
+    half = cfg.train.seq_len // 2
+    try:
+        vocab = load_data(cfg.data.path or None, cfg.model.vocab_size).vocab_size
+        return induction_batch(vocab, cfg.probe.induction_batch, half, seed=0).to(device), half
+    except (ValueError, OSError, RankscopeError):
+        return None
+
+
+def _measured_steps(run: Path) -> set[int]:
+    """Steps present in both tables; rows of any other step (a checkpoint a killed run left half
+    written) are dropped from the tables so that it is measured again."""
+    from . import fsio, store
+
+    tables = {n: run / n for n in (store.SCALARS, store.PROBES)}
+    there = [p.exists() for p in tables.values()]
+    if not any(there):
+        return set()
+    if not all(there):
+        raise RankscopeError(f"{run} holds only one of {' and '.join(tables)}; remove the folder to measure again")
+    steps = {n: store.read_table(p) for n, p in tables.items()}
+    have = [set(df["step"].astype(int)) if len(df) else set() for df in steps.values()]
+    keep = have[0] & have[1]
+    for path, df in zip(tables.values(), steps.values()):
+        if len(df) and not set(df["step"].astype(int)) <= keep:
+            text = path.read_text()
+            lines = text[: text.rfind("\n") + 1].splitlines(keepends=True)
+            col = lines[0].rstrip("\n").split(",").index("step")
+            kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[col]) in keep]
+            fsio.write_bytes(path, "".join(kept).encode())
+    return keep
+
+
+def _study_json(out: Path, name: str, seed: int) -> None:
+    from .store import read_json, write_json
+
+    study = read_json(out / "study.json") if (out / "study.json").exists() else {}
+    order = [a for a in study.get("arm_order") or [] if a != name] + [name]
+    write_json(
+        out / "study.json",
+        {
+            **study,
+            "name": study.get("name") or out.name,
+            "description": "checkpoint series measured by rankscope analyze --series",
+            "arms": {**(study.get("arms") or {}), name: {}},
+            "arm_order": order,
+            "seeds": sorted({*study.get("seeds", []), seed}),
+        },
+    )
+
+
+def analyze_series(
+    path: str | Path,
+    *,
+    hub: bool = False,
+    out: str | Path | None = None,
+    name: str | None = None,
+    data: str | Path | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    sites: tuple[str, ...] = ("k",),
+    device: str = "auto",
+    steps: Sequence[int] | None = None,
+    max_checkpoints: int | None = None,
+    tokens_per_step: int | None = None,
+    progress: bool = True,
+) -> SeriesResult:
+    """Probe the checkpoints of `path` (see the module's docstring) not measured yet into the study folder."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .attach import Probe
+    from .provenance import environment, now
+    from .store import DONE, PROBE_COLUMNS, PROBES, SCALAR_COLUMNS, SCALARS, TableWriter, read_json, write_json
+    from .vocab import PROBE_SITES
+
+    for s in sites:
+        if s not in PROBE_SITES:
+            raise RankscopeError(f"unknown site {s!r} (choose from {', '.join(PROBE_SITES)})")
+    if data is not None and not Path(data).exists():
+        raise RankscopeError(f"--data: no such file or folder: {data}")
+    found, default_name, seed, default_out = find_series(str(path), hub)
+    checkpoints = select(found, steps, max_checkpoints)
+    check_vocab(checkpoints)  # before anything is written
+    name = (name or default_name).replace("/", "-")
+    study = Path(out) if out is not None else default_out
+    run = study / name / f"seed-{seed}"
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RankscopeError(f"cannot write to {run}: {first_line(e)}; pass --out DIR") from None
+    done = _measured_steps(run)
+    todo = [c for c in checkpoints if c.step not in done]
+    skipped = [c.step for c in checkpoints if c.step in done]
+    if not todo:
+        return SeriesResult(study, run, [], skipped)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    first = checkpoints[0].load()  # the batch comes from the first checkpoint, measured or not
+    ids, data_desc = first.batch(str(data) if data is not None else None, batch_size, seq_len)
+    ids = ids.to(device)
+    fingerprint = _fingerprint(ids)
+    old = read_json(run / SERIES) if (run / SERIES).exists() else {}
+    if old.get("batch_sha256") not in (None, fingerprint):
+        raise RankscopeError(
+            f"{run} holds rows measured on another batch ({old.get('data')}, {old.get('batch')}); "
+            f"use the same --data/--batch-size/--seq-len, or another --out or --name"
+        )
+    induction = _induction(first, device)
+    vocab, label0 = first.vocab_size, checkpoints[0].label
+    att = Probe(first.model, ["k"]).attachment
+    assert att is not None
+    if first.config is not None:
+        config = {**_read_json(Path(first.source).parent.parent / "config.json"), "arm": name, "seed": seed}
+        measured_sites = ["k"] + [s for s in sites if s != "k"]  # what this series measured, on which batch
+        config["probe"] = {**(config.get("probe") or {}), "sites": measured_sites, "batch_size": int(ids.shape[0])}
+    else:
+        config = {"arm": name, "seed": seed, "model": {**att.config(), "vocab_size": first.vocab_size}}
+    config["source"] = str(path)
+    write_json(run / "config.json", config)
+    write_json(
+        run / SERIES,
+        {
+            "source": str(path),
+            "kind": first.kind,
+            "data": data_desc,
+            "batch": [int(ids.shape[0]), int(ids.shape[1])],
+            "batch_sha256": fingerprint,
+            "val_loss": "mean next-token loss on the fixed probe batch",
+            "tokens": "from the checkpoints" if first.kind == "rankscope" or tokens_per_step else "see tokens_note",
+            "tokens_note": "where a checkpoint does not say, tokens = step x --tokens-per-step (else the step)",
+            "model": att.config(),
+            **environment(torch.device(device)),
+            "written": now(),
+        },
+    )
+    (run / DONE).unlink(missing_ok=True)  # not done while measuring
+    _study_json(study, name, seed)
+
+    scalars, probes = TableWriter(run / SCALARS, SCALAR_COLUMNS), TableWriter(run / PROBES, PROBE_COLUMNS)
+    reuse = first if checkpoints[0] in todo else None  # loaded already; the others one at a time
+    del first, att
+    measured = []
+    try:
+        bar = tqdm(todo, desc=name, unit="ckpt", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        for c in bar:
+            bar.set_postfix_str(c.label)
+            loaded, reuse = (reuse, None) if reuse is not None and c is checkpoints[0] else (c.load(), reuse)
+            if loaded.vocab_size != vocab:
+                raise RankscopeError(
+                    f"the checkpoints do not share one tokenizer: {label0} has a vocabulary of "
+                    f"{vocab}, {c.label} of {loaded.vocab_size}; a series is measured on one batch"
+                )
+            try:
+                model = loaded.model.to(device)
+            except (RuntimeError, AssertionError) as e:
+                raise RankscopeError(f"cannot move {c.label} to {device}: {first_line(e)}") from None
+            table = Probe(model, ["k"] + [s for s in sites if s != "k"]).measure(ids)
+            tokens = loaded.tokens if loaded.tokens is not None else c.tokens
+            if tokens is None:
+                tokens = c.step * (tokens_per_step or 1)
+            row: dict[str, Any] = {"arm": name, "seed": seed, "step": c.step, "tokens": tokens}
+            rows = table.to_dict("records")
+            row["val_loss"] = _loss(model, ids)
+            if induction is not None:
+                from .evals import gpt_induction_scores
+
+                row["induction_loss"], extra = gpt_induction_scores(model, induction[1]).measure_with_loss(induction[0])
+                rows += extra
+            probes.append({**row, **r} for r in rows)  # the probe rows first: a step counts once in both
+            scalars.append([row])
+            measured.append(c.step)
+            del loaded, model  # one model in memory at a time
+    finally:
+        scalars.close()
+        probes.close()
+    write_json(run / DONE, {"status": "done", "kind": "analyze-series", "checkpoints": len(done) + len(measured)})
+    return SeriesResult(study, run, measured, skipped)
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise RankscopeError(f"--steps takes comma-separated step numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace, sites: tuple[str, ...]) -> int:
+    """`rankscope analyze PATH --series`: measure, then say where the study folder is."""
+    result = analyze_series(
+        args.path,
+        hub=bool(args.hub_revisions),
+        out=args.out,
+        name=args.name,
+        data=args.data,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        sites=sites,
+        device=args.device,
+        steps=_ints(args.steps),
+        max_checkpoints=args.max_checkpoints,
+        tokens_per_step=args.tokens_per_step,
+        progress=not args.no_progress,
+    )
+    n, k = len(result.measured), len(result.skipped)
+    print(
+        f"measured {n} checkpoint{'s' if n != 1 else ''}"
+        + (f" ({k} measured before)" if k else "")
+        + f"\nseries:  {result.run}\nreport:  rankscope report {result.out}"
+    )
+    return 0
+
+
+__all__ = ["Checkpoint", "SeriesResult", "analyze_series", "find_series", "select", "step_of", "tokens_of"]
