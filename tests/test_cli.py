@@ -69,7 +69,11 @@ def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
     assert sorted(scalars["tokens"].unique()) == [0, 1024, 2048]
     assert len(scalars) == 3 * 2 * 3  # arms x seeds x eval points
     # every layer x head x metric at every eval point of every run, for the keys
-    k = probes[(probes.site == "k") & (probes["head"] >= 0)]
+    k = probes[
+        (probes.site == "k")
+        & (probes["head"] >= 0)
+        & probes.metric.isin(["pr_sv", "pr_eig", "erank", "stable_rank", "r90"])
+    ]
     assert len(k) == 3 * 2 * 3 * 2 * 1 * 5
     assert k["value"].between(1, 64).all()
     # downstream evaluations: scalars at every point, functional rank at the end

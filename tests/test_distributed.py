@@ -65,11 +65,27 @@ PROBE_ROWS, HEAD_DIM, SEQ_LEN = 2 * 32, 32, 32  # probe.batch_size x train.seq_l
 F = math.sqrt(math.sqrt(PROBE_ROWS) * U32)  # 6.9e-4
 
 
-def probe_tolerance(metric: str, site: str, eps: float, z_max: float) -> tuple[float, float]:
+def probe_tolerance(metric: str, site: str, eps: float, z_max: float, value: float = math.nan) -> tuple[float, float]:
     """(rtol, atol) of one probe value when the weights are `eps` apart (relative) and the largest
-    attention logit is `z_max`. Activations move like the weights that make them, by eps."""
+    attention logit is `z_max`. Activations move like the weights that make them, by eps. `value`:
+    the row's own value (one process), for the tolerances that depend on it (decay_r2)."""
     floor = site not in ("w_q", "w_k", "attn", "q_gain", "k_gain")  # activations' float32 Gram
     dz = 2 * eps * z_max  # a logit q.k moves by eps through q and eps through k
+    if metric in ("decay", "decay_r2"):
+        # the least-squares slope of log λ_i on log i over `decay_ranks`: each λ = s^2 moves by 2 x 2
+        # eps relative, plus the float32 Gram floor F^2 λ_1 (F above), relative to λ_i at most F^2 K
+        # where K = λ_1 / λ_i <= 1e4 (the fitted ranks of these 32-dim heads stay within four
+        # decades of the top). α moves by at most δ Σ|dx_i| / Σ dx_i^2 (dx: centered log ranks);
+        # R^2 = cos^2 of the angle between dx and dy, turned by at most |δ| / |dy| where
+        # |dy| >= |α| |dx|: it moves by at most 2 sqrt(m) δ / (|α| |dx|).
+        from rankscope.metrics import decay_ranks
+
+        x = np.log(np.array(decay_ranks(HEAD_DIM), dtype=float))
+        dx = x - x.mean()
+        delta = 4 * eps + F * F * 1e4
+        if metric == "decay":
+            return 0.0, delta * np.abs(dx).sum() / (dx * dx).sum()
+        return 0.0, 2 * math.sqrt(len(x)) * delta / (abs(value) * math.sqrt((dx * dx).sum()) + 1e-300)
     if metric in ("spectral_norm", "gain_mean"):
         return eps, 0.0  # Weyl: |d s_max| <= ||dW||; a mean moves by at most its entries' largest move
     if metric in ("stable_rank", "pr_eig"):
@@ -80,7 +96,7 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float) -> tuple[f
         # exp(H) of p = s / sum s: dH = -sum dp (log p + 1), |dp| <= 2 eps p: 2 eps (H + 1) with
         # H <= log E; a direction at the floor has p ~ F and contributes F (1 + |log F|)
         return 2 * eps * (math.log(HEAD_DIM) + 1) + (F * (1 + abs(math.log(F))) if floor else 0.0), 0.0
-    if metric == "r90":
+    if metric in ("r90", "kv_r90"):
         return 0.0, 1.0  # a count of directions: one near the 90% line may cross it
     if metric == "max_logit":
         return 2 * eps, 0.0  # q.k, each factor eps
@@ -97,6 +113,9 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float) -> tuple[f
         return 0.0, 2 * eps
     if metric == "gain_near_zero":
         return 0.0, 1 / HEAD_DIM  # the share of gains below 0.1: one gain may cross
+    if metric == "kv_dloss":
+        # the relative loss increase at the rank picked: as dloss_r below, at a rank that may move a rung
+        return 0.0, 0.01 + 2 * eps + 4 * U32
     if metric.startswith("dloss_r"):
         # (L_r - L) / L: both losses move by eps (the losses above), plus their float32 rounding;
         # absolute, for a difference that is 0 at full rank
@@ -156,11 +175,16 @@ def test_two_processes_match_one(tmp_path):
         rows = one_p[one_p.arm == arm]
         z_max = rows.loc[rows.metric == "max_logit", "value"].max()  # the largest attention logit
         for r in rows.itertuples():
-            if r.metric == "functional_rank":  # a rung of the rank ladder (1, 2, 4, ...) picked by a
-                # threshold on dloss: a dloss within its tolerance of the threshold moves it one rung
+            if r.metric in ("functional_rank", "kv_rank"):  # a rung of the rank ladder (1, 2, 4, ...)
+                # picked by a threshold on dloss: a dloss within its tolerance of the threshold moves it one rung
                 ok = abs(math.log2(r.two) - math.log2(r.value)) <= 1
             else:
-                rtol, atol = probe_tolerance(r.metric, r.site, eps, z_max)
+                alpha = rows.loc[
+                    (rows.step == r.step) & (rows.site == r.site) & (rows.layer == r.layer) & (rows["head"] == r.head)
+                    & (rows.metric == "decay"), "value"
+                ]  # fmt: skip
+                value = float(alpha.iloc[0]) if r.metric == "decay_r2" and len(alpha) else r.value
+                rtol, atol = probe_tolerance(r.metric, r.site, eps, z_max, value)
                 ok = abs(r.two - r.value) <= atol + rtol * abs(r.value) or (math.isnan(r.two) and math.isnan(r.value))
             if not ok:
                 bad.append(f"{arm} step {r.step} {r.site} L{r.layer} H{r.head} {r.metric}: {r.value!r} vs {r.two!r}")

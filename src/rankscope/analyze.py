@@ -166,6 +166,10 @@ def analyze(
         notes=probe.notes,
         keys=keys_word(att.qk_norm, att.rotary),
     )
+    if loaded.kind == "rankscope":  # KV-cache headroom per kv head (kv_headroom.csv); not measured for HF models
+        from .headroom import write_headroom
+
+        summary += write_headroom(model, ids, out_dir, base)
     write_text(out_dir / SUMMARY, summary)
     info = {
         "path": str(path.resolve()),
@@ -212,11 +216,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated sites to measure besides k: {', '.join(PROBE_SITES)} (default: k)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_series_arguments(parser)
+
+
+def add_series_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a checkpoint series (`rankscope.analyze_series`)."""
+    group = parser.add_argument_group("checkpoint series (written as a study folder for rankscope report)")
+    group.add_argument(
+        "--series",
+        action="store_true",
+        help="probe every checkpoint of PATH on one fixed batch: a rankscope run folder's checkpoints, or a folder "
+        "of Hugging Face checkpoint folders (step1000/, checkpoint-500/...; also found without --series)",
+    )
+    group.add_argument(
+        "--hub-revisions",
+        action="store_true",
+        help="PATH is a Hugging Face hub repository (org/name): probe its step branches (step1000, "
+        "step1000-tokens4B...); needs the network and rankscope[hub]",
+    )
+    group.add_argument("--steps", metavar="S,S,...", help="only these steps")
+    group.add_argument("--max-checkpoints", type=int, metavar="N", help="at most N checkpoints, evenly spaced")
+    group.add_argument(
+        "--tokens-per-step",
+        type=int,
+        metavar="N",
+        help="tokens per step for checkpoints that do not say (default: the step stands in for tokens)",
+    )
+    group.add_argument(
+        "--name", help="the series' arm name in the study folder (default: the run's arm or folder name)"
+    )
+    group.add_argument("--no-progress", action="store_true", help="no progress bar over the checkpoints")
+
+
+def _is_series(args: argparse.Namespace) -> bool:
+    """Asked for, or PATH is a folder of Hugging Face checkpoint folders (which one model is not)."""
+    if getattr(args, "series", False) or getattr(args, "hub_revisions", False):
+        return True
+    if getattr(args, "steps", None) or getattr(args, "max_checkpoints", None) is not None:
+        return True  # choosing checkpoints asks for a series
+    from .analyze_series import is_checkpoint_folder
+
+    return is_checkpoint_folder(Path(args.path))
 
 
 def run(args: argparse.Namespace) -> int:
     """`rankscope analyze`: print the summary and where everything went."""
     sites = tuple(s.strip() for s in str(args.sites).split(",") if s.strip())
+    if _is_series(args):
+        from . import analyze_series
+
+        return analyze_series.run(args, sites or ("k",))
     result = analyze(
         args.path,
         data=args.data,

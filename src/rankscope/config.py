@@ -125,6 +125,9 @@ class ProbeConfig:
     functional_rank: Literal["off", "end", "middle-end", "every"] = (
         "end"  # every: each evaluation (~2.5% of a tiny run each)
     )
+    # per (layer, kv head) key rank at kv_tolerance, before and after RoPE, at the end (headroom.kv_headroom)
+    kv_headroom: Literal["off", "end"] = "end"
+    kv_tolerance: Annotated[float, Range(0, 1)] = 0.01  # relative loss increase allowed per head
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import Interrupted, RankscopeError
 from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
+from .headroom import kv_headroom
 from .model import GPT, mixed_precision, qk_clip
 from .optim import build_optimizers, lr_scale
 from .probe import gpt_probe
@@ -272,6 +273,8 @@ def train(
                 extra += weight_spectra(model)
             if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
                 extra += functional_rank(model, *probe_batch)
+            if step == total_steps and cfg.probe.enabled and cfg.probe.kv_headroom == "end" and healthy:
+                extra += kv_headroom(model, *probe_batch, tol=cfg.probe.kv_tolerance)  # keys per kv head
         if probe_rows or extra:
             with _naming(store.probes.path):
                 store.probes.append(dict(base, **r) for r in probe_rows + extra)

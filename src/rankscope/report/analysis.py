@@ -12,6 +12,7 @@ import pandas as pd
 
 from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
 from .factorial import Grid, effects_table, find_grid
+from .kv_headroom import headroom_frame, headroom_table, run_tolerance
 from .layers import Diagnosis, diagnoses, functional_rank_data, rank_sweep_curves
 from .load import StudyData
 from .paradox import paradox_table
@@ -37,6 +38,9 @@ class ReportNumbers:
     head_dim: int | None
     grid: Grid | None = None  # two settings the arms cross (factorial.find_grid)
     effects: pd.DataFrame | None = None  # their effects on every quantity (factorial.effects_table)
+    kv_frame: pd.DataFrame | None = None  # kv_headroom.headroom_frame: per kv head at each arm's last point
+    kv_table: pd.DataFrame | None = None  # kv_headroom.headroom_table: per arm and key site (bytes per token)
+    kv_tol: float = 0.01  # the loss tolerance of those ranks (probe.kv_tolerance)
 
 
 def _head_dim(study: StudyData) -> int | None:
@@ -82,9 +86,15 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
         fx = effects_table(
             grid, [(q, s) for q, s in quantities + [(KEY_FUNCTIONAL_RANK, fr)] if len(s)], study.finished
         )
-    return ReportNumbers(
+    numbers = ReportNumbers(
         study, site, metric, table, pairwise, corr, series, down, ends, diags, n_layers, head_dim, grid, fx
     )
+    # KV-cache headroom (report.kv_headroom): ranks per kv head at each arm's last point, bytes per token
+    numbers.kv_frame = headroom_frame(study.probes, arms)
+    if head_dim and len(numbers.kv_frame):
+        numbers.kv_table = headroom_table(numbers.kv_frame, head_dim, arms=arms)
+    numbers.kv_tol = run_tolerance([r.config for r in study.runs])
+    return numbers
 
 
 # --- what the figures draw ----------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from .factorial import effect_rows
 from .factorial import sentences as factorial_sentences
 from .figures import draw_figures
 from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, signed
+from .kv_headroom import PLOT as KV_PLOT
+from .kv_headroom import headroom_blocks
 from .layers import DIAGNOSIS, collapse_rule, collapsed_rows
 from .load import StudyData, StudyDirs, load_study
 from .paradox import format_table, paradox_blocks
@@ -289,6 +291,10 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
         )
         section("Why do some layers collapse?", [intro] + diag + _collapsed_blocks(numbers))
     section("Functional rank", _figures(plots, lambda n: n in ("functional_rank.png", "rank_sweep.png")))
+    if numbers.kv_table is not None:
+        section(
+            "KV-cache headroom", headroom_blocks(numbers.kv_table, numbers.kv_tol) + _figures(plots, KV_PLOT.__eq__)
+        )
     corr = _correlation_blocks(numbers.correlations, quantity)
     section(f"{cap} and downstream measures", corr + _figures(plots, lambda n: n == "pr_vs_downstream.png"))
     section(f"{cap} per layer at the end of training", _figures(plots, lambda n: n.startswith("layer_pr_")))

@@ -20,6 +20,8 @@ from ..vocab import site_description
 from .analysis import ReportNumbers, figure_data
 from .curves import plot_downstream, plot_loss_pr, plot_rank_scatter
 from .heatmaps import plot_pr_heatmaps
+from .kv_headroom import PLOT as KV_PLOT
+from .kv_headroom import plot_kv_headroom
 from .layer_plots import (
     DiagColumn,
     diagnosis_groups,
@@ -148,6 +150,12 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
         )
         drawn.append(
             plot_rank_sweep(data.rank_sweep, arms, plots_dir / "rank_sweep.png", tokens=data.functional_rank_tokens)
+        )
+    if numbers.kv_table is not None and len(numbers.kv_table):
+        drawn.append(
+            plot_kv_headroom(
+                numbers.kv_frame, arms, colors, plots_dir / KV_PLOT, head_dim=numbers.head_dim, tol=numbers.kv_tol
+            )
         )
     if data.scatter_targets and len(data.scatter):
         drawn.append(

@@ -1,0 +1,224 @@
+"""KV-cache headroom: the per-kv-head rank at tolerance (headroom.kv_headroom), its bytes per token,
+and its table and figure in the study report."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+from test_report import make_realistic_study
+
+from rankscope.config import RunConfig
+from rankscope.headroom import kv_headroom, r90_from_eigenvalues
+from rankscope.model import GPT, ModelConfig
+from rankscope.report.kv_headroom import (
+    PLOT,
+    bytes_saved_per_token,
+    headroom_frame,
+    headroom_table,
+)
+from rankscope.store import PROBE_COLUMNS, TableWriter, load_probes
+
+E = 16
+CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=E, d_mlp=64, max_seq_len=64)
+
+
+def rank3_model(seed: int = 1) -> GPT:
+    """Layer 1's kv head 0 has W_K of rank 3 (a random 3-dim column space): its keys before RoPE
+    lie in a 3-dim subspace (QK-Norm rescales each key and multiplies by a diagonal gain, which
+    maps that subspace onto another of the same dimension)."""
+    model = GPT(replace(CFG, init_std=0.3)).eval()
+    model.reset_parameters(seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.blocks[1].attn.k_proj.weight.view(CFG.n_kv_head, E, CFG.d_model)
+        w[0] = torch.randn(E, 3, generator=g) @ torch.randn(3, CFG.d_model, generator=g) * 0.3
+    return model
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 61, (2, 40), generator=g), torch.randint(0, 61, (2, 40), generator=g)
+
+
+def table(rows):
+    return {(r["site"], r["layer"], r["head"], r["metric"]): r["value"] for r in rows}
+
+
+@pytest.mark.parametrize("tol", [0.01, 1e-4])
+def test_rank_three_keys_need_at_most_four_dimensions_before_rope(tol):
+    model = rank3_model()
+    x, y = batch()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = kv_headroom(model, x, y, tol=tol)
+    t = table(rows)
+    assert len(rows) == 2 * CFG.n_layer * CFG.n_kv_head * 3  # sites x layers x kv heads x metrics
+    assert t[("k_pre", 1, 0, "kv_rank")] <= 4  # the smallest ladder rung >= 3
+    assert t[("k_pre", 1, 0, "kv_r90")] <= 3  # the keys' energy lies in 3 directions
+    assert t[("k_pre", 1, 0, "kv_dloss")] <= tol
+    for (_site, _layer, _head, metric), v in t.items():
+        assert 1 <= v <= E if metric != "kv_dloss" else v <= tol
+    assert not any(tap._forward_hooks for b in model.blocks for tap in b.attn.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_projecting_onto_the_exact_key_subspace_keeps_the_loss():
+    """At rank 4 the top-4 directions hold the 3-dim key subspace: the loss is unchanged to float
+    precision. On the ladder (4, 16) the search measures rank 4 alone: within a 1e-6 tolerance,
+    with a dloss of projection round-off, and the same as a direct projected forward's."""
+    model = rank3_model()
+    x, y = batch()
+    t = table(kv_headroom(model, x, y, sites=("k_pre",), tol=1e-6, ladder=[4, 16]))
+    assert t[("k_pre", 1, 0, "kv_rank")] == 4
+    assert abs(t[("k_pre", 1, 0, "kv_dloss")]) < 1e-6
+    # the same number from a direct projected forward of that head alone
+    acts = {}
+    hook = model.blocks[1].attn.k_pre.register_forward_hook(lambda m, i, o: acts.setdefault("k", o))
+    with torch.no_grad():
+        full = model(x, y).item()
+    hook.remove()
+    a = acts["k"][:, :, 0].float().flatten(0, 1)  # (N, E)
+    v = torch.linalg.eigh((a.T @ a).double()).eigenvectors[:, -4:]
+    p = (v @ v.T).float()
+
+    def project(m, i, o):
+        o = o.clone()
+        o[:, :, 0] = o[:, :, 0] @ p
+        return o
+
+    hook = model.blocks[1].attn.k_pre.register_forward_hook(project)
+    with torch.no_grad():
+        projected = model(x, y).item()
+    hook.remove()
+    assert abs((projected - full) / full) < 1e-6
+    assert t[("k_pre", 1, 0, "kv_dloss")] == pytest.approx((projected - full) / full, abs=1e-7)
+
+
+def test_r90_from_eigenvalues():
+    ev = torch.tensor([[0.0, 0.0, 1.0, 9.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert r90_from_eigenvalues(ev).tolist() == [1.0, 4.0, 0.0]
+
+
+def test_bad_arguments():
+    model = rank3_model()
+    x, y = batch()
+    with pytest.raises(ValueError):
+        kv_headroom(model, x, y, sites=("q",))
+    with pytest.raises(ValueError):
+        kv_headroom(model, x, y, ladder=[0, 4])
+    with pytest.raises(ValueError):
+        kv_headroom(model, x, y, tol=-1)
+
+
+def test_bytes_saved_per_token_closed_form():
+    # 2 layers x 2 kv heads, head_dim 16, bf16: (16-4) + (16-16) + (16-8) + (16-2) = 34 values
+    assert bytes_saved_per_token([4, 16, 8, 2], 16) == 34 * 2
+    assert bytes_saved_per_token([4, 16, 8, 2], 16, bytes_per_value=4) == 34 * 4
+    assert bytes_saved_per_token([64] * 88, 64) == 0.0
+
+
+def test_default_settings():
+    p = RunConfig().probe
+    assert p.kv_headroom == "end" and p.kv_tolerance == 0.01
+
+
+# --- the study report -----------------------------------------------------------------------------------
+
+
+def add_kv_rows(root, n_layer=3, n_kv=2, head_dim=16):
+    """Append kv rows at each run's last point: rank 2^(layer+1) before RoPE, twice that after,
+    r90 = rank + head - 1 (seed-independent)."""
+    for rd in sorted(p.parent for p in root.rglob("done.json")):
+        probes = load_probes(rd)
+        last = probes[probes["tokens"] == probes["tokens"].max()].iloc[0]
+        key = {c: last[c] for c in ("arm", "seed", "step", "tokens")}
+        rows = []
+        for layer in range(n_layer):
+            for g in range(n_kv):
+                for site, f in (("k_pre", 1), ("k", 2)):
+                    r = min(head_dim, f * 2 ** (layer + 1))
+                    for metric, v in (("kv_rank", r), ("kv_dloss", 0.005), ("kv_r90", min(head_dim, r + g - 1))):
+                        rows.append({**key, "layer": layer, "head": g, "site": site, "metric": metric, "value": v})
+        w = TableWriter(rd / "probes.csv", PROBE_COLUMNS)
+        w.append(rows)
+        w.close()
+
+
+def test_headroom_table_numbers(tmp_path):
+    root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=3, n_head=2, head_dim=16, n_points=4)
+    add_kv_rows(root)
+    from rankscope.report.load import load_study
+
+    study = load_study(root)
+    frame = headroom_frame(study.probes, study.arms)
+    tab = headroom_table(frame, 16, arms=study.arms)
+    assert len(tab) == 3 * 2  # arms x sites
+    pre = tab[(tab["arm"] == study.arms[0]) & (tab["site"] == "k_pre")].iloc[0]
+    # ranks 2, 4, 8 per layer, 2 kv heads: saved (14 + 12 + 8) x 2 heads x 2 bytes; full 6 x 16 x 2
+    assert pre["heads"] == 6 and pre["seeds"] == 2
+    assert pre["full_bytes"] == 6 * 16 * 2
+    assert pre["saved_bytes"] == (14 + 12 + 8) * 2 * 2
+    assert pre["rank"] == pytest.approx(14 / 3)
+    # r90 = rank - 1 on head 0, rank on head 1: one entry below per layer and seed
+    assert pre["saved_r90_bytes"] == ((15 + 13 + 9) + (14 + 12 + 8)) * 2
+    assert pre["r90_below"] == 3 * 2
+    post = tab[(tab["arm"] == study.arms[0]) & (tab["site"] == "k")].iloc[0]
+    assert post["saved_bytes"] == (12 + 8 + 0) * 2 * 2
+
+
+def test_report_has_kv_headroom_table_and_figure(tmp_path):
+    from rankscope.report import write_report
+
+    root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=3, n_head=2, head_dim=16, n_points=4)
+    add_kv_rows(root)
+    md = write_report(root).read_text()
+    assert "## KV-cache headroom" in md
+    assert f"plots/{PLOT}" in md
+    assert (root / "plots" / PLOT).is_file()
+    section = md.split("## KV-cache headroom")[1].split("\n## ")[0]
+    assert "rank at 1%" in section and "r90" in section and "bf16" in section
+    assert "`k_pre`" in section and "`k`" in section
+    html = (root / "report.html").read_text()
+    assert "KV-cache headroom" in html
+
+
+def test_report_without_kv_rows_has_no_section(tmp_path):
+    from rankscope.report import write_report
+
+    root = make_realistic_study(tmp_path / "s", seeds=(0,), n_layer=2, n_head=2, head_dim=16, n_points=3)
+    md = write_report(root).read_text()
+    assert "KV-cache headroom" not in md
+    assert isinstance(headroom_frame(pd.DataFrame()), pd.DataFrame)
+
+
+# --- the trainer and `rankscope analyze` -----------------------------------------------------------------
+
+
+def test_a_run_writes_kv_rows_at_the_end_and_analyze_writes_the_table(tmp_path, monkeypatch):
+    from test_resume import config, shards
+
+    from rankscope.analyze import analyze
+    from rankscope.headroom import HEADROOM_TABLE
+    from rankscope.store import read_table
+    from rankscope.train import train
+
+    monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "qk" / "seed-0"
+    cfg = config(shards(tmp_path))
+    train(cfg, run, progress=False, arm="qk")
+    probes = load_probes(run)
+    kv = probes[probes["metric"].isin(["kv_rank", "kv_dloss", "kv_r90"])]
+    m = cfg.model
+    assert set(kv["step"]) == {probes["step"].max()}  # at the end only
+    assert len(kv) == 2 * m.n_layer * m.n_kv_head * 3 and set(kv["site"]) == {"k_pre", "k"}
+    ranks = kv[kv["metric"] == "kv_rank"]["value"]
+    assert ranks.between(1, m.head_dim).all()
+
+    res = analyze(run, device="cpu")
+    table = read_table(res.out / HEADROOM_TABLE)
+    assert list(table.columns) == list(PROBE_COLUMNS) and len(table) == len(kv)
+    assert "## KV-cache headroom" in res.summary and "bf16" in res.summary
+    assert "## KV-cache headroom" in (res.out / "summary.md").read_text()
+    assert table[table["metric"] == "kv_rank"]["value"].between(1, m.head_dim).all()
