@@ -1,4 +1,6 @@
-"""Usage: python bench_series.py PRESET REPEATS [THREADS]. Cost per checkpoint of `rankscope analyze --series` at a preset's shapes, on random weights and
+"""Usage: python bench_series.py PRESET REPEATS [THREADS].
+
+Cost per checkpoint of `rankscope analyze --series` at a preset's shapes, on random weights and
 random token ids of the preset's probe batch (probe.batch_size x train.seq_len): load the checkpoint,
 probe (k), the fixed-batch loss, the induction scores (probe.induction_batch x seq_len)."""
 
