@@ -319,6 +319,22 @@ def _gram_hook(store: dict[str, torch.Tensor], site: str):
     return hook
 
 
+def layer_grams(
+    model: nn.Module, h: torch.Tensor, layer: int, sites: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run block `layer` unprojected on the residual stream `h`, reading every head's Gram at each
+    of `sites` (its taps): ({site: (heads, E, E) float64}, the stream after the block)."""
+    taps = {s: getattr(model.blocks[layer].attn, s) for s in sites}
+    grams: dict[str, torch.Tensor] = {}
+    handles = [tap.register_forward_hook(_gram_hook(grams, s)) for s, tap in taps.items()]
+    try:
+        h_next = model.forward_blocks(h, layer, layer + 1)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return grams, h_next
+
+
 def _projection_hook(p: torch.Tensor):
     """A forward hook that replaces a tap's output (B, T, heads, E) by its projection x P_h per
     head (P symmetric), computed in float32 and cast back, so that projecting onto every
@@ -371,13 +387,7 @@ def functional_rank(
     h = model.embed_tokens(x)  # (B, T, D): the residual stream at the input of layer 0
     for layer, block in enumerate(model.blocks):
         taps = {s: getattr(block.attn, s) for s in sites}
-        grams: dict[str, torch.Tensor] = {}
-        handles = [tap.register_forward_hook(_gram_hook(grams, s)) for s, tap in taps.items()]
-        try:
-            h_next = model.forward_blocks(h, layer, layer + 1)  # the unprojected pass, reading the Grams
-        finally:
-            for hd in handles:
-                hd.remove()
+        grams, h_next = layer_grams(model, h, layer, sites)  # the unprojected pass, reading the Grams
         for s, tap in taps.items():
             vecs = torch.linalg.eigh(grams[s]).eigenvectors  # (heads, E, E), eigenvalues ascending
             for r in ladder:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .evals import _gram_hook, _no_autocast, rank_ladder
+from .evals import _no_autocast, layer_grams, rank_ladder
 from .model import Tap
 
 Row = dict[str, Any]
@@ -98,13 +98,7 @@ def kv_headroom(
     rows: list[Row] = []
     for layer, block in enumerate(model.blocks):
         taps = {s: getattr(block.attn, s) for s in sites}
-        grams: dict[str, torch.Tensor] = {}
-        handles = [tap.register_forward_hook(_gram_hook(grams, s)) for s, tap in taps.items()]
-        try:
-            h_next = model.forward_blocks(h, layer, layer + 1)  # the unprojected pass, reading the Grams
-        finally:
-            for hd in handles:
-                hd.remove()
+        grams, h_next = layer_grams(model, h, layer, sites)  # the unprojected pass, reading the Grams
         eig = {s: torch.linalg.eigh(grams[s]) for s in sites}  # (G, E), (G, E, E); ascending
         G = grams[sites[0]].shape[0] if sites else 0
         # per (site, head): [lo, hi] indices into the ladder; hi is known within tol (the top: exactly)
