@@ -212,6 +212,8 @@ def test_the_summary_says_when_a_correlation_is_only_the_arms_apart():
     assert "r = −0.97" in s and "within arms only r = 0.10, p = 0.80" in s and "difference between the arms" in s
     together = pd.DataFrame([row("run ends", -0.97, 1e-6), row("within arms", -0.8, 0.01)])
     assert "holds among seeds too" in _correlation_sentence(together)
+    unsure = pd.DataFrame([row("run ends", -0.97, 1e-6), row("within arms", -0.87, 0.053)])
+    assert "too few runs to tell" in _correlation_sentence(unsure)
 
 
 def test_measures_at_chance_are_said_to_be_and_not_compared(tmp_path):

@@ -244,6 +244,11 @@ def _correlation_sentence(corr: pd.DataFrame) -> str | None:
             return ""
         if w.pearson_p < 0.05:
             return f"; within arms r = {signed(w.pearson, 2)}, {fmt_p(w.pearson_p)}, so it holds among seeds too"
+        if np.sign(w.pearson) == np.sign(r.pearson) and abs(w.pearson) >= 0.5 * abs(r.pearson):  # type: ignore[attr-defined]
+            return (
+                f"; within arms r = {signed(w.pearson, 2)}, {fmt_p(w.pearson_p)}: too few runs to tell whether it "
+                "holds among the seeds of one arm"
+            )
         return (
             f"; within arms only r = {signed(w.pearson, 2)}, {fmt_p(w.pearson_p)}: this correlation is the "
             "difference between the arms, not runs that vary together"
