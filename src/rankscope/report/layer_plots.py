@@ -26,7 +26,7 @@ from .plotstyle import (
     REFERENCE,
     SMALL,
     Plot,
-    ci_err,
+    ci_bars,
     new_figure,
     reference_line,
     save,
@@ -70,12 +70,7 @@ def plot_layer_pr(
         n = int(s["n"].max())
         max_n = max(max_n, n)
         ends[a] = float(s["tokens"].iloc[0])
-        ax.bar(x, means, width=w * 0.92, color=colors[a], zorder=2)
-        tops = means
-        if n > 1:
-            err = ci_err(means, s["lo"].to_numpy(float), s["hi"].to_numpy(float))
-            ax.errorbar(x, means, yerr=err, fmt="none", ecolor="0.2", elinewidth=1, capsize=2, zorder=3)
-            tops = means + err[1]
+        tops = ci_bars(ax, x, s, w * 0.92, color=colors[a])
         if label_values:
             for xi, y, top in zip(x, means, tops):
                 if np.isfinite(y):
@@ -204,19 +199,7 @@ def plot_diagnosis(
                     s = data[data["series"] == name].sort_values("layer")
                     off = (si - (len(series) - 1) / 2) * w
                     x = s["layer"].to_numpy(float) + off
-                    m = s["mean"].to_numpy(float)
-                    ax.bar(x, m, width=w * 0.92, zorder=2, color=color, alpha=0.85 if si == 0 else 0.45)
-                    if (s["n"] > 1).any():
-                        ax.errorbar(
-                            x,
-                            m,
-                            yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)),
-                            fmt="none",
-                            ecolor="0.15",
-                            elinewidth=0.9,
-                            capsize=1.5,
-                            zorder=3,
-                        )
+                    ci_bars(ax, x, s, w * 0.92, color=color, alpha=0.85 if si == 0 else 0.45)
                 if p.heads is not None and len(p.heads):
                     h = p.heads
                     n_heads = max(int(h["head"].max()) + 1, 1)
@@ -327,20 +310,8 @@ def plot_functional_rank(
             if not len(s):
                 continue
             x = s["layer"].to_numpy(float) + (j - 0.5) * 0.38
-            m = s["mean"].to_numpy(float)
-            ax.bar(x, m, width=0.36, color=colors[a], alpha=alpha, zorder=2, edgecolor=colors[a], lw=0.8)
-            if (s["n"] > 1).any():
-                max_n = max(max_n, int(s["n"].max()))
-                ax.errorbar(
-                    x,
-                    m,
-                    yerr=ci_err(m, s["lo"].to_numpy(float), s["hi"].to_numpy(float)),
-                    fmt="none",
-                    ecolor="0.2",
-                    elinewidth=0.9,
-                    capsize=1.5,
-                    zorder=3,
-                )
+            ci_bars(ax, x, s, 0.36, color=colors[a], alpha=alpha, edgecolor=colors[a], lw=0.8)
+            max_n = max(max_n, int(s["n"].max()))
         ax.set_ylim(0, top)  # dimensions: a zero baseline keeps the ratio of PR to functional rank honest
         if head_dim:
             ax.axhline(head_dim, color=REFERENCE, ls="--", lw=1, zorder=1)

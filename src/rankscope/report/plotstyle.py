@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -32,6 +33,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter, MaxNLocator
 
 from .. import fsio
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 from ..units import fmt_count_ticks
 from .doc import DISPLAY_DPI
 
@@ -262,7 +266,20 @@ def ci_err(means: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.vstack([means - lo, hi - means])
 
 
+def ci_bars(ax: Axes, x: np.ndarray, stats: Any, width: float, **bar_kw: Any) -> np.ndarray:
+    """Bars of `stats`' "mean" at x, with whiskers of its 95% interval ("lo", "hi") when any bar
+    stands on more than one seed ("n"); returns the top of each bar or whisker (for labels)."""
+    means = stats["mean"].to_numpy(float)
+    ax.bar(x, means, width=width, zorder=2, **bar_kw)
+    if not (stats["n"] > 1).any():
+        return means
+    err = ci_err(means, stats["lo"].to_numpy(float), stats["hi"].to_numpy(float))
+    ax.errorbar(x, means, yerr=err, fmt="none", ecolor="0.2", elinewidth=0.9, capsize=1.5, zorder=3)
+    return means + err[1]
+
+
 __all__ = [
+    "ci_bars",
     "DPI",
     "MAX_WIDTH_IN",
     "SMALL",
