@@ -29,6 +29,26 @@ Transform = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class KeyCache:
+    """Where the keys a KV cache holds can be replaced, one kv head at a time (`headroom.kv_headroom`).
+
+    store:  a module output holding every kv head's keys after QK-Norm and before RoPE (what a
+            low-rank key cache stores), read with `read="output"`; its transform must return a view
+            into that output, (B, T, kv heads, E), so that writing into the view of a clone
+            replaces the keys the layer goes on with.
+    scored: the same for the keys after RoPE, where a model exposes them as a module output of
+            their own (rankscope's `k` tap, TransformerLens's `hook_rot_k`); None where it does not.
+    rotate: the layer's RoPE as a function of stored keys, `rotate(keys, layer)` (B, T, heads, E),
+            linear and orthogonal in the keys (a Hugging Face model's own rotary function); used to
+            replace post-RoPE keys through `store` when there is no `scored`. None: not available.
+    """
+
+    store: Site
+    scored: Site | None = None
+    rotate: Transform | None = None
+
+
+@dataclass(frozen=True)
 class Attachment:
     """Where and how a probe attaches to one model: what `detect` found.
 
@@ -37,7 +57,9 @@ class Attachment:
     row names (`q_gain`, `k_gain`) to the QK-Norm modules whose weights are gains; `forward` runs
     the model on a (B, T) batch of token ids; `root` is the language model found inside the model
     given to `detect` (the patterns are relative to the model given, so they include root's path);
-    `contexts` are the rotary captures a measurement must attach alongside the sites.
+    `contexts` are the rotary captures a measurement must attach alongside the sites; `key_cache`
+    says where the cached keys can be replaced and `loss(x, y)` gives the model's mean next-token
+    cross-entropy on inputs x and targets y (B, T), both for the KV headroom (None where not known).
     """
 
     family: str
@@ -55,6 +77,8 @@ class Attachment:
     contexts: tuple[RotaryContext, ...] = field(default=(), repr=False)
     notes: tuple[str, ...] = ()
     rotary_dims: int | None = None  # dimensions of each head that RoPE turns, where known
+    key_cache: KeyCache | None = field(default=None, repr=False)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         """One line: family, layers, heads, head size, positions, QK-Norm."""
@@ -84,6 +108,21 @@ class Attachment:
             "rotary_dims": self.rotary_dims,
             "qk_norm": self.qk_norm,
         }
+
+
+def next_token_loss(logits: Callable[[torch.Tensor], torch.Tensor], vocab: int) -> Callable:
+    """loss(x, y): the mean cross-entropy, in float32, of `logits(x)` (B, T, vocab) against targets
+    y (B, T), run on a few sequences at a time so that no more than 2^26 logits are held at once."""
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = max(1, (1 << 26) // max(1, x.shape[1] * vocab))
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for xs, ys in zip(x.split(rows), y.split(rows)):
+            z = logits(xs)
+            total += torch.nn.functional.cross_entropy(z.flatten(0, 1).float(), ys.flatten(), reduction="sum")
+        return (total / y.numel()).float()
+
+    return loss
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

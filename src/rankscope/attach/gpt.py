@@ -9,7 +9,7 @@ from torch import nn
 
 from ..probe import AttentionStats, Site, gpt_gains
 from ..vocab import PROBE_SITES
-from .attachment import Attachment, child_path, layer_pattern
+from .attachment import Attachment, KeyCache, child_path, layer_pattern
 
 
 def detect_gpt(root: nn.Module, prefix: str) -> Attachment | None:
@@ -36,4 +36,6 @@ def detect_gpt(root: nn.Module, prefix: str) -> Attachment | None:
         gains=gpt_gains(root, pattern),
         forward=root,
         rotary_dims=attn.head_dim,
+        key_cache=KeyCache(store=sites["k_pre"], scored=sites["k"]),
+        loss=lambda x, y: root(x, y).float(),
     )

@@ -23,7 +23,17 @@ import torch
 from torch import nn
 
 from ..probe import AttentionStats, Site
-from .attachment import Attachment, Transform, chain, child_path, layer_pattern, parameters_of, split_heads
+from .attachment import (
+    Attachment,
+    KeyCache,
+    Transform,
+    chain,
+    child_path,
+    layer_pattern,
+    next_token_loss,
+    parameters_of,
+    split_heads,
+)
 from .rotary import RotaryContext, inv_freq_rotary_dims, model_rotary
 
 # Model types whose attention rankscope's tests check against the model's own internals.
@@ -49,6 +59,7 @@ class _Reader:
     rotary: str  # as `Attachment.rotary`
     rotary_dims: int | None
     context: RotaryContext | None  # set exactly when q and k can be rotated as the model does
+    k_store: Site  # the module output holding the keys after QK-Norm, before RoPE (`KeyCache.store`)
     notes: tuple[str, ...] = ()
 
 
@@ -114,6 +125,13 @@ def _qkvo(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
     def split(x: torch.Tensor, layer: int) -> torch.Tensor:
         return split_heads(x, E)
 
+    def heads(x: torch.Tensor, layer: int) -> torch.Tensor:
+        return x if x.ndim == 4 else split_heads(x, E)
+
+    # the keys a cache stores: k_proj's output, or where the layer has QK-Norm, its k_norm's output:
+    # per head (Qwen3: (B, T, G, E); Gemma 3: (B, G, T, E), told apart by `headroom`) or over the
+    # whole projection (OLMo 2: (B, T, G*E))
+    k_store = Site("k_store", child_path(pattern, "k_norm"), transform=heads) if has_norm else None
     rotary, r, context, notes = _rope(modules, E, lambda: inv_freq_rotary_dims(root))
     return _Reader(
         n_head=H,
@@ -127,6 +145,7 @@ def _qkvo(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
         rotary=rotary,
         rotary_dims=r,
         context=context,
+        k_store=k_store or Site("k_store", child_path(pattern, "k_proj"), transform=split),
         notes=notes,
     )
 
@@ -153,6 +172,7 @@ def _gpt2(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
         rotary="none",
         rotary_dims=None,
         context=None,
+        k_store=Site("k_store", fused, transform=third(1)),
     )
 
 
@@ -179,6 +199,7 @@ def _neox(root: nn.Module, config: Any, pattern: str, modules: Mapping[int, Any]
         rotary=rotary,
         rotary_dims=r,
         context=context,
+        k_store=Site("k_store", fused, transform=part(1)),
         notes=notes,
     )
 
@@ -201,6 +222,18 @@ def _forward(root: nn.Module) -> Callable[[torch.Tensor], Any]:
     elif "num_logits_to_keep" in params:
         kwargs["num_logits_to_keep"] = 1
     return lambda x: root(input_ids=x, **kwargs)
+
+
+def _loss(root: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The model's next-token loss from its own logits (None for a model without a language-model head)."""
+    try:
+        head = root.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if head is None:
+        return None
+    kwargs = {"use_cache": False} if "use_cache" in parameters_of(root.forward) else {}
+    return next_token_loss(lambda x: root(input_ids=x, **kwargs).logits, int(root.config.vocab_size))
 
 
 def _scale(attn: Any, head_dim: int, layer: int) -> float:
@@ -281,4 +314,6 @@ def detect_hf(root: nn.Module, prefix: str) -> Attachment | None:
         forward=_forward(root),
         contexts=(reader.context,) if reader.context is not None else (),
         notes=tuple(notes),
+        key_cache=KeyCache(reader.k_store, rotate=reader.context.rotate if reader.context is not None else None),
+        loss=_loss(root),
     )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..probe import AttentionStats, Site
-from .attachment import Attachment, Transform, child_path, layer_pattern
+from .attachment import Attachment, KeyCache, Transform, child_path, layer_pattern, next_token_loss
 
 
 def detect_lens(root: Any, prefix: str) -> Attachment | None:
@@ -58,6 +58,7 @@ def detect_lens(root: Any, prefix: str) -> Attachment | None:
     if getattr(cfg, "clip_qkv", None) is not None:
         notes.append("q_pre and k_pre are read before the model's QKV clamp (clip_qkv)")
 
+    causal = getattr(cfg, "attention_dir", "causal") == "causal"
     attention = None
     if getattr(cfg, "attn_scores_soft_cap", -1.0) and cfg.attn_scores_soft_cap > 0:
         notes.append("attention entropy and max logit skipped: the model soft-caps its attention scores")
@@ -72,11 +73,13 @@ def detect_lens(root: Any, prefix: str) -> Attachment | None:
             sites["q"],
             sites["k"],
             scale={i: 1.0 / float(b.attn.attn_scale) for i, b in enumerate(root.blocks)},
-            causal=getattr(cfg, "attention_dir", "causal") == "causal",
+            causal=causal,
             window=window if any(w is not None for w in window.values()) else None,
         )
     gains = {"q_gain": child_path(attn, "q_norm"), "k_gain": child_path(attn, "k_norm")} if q_norm is not None else {}
     r = (getattr(cfg, "rotary_dim", None) or E) if rotary else None
+    # hook_k holds the cached keys only where no QK-Norm follows it; the scored keys are hook_rot_k's
+    key_cache = KeyCache(sites["k_pre"], scored=sites["k"] if rotary else None) if q_norm is None else None
     return Attachment(
         family="transformer-lens",
         root=root,
@@ -92,4 +95,6 @@ def detect_lens(root: Any, prefix: str) -> Attachment | None:
         gains=gains,
         forward=lambda x: root(x, return_type=None),
         notes=tuple(notes),
+        key_cache=key_cache,
+        loss=next_token_loss(lambda x: root(x, return_type="logits"), int(cfg.d_vocab)) if causal else None,
     )
