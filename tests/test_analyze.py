@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformers
@@ -129,6 +130,25 @@ def test_a_hugging_face_folder_on_the_default_corpus(hf_folder):
     # the same weights, batch and Probe on the device analyze chose: the same arithmetic, bitwise
     model.to(result.info["device"])
     np.testing.assert_array_equal(key_pr(result.table), key_pr(Probe(model).measure(ids)))
+
+
+def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, tmp_path):
+    from rankscope.analyze import HEADROOM, HEADROOM_PLOT
+    from rankscope.headroom import HEADROOM_TABLE
+    from rankscope.report.kv_headroom import PLOT
+
+    assert (HEADROOM, HEADROOM_PLOT) == (HEADROOM_TABLE, PLOT)
+    result = analyze(hf_folder, out=tmp_path / "o", batch_size=2, seq_len=32)
+    kv = pd.read_csv(result.out / HEADROOM)  # read_table wants a step; this folder has none
+    assert list(kv.columns) == list(store.PROBE_COLUMNS)
+    assert len(kv) == 2 * 2 * 2 * 3  # sites (before, after RoPE) x layers x kv heads x metrics
+    assert set(kv["site"]) == {"k_pre", "k"} and set(kv["arm"]) == {"tiny-qwen3"}
+    assert kv[kv["metric"] == "kv_rank"]["value"].isin([1, 2, 4, 8]).all()  # the ladder of head_dim 8
+    assert result.kv_plot == result.out / PLOT and result.kv_plot.stat().st_size > 0
+    assert "## KV-cache headroom" in result.summary and "keys after RoPE" in result.summary
+    argv = [str(hf_folder), "--out", str(result.out), "--batch-size", "2", "--seq-len", "32"]
+    assert cli([*argv, "--no-kv-headroom", "--no-progress"]) == 0
+    assert not (result.out / HEADROOM).exists() and not (result.out / PLOT).exists()  # this run's folder only
 
 
 def test_a_trainer_checkpoint_folder_says_where_training_was(hf_folder, tmp_path):

@@ -222,3 +222,4 @@ def test_a_run_writes_kv_rows_at_the_end_and_analyze_writes_the_table(tmp_path, 
     assert "## KV-cache headroom" in res.summary and "bf16" in res.summary
     assert "## KV-cache headroom" in (res.out / "summary.md").read_text()
     assert table[table["metric"] == "kv_rank"]["value"].between(1, m.head_dim).all()
+    assert res.kv_plot is not None and res.kv_plot.name == PLOT and res.kv_plot.is_file()

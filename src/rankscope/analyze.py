@@ -18,8 +18,10 @@ shards.
 Written to `--out` (default: `<run>/analyze/step-<s>/` for a rankscope run, `<PATH>-analyze/` beside
 a Hugging Face folder, or `./rankscope-analyze/<name>/` when that place is not writable):
 probes.csv (the tidy table, `store.PROBE_COLUMNS`), key_pr_heatmap.png (layer x head,
-`report.layer_plots`), summary.md (also printed, `report.model_summary`), analyze.json (what was
-measured, on what, and with which code and machine: `provenance.environment`).
+`report.layer_plots`), summary.md (also printed, `report.model_summary`), kv_headroom.csv and
+kv_headroom.png (the key rank each kv head needs at 1% loss, `headroom.write_headroom`; skipped
+with --no-kv-headroom), analyze.json (what was measured, on what, and with which code and
+machine: `provenance.environment`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 HEATMAP, SUMMARY, TABLE, INFO = "key_pr_heatmap.png", "summary.md", "probes.csv", "analyze.json"
+# headroom.HEADROOM_TABLE and report.kv_headroom.PLOT (this module imports neither at import time)
+HEADROOM, HEADROOM_PLOT = "kv_headroom.csv", "kv_headroom.png"
 
 
 @dataclass
@@ -50,6 +54,7 @@ class AnalyzeResult:
     summary: str  # markdown
     heatmap: Path
     info: dict[str, Any]
+    kv_plot: Path | None = None  # kv_headroom.png, when measured
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -78,8 +83,12 @@ def analyze(
     seq_len: int | None = None,
     sites: tuple[str, ...] = ("k",),
     device: str = "auto",
+    kv_headroom: bool = True,
+    progress: bool = False,
 ) -> AnalyzeResult:
-    """Load the model at `path`, probe it on one batch, write the table, heatmap and summary."""
+    """Load the model at `path`, probe it on one batch, write the table, heatmap and summary; with
+    `kv_headroom`, also the KV-cache headroom table and figure (`headroom.write_headroom`; a
+    progress bar on stderr with `progress`)."""
     import torch
 
     from .attach import Probe
@@ -166,10 +175,14 @@ def analyze(
         notes=probe.notes,
         keys=keys_word(att.qk_norm, att.rotary),
     )
-    if loaded.kind == "rankscope":  # KV-cache headroom per kv head (kv_headroom.csv); not measured for HF models
+    kv_plot = None
+    for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it with --no-kv-headroom
+        (out_dir / stale).unlink(missing_ok=True)
+    if kv_headroom:  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
         from .headroom import write_headroom
 
-        summary += write_headroom(model, ids, out_dir, base)
+        section, kv_plot = write_headroom(model, ids, out_dir, base, progress=progress)
+        summary += section
     write_text(out_dir / SUMMARY, summary)
     info = {
         "path": str(path.resolve()),
@@ -185,7 +198,7 @@ def analyze(
         "written": now(),
     }
     write_json(out_dir / INFO, info)
-    return AnalyzeResult(table, out_dir, summary, heatmap, info)
+    return AnalyzeResult(table, out_dir, summary, heatmap, info, kv_plot)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +229,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated sites to measure besides k: {', '.join(PROBE_SITES)} (default: k)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--no-kv-headroom",
+        action="store_true",
+        help="skip the KV-cache headroom (per kv head, the key rank that keeps the loss within 1%%: a few "
+        "forward passes per kv head and layer)",
+    )
     add_series_arguments(parser)
 
 
@@ -245,7 +264,9 @@ def add_series_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--name", help="the series' arm name in the study folder (default: the run's arm or folder name)"
     )
-    group.add_argument("--no-progress", action="store_true", help="no progress bar over the checkpoints")
+    group.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (over the checkpoints, or the KV headroom's passes)"
+    )
 
 
 def _is_series(args: argparse.Namespace) -> bool:
@@ -274,9 +295,13 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         sites=sites or ("k",),
         device=args.device,
+        kv_headroom=not args.no_kv_headroom,
+        progress=not args.no_progress,
     )
     print(result.summary)
     print(f"table:   {result.out / TABLE}\nheatmap: {result.heatmap}\nsummary: {result.out / SUMMARY}")
+    if result.kv_plot is not None:
+        print(f"kv headroom: {result.out / HEADROOM} and {result.kv_plot}")
     return 0
 
 

@@ -356,27 +356,57 @@ def _edit_site(kc: Any, site: str) -> Any:
     return kc.scored if site == "k" and kc.scored is not None else kc.store
 
 
-def write_headroom(model: nn.Module, ids: torch.Tensor, out_dir: Path, base: Row, tol: float = 0.01) -> str:
-    """`rankscope analyze` of a rankscope model: measure `kv_headroom` on the probe batch `ids` (B, T)
-    (inputs ids[:, :-1], targets ids[:, 1:]; bf16 autocast on CUDA as the trainer's evaluation),
-    write out_dir/kv_headroom.csv (the probe table's columns, `base` filling arm, seed, step,
-    tokens) and return summary.md's "KV-cache headroom" section."""
-    import pandas as pd
+def write_headroom(
+    model: nn.Module, ids: torch.Tensor, out_dir: Path, base: Row, tol: float = 0.01, *, progress: bool = False
+) -> tuple[str, Path | None]:
+    """`rankscope analyze`: measure the KV headroom of `model` on the probe batch `ids` (B, T)
+    (inputs ids[:, :-1], targets ids[:, 1:]; bf16 autocast on CUDA as the trainer's evaluation):
+    `kv_headroom` for rankscope's GPT, `model_kv_headroom` for any other model with a key cache and
+    a loss (with a progress bar on stderr when `progress`). Writes out_dir/kv_headroom.csv (the
+    probe table's columns, `base` filling arm, seed, step, tokens) and out_dir/kv_headroom.png, and
+    returns summary.md's "KV-cache headroom" section and the figure's path; for a model whose keys
+    cannot be replaced, a section saying so and None."""
+    import sys
 
-    from .report.kv_headroom import analyze_markdown, headroom_frame, headroom_table
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .attach import detect
+    from .model import GPT
+    from .report.kv_headroom import PLOT, analyze_markdown, headroom_frame, headroom_table, plot_kv_headroom
+    from .report.plotstyle import arm_colors
     from .store import PROBE_COLUMNS, TableWriter
 
+    att = detect(model)
+    if not isinstance(model, GPT) and not kv_sites(att):
+        why = "it has no language-model head" if att.loss is None else "rankscope cannot replace its cached keys"
+        return f"\n## KV-cache headroom\n\nNot measured for this {att.family} model: {why}.\n", None
     ids = ids.to(next(model.parameters()).device)
-    dev = ids.device
+    x, y, dev = ids[:, :-1], ids[:, 1:], ids.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        rows = kv_headroom(model, ids[:, :-1], ids[:, 1:], tol=tol)
-    path = Path(out_dir) / HEADROOM_TABLE
+        if isinstance(model, GPT):
+            rows = kv_headroom(model, x, y, tol=tol)
+        else:
+            with tqdm(desc="KV headroom", unit="pass", file=sys.stderr, disable=not progress, leave=False) as bar:
+
+                def tick(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                rows = model_kv_headroom(model, x, y, tol=tol, attachment=att, progress=tick)
+    out_dir = Path(out_dir)
+    path = out_dir / HEADROOM_TABLE
     path.unlink(missing_ok=True)  # a rerun replaces the table
     writer = TableWriter(path, PROBE_COLUMNS)
     writer.append({**base, **r} for r in rows)
     writer.close()
-    frame = headroom_frame(pd.DataFrame([{**base, "seed": 0, "tokens": 0, **r} for r in rows]))
-    return analyze_markdown(headroom_table(frame, model.cfg.head_dim), tol)
+    arm = str(base["arm"])
+    frame = headroom_frame(pd.DataFrame([{**base, "arm": arm, "seed": 0, "tokens": 0, **r} for r in rows]))
+    plot = plot_kv_headroom(frame, [arm], arm_colors([arm]), out_dir / PLOT, head_dim=att.head_dim, tol=tol)
+    section = analyze_markdown(headroom_table(frame, att.head_dim), tol)
+    if plot is not None:
+        section += f"\n{plot.caption} ({PLOT})\n"
+    return section, plot.path if plot is not None else None
 
 
 __all__ = [
