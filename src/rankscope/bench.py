@@ -12,7 +12,6 @@ what the probe would cost over a whole run at the preset's own cadence.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -71,6 +70,61 @@ def matmul_rate(device: torch.device, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of the three parts of one training step at `cfg`'s shapes, timed apart with
+    the device synchronised after each: forward (the loss, under the run's autocast), backward,
+    and optimizer (the gradient norm, the optimizer step and zero_grad, QK-Clip where set), as
+    `train()` takes them, on a random batch, after `warmup` untimed steps (compilation, first-call
+    allocation). Compiled as `train()` compiles."""
+    import contextlib
+
+    import torch
+
+    from .model import GPT, mixed_precision, qk_clip
+    from .optim import build_optimizers
+
+    use_cuda = device.type == "cuda"
+    model = GPT(cfg.model)
+    model.reset_parameters(cfg.seed)
+    model.to(device).train()
+    for block in model.blocks:
+        block.attn.track_max_logit = cfg.optim.qk_clip_tau > 0
+    opt = build_optimizers(model, cfg.optim, fused=use_cuda)
+    step_model = (
+        torch.compile(model) if cfg.train.compile == "on" or (cfg.train.compile == "auto" and use_cuda) else model
+    )
+    autocast = (lambda: mixed_precision(device.type)) if use_cuda else contextlib.nullcontext
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.batch_size, cfg.train.seq_len), generator=g).to(device)
+
+    def sync() -> float:
+        if use_cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    for i in range(warmup + steps):
+        t0 = sync()
+        with autocast():
+            loss = step_model(x, y)
+        t1 = sync()
+        loss.backward()
+        t2 = sync()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        else:
+            torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        opt.step()
+        opt.zero_grad()
+        if cfg.optim.qk_clip_tau > 0:
+            qk_clip(model, cfg.optim.qk_clip_tau)
+        t3 = sync()
+        if i >= warmup:
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                parts[k].append(v)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
 def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
     import torch
 
@@ -78,6 +132,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     from .config import apply_overrides
     from .config import preset as get_preset
     from .data import load_data
+    from .provenance import cpu_info
     from .store import load_scalars, read_json
     from .train import resolve_device, train
 
@@ -102,22 +157,32 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
         rows = load_scalars(tmp).sort_values("tokens")
         config = read_json(Path(tmp) / "run" / "config.json")
     rates.append(matmul_rate(device))
+    parts = step_parts(cfg, device)
+    rates.append(matmul_rate(device))
     first, last = rows.iloc[1], rows.iloc[-1]  # skip the first interval: compilation and warm-up
     train_s = (last.elapsed_s - last.eval_s) - (first.elapsed_s - first.eval_s)
     tok_s = (last.tokens - first.tokens) / train_s
     flops = config["flops_per_token"] * tok_s
     n_evals = len(rows)
     probe_each = summary["probe_s"] / n_evals
-    eval_each = summary["eval_s"] / n_evals
+    # each evaluation's own time; the last also runs what a run does only at its end (functional
+    # rank, KV headroom), so the others give one evaluation and the last the end's extra
+    each = rows["eval_s"].diff().fillna(rows["eval_s"]).to_numpy()
+    eval_each = float(statistics.median(each[:-1])) if n_evals > 1 else float(each[0])
+    end_extra = max(0.0, float(each[-1]) - eval_each)
     full_steps = -(-cfg.train.tokens // tps)
     full_evals = len(eval_steps(full_steps, tps, cfg.train.eval_every, cfg.train.eval_schedule, cfg.train.eval_points))
-    full_s = cfg.train.tokens / tok_s + full_evals * eval_each
+    full_eval_s = full_evals * eval_each + end_extra
+    full_s = cfg.train.tokens / tok_s + full_eval_s
     rate = statistics.mean(rates)
     peak = device_peak(device)
     return {
         "preset": preset,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU"),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["name"],
+        "cpu": cpu_info(),
+        "step_parts_s": parts,
+        "eval_ms": eval_each * 1e3,
         "params": config["n_params"],
         "tokens_per_s": tok_s,
         "model_tflops": flops / 1e12,
@@ -128,7 +193,9 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
         "peak_memory_gib": summary["peak_memory_bytes"] / 2**30,
         "probe_ms": probe_each * 1e3,
         "probe_share": full_evals * probe_each / full_s,
-        "eval_share": full_evals * eval_each / full_s,
+        "eval_share": full_eval_s / full_s,
+        "end_eval_ms": end_extra * 1e3,
+        "full_evals": full_evals,
         "full_run_min": full_s / 60,
         "compile": cfg.train.compile,
         "bench_tokens": int(last.tokens),
@@ -139,17 +206,26 @@ def format_result(r: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
 
+    from .provenance import describe_cpu
+
+    parts = r["step_parts_s"]
+    step = sum(parts.values())
     lines = [
         f"rankscope bench: preset {r['preset']} on {r['device_name']} ({r['device']}), "
         f"{r['params'] / 1e6:.1f}M parameters",
+        f"  CPU                                 {describe_cpu(r['cpu'])}",
         f"  tokens/s (training, steady state)   {r['tokens_per_s']:,.0f}",
         f"  model TFLOP/s                       {r['model_tflops']:.2f}",
         f"  MFU vs bf16 peak                    {pct(r['mfu_peak'])}"
         + (f" (peak {r['peak_tflops']:.0f} TFLOP/s)" if r["peak_tflops"] else " (peak unknown for this device)"),
         f"  MFU vs measured matmul              {pct(r['mfu_matmul'])} (measured {r['matmul_tflops']:.3f} TFLOP/s)",
+        f"  one step, timed apart               {step * 1e3:.0f} ms: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms ({v / step:.0%})" for k, v in parts.items()),
+        f"  one evaluation                      {r['eval_ms']:.0f} ms (probe {r['probe_ms']:.0f} ms of it); "
+        f"the run's end adds {r['end_eval_ms']:.0f} ms (functional rank, KV headroom)",
         f"  peak memory                         {r['peak_memory_gib']:.2f} GiB",
-        f"  probe per evaluation                {r['probe_ms']:.0f} ms",
-        f"  probe share of a full run           {pct(r['probe_share'])} (evaluation {pct(r['eval_share'])})",
+        f"  share of a full run                 evaluation {pct(r['eval_share'])} ({r['full_evals']} evaluations; "
+        f"probe {pct(r['probe_share'])})",
         f"  full run at this speed              {r['full_run_min']:.1f} min",
     ]
     return "\n".join(lines)

@@ -36,6 +36,41 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# CPU features that decide how fast a float32 or bfloat16 matmul runs (Linux /proc/cpuinfo flags).
+_ISA = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name, its matmul-relevant instruction sets (AVX2, AVX-512, AVX-512 BF16,
+    AMX-BF16: from /proc/cpuinfo on Linux, none elsewhere), the kernels torch dispatches to
+    (`torch.backends.cpu.get_cpu_capability()`) and torch's threads."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "name": name or platform.processor() or platform.machine() or "cpu",
+        "isa": [label for flag, label in _ISA if flag in flags] or (["AVX2"] if "avx2" in flags else []),
+        "amx": "amx_bf16" in flags,
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_cpu(info: dict[str, Any] | None = None) -> str:
+    """'AMD EPYC (AVX-512, AVX-512 BF16, no AMX; torch kernels AVX512), 2 threads'."""
+    c = info or cpu_info()
+    isa = ", ".join(c["isa"] + ([] if c["amx"] else ["no AMX"]))
+    return f"{c['name']} ({isa}; torch kernels {c['kernels']}), {c['threads']} thread{'s' if c['threads'] != 1 else ''}"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """rankscope's version and git commit (with a dirty flag), torch, CUDA, Python, the platform,
     the device and its name, torch's CPU threads, and the version of each framework already loaded."""
@@ -49,7 +84,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info()["name"],
         "threads": torch.get_num_threads(),
     }
     for name in _FRAMEWORKS:
