@@ -147,8 +147,21 @@ def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, 
     assert result.kv_plot == result.out / PLOT and result.kv_plot.stat().st_size > 0
     assert "## KV-cache headroom" in result.summary and "keys after RoPE" in result.summary
     argv = [str(hf_folder), "--out", str(result.out), "--batch-size", "2", "--seq-len", "32"]
-    assert cli([*argv, "--no-kv-headroom", "--no-progress"]) == 0
+    assert cli([*argv, "--kv-headroom", "off", "--no-progress"]) == 0
     assert not (result.out / HEADROOM).exists() and not (result.out / PLOT).exists()  # this run's folder only
+
+
+def test_auto_kv_headroom_skips_a_model_too_slow_to_measure_here_and_says_so(hf_folder, tmp_path, monkeypatch):
+    from rankscope import headroom
+
+    monkeypatch.setattr(headroom, "AUTO_BUDGET_S", 0.0)  # any model is too slow
+    # 2 layers x 2 kv heads x 2 key sites x 2 search steps (ladder 1, 2, 4, 8)
+    result = analyze(hf_folder, out=tmp_path / "auto", batch_size=2, seq_len=32)
+    section = result.summary.split("## KV-cache headroom")[1]
+    assert "Not measured" in section and "--kv-headroom on" in section and "16 forward passes" in section
+    assert result.kv_plot is None and not (result.out / "kv_headroom.csv").exists()
+    result = analyze(hf_folder, out=tmp_path / "on", batch_size=2, seq_len=32, kv_headroom="on")
+    assert result.kv_plot is not None and (result.out / "kv_headroom.csv").exists()
 
 
 def test_a_trainer_checkpoint_folder_says_where_training_was(hf_folder, tmp_path):

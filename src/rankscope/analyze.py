@@ -19,8 +19,8 @@ Written to `--out` (default: `<run>/analyze/step-<s>/` for a rankscope run, `<PA
 a Hugging Face folder, or `./rankscope-analyze/<name>/` when that place is not writable):
 probes.csv (the tidy table, `store.PROBE_COLUMNS`), key_pr_heatmap.png (layer x head,
 `report.layer_plots`), summary.md (also printed, `report.model_summary`), kv_headroom.csv and
-kv_headroom.png (the key rank each kv head needs at 1% loss, `headroom.write_headroom`; skipped
-with --no-kv-headroom), analyze.json (what was measured, on what, and with which code and
+kv_headroom.png (the key rank each kv head needs at 1% loss, `headroom.write_headroom`; with
+--kv-headroom auto|on|off), analyze.json (what was measured, on what, and with which code and
 machine: `provenance.environment`).
 """
 
@@ -83,12 +83,13 @@ def analyze(
     seq_len: int | None = None,
     sites: tuple[str, ...] = ("k",),
     device: str = "auto",
-    kv_headroom: bool = True,
+    kv_headroom: str = "auto",
     progress: bool = False,
 ) -> AnalyzeResult:
-    """Load the model at `path`, probe it on one batch, write the table, heatmap and summary; with
-    `kv_headroom`, also the KV-cache headroom table and figure (`headroom.write_headroom`; a
-    progress bar on stderr with `progress`)."""
+    """Load the model at `path`, probe it on one batch, write the table, heatmap and summary, and
+    the KV-cache headroom table and figure (`headroom.write_headroom`): kv_headroom "on", "off", or
+    "auto" (rankscope models always; others when it takes at most about five minutes here); a
+    progress bar on stderr with `progress`."""
     import torch
 
     from .attach import Probe
@@ -176,12 +177,14 @@ def analyze(
         keys=keys_word(att.qk_norm, att.rotary),
     )
     kv_plot = None
-    for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it with --no-kv-headroom
+    for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it
         (out_dir / stale).unlink(missing_ok=True)
-    if kv_headroom:  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
+    if kv_headroom not in ("on", "off", "auto"):
+        raise RankscopeError(f"--kv-headroom must be on, off or auto, got {kv_headroom!r}")
+    if kv_headroom != "off":  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
         from .headroom import write_headroom
 
-        section, kv_plot = write_headroom(model, ids, out_dir, base, progress=progress)
+        section, kv_plot = write_headroom(model, ids, out_dir, base, progress=progress, mode=kv_headroom)
         summary += section
     write_text(out_dir / SUMMARY, summary)
     info = {
@@ -230,10 +233,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
-        "--no-kv-headroom",
-        action="store_true",
-        help="skip the KV-cache headroom (per kv head, the key rank that keeps the loss within 1%%: a few "
-        "forward passes per kv head and layer)",
+        "--kv-headroom",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the KV-cache headroom: per kv head, the key rank that keeps the loss within 1%% (a few forward passes "
+        "per kv head and layer); auto: always for rankscope models, for others when it takes at most about 5 "
+        "minutes on this device (default: auto)",
     )
     add_series_arguments(parser)
 
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         sites=sites or ("k",),
         device=args.device,
-        kv_headroom=not args.no_kv_headroom,
+        kv_headroom=args.kv_headroom,
         progress=not args.no_progress,
     )
     print(result.summary)

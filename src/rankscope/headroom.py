@@ -356,8 +356,38 @@ def _edit_site(kc: Any, site: str) -> Any:
     return kc.scored if site == "k" and kc.scored is not None else kc.store
 
 
+def max_passes(att: Any, ladder_len: int) -> int:
+    """The most projected passes `model_kv_headroom` can take for an attachment: every layer, kv
+    head and measured key site, ceil(log2(rungs)) search steps each."""
+    sites = len({"k_pre" if s == "k" and att.rotary == "none" else s for s in kv_sites(att)})
+    return att.n_layer * att.n_kv_head * sites * math.ceil(math.log2(ladder_len))
+
+
+AUTO_BUDGET_S = 300.0  # `rankscope analyze --kv-headroom auto` measures a foreign model when it fits this
+
+
+def _timed_loss(att: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds of one loss pass of the attached model (its device synchronised)."""
+    import time
+
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        att.loss(x, y)
+        sync()
+    return time.perf_counter() - t0
+
+
 def write_headroom(
-    model: nn.Module, ids: torch.Tensor, out_dir: Path, base: Row, tol: float = 0.01, *, progress: bool = False
+    model: nn.Module,
+    ids: torch.Tensor,
+    out_dir: Path,
+    base: Row,
+    tol: float = 0.01,
+    *,
+    progress: bool = False,
+    mode: str = "on",
 ) -> tuple[str, Path | None]:
     """`rankscope analyze`: measure the KV headroom of `model` on the probe batch `ids` (B, T)
     (inputs ids[:, :-1], targets ids[:, 1:]; bf16 autocast on CUDA as the trainer's evaluation):
@@ -365,7 +395,9 @@ def write_headroom(
     a loss (with a progress bar on stderr when `progress`). Writes out_dir/kv_headroom.csv (the
     probe table's columns, `base` filling arm, seed, step, tokens) and out_dir/kv_headroom.png, and
     returns summary.md's "KV-cache headroom" section and the figure's path; for a model whose keys
-    cannot be replaced, a section saying so and None."""
+    cannot be replaced, a section saying so and None. mode "auto": a model other than rankscope's
+    is measured only when one loss pass, timed here, times `max_passes` fits in AUTO_BUDGET_S; else
+    the section says how long it would take and how to ask for it."""
     import sys
 
     import pandas as pd
@@ -384,6 +416,17 @@ def write_headroom(
     ids = ids.to(next(model.parameters()).device)
     x, y, dev = ids[:, :-1], ids[:, 1:], ids.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        if mode == "auto" and not isinstance(model, GPT):
+            estimate = max_passes(att, len(rank_ladder(att.head_dim))) * _timed_loss(att, x, y)
+            if estimate > AUTO_BUDGET_S:
+                from .progress import fmt_duration
+
+                return (
+                    f"\n## KV-cache headroom\n\nNot measured: on this device it would take about "
+                    f"{fmt_duration(estimate)} (up to {max_passes(att, len(rank_ladder(att.head_dim)))} forward "
+                    f"passes); `--kv-headroom on` measures it.\n",
+                    None,
+                )
         if isinstance(model, GPT):
             rows = kv_headroom(model, x, y, tol=tol)
         else:
