@@ -319,3 +319,62 @@ def test_truncate_after_keeps_rows_up_to_the_step(tmp_path):
     store.truncate_after(tmp_path, 2)
     assert list(store.read_table(tmp_path / "scalars.csv")["step"]) == [0, 1, 2]
     assert list(store.read_table(tmp_path / "probes.csv")["step"]) == [0, 1, 2]
+
+
+# --- torch.compile on the CPU: when it is used, what it guarantees, and what happens when it fails ---------
+
+
+def test_compile_auto_compiles_long_cpu_runs_only_with_a_cpp_compiler(monkeypatch):
+    import shutil
+
+    from rankscope.train import CPU_COMPILE_MIN_TOKENS, compiles
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tc = RunConfig().train
+    assert tc.compile == "auto" and tc.tokens >= CPU_COMPILE_MIN_TOKENS  # the default run compiles
+    short = apply_overrides(RunConfig(), {"train.tokens": CPU_COMPILE_MIN_TOKENS - 1}).train
+    assert compiles(tc, cuda) and compiles(short, cuda) and not compiles(short, cpu)
+    for mode, want in (("on", True), ("off", False)):
+        assert compiles(apply_overrides(RunConfig(), {"train.compile": mode}).train, cpu) is want
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor's kernels
+    assert not compiles(tc, cpu) and compiles(tc, cuda)
+
+
+def failing_compile(monkeypatch) -> None:
+    """torch.compile whose compiled module fails as inductor does without a working toolchain."""
+    from torch._inductor.exc import InductorError
+
+    def compile_(module, *args, **kwargs):
+        def call(*a, **k):
+            raise InductorError(RuntimeError("C++ compile error: g++ not found"), "")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+def test_a_failing_auto_compile_trains_uncompiled_and_says_so(tmp_path, whole, monkeypatch, capsys):
+    from rankscope import train as train_module
+
+    failing_compile(monkeypatch)
+    monkeypatch.setattr(train_module, "CPU_COMPILE_MIN_TOKENS", 1)  # auto compiles this short run
+    run = tmp_path / "run"
+    train(config(shards(tmp_path)), run, progress=False, arm="a")
+    assert "torch.compile failed" in capsys.readouterr().err
+    assert_same_run(run, whole)  # eager from the first step: the uncompiled run, bit for bit
+    with pytest.raises(RankscopeError, match="train.compile=off"):  # asked for: one line, no traceback
+        train(config(shards(tmp_path), **{"train.compile": "on"}), tmp_path / "on", progress=False, arm="a")
+
+
+def test_a_compiled_run_resumes_bitwise(tmp_path, monkeypatch):
+    """Compiled training steps are not bitwise the eager ones (inductor fuses and reorders), but a
+    compiled run killed and resumed is bitwise the compiled run that was not."""
+    data = shards(tmp_path)
+    cfg = config(data, **{"train.compile": "on"})
+    train(cfg, tmp_path / "whole", progress=False, arm="a")
+    kill_after_row(monkeypatch, 12)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "killed", progress=False, arm="a")
+    monkeypatch.undo()
+    train(cfg, tmp_path / "killed", progress=False, arm="a")  # resumes from step 10
+    assert_same_run(tmp_path / "killed", tmp_path / "whole")

@@ -70,12 +70,13 @@ def matmul_rate(device: torch.device, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2) -> dict[str, float]:
+def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compiled: bool = False) -> dict[str, float]:
     """Median seconds of the three parts of one training step at `cfg`'s shapes, timed apart with
     the device synchronised after each: forward (the loss, under the run's autocast), backward,
     and optimizer (the gradient norm, the optimizer step and zero_grad, QK-Clip where set), as
     `train()` takes them, on a random batch, after `warmup` untimed steps (compilation, first-call
-    allocation). Compiled as `train()` compiles."""
+    allocation). `compiled`: the step runs under torch.compile, as `train()` runs it when
+    `train.compiles` says so."""
     import contextlib
 
     import torch
@@ -90,9 +91,8 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2) -> di
     for block in model.blocks:
         block.attn.track_max_logit = cfg.optim.qk_clip_tau > 0
     opt = build_optimizers(model, cfg.optim, fused=use_cuda)
-    step_model = (
-        torch.compile(model) if cfg.train.compile == "on" or (cfg.train.compile == "auto" and use_cuda) else model
-    )
+    step_model = torch.compile(model) if compiled else model
+
     autocast = (lambda: mixed_precision(device.type)) if use_cuda else contextlib.nullcontext
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.batch_size, cfg.train.seq_len), generator=g).to(device)
@@ -134,9 +134,11 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     from .data import load_data
     from .provenance import cpu_info
     from .store import load_scalars, read_json
-    from .train import resolve_device, train
+    from .train import compiles, keep_freed_memory, resolve_device, train
 
     cfg = apply_overrides(get_preset(preset), overrides)
+    device = resolve_device(cfg.train.device)
+    compiled = compiles(cfg.train, device)  # as the preset's full run decides, not the short budget timed here
     tps = cfg.train.batch_size * cfg.train.seq_len
     budget = tokens or 40 * tps
     steps = max(4, -(-budget // tps))
@@ -147,9 +149,9 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
             "train.eval_every": steps * tps // 4,
             "train.eval_schedule": "linear",
             "train.checkpoint_every": 0,
+            "train.compile": "on" if compiled else "off",
         },
     )
-    device = resolve_device(cfg.train.device)
     data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress)
     rates = [matmul_rate(device)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +159,9 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
         rows = load_scalars(tmp).sort_values("tokens")
         config = read_json(Path(tmp) / "run" / "config.json")
     rates.append(matmul_rate(device))
-    parts = step_parts(cfg, device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train() does
+    parts = step_parts(cfg, device, compiled=compiled)
     rates.append(matmul_rate(device))
     first, last = rows.iloc[1], rows.iloc[-1]  # skip the first interval: compilation and warm-up
     train_s = (last.elapsed_s - last.eval_s) - (first.elapsed_s - first.eval_s)
@@ -198,6 +202,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
         "full_evals": full_evals,
         "full_run_min": full_s / 60,
         "compile": cfg.train.compile,
+        "compiled": compiled,
         "bench_tokens": int(last.tokens),
     }
 
@@ -214,6 +219,7 @@ def format_result(r: dict) -> str:
         f"rankscope bench: preset {r['preset']} on {r['device_name']} ({r['device']}), "
         f"{r['params'] / 1e6:.1f}M parameters",
         f"  CPU                                 {describe_cpu(r['cpu'])}",
+        f"  torch.compile                       {'on' if r['compiled'] else 'off'} (train.compile={r['compile']})",
         f"  tokens/s (training, steady state)   {r['tokens_per_s']:,.0f}",
         f"  model TFLOP/s                       {r['model_tflops']:.2f}",
         f"  MFU vs bf16 peak                    {pct(r['mfu_peak'])}"

@@ -207,6 +207,17 @@ class Block(nn.Module):
 _CE_ROWS = 512
 
 
+def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ wᵀ (h (N, D), w (V, D), targets (N,)) without gradients,
+    in `LinearCrossEntropy`'s row chunks, so the (N, V) logits never exist whole: an evaluation's
+    output layer is about 1.5x faster on two CPU cores than logits + F.cross_entropy."""
+    total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    for i in range(0, h.shape[0], _CE_ROWS):
+        logits = h[i : i + _CE_ROWS] @ w.T  # (c, V)
+        total += torch.logsumexp(logits, dim=-1).sum() - logits.gather(1, targets[i : i + _CE_ROWS, None]).sum()
+    return total / h.shape[0]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits h @ wᵀ, computed in row chunks that stay in cache.
 
@@ -281,8 +292,12 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         if targets is None:
             return F.linear(x, self.embed.weight)  # (B, T, V)
-        if x.requires_grad and x.device.type == "cpu":
-            return LinearCrossEntropy.apply(x.flatten(0, 1), self.embed.weight, targets.flatten())
+        if x.device.type == "cpu":
+            h, t = x.flatten(0, 1), targets.flatten()
+            if x.requires_grad:
+                return LinearCrossEntropy.apply(h, self.embed.weight, t)
+            if not torch.is_grad_enabled():  # an evaluation: the same chunks, no gradient
+                return chunked_cross_entropy(h, self.embed.weight, t)
         return F.cross_entropy(F.linear(x, self.embed.weight).flatten(0, 1).float(), targets.flatten())
 
     @torch.no_grad()
