@@ -107,7 +107,8 @@ class TrainConfig:
     eval_points: Annotated[int, Range(1, MAX_SCHEDULE)] = 24  # evaluation points of the log schedule (plus token 0)
     device: Annotated[str, Match(r"auto|cpu|mps|cuda(:\d{1,4})?", "auto, cpu, mps, cuda or cuda:N")] = "auto"
     threads: Annotated[int, Range(0, 4096)] = 0  # CPU threads for torch; 0 = torch's default
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA
+    # torch.compile of the training step: auto = on CUDA, and on CPU for runs of 1M tokens or more
+    compile: Literal["auto", "on", "off"] = "auto"
     grad_accum: Annotated[int, Range(1, 2**20)] = 1  # micro-batches per optimizer step (batch_size is the global batch)
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     checkpoint_every: _Tokens = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
