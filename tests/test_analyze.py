@@ -82,18 +82,9 @@ def test_a_checkpoint_file_and_other_sites(run, tmp_path):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A Qwen3 model with random weights and a small byte-level BPE saved the way from_pretrained reads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from test_analyze_series import tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        ["def f(x):\n    return x + 1\n" * 20, "keys lose dimensions"],
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast = tokenizer(300)
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(
         hidden_size=32,

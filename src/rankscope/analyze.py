@@ -105,6 +105,8 @@ def analyze(
     for label, v in (("--batch-size", batch_size), ("--seq-len", seq_len)):
         if v is not None and v < 1:
             raise RankscopeError(f"{label} must be positive, got {v}")
+    if kv_headroom not in ("on", "off", "auto"):
+        raise RankscopeError(f"--kv-headroom must be on, off or auto, got {kv_headroom!r}")
     if data is not None and not Path(data).exists():
         raise RankscopeError(f"--data: no such file or folder: {data}")
     path = Path(path)
@@ -179,8 +181,6 @@ def analyze(
     kv_plot = None
     for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it
         (out_dir / stale).unlink(missing_ok=True)
-    if kv_headroom not in ("on", "off", "auto"):
-        raise RankscopeError(f"--kv-headroom must be on, off or auto, got {kv_headroom!r}")
     if kv_headroom != "off":  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
         from .headroom import write_headroom
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RankscopeError
+from .errors import RankscopeError, first_line
 
 
 @dataclass
@@ -29,11 +29,6 @@ class LoadedModel:
     source: str = ""
     config: Any = None  # a rankscope run's RunConfig (None for Hugging Face models)
     vocab_size: int | None = None  # rows of the input embedding: checkpoints of one series must agree
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def load_model(path: Path) -> LoadedModel:

@@ -82,7 +82,7 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compi
     import torch
 
     from .model import GPT, mixed_precision, qk_clip
-    from .optim import build_optimizers
+    from .optim import build_optimizers, optimizer_step
 
     use_cuda = device.type == "cuda"
     model = GPT(cfg.model)
@@ -110,12 +110,7 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compi
         t1 = sync()
         loss.backward()
         t2 = sync()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        else:
-            torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        opt.step()
-        opt.zero_grad()
+        optimizer_step(model, opt, cfg.optim.grad_clip)
         if cfg.optim.qk_clip_tau > 0:
             qk_clip(model, cfg.optim.qk_clip_tau)
         t3 = sync()
@@ -134,7 +129,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     from .data import load_data
     from .provenance import cpu_info
     from .store import load_scalars, read_json
-    from .train import compiles, keep_freed_memory, resolve_device, train
+    from .train import compiles, resolve_device, train
 
     cfg = apply_overrides(get_preset(preset), overrides)
     device = resolve_device(cfg.train.device)
@@ -159,9 +154,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
         rows = load_scalars(tmp).sort_values("tokens")
         config = read_json(Path(tmp) / "run" / "config.json")
     rates.append(matmul_rate(device))
-    if device.type == "cpu":
-        keep_freed_memory()  # as train() does
-    parts = step_parts(cfg, device, compiled=compiled)
+    parts = step_parts(cfg, device, compiled=compiled)  # train() above set this process's allocator
     rates.append(matmul_rate(device))
     first, last = rows.iloc[1], rows.iloc[-1]  # skip the first interval: compilation and warm-up
     train_s = (last.elapsed_s - last.eval_s) - (first.elapsed_s - first.eval_s)

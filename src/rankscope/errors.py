@@ -7,6 +7,13 @@ class RankscopeError(Exception):
     exit_code = 2  # a usage or input error, as argparse exits
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for the one
+    line a RankscopeError wrapping it shows."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
 class ConfigError(RankscopeError, ValueError):
     """A bad setting, override, preset or study file."""
 

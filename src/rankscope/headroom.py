@@ -206,6 +206,12 @@ def kv_sites(att: Any) -> tuple[str, ...]:
     return ("k_pre", "k") if (kc.scored is not None or kc.rotate is not None or att.rotary == "none") else ("k_pre",)
 
 
+def _measured_site(att: Any, site: str) -> str:
+    """The site whose keys are projected for `site`: without RoPE the scored keys are the stored
+    ones, so 'k' is measured once, as 'k_pre'."""
+    return "k_pre" if site == "k" and att.rotary == "none" else site
+
+
 def _key_view(site: Any, out: torch.Tensor, layer: int, layout: str) -> torch.Tensor:
     """(B, T, kv heads, E) keys inside the module output `out`: a view, so writing into it writes `out`."""
     v = site.transform(out, layer) if site.transform is not None else out
@@ -308,11 +314,7 @@ def model_kv_headroom(
             raise RankscopeError(f"KV headroom at {s!r} is not available for {att.family} (only {', '.join(possible)})")
     ladder = _check_ladder(ladder, att.head_dim, tol)
     kc = att.key_cache
-
-    def source(site: str) -> str:  # without RoPE the scored keys are the stored ones: measured once
-        return "k_pre" if site == "k" and att.rotary == "none" else site
-
-    measured = sorted({source(s) for s in sites}, key=KV_SITES.index)
+    measured = sorted({_measured_site(att, s) for s in sites}, key=KV_SITES.index)
     modes = {m: m.training for m in model.modules()}
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     handles = [h for c in att.contexts for h in c.attach()]
@@ -345,9 +347,10 @@ def model_kv_headroom(
             m.training = was
     rows: list[Row] = []
     for s in sites:
+        src = _measured_site(att, s)
         for layer in range(att.n_layer):
-            r90 = r90_from_eigenvalues(eig[(source(s), layer)].eigenvalues).tolist()
-            rows += [r for g in range(att.n_kv_head) for r in _rows(layer, g, s, found[(source(s), layer, g)], r90[g])]
+            r90 = r90_from_eigenvalues(eig[(src, layer)].eigenvalues).tolist()
+            rows += [r for g in range(att.n_kv_head) for r in _rows(layer, g, s, found[(src, layer, g)], r90[g])]
     return rows
 
 
@@ -359,7 +362,7 @@ def _edit_site(kc: Any, site: str) -> Any:
 def max_passes(att: Any, ladder_len: int) -> int:
     """The most projected passes `model_kv_headroom` can take for an attachment: every layer, kv
     head and measured key site, ceil(log2(rungs)) search steps each."""
-    sites = len({"k_pre" if s == "k" and att.rotary == "none" else s for s in kv_sites(att)})
+    sites = len({_measured_site(att, s) for s in kv_sites(att)})
     return att.n_layer * att.n_kv_head * sites * math.ceil(math.log2(ladder_len))
 
 
@@ -417,13 +420,14 @@ def write_headroom(
     x, y, dev = ids[:, :-1], ids[:, 1:], ids.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         if mode == "auto" and not isinstance(model, GPT):
-            estimate = max_passes(att, len(rank_ladder(att.head_dim))) * _timed_loss(att, x, y)
+            passes = max_passes(att, len(rank_ladder(att.head_dim)))
+            estimate = passes * _timed_loss(att, x, y)
             if estimate > AUTO_BUDGET_S:
                 from .progress import fmt_duration
 
                 return (
                     f"\n## KV-cache headroom\n\nNot measured: on this device it would take about "
-                    f"{fmt_duration(estimate)} (up to {max_passes(att, len(rank_ladder(att.head_dim)))} forward "
+                    f"{fmt_duration(estimate)} (up to {passes} forward "
                     f"passes); `--kv-headroom on` measures it.\n",
                     None,
                 )

@@ -21,6 +21,7 @@ The model declares roles (`GPT.param_roles`) and its attention matrices
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -366,6 +367,19 @@ def build_optimizers(
 
     counts = {role: sum(p.numel() for _, p in params) for role, params in roles.items()}
     return Optimizers(optimizers, counts, shards, rank)
+
+
+def optimizer_step(model: nn.Module, opt: Any, grad_clip: float) -> torch.Tensor:
+    """What follows backward in a training step: the global gradient norm (the gradients clipped to
+    `grad_clip` when it is above 0; 0 = off, the norm measured all the same), the optimizer step and
+    zero_grad. Returns the norm before clipping, a tensor (no host sync)."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    opt.step()
+    opt.zero_grad()
+    return norm
 
 
 def lr_scale(tokens: int, total: int, cfg: OptimConfig) -> float:

@@ -33,11 +33,11 @@ from . import dist as rdist
 from .cadence import eval_steps, schedule
 from .config import RunConfig
 from .data import BatchSampler, TokenData, fixed_batches, load_data
-from .errors import Interrupted, RankscopeError
+from .errors import Interrupted, RankscopeError, first_line
 from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
 from .headroom import kv_headroom
 from .model import GPT, mixed_precision, qk_clip
-from .optim import build_optimizers, lr_scale
+from .optim import build_optimizers, lr_scale, optimizer_step
 from .probe import gpt_probe
 from .progress import RunBar, StudyProgress
 from .provenance import environment, now
@@ -117,9 +117,9 @@ def keep_freed_memory() -> None:
     """Keep freed memory in the process (glibc only; nothing elsewhere). Each training step frees
     and allocates the same activation tensors again; by default glibc hands large blocks back to
     the system (mmap above 128 KiB, heap trimming above 128 KiB) and the next step page-faults them
-    in again: 16-23k minor page faults a step at the tiny preset, about 10% of its time on two
-    cores. Raising both thresholds (the mmap one to glibc's 32 MiB ceiling) keeps them: a few
-    hundred faults a step. Process-wide, as the allocator is; memory peaks where it did."""
+    in again: 16-28k minor page faults a step at the tiny preset. Raising both thresholds (the
+    mmap one to glibc's 32 MiB ceiling) keeps them: a few hundred faults a step, 1.01-1.15x faster
+    steps on two cores (BENCHMARKS.md). Process-wide, as the allocator is; memory peaks where it did."""
     import ctypes
     import ctypes.util
 
@@ -195,9 +195,8 @@ def train(
         step_model = ddp
     if device.type == "cpu":
         keep_freed_memory()
-    compiled = compiles(tc, device)
     compile_errors: tuple[type[BaseException], ...] = ()  # the failures step_loss falls back from
-    if compiled:
+    if compiles(tc, device):
         from torch._dynamo.exc import BackendCompilerFailed
         from torch._inductor.exc import InductorError
 
@@ -366,17 +365,15 @@ def train(
         working C++ toolchain for inductor, say) says so once and trains uncompiled: the failure
         comes before any gradient, so nothing is half done. Asked for (`on`) or under torchrun, a
         failure stops the run with one line instead."""
-        nonlocal step_model, compiled
+        nonlocal step_model, compile_errors
         try:
             return step_model(xm, ym)
         except compile_errors as e:
-            if not compiled:
-                raise
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            why = first_line(e)[:200]
             if tc.compile == "on" or world.distributed:
                 raise RankscopeError(f"torch.compile failed ({why}); run with --set train.compile=off") from None
             print(f"rankscope: torch.compile failed ({why}); this run trains uncompiled", file=sys.stderr)
-            step_model, compiled = (ddp if ddp is not None else model), False
+            step_model, compile_errors = (ddp if ddp is not None else model), ()
             return step_model(xm, ym)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -475,12 +472,7 @@ def train(
                         loss = step_loss(xm, ym) / tc.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
-                if cfg.optim.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                else:
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                opt.step()
-                opt.zero_grad()
+                norm = optimizer_step(model, opt, cfg.optim.grad_clip)
                 if clip_tau > 0:
                     if world.distributed:  # every rank must clip the same heads: use the global maxima
                         maxima = torch.stack([b.attn.max_logit for b in model.blocks])
