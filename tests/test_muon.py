@@ -256,3 +256,173 @@ def test_stacked_needs_heads_times_head_dim_equal_d_model():
         apply_overrides(RunConfig(), {"optim.muon_ns_steps": 6})
     with pytest.raises(ConfigError, match="optim.muon_qkvo must be"):
         apply_overrides(RunConfig(), {"optim.muon_qkvo": "paired"})
+
+
+# --- partitions of {q, k, v, o} and head groups ----------------------------------------------------
+
+# as many kv heads as query heads, so every part may mix them when cut into heads
+MHA = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=4, head_dim=8, d_mlp=64, max_seq_len=16)
+PARTITIONS = ("qkvo", "q+k+v+o", "qk+vo", "k+qvo", "qkv+o", "qo+kv", "qv+ko", "q+ko+v")
+
+
+def partition_blocks(parts: list[str], heads: int):
+    """The blocks a partition defines, built here from the definition: per layer, each part's
+    matrices stacked by rows in q, k, v, o order; cut into heads, block j of a part stacks head
+    group j of each of its matrices (Q, K, V rows; O columns, transposed when stacked with others)."""
+
+    def builder(model: GPT):
+        E = heads * model.cfg.head_dim
+        order = "qkvo"
+
+        def blocks(weights):
+            out = []
+            for i in range(model.cfg.n_layer):
+                a = f"blocks.{i}.attn."
+                name = {x: f"{a}{x}_proj.weight" for x in order}
+                for part in parts:
+                    letters = sorted(part, key=order.index)
+                    if not heads:
+                        out.append([(name[x], *ALL, False) for x in letters])
+                        continue
+                    groups = weights[name[letters[0]]].shape[1 if letters[0] == "o" else 0] // E
+                    for j in range(groups):
+                        cut = slice(j * E, (j + 1) * E)
+                        out.append(
+                            [
+                                (name[x], slice(None), cut, len(letters) > 1) if x == "o" else (name[x], cut, slice(None), False)
+                                for x in letters
+                            ]
+                        )
+                out += [[(f"blocks.{i}.mlp.{m}.weight", *ALL, False)] for m in ("up", "down")]
+            return out
+
+        return blocks
+
+    return builder
+
+
+def reference_partition_steps(model: GPT, grads: list[dict], blocks_of) -> dict[str, torch.Tensor]:
+    """`reference_steps` for pieces that may be transposed: (name, rows, cols, transposed)."""
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bufs = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for g in grads:
+        updates = {}
+        for n in g:
+            bufs[n].lerp_(g[n], 1 - MU)
+            updates[n] = g[n].lerp(bufs[n], MU)
+        for pieces in blocks_of(weights):
+            u = torch.cat([updates[n][r, c].T if t else updates[n][r, c] for n, r, c, t in pieces], dim=0)
+            x = seed_polar_express(u).float()
+            scale = math.sqrt(max(1.0, u.shape[0] / u.shape[1]))
+            row = 0
+            for n, r, c, t in pieces:
+                view = weights[n][r, c].T if t else weights[n][r, c]
+                h = view.shape[0]
+                view -= LR * scale * x[row : row + h]
+                row += h
+    return weights
+
+
+@pytest.mark.parametrize("heads", [0, 1, 2])
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_every_partition_is_its_blocks_update(partition, heads):
+    torch.manual_seed(0)
+    model = GPT(MHA)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = random_grads(model)
+    parts = partition.split("+")
+    want = reference_partition_steps(model, grads, partition_blocks(parts, heads)(model))
+    cfg = OptimConfig(muon_lr=LR, muon_momentum=MU, muon_qkvo=partition, muon_head_group=heads)
+    got = run_optimizer(model, cfg, grads)
+    got["__init__"] = init
+    assert_matches(got, want, muon_names(model))
+
+
+@pytest.mark.parametrize("partition", ["qk+vo", "k+qvo", "qkv+o"])
+def test_a_partition_is_the_polar_factor_of_its_concatenated_block(partition):
+    """One step without momentum against the exact polar factor U Vᵀ (float64 SVD) of each part's
+    concatenated gradient: K's update is within the Polar Express band of its own part's polar
+    factor, and far from what any other partition would give it."""
+    torch.manual_seed(0)
+    model = GPT(MHA)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = random_grads(model, steps=1)
+    for x in "qvo":  # K's gradient small beside the others': its share of a stack depends on its partners
+        grads[0][f"blocks.0.attn.{x}_proj.weight"] *= 4
+    cfg = OptimConfig(muon_lr=LR, muon_momentum=0.0, muon_nesterov=False, muon_qkvo=partition)
+    after = run_optimizer(model, cfg, grads)
+
+    def polar_k(part: str) -> torch.Tensor:
+        names = [f"blocks.0.attn.{x}_proj.weight" for x in part]
+        g = torch.cat([grads[0][n] for n in names]).double()
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        x = u @ vh
+        row = part.index("k") * 32  # every matrix of MHA has 32 rows
+        return LR * math.sqrt(max(1.0, g.shape[0] / g.shape[1])) * x[row : row + 32]
+
+    k = "blocks.0.attn.k_proj.weight"
+    step = (before[k] - after[k]).double()
+    own = next(p for p in partition.split("+") if "k" in p)
+    error = (step - polar_k(own)).norm()
+    assert error < 0.2 * polar_k(own).norm()
+    for other in {"k", "qk", "kv", "qkvo"} - {own}:
+        assert (step - polar_k(other)).norm() > 2 * error, other
+
+
+def test_partition_aliases_train_the_same_bits():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = random_grads(model)
+
+    def trained(**kw):
+        model.load_state_dict(init)
+        return {n: w.clone() for n, w in run_optimizer(model, OptimConfig(muon_lr=LR, **kw), grads).items()}
+
+    for alias, (name, heads) in {
+        "stacked": ("qkvo", 0),
+        "separate": ("o+v+k+q", 0),
+        "per_head": ("q+k+v+o", 1),
+    }.items():
+        a, b = trained(muon_qkvo=alias), trained(muon_qkvo=name, muon_head_group=heads)
+        assert all(torch.equal(a[n], b[n]) for n in a), alias
+    # the letters' order inside a part is not the stacking order: vo+kq is qk+vo
+    a, b = trained(muon_qkvo="vo+kq"), trained(muon_qkvo="qk+vo")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_gqa_partitions_by_heads_where_the_counts_agree():
+    """SMALL has 4 query and 2 kv heads: whole-matrix partitions and head groups that keep the
+    query side (q, o) apart from the kv side (k, v) train; mixing them is refused in one line."""
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = random_grads(model)
+    for partition, heads in (("qo+kv", 1), ("qo+kv", 2), ("q+k+v+o", 2), ("qk+vo", 0), ("k+qvo", 0)):
+        model.load_state_dict(init)
+        want = reference_partition_steps(model, grads, partition_blocks(partition.split("+"), heads)(model))
+        got = run_optimizer(model, OptimConfig(muon_lr=LR, muon_qkvo=partition, muon_head_group=heads), grads)
+        got["__init__"] = init
+        assert_matches(got, want, muon_names(model))
+    base = {"model.n_kv_head": 2, "model.n_head": 4, "model.head_dim": 48}
+    with pytest.raises(ConfigError, match="n_kv_head .2. = model.n_head .4.; keep them in separate parts"):
+        apply_overrides(RunConfig(), {**base, "optim.muon_qkvo": "qk+vo", "optim.muon_head_group": 1})
+    with pytest.raises(ConfigError, match=r"muon_head_group \(3\) must divide the heads it groups"):
+        apply_overrides(RunConfig(), {**base, "optim.muon_qkvo": "qo+kv", "optim.muon_head_group": 3})
+
+
+@pytest.mark.parametrize("bad", ["qk+v", "qq+kvo", "qk+vo+", "qkvox", "QKVO", "q k v o"])
+def test_a_partition_names_each_letter_once(bad):
+    with pytest.raises(ConfigError, match="optim.muon_qkvo must be stacked, separate, per_head or a partition"):
+        apply_overrides(RunConfig(), {"optim.muon_qkvo": bad})
+
+
+def test_a_part_stacking_o_needs_square_attention():
+    # head_dim 32 x 3 heads = 96 columns of O, not d_model 192: O cannot stack by rows under Q
+    for partition in ("qkvo", "qk+vo", "k+qvo"):
+        with pytest.raises(ConfigError, match="stacks O's weight with other matrices by rows"):
+            apply_overrides(RunConfig(), {"model.head_dim": 32, "optim.muon_qkvo": partition})
+    for fine in ("qkv+o", "qk+v+o"):
+        apply_overrides(RunConfig(), {"model.head_dim": 32, "optim.muon_qkvo": fine})
+    # cut into heads, O's column slices transpose to (head_dim, d_model): no constraint
+    apply_overrides(RunConfig(), {"model.head_dim": 32, "optim.muon_qkvo": "qkvo", "optim.muon_head_group": 1})

@@ -66,6 +66,26 @@ _Momentum = Annotated[float, Range(0, 1, hi_open=True)]
 _Tokens = Annotated[int, Range(0, INT64_MAX)]
 
 
+# `optim.muon_qkvo`: an alias, or a partition of {q, k, v, o} into parts joined by "+" (each letter
+# once): "qkvo" is the seed's stack, "q+k+v+o" each matrix alone, "k+qvo" K alone beside the rest.
+MUON_PARTITION = r"stacked|separate|per_head|(?=[^q]*q)(?=[^k]*k)(?=[^v]*v)(?=[^o]*o)(?!.*([qkvo]).*\1)[qkvo]+(\+[qkvo]+)*"
+MUON_PARTITION_WHAT = "stacked, separate, per_head or a partition of q, k, v, o such as qk+vo (each letter once)"
+_MUON_ALIASES = {"stacked": "qkvo", "separate": "q+k+v+o", "per_head": "q+k+v+o"}
+_QKVO = "qkvo"
+
+
+def muon_partition(qkvo: str, head_group: int = 0) -> tuple[tuple[str, ...], int]:
+    """The parts Muon orthogonalizes together and the heads per block, from `optim.muon_qkvo` and
+    `optim.muon_head_group`: ("qkvo",), 0 for the seed's stack. Letters keep the seed's Q, K, V, O
+    order within a part and parts are ordered by their first letter, so "vo+kq" is "qk+vo".
+    `per_head` is q+k+v+o cut into single heads unless a head group is given."""
+    parts = _MUON_ALIASES.get(qkvo, qkvo).split("+")
+    canonical = sorted(("".join(sorted(p, key=_QKVO.index)) for p in parts), key=lambda p: _QKVO.index(p[0]))
+    if qkvo == "per_head" and head_group == 0:
+        head_group = 1
+    return tuple(canonical), head_group
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     # Every default is the seed's 88M/20M-token study (its code at 772cf07), unless a comment says not.
@@ -74,7 +94,11 @@ class OptimConfig:
     muon_lr: _NonNegative = 0.012
     muon_momentum: _Momentum = 0.95
     muon_nesterov: bool = True
-    muon_qkvo: Literal["stacked", "separate", "per_head"] = "stacked"  # stacked: the seed's one QKVO matrix a layer
+    # which of each layer's Q, K, V, O Muon orthogonalizes together (`muon_partition`): the seed's one
+    # stacked QKVO matrix, or any partition such as qk+vo; separate = q+k+v+o; per_head also cuts heads
+    muon_qkvo: Annotated[str, Match(MUON_PARTITION, MUON_PARTITION_WHAT)] = "stacked"
+    # heads per Muon block: 0 = whole matrices; g = each part cut into groups of g heads (per_head: 1)
+    muon_head_group: Annotated[int, Range(0, 1024)] = 0
     muon_ns: Literal["polar_express", "newton_schulz"] = "polar_express"  # the seed's | torch.optim.Muon's
     muon_ns_steps: Annotated[int, Range(1, 99)] = 5  # at most 5 for polar_express (it has five coefficient triples)
     muon_weight_decay: _NonNegative = 0.0
@@ -129,6 +153,8 @@ class ProbeConfig:
     # per (layer, kv head) key rank at kv_tolerance, before and after RoPE, at the end (headroom.kv_headroom)
     kv_headroom: Literal["off", "end"] = "end"
     kv_tolerance: Annotated[float, Range(0, 1)] = 0.01  # relative loss increase allowed per head
+    # the geometry of the update W_K received in the step before each evaluation (update_geometry)
+    update_geometry: bool = True
 
 
 @dataclass(frozen=True)
@@ -375,11 +401,7 @@ def validate(cfg: RunConfig) -> None:
             f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
             f"got {o.muon_ns_steps}",
         ),
-        (
-            o.name != "muon" or o.muon_qkvo != "stacked" or m.n_head * m.head_dim == m.d_model,
-            f"optim.muon_qkvo=stacked stacks O's weight under Q, K and V by rows, which needs model.n_head x "
-            f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); use separate or per_head",
-        ),
+        *(_muon_partition_checks(m, o) if o.name == "muon" else []),
         (
             t.batch_size % t.grad_accum == 0,
             f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})",
@@ -411,6 +433,41 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _muon_partition_checks(m: ModelConfig, o: OptimConfig) -> list[tuple[bool, str]]:
+    """What a Muon partition needs of the model's shapes. Whole matrices stack by rows, so a part
+    that holds O beside another matrix needs O's columns (heads x head_dim) to be d_model wide. Cut
+    into heads, every matrix of a part must have as many head groups: Q and O count query heads,
+    K and V kv heads, so a part mixing the two needs as many kv heads as query heads."""
+    parts, g = muon_partition(o.muon_qkvo, o.muon_head_group)
+    name = f"optim.muon_qkvo={o.muon_qkvo}"
+    if g == 0:
+        stacks_o = any("o" in p and len(p) > 1 for p in parts)
+        return [
+            (
+                not stacks_o or m.n_head * m.head_dim == m.d_model,
+                f"{name} stacks O's weight with other matrices by rows, which needs model.n_head x "
+                f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); "
+                f"use a partition with o alone (such as qkv+o), separate or per_head",
+            )
+        ]
+    counts = {"q": m.n_head, "o": m.n_head, "k": m.n_kv_head, "v": m.n_kv_head}
+    heads = {counts[x] for p in parts for x in p}
+    mixed = any(len({counts[x] for x in p}) > 1 for p in parts)
+    return [
+        (
+            all(h % g == 0 for h in heads),
+            f"optim.muon_head_group ({g}) must divide the heads it groups (model.n_head {m.n_head}"
+            + ("" if heads == {m.n_head} else f", model.n_kv_head {m.n_kv_head}")
+            + ")",
+        ),
+        (
+            not mixed,
+            f"{name} cut into heads stacks query-side (q, o) with kv-side (k, v) head groups, which needs "
+            f"model.n_kv_head ({m.n_kv_head}) = model.n_head ({m.n_head}); keep them in separate parts",
+        ),
+    ]
 
 
 def from_dict(d: Mapping[str, Any]) -> RunConfig:

@@ -4,12 +4,18 @@
 `adamw`: AdamW on everything.
 
 Muon orthogonalizes each update matrix. Which matrix that is, for attention, is a setting
-(`optim.muon_qkvo`), because it is a confound of the seed study:
+(`optim.muon_qkvo`, `optim.muon_head_group`), because it is a confound of the seed study:
 
-  separate  each of Q, K, V, O on its own (torch.optim.Muon as it is);
-  stacked   each layer's Q, K, V, O stacked by rows into one matrix, as the seed stores them, so K's
-            update depends on Q's, V's and O's gradients; the learning-rate scale is the stack's;
-  per_head  each head's slice of Q, K and V (its rows) and of O (its columns) on its own.
+  stacked   (qkvo) each layer's Q, K, V, O stacked by rows into one matrix, as the seed stores
+            them, so K's update depends on Q's, V's and O's gradients; the learning-rate scale is
+            the stack's;
+  separate  (q+k+v+o) each of Q, K, V, O on its own (torch.optim.Muon as it is);
+  qk+vo, k+qvo, ...  any partition of the four: the matrices of a part are stacked by rows;
+  per_head  each head's slice of Q, K and V (its rows) and of O (its columns) on its own; in
+            general `muon_head_group` = g cuts every part into groups of g heads, and a part's
+            blocks stack the same head group of each of its matrices (O's columns transposed into
+            rows, as Q's rows map the residual stream to the head). Stacking head groups is the
+            idea of grouped Muon variants (modded-nanogpt orthogonalizes head pairs).
 
 The iteration is a setting too (`optim.muon_ns`): torch's fixed quintic Newton-Schulz, or the
 Polar Express schedule the seed uses. torch.optim.Muon runs `separate` + `newton_schulz`; every
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from .config import OptimConfig, muon_partition
 
 # Torch's fixed quintic (Jordan et al. 2024, "Muon"): the coefficients of torch.optim.Muon.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -88,7 +94,9 @@ class BlockMuon(torch.optim.Optimizer):
       each    every parameter is its own matrix (torch.optim.Muon's view);
       stack   the group's parameters, stacked by rows, are one matrix (the seed's QKVO);
       heads   each parameter is cut into slices of `head_dim` along its `split` dimension
-              (0: rows, a head of Q, K or V; 1: columns, a head's share of O), each its own matrix.
+              (0: rows, a head group of Q, K or V; 1: columns, a head group's share of O). With one
+              parameter each slice is its own matrix; with several, block j stacks the j-th slice
+              of every parameter by rows, a column slice transposed.
 
     A block's learning-rate scale follows its own shape. Blocks of equal shape are orthogonalized
     together as one batch. State (the momentum buffers) has torch.optim.Muon's layout.
@@ -127,8 +135,8 @@ class BlockMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def _blocks(self, group: dict) -> list[tuple[torch.Tensor, list[tuple[torch.Tensor, tuple]]]]:
         """Advance the momentum of the group's parameters and return its blocks: (matrix, pieces).
-        Each piece (parameter, index) is a region of a parameter; a block's pieces take its rows
-        in order."""
+        Each piece (parameter, index, transposed) is a region of a parameter; a block's pieces take
+        its rows in order (a transposed piece its region's columns)."""
         updates = []
         for p in group["params"]:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -139,19 +147,26 @@ class BlockMuon(torch.optim.Optimizer):
             updates.append(g.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
         everything = (slice(None), slice(None))
         if group["layout"] == "stack":  # (sum of rows, cols); step() hands each its rows back
-            return [(torch.cat(updates, dim=0), [(p, everything) for p in group["params"]])]
+            return [(torch.cat(updates, dim=0), [(p, everything, False) for p in group["params"]])]
         if group["layout"] == "heads":
-            E, blocks = group["head_dim"], []
+            E, alone = group["head_dim"], len(group["params"]) == 1
+            slices = []  # per parameter: its head groups as (rows of the block, piece)
             for p, u, dim in zip(group["params"], updates, group["split"]):
+                cut = []
                 for j, chunk in enumerate(u.split(E, dim=dim)):
-                    index = (
-                        (slice(j * E, (j + 1) * E), slice(None))
-                        if dim == 0
-                        else (slice(None), slice(j * E, (j + 1) * E))
-                    )
-                    blocks.append((chunk, [(p, index)]))
-            return blocks
-        return [(u, [(p, everything)]) for p, u in zip(group["params"], updates)]
+                    cols = slice(j * E, (j + 1) * E)
+                    if dim == 0:
+                        cut.append((chunk, (p, (cols, slice(None)), False)))
+                    elif alone:  # a head's share of O on its own keeps its shape (and lr scale)
+                        cut.append((chunk, (p, (slice(None), cols), False)))
+                    else:  # stacked beside row slices: transposed, (E, d_model) like them
+                        cut.append((chunk.mT, (p, (slice(None), cols), True)))
+                slices.append(cut)
+            return [
+                (torch.cat([m for m, _ in group_j], dim=0), [piece for _, piece in group_j])
+                for group_j in zip(*slices, strict=True)
+            ]
+        return [(u, [(p, everything, False)]) for p, u in zip(group["params"], updates)]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -175,8 +190,8 @@ class BlockMuon(torch.optim.Optimizer):
             ratio = lr_ratio(*shape)
             for o, (_, pieces, lr) in zip(ortho, items):
                 row = 0
-                for p, (rows, cols) in pieces:
-                    target = p[rows, cols]
+                for p, (rows, cols), transposed in pieces:
+                    target = p[rows, cols].mT if transposed else p[rows, cols]
                     target.add_(o[row : row + target.shape[0]].to(p.dtype), alpha=-lr * ratio)
                     row += target.shape[0]
         return loss
@@ -262,25 +277,29 @@ def _balanced_owners(sizes: list[int], world_size: int) -> list[int]:
     return owners
 
 
-def muon_units(model: nn.Module, grouping: str) -> list[dict]:
-    """Muon's param groups for `grouping`: one per stacked layer or per split matrix, and one
-    'each' group per remaining matrix (so every unit can be owned by one rank). Order: the model's."""
-    matrices = [p for _, p in model.param_roles()["matrix"]]
-    attention = {id(p): (layer, i) for layer, ws in enumerate(model.attention_matrices()) for i, p in enumerate(ws)}
-    units, done = [], set()
-    for p in matrices:
-        if id(p) not in attention or grouping == "separate":
+def muon_units(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Muon's param groups for the partition `cfg.muon_qkvo` at `cfg.muon_head_group` heads a
+    block (`config.muon_partition`): one per part of each layer, and one 'each' group per remaining
+    matrix (so every unit can be owned by one rank). A part comes where its first matrix comes in
+    the model's order."""
+    parts, heads = muon_partition(cfg.muon_qkvo, cfg.muon_head_group)
+    layers = model.attention_matrices()
+    where = {id(p): (layer, "qkvo"[i]) for layer, ws in enumerate(layers) for i, p in enumerate(ws)}
+    units = []
+    for _, p in model.param_roles()["matrix"]:
+        if id(p) not in where:
             units.append(dict(params=[p], layout="each"))
-        elif grouping == "stacked":
-            layer, _ = attention[id(p)]
-            if layer not in done:
-                done.add(layer)
-                units.append(dict(params=list(model.attention_matrices()[layer]), layout="stack"))
-        elif grouping == "per_head":
-            _, i = attention[id(p)]  # Q, K, V split by rows (one head each), O by columns
-            units.append(dict(params=[p], layout="heads", split=[1 if i == 3 else 0], head_dim=model.cfg.head_dim))
+            continue
+        layer, letter = where[id(p)]
+        part = next(x for x in parts if letter in x)
+        if letter != part[0]:
+            continue  # the part's unit came with its first matrix
+        params = [layers[layer]["qkvo".index(x)] for x in part]
+        if heads:  # Q, K, V cut by rows (head groups), O by columns
+            E = heads * model.cfg.head_dim
+            units.append(dict(params=params, layout="heads", split=[1 if x == "o" else 0 for x in part], head_dim=E))
         else:
-            raise ValueError(f"unknown Muon grouping {grouping!r}")
+            units.append(dict(params=params, layout="stack" if len(part) > 1 else "each"))
     return units
 
 
@@ -314,12 +333,12 @@ def build_optimizers(
     muon_params: list[torch.Tensor] = []
     if cfg.name == "muon":
         muon_params = matrices
-        units = muon_units(model, cfg.muon_qkvo)
+        units = muon_units(model, cfg)
         if world_size > 1:  # a unit (one stacked layer, one matrix) is owned whole by one rank
             owners = _balanced_owners([sum(p.numel() for p in u["params"]) for u in units], world_size)
             shards = [[p for u, o in zip(units, owners) if o == r for p in u["params"]] for r in range(world_size)]
             units = [u for u, o in zip(units, owners) if o == rank]
-        if units and cfg.muon_qkvo == "separate" and cfg.muon_ns == "newton_schulz":
+        if units and all(u["layout"] == "each" for u in units) and cfg.muon_ns == "newton_schulz":
             optimizers.append(
                 torch.optim.Muon(
                     [dict(params=[p for u in units for p in u["params"]], role="matrix")],

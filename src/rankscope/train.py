@@ -42,6 +42,7 @@ from .probe import gpt_probe
 from .progress import RunBar, StudyProgress
 from .provenance import environment, now
 from .stopping import StopRequest
+from .update_geometry import UpdateGeometry, k_part
 from .store import RunStore, last_eval_from_tables, truncate_after, write_json
 
 
@@ -222,7 +223,7 @@ def train(
         return [(x.to(device), y.to(device)) for x, y in batches]
 
     val_batches = ood_batches = []
-    probe_batch = probe = induction = None
+    probe_batch = probe = induction = geometry = None
     downstream = cfg.probe.enabled and cfg.probe.downstream
     if world.main:
         val_batches = on_device(fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len))
@@ -231,6 +232,8 @@ def train(
         if cfg.probe.enabled:
             probe_batch = on_device(fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len))[0]
             probe = gpt_probe(model, cfg.probe.sites, attention=cfg.probe.attention)
+            if cfg.probe.update_geometry:  # the update W_K receives in the step before each evaluation
+                geometry = UpdateGeometry(model, cfg.model.head_dim, k_part(cfg.optim))
         if downstream:  # repeated random tokens, the same for every arm and evaluation
             half = tc.seq_len // 2
             induction_x = induction_batch(data.vocab_size, cfg.probe.induction_batch, half, seed=0).to(device)
@@ -325,6 +328,9 @@ def train(
             if induction is not None and healthy:
                 row["induction_loss"], extra = induction.measure_with_loss(induction_x)
                 extra += weight_spectra(model)
+            if geometry is not None:
+                update_rows = geometry.measure()  # always clears the step's snapshot
+                extra += update_rows if healthy else []
             if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
                 extra += functional_rank(model, *probe_batch)
             if step == total_steps and cfg.probe.enabled and cfg.probe.kv_headroom == "end" and healthy:
@@ -472,6 +478,8 @@ def train(
                         loss = step_loss(xm, ym) / tc.grad_accum
                     loss.backward()
                     loss_sum += loss.detach()
+                if geometry is not None and step + 1 in evals:
+                    geometry.before_step()
                 norm = optimizer_step(model, opt, cfg.optim.grad_clip)
                 if clip_tau > 0:
                     if world.distributed:  # every rank must clip the same heads: use the global maxima

@@ -41,6 +41,7 @@ _SITES = (
     SiteName("k_gain", "key-gain", "key QK-Norm gains", False),
     SiteName("w_q", "W_Q", "each head's slice of the query weight W_Q", False),
     SiteName("w_k", "W_K", "each head's slice of the key weight W_K", False),
+    SiteName("dw_k", "W_K-update", "update each head's W_K slice received in one optimizer step", False),
 )
 SITES: dict[str, SiteName] = {s.name: s for s in _SITES}
 SITE_ORDER: tuple[str, ...] = tuple(SITES)
