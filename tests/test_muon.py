@@ -287,9 +287,10 @@ def partition_blocks(parts: list[str], heads: int):
                     groups = weights[name[letters[0]]].shape[1 if letters[0] == "o" else 0] // E
                     for j in range(groups):
                         cut = slice(j * E, (j + 1) * E)
+                        stacked = len(letters) > 1  # O's columns transposed beside row slices
                         out.append(
                             [
-                                (name[x], slice(None), cut, len(letters) > 1) if x == "o" else (name[x], cut, slice(None), False)
+                                (name[x], slice(None), cut, stacked) if x == "o" else (name[x], cut, slice(None), False)
                                 for x in letters
                             ]
                         )

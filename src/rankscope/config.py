@@ -68,7 +68,10 @@ _Tokens = Annotated[int, Range(0, INT64_MAX)]
 
 # `optim.muon_qkvo`: an alias, or a partition of {q, k, v, o} into parts joined by "+" (each letter
 # once): "qkvo" is the seed's stack, "q+k+v+o" each matrix alone, "k+qvo" K alone beside the rest.
-MUON_PARTITION = r"stacked|separate|per_head|(?=[^q]*q)(?=[^k]*k)(?=[^v]*v)(?=[^o]*o)(?!.*([qkvo]).*\1)[qkvo]+(\+[qkvo]+)*"
+MUON_PARTITION = (
+    r"stacked|separate|per_head"  # the aliases, or: every letter present, none twice, "+" between parts
+    r"|(?=[^q]*q)(?=[^k]*k)(?=[^v]*v)(?=[^o]*o)(?!.*([qkvo]).*\1)[qkvo]+(\+[qkvo]+)*"
+)
 MUON_PARTITION_WHAT = "stacked, separate, per_head or a partition of q, k, v, o such as qk+vo (each letter once)"
 _MUON_ALIASES = {"stacked": "qkvo", "separate": "q+k+v+o", "per_head": "q+k+v+o"}
 _QKVO = "qkvo"

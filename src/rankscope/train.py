@@ -42,8 +42,8 @@ from .probe import gpt_probe
 from .progress import RunBar, StudyProgress
 from .provenance import environment, now
 from .stopping import StopRequest
-from .update_geometry import UpdateGeometry, k_part
 from .store import RunStore, last_eval_from_tables, truncate_after, write_json
+from .update_geometry import UpdateGeometry, k_part
 
 
 class RunDiverged(RankscopeError):
