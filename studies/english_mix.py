@@ -79,6 +79,7 @@ class Doc:
 @dataclass(frozen=True)
 class SwordModule:
     name: str  # short name used in file names
+    title: str
     package: str  # the Debian package that ships it
     path: Path
     versification: str  # a key of pysword.canons.canons
@@ -87,11 +88,45 @@ class SwordModule:
 
 
 SWORD_MODULES = (
-    SwordModule("tdavid", "sword-comm-tdavid", SWORD_ROOT / "comments/zcom/tdavid", "kjv", False, True),
-    SwordModule("mhcc", "sword-comm-mhcc", SWORD_ROOT / "comments/zcom/mhcc", "kjv", False, False),
-    SwordModule("scofield", "sword-comm-scofield", SWORD_ROOT / "comments/zcom/scofield", "kjv", False, False),
-    SwordModule("web", "sword-text-web", SWORD_ROOT / "texts/ztext/engWEB2015eb", "nrsva", True, False),
-    SwordModule("kjv", "sword-text-kjv", SWORD_ROOT / "texts/ztext/engKJV2006eb", "kjv", True, False),
+    SwordModule(
+        "tdavid",
+        "C. H. Spurgeon, The Treasury of David",
+        "sword-comm-tdavid",
+        SWORD_ROOT / "comments/zcom/tdavid",
+        "kjv",
+        False,
+        True,
+    ),
+    SwordModule(
+        "mhcc",
+        "Matthew Henry's Concise Commentary",
+        "sword-comm-mhcc",
+        SWORD_ROOT / "comments/zcom/mhcc",
+        "kjv",
+        False,
+        False,
+    ),
+    SwordModule(
+        "scofield",
+        "Scofield Reference Notes (1917)",
+        "sword-comm-scofield",
+        SWORD_ROOT / "comments/zcom/scofield",
+        "kjv",
+        False,
+        False,
+    ),
+    SwordModule(
+        "web",
+        "World English Bible with Deuterocanon",
+        "sword-text-web",
+        SWORD_ROOT / "texts/ztext/engWEB2015eb",
+        "nrsva",
+        True,
+        False,
+    ),
+    SwordModule(
+        "kjv", "King James Version", "sword-text-kjv", SWORD_ROOT / "texts/ztext/engKJV2006eb", "kjv", True, False
+    ),
 )
 
 
@@ -285,11 +320,12 @@ _COMMENT_OR_TARGET = re.compile(r"^(\s*)\.\.(?:\s|$)")
 _UNDERLINE = re.compile(r"^([=\-~^\"'`#*+<>:._])\1{2,}\s*$")
 _TABLE_LINE = re.compile(r"^\s*(?:\+[-=+]{3,}|={3,}(?:\s+={3,})+\s*$|-{3,}(?:\s+-{3,})+\s*$|\|.*\|\s*$)")
 _OPTION_LINE = re.compile(r"^\s*(?:-\w|--\w|/\w)\S*(?: \S+)?(?:,\s*-{1,2}\w\S*)*(?:  |\t|$)")
-_FIELD = re.compile(r"^\s*:[\w\s.-]+:\s*")
+# A field name is followed by a space, which tells ":param x: text" from ":func:`x` at a line start".
+_FIELD = re.compile(r"^\s*:[\w\s.-]+:(?=\s|$)\s*")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|#\.|\d+[.)]|\(?[a-zA-Z]\)|[a-z]\.)\s+")
 _ROLE = re.compile(r":(?:[\w.-]+:)+`([^`]+)`")
 _REF_WITH_TARGET = re.compile(r"^(.*?)\s*<[^<>]+>$", re.S)
-_LINK = re.compile(r"`([^`]+?)`__?")
+_LINK = re.compile(r"`([^`]+?)`_{0,2}")  # `link <url>`_, `ref`_ and `default role`
 _LITERAL = re.compile(r"``(.+?)``")
 _EMPHASIS = re.compile(r"(?<![\w*])\*{1,2}(\S(?:.*?\S)?)\*{1,2}(?![\w*])")
 _SUBST_REF = re.compile(r"\|([\w .-]+)\|(?:_{1,2})?")
@@ -504,6 +540,10 @@ def _join(run: list[Doc]) -> Doc:
     if len(run) == 1:
         return run[0]
     last = run[-1].name.rsplit("/", 1)[-1]
+    # sword/kjv-ii-john + .. + sword/kjv-jude -> sword/kjv-ii-john--jude: the module prefix once.
+    module = run[0].name.rsplit("/", 1)[-1].split("-", 1)[0] + "-"
+    if run[0].name.startswith("sword/") and last.startswith(module):
+        last = last[len(module) :]
     return Doc(f"{run[0].name}--{last}", [p for d in run for p in d.paragraphs])
 
 
@@ -538,7 +578,7 @@ def sources() -> list[Source]:
         )
     ]
     for m in SWORD_MODULES:
-        out.append(Source(f"sword/{m.name}", m.path.name, "public domain", f"apt: {m.package}", sword_docs(m)))
+        out.append(Source(f"sword/{m.name}", m.title, "public domain", f"apt: {m.package}", sword_docs(m)))
     out.append(Source("pydoc", "Python 3.11 documentation (prose)", "PSF-2.0", "apt: python3.11-doc", pydoc_docs))
     out.append(Source("kernel", "Linux 6.12 Documentation/ (prose)", "GPL-2.0", "apt: linux-doc-6.12", kernel_docs))
     return out

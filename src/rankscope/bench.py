@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import PRESETS
+
 if TYPE_CHECKING:
     import torch
 
@@ -235,7 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="tiny",
         metavar="P",
-        help="model and training preset to time: tiny, seed-88m, seed-1.5b (default: tiny)",
+        help=f"model and training preset to time: {', '.join(PRESETS)} (default: tiny)",
     )
     p.add_argument("--tokens", metavar="N", help="training tokens to time, e.g. 200K (default: 40 steps)")
     p.add_argument(

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .config import PRESETS
 from .errors import ConfigError, Interrupted, RankscopeError
 
 # `rankscope --help` and every subcommand's --help import neither torch nor pandas: this module
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "study", nargs="?", default=None, help="a built-in study name or a study TOML file (default: qk-muon)"
     )
     run.add_argument(
-        "--preset", metavar="P", help="model and training preset: tiny, seed-88m, seed-1.5b (default: the study's)"
+        "--preset", metavar="P", help=f"model and training preset: {', '.join(PRESETS)} (default: the study's)"
     )
     run.add_argument("--tokens", metavar="N", help="token budget per run, e.g. 2M (default: the study's)")
     run.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds to run (default: the study's)")

@@ -186,6 +186,10 @@ PRESETS: dict[str, RunConfig] = {
     # The CPU default: 64-dim heads so PR is on the seed's 0..64 scale, small enough for ~1M tokens
     # per arm in a few minutes on two cores.
     "tiny": RunConfig(),
+    # Depth on a CPU: 16 layers of d_model 128 (two 64-dim heads, so PR stays on the seed's 0..64
+    # scale and Q, K, V, O stack square as the seed's), about 1.4x tiny's FLOPs a token. The seed's
+    # narrow keys sat in layers 1 and 3 of 22; four layers cannot show a pattern in depth.
+    "deep": RunConfig(model=ModelConfig(n_layer=16, d_model=128, n_head=2, n_kv_head=2, d_mlp=512)),
     # The seed's 88M study as it ran (seedref.SEED_88M lists every setting; a test holds them equal):
     # its model (88,630,528 parameters with learned QK-Norm), batch, optimizer and probe schedule.
     "seed-88m": RunConfig(

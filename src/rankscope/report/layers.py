@@ -73,6 +73,20 @@ DIAGNOSIS: tuple[DiagSpec, ...] = (
         (("", "w_k", "stable_rank"),),
         True,
     ),
+    DiagSpec(
+        "dwk_pr",
+        "W_K-update PR (participation ratio of the last step's change to each head's key weights)",
+        "PR (dims)",
+        (("", "dw_k", "pr_sv"),),
+        True,
+    ),
+    DiagSpec(
+        "dwk_share",
+        "K's share of the update energy (‖ΔW_K‖² over the layer's Q, K, V, O, and over K's Muon block)",
+        "share",
+        (("of Q, K, V, O", "dw_k", "k_share"), ("of K's block", "dw_k", "block_share")),
+        False,
+    ),
 )
 
 
