@@ -451,7 +451,8 @@ def test_runs_without_probes_or_rows(tmp_path):
     RunStore(run_dir(root, "qk", 1)).close()  # a run that has written only its headers
     path = write_report(root)
     plots = sorted(p.name for p in (root / "plots").iterdir())
-    assert plots == ["loss_pr.png"]  # no probes: no per-layer bars, heatmaps, diagnosis
+    # no probes: no per-layer bars, heatmaps, diagnosis; the contrast's val loss over training remains
+    assert plots == ["contrasts.png", "loss_pr.png"]
     md = path.read_text()
     assert "| mean key PR" not in md
     assert "no eval point written yet" in md
@@ -513,7 +514,8 @@ def test_write_report_files_links_and_html(tmp_path):
     # an older study: no downstream, gains, functional rank -> none of those figures; key PR
     # against val loss is still drawn
     # the arms side by side in one figure of each kind
-    expected = ["loss_pr.png", "pr_vs_downstream.png", "diagnosis_arms.png", "layer_pr_arms.png", "pr_heatmap_arms.png"]
+    expected = ["loss_pr.png", "contrasts.png", "pr_vs_downstream.png", "diagnosis_arms.png", "layer_pr_arms.png"]
+    expected.append("pr_heatmap_arms.png")
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(expected)
     md = path.read_text()
     for name in expected:

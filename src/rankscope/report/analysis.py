@@ -6,7 +6,7 @@ and the text is written in `document.py`; nothing here renders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -18,6 +18,7 @@ from .load import StudyData
 from .paradox import paradox_table
 from .quantities import KEY_FUNCTIONAL_RANK, VAL_LOSS, Quantity, probe_quantity
 from .series import choose_points, downstream_series, layer_means, quantity_series, seed_counts, seed_stats
+from .trajectory import contrast_trajectory
 
 
 @dataclass
@@ -41,6 +42,20 @@ class ReportNumbers:
     kv_frame: pd.DataFrame | None = None  # kv_headroom.headroom_frame: per kv head at each arm's last point
     kv_table: pd.DataFrame | None = None  # kv_headroom.headroom_table: per arm and key site (bytes per token)
     kv_tol: float = 0.01  # the loss tolerance of those ranks (probe.kv_tolerance)
+    # each contrast over training (trajectory.contrast_trajectory) of the quantities in TRAJECTORY_KEYS
+    trajectories: list[tuple[Quantity, dict[tuple[str, str], pd.DataFrame]]] = field(default_factory=list)
+    tokens_per_step: int | None = None  # shared by every run, for a steps axis
+
+
+# The quantities whose contrasts the report follows over training: loss, the probe quantity, and
+# the update W_K receives (update_geometry), where recorded.
+UPDATE_PR = Quantity(
+    "dw_k:pr_sv",
+    "mean W_K-update PR",
+    None,
+    "PR of the change one optimizer step makes to each head's key weights, averaged over heads then layers",
+    "dimensions",
+)
 
 
 def _head_dim(study: StudyData) -> int | None:
@@ -94,7 +109,24 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     if head_dim and len(numbers.kv_frame):
         numbers.kv_table = headroom_table(numbers.kv_frame, head_dim, arms=arms)
     numbers.kv_tol = run_tolerance([r.config for r in study.runs])
+    numbers.trajectories = _trajectories(study, [VAL_LOSS, pr_q, UPDATE_PR], series)
+    per_step = {r.config.get("tokens_per_step") for r in study.runs}
+    numbers.tokens_per_step = int(per_step.pop()) if len(per_step) == 1 and None not in per_step else None
     return numbers
+
+
+def _trajectories(
+    study: StudyData, quantities: list[Quantity], series: dict[str, pd.DataFrame]
+) -> list[tuple[Quantity, dict[tuple[str, str], pd.DataFrame]]]:
+    """Each of the study's contrasts over training, per quantity that has data."""
+    out = []
+    for q in dict.fromkeys(quantities):
+        s = series.get(q.key)
+        if s is None:
+            s = quantity_series(study.scalars, study.probes, q.key)
+        if len(s):
+            out.append((q, {(a, b): contrast_trajectory(s, a, b) for a, b in study.contrasts}))
+    return out
 
 
 # --- what the figures draw ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .series import metric_summary
 from .stats import PAIRED_CONSTANT, WELCH
 from .study_setup import arms_table, setup_items, shared_settings_table, status_items
 from .summary import chance_sentences, summary_paragraphs
+from .trajectory import trajectory_blocks
 
 # --- result tables as blocks ------------------------------------------------------------------------------
 
@@ -278,6 +279,8 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
             ],
         )
     section("Over training", _figures(plots, lambda n: n in ("loss_pr.png", "downstream.png")))
+    contrasts = trajectory_blocks(numbers.trajectories, numbers.tokens_per_step)
+    section("The contrasts over training", contrasts + _figures(plots, "contrasts.png".__eq__))
     if len(arms) > 2:
         section("Every pair of arms, seed by seed", _pairwise_blocks(numbers.pairwise))
     diag = _figures(plots, lambda n: n.startswith("diagnosis_"))

@@ -41,6 +41,7 @@ from .quantities import (
     still_at_chance,
 )
 from .series import choose_points, seed_values
+from .trajectory import plot_contrast_trajectories
 
 
 def _bars_top(bars: pd.DataFrame, head_dim: int | None) -> float:
@@ -115,6 +116,12 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
                 seeds=data.downstream_seeds,
                 chance=chance,
                 at_chance={key: arms_at_chance(numbers, key) for key in chance},
+            )
+        )
+    if numbers.trajectories:
+        drawn.append(
+            plot_contrast_trajectories(
+                numbers.trajectories, plots_dir / "contrasts.png", tokens_per_step=numbers.tokens_per_step
             )
         )
     # why do some layers collapse: the arms side by side, each quantity's y-range shared by all arms

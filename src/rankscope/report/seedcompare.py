@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..config import muon_partition
 from ..seedref import SEED_FIGURES_NOTE
 from ..units import fmt_count
 from .doc import md_escape
@@ -47,7 +48,8 @@ def arm_kind(config: dict[str, Any]) -> str | None:
     m, o = config.get("model") or {}, config.get("optim") or {}
     if str(o.get("name", "")).lower() != "muon" or float(o.get("qk_clip_tau") or 0) > 0:
         return None
-    if o.get("muon_qkvo") != "stacked" or o.get("muon_ns") != "polar_express":
+    stacked = muon_partition(str(o.get("muon_qkvo")), int(o.get("muon_head_group") or 0)) == (("qkvo",), 0)
+    if not stacked or o.get("muon_ns") != "polar_express":
         return None
     return {"learned": "qk", "frozen": "frozen", "none": "none"}.get(str(m.get("qk_norm", "")).lower())
 

@@ -1,0 +1,79 @@
+"""A contrast over training: paired differences at every eval point, against scipy's paired t."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from test_report import make_study
+
+from rankscope.report import write_report
+from rankscope.report.trajectory import contrast_trajectory, describe, sign_changes
+
+SEEDS, TOKENS = (0, 1, 2, 3), (0, 1000, 2000, 4000, 8000)
+
+
+def gap(t: int) -> float:
+    """A treatment lead that opens, then closes and flips: +2 at 1000 tokens, -2 at 8000."""
+    return {0: 0.0, 1000: 2.0, 2000: 1.0, 4000: -0.5, 8000: -2.0}[t]
+
+
+def series() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in SEEDS:
+        for t in TOKENS:
+            base = 40 + s + rng.normal()
+            rows.append(("b", s, t, base))
+            rows.append(("a", s, t, base + gap(t) + 0.3 * rng.normal()))
+    return pd.DataFrame(rows, columns=["arm", "seed", "tokens", "value"])
+
+
+def test_every_point_is_the_paired_t_over_seeds():
+    s = series()
+    x = contrast_trajectory(s, "a", "b")
+    assert x["tokens"].tolist() == list(TOKENS)
+    for _, row in x.iterrows():
+        at = s[s["tokens"] == row["tokens"]].pivot(index="seed", columns="arm", values="value")
+        d = (at["a"] - at["b"]).to_numpy()
+        half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        assert row["mean"] == pytest.approx(d.mean())
+        assert (row["lo"], row["hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
+        assert row["p"] == pytest.approx(sps.ttest_rel(at["a"], at["b"]).pvalue)
+        assert row["n"] == len(SEEDS)
+
+
+def test_sign_changes_and_words():
+    x = contrast_trajectory(series(), "a", "b")
+    assert sign_changes(x) == [(2000, 4000)]
+    text = describe(x, "a", "b", "mean key PR", 1)
+    assert text.startswith("Mean key PR, a − b: 2.")  # the first trained point, not token 0
+    assert "its sign changes between 2k and 4k tokens" in text
+    # a zero mean is no sign: +, 0, − changes once, between the + and the −
+    flat = pd.DataFrame({"tokens": [1, 2, 3], "mean": [1.0, 0.0, -1.0]})
+    assert sign_changes(flat) == [(1, 3)]
+
+
+def test_only_points_both_arms_reached_and_seeds_they_share():
+    s = series()
+    s = s[~((s["arm"] == "a") & (s["tokens"] == 8000))]  # the treatment stopped early
+    s = s[~((s["arm"] == "b") & (s["seed"] == 3))]  # and the control lacks a seed
+    x = contrast_trajectory(s, "a", "b")
+    assert x["tokens"].tolist() == [0, 1000, 2000, 4000]
+    assert (x["n"] == 3).all()
+
+
+def test_report_follows_each_contrast_over_training(tmp_path):
+    root = make_study(tmp_path / "s", {"qk": "qk", "none": "none"}, [0, 1])
+    write_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## The contrasts over training")[1].split("\n## ")[0]
+    # test_report's PR: qk − none = 10 − 20 in every seed and at every point
+    same = "(same in every seed)"
+    assert f"Mean key PR, qk − none: −10.00 {same} at 100 tokens, −10.00 {same} at 400; its sign never" in section
+    table = [ln for ln in section.splitlines() if ln.startswith("| ") and "tokens" not in ln and "---" not in ln]
+    assert len(table) == 5  # one row per eval point
+    assert "](plots/contrasts.png)" in section
