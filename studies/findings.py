@@ -114,7 +114,8 @@ def print_partitions(study: StudyData) -> None:
         q: quantity_series(study.scalars, study.probes, q) for q in (KEY_PR, UPDATE_PR, "dw_k:k_share", "val_loss")
     }
     print("\n### muon-partitions: at 1M tokens (each arm's last point)\n")
-    print("| partition | key PR | val loss | W_K-update PR | K's share of the QKVO update | update PR, mean over training |")
+    header = ["partition", "key PR", "val loss", "W_K-update PR", "K's QKVO share", "update PR over training"]
+    print("| " + " | ".join(header) + " |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for a in arms:
         cells = []
