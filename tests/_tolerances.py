@@ -15,6 +15,13 @@ import torch
 
 U32 = 2.0**-24  # float32 unit round-off
 U_BF16 = 2.0**-8  # bfloat16 unit round-off (8 significant bits)
+# Two implementations of the same bfloat16 Muon iteration whose matmuls run on different CPU kernels
+# (oneDNN's AMX bf16 kernels round a batched product differently from a single one; AVX2 and
+# AVX-512 agree bit for bit): each of the five steps may round its result differently, by up to u
+# relative, and a step passes an earlier difference on about unchanged (the iteration is a
+# contraction towards the polar factor), so the updates differ by at most about 5 u of their size
+# (1.2e-3 measured on an Intel Xeon with AMX). A wrong grouping misses by tens of percent.
+BF16_ITERATION_RTOL = 5 * U_BF16
 
 
 def gram_rtol(acts) -> float:

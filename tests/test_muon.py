@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from _tolerances import U32
+from _tolerances import BF16_ITERATION_RTOL, U32
 
 from rankscope.config import OptimConfig, RunConfig, apply_overrides
 from rankscope.errors import ConfigError
@@ -208,7 +208,18 @@ def test_separate_newton_schulz_is_torch_muon_and_block_muon_agrees():
         opt.step()
     block = {n: params[n].detach() for n in names}
     block["__init__"] = init
-    assert_matches(block, torch_result, names)
+    # the two run their bf16 matmuls through different kernels on some CPUs (batched here, one
+    # matrix at a time in torch): equal to bf16 rounding of the iteration, bit for bit on AVX2/AVX-512
+    assert_matches(block, torch_result, names, tol=BF16_ITERATION_RTOL)
+    # a tolerance that still tells groupings apart: the seed's stack misses torch's update by far more
+    stacked = {n: w.clone() for n, w in trained_with(OptimConfig(muon_lr=LR, muon_ns="newton_schulz"), grads).items()}
+    k = "blocks.0.attn.k_proj.weight"
+    assert (stacked[k] - torch_result[k]).norm() > 10 * BF16_ITERATION_RTOL * (torch_result[k] - init[k]).norm()
+
+
+def trained_with(cfg: OptimConfig, grads: list[dict]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return run_optimizer(GPT(SMALL), cfg, grads)
 
 
 def test_orthogonalize_batches_like_one_at_a_time():
