@@ -237,7 +237,11 @@ def test_measures_at_chance_are_said_to_be_and_not_compared(tmp_path):
     numbers = compute_numbers(study)
     lines, everywhere = chance_sentences(numbers)
     assert everywhere == {"induction_loss"}
-    assert lines[0].startswith("Not yet past chance at the end: induction loss in every arm (chance: ln ")
+    # above chance by 0.5 nats: worse than chance, and what that means
+    assert lines[0].startswith(
+        "Not yet past chance at the end: induction loss worse than chance in every arm (chance: ln "
+    )
+    assert "the model predicts its own corpus's tokens on the repeated random tokens" in lines[0]
     assert lines[1].startswith("Functional rank is at its floor, 1, in every layer of every arm")
     paragraphs = summary_paragraphs(
         study, numbers.table, numbers.correlations, numbers.diagnoses, chance_lines=lines, at_chance=everywhere

@@ -20,9 +20,13 @@ from rankscope.report.heatmaps import colour_limits, plot_pr_heatmaps
 from rankscope.report.layer_plots import DIAG_MAX_ARMS, diagnosis_groups
 from rankscope.report.plotstyle import DPI, MAX_WIDTH_IN, min_span_limits, new_figure, save
 from rankscope.report.quantities import (
+    AT,
+    PAST,
     SCALAR_QUANTITIES,
+    WORSE,
     ChanceLevel,
     chance_level,
+    chance_state,
     still_at_chance,
     uniform_induction_score,
 )
@@ -73,6 +77,19 @@ def test_chance_level_reads_a_study_and_needs_runs_that_agree():
     assert chance_level("induction_loss", mixed) is None  # merged studies with two vocabularies
     assert chance_level("induction_score", mixed) is None
     assert chance_level("induction_loss", [{"model": {}}]) is None
+
+
+def test_chance_state_says_what_the_curve_does():
+    ln_v = math.log(4096)
+    assert chance_state("induction_loss", [ln_v + 0.01, ln_v - 0.02], CONFIGS) == AT  # noise around it
+    assert chance_state("induction_loss", [ln_v + 3.5, ln_v + 3.4], CONFIGS) == WORSE  # a loss above chance
+    assert chance_state("induction_loss", [ln_v - 1.0, ln_v - 1.1], CONFIGS) == PAST
+    chance = uniform_induction_score(128)
+    assert chance_state("induction_score", [chance - 0.5 * chance], CONFIGS) == AT  # within its tolerance
+    assert chance_state("icl_score", [0.15, 0.12, 0.18], CONFIGS) == WORSE  # context hurts: positive
+    assert chance_state("icl_score", [-0.3], CONFIGS) == PAST
+    assert chance_state("k:functional_rank", [1.0, 1.0], CONFIGS) == AT
+    assert chance_state("val_loss", [8.3], CONFIGS) is None
 
 
 def test_still_at_chance():
@@ -239,17 +256,18 @@ def test_downstream_draws_chance_and_names_the_arms_still_at_it(tmp_path):
     )
     level = chance_level("induction_loss", CONFIGS)
     arms = ["flat", "copies"]
-    at = [a for a in arms if still_at_chance(q.key, [stats[stats["arm"] == a]["mean"].iloc[-1]], CONFIGS)]
-    assert at == ["flat"]
+    states = {a: chance_state(q.key, [stats[stats["arm"] == a]["mean"].iloc[-1]], CONFIGS) for a in arms}
+    assert states == {"flat": WORSE, "copies": PAST}  # the flat arm's loss climbed above chance
     plot = plot_downstream(
         [(q, stats)],
         arms,
         {"flat": "C0", "copies": "C1"},
         tmp_path / "d.png",
         chance={q.key: level},
-        at_chance={q.key: at},
+        at_chance={q.key: {"flat": WORSE}},
     )
     assert "induction loss: chance ln 4096 = 8.32" in plot.caption
-    assert "still at chance at the end (induction loss: flat)" in plot.caption
+    assert "not past chance at the end (induction loss worse than chance: flat)" in plot.caption
+    assert "predicts its own corpus's tokens on the repeated random tokens" in plot.caption  # what worse means
     plain = plot_downstream([(q, stats)], arms, {"flat": "C0", "copies": "C1"}, tmp_path / "e.png")
     assert "chance" not in plain.caption  # no level given: none drawn, none claimed

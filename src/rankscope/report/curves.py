@@ -15,7 +15,7 @@ whose measure is still at chance at some arm's end says so in a corner note.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from .plotstyle import (
     style_axes,
     token_locator,
 )
-from .quantities import ChanceLevel, Quantity
+from .quantities import AT, STATE_WORDS, WORSE, ChanceLevel, Quantity
 
 LOG_DECADES = 2.0  # eval points spanning more than this many decades get a log token axis
 BAND_WORDS = "shaded bands: 95% t-intervals over seeds"
@@ -348,29 +348,42 @@ def plot_loss_pr(
 # --- 2. downstream over training ----------------------------------------------------------------------
 
 
-def _at_chance_note(arms_at: Sequence[str], arms: Sequence[str], word: str = "at chance") -> str:
-    """'at chance' (every arm that has data) or 'at chance: a, b' for a corner note."""
-    at = [a for a in arms if a in set(arms_at)]
-    if not at:
-        return ""
-    return f"{word} (every arm)" if len(at) == len(arms) else f"{word}: " + ", ".join(at)
+def _at_chance_note(states: Mapping[str, str], arms: Sequence[str]) -> str:
+    """'at chance (every arm)', 'worse than chance: a, b', ... for a corner note: what each arm's
+    curve does at its end against the chance level (`states`: arm -> quantities.chance_state)."""
+    return "; ".join(_state_groups(states, arms))
 
 
-def chance_clause(panels: Sequence[tuple[Quantity, ChanceLevel | None, Sequence[str]]], arms: Sequence[str]) -> str:
-    """Caption words for the chance lines drawn and the measures still at chance at the end."""
+def _state_groups(states: Mapping[str, str], arms: Sequence[str]) -> list[str]:
+    """Arms grouped by chance state, in words: ['worse than chance (every arm)'] or
+    ['at chance: a', 'worse than chance: b']."""
+    out = []
+    for state in (AT, WORSE):
+        who = [a for a in arms if states.get(a) == state]
+        if who:
+            out.append(STATE_WORDS[state] + (" (every arm)" if len(who) == len(arms) else ": " + ", ".join(who)))
+    return out
+
+
+def chance_clause(panels: Sequence[tuple[Quantity, ChanceLevel | None, Mapping[str, str]]], arms: Sequence[str]) -> str:
+    """Caption words for the chance lines drawn and the measures not past chance at the end
+    (each panel's states: arm -> quantities.chance_state), with what worse than chance means."""
     drawn = [f"{q.label}: {c.kind} {c.label}" for q, c, _ in panels if c is not None]
     if not drawn:
         return ""
     out = "; dashed grey: chance levels (" + "; ".join(drawn) + ")"
-    still = [(q, at) for q, c, at in panels if c is not None and at]
+    still = [(q, c, states) for q, c, states in panels if c is not None and states]
     if still:
-        out += "; still at chance at the end (" + "; ".join(
-            f"{q.label}: {'every arm' if len(at) == len(arms) else ', '.join(at)}" for q, at in still
+        out += "; not past chance at the end (" + "; ".join(
+            f"{q.label} {', '.join(_state_groups(states, arms))}" for q, _, states in still
         )
         out += (
-            ") — the mean over seeds has not moved past the chance level, in the direction learning moves it, by "
-            "more than the seeds' sd or a small tolerance"
+            ") — at chance: the mean over seeds is within the seeds' sd (or a small tolerance) of the level; "
+            "worse than chance: it moved as far the other way"
         )
+        worse = [f"{q.label}: {c.worse}" for q, c, states in still if WORSE in states.values() and c.worse]
+        if worse:
+            out += " (" + "; ".join(worse) + ")"
     return out
 
 
@@ -382,12 +395,13 @@ def plot_downstream(
     *,
     seeds: dict[str, int] | None = None,
     chance: dict[str, ChanceLevel] | None = None,
-    at_chance: dict[str, Sequence[str]] | None = None,
+    at_chance: dict[str, Mapping[str, str]] | None = None,
 ) -> Plot | None:
     """One panel per downstream measure (OOD loss, ICL score, induction loss, induction scores) over
     training; `panels` holds (Quantity, seed_stats frame). `chance`: quantity key -> its chance level
-    (`quantities.chance_level`), drawn as a labelled dashed line; `at_chance`: quantity key -> the
-    arms still at that level at their end (`quantities.still_at_chance`), noted in the panel."""
+    (`quantities.chance_level`), drawn as a labelled dashed line; `at_chance`: quantity key -> {arm:
+    state} for the arms not past that level at their end (`quantities.chance_state`: at chance or
+    worse than chance), noted in the panel."""
     panels = [(q, s) for q, s in panels if len(s)]
     if not panels:
         return None
@@ -424,7 +438,7 @@ def plot_downstream(
         ax.set_ylabel(f"{q.label}" + (f" ({q.unit})" if q.unit else ""))
         if level is not None:
             reference_line(ax, level.value, level.short, where="margin")
-            note = _at_chance_note(at_chance.get(q.key, ()), [a for a in arms if (s["arm"] == a).any()])
+            note = _at_chance_note(at_chance.get(q.key, {}), [a for a in arms if (s["arm"] == a).any()])
             if note:
                 corner_note(ax, note, loc="best", avoid=[INSET] if ax.child_axes else [])
         elif q.key == "icl_score":
@@ -438,9 +452,7 @@ def plot_downstream(
     )
     save(fig, path)
     whats = "; ".join(f"{q.label}: {q.what}" for q, _ in panels)
-    chance_words = chance_clause(
-        [(q, chance.get(q.key), [a for a in arms if a in set(at_chance.get(q.key, ()))]) for q, _ in panels], arms
-    )
+    chance_words = chance_clause([(q, chance.get(q.key), at_chance.get(q.key, {})) for q, _ in panels], arms)
     caption = (
         f"Downstream measures over training ({whats}); {band_clause(max_n)}"
         + chance_words

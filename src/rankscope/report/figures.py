@@ -33,9 +33,12 @@ from .layer_plots import (
 from .layers import collapse_rule
 from .plotstyle import Plot, arm_colors
 from .quantities import (
+    AT,
     KEY_FUNCTIONAL_RANK,
+    WORSE,
     ChanceLevel,
     chance_level,
+    chance_state,
     counts_dimensions,
     quantity_name,
     still_at_chance,
@@ -55,18 +58,18 @@ def _bars_top(bars: pd.DataFrame, head_dim: int | None) -> float:
     return max(ymax, head_dim or 0) * 1.1
 
 
-def arms_at_chance(numbers: ReportNumbers, key: str) -> list[str]:
-    """The arms whose quantity `key` is still at its chance or floor level at their end
-    (`quantities.still_at_chance` on the seed values at the arm's last point)."""
+def arms_at_chance(numbers: ReportNumbers, key: str) -> dict[str, str]:
+    """The arms whose quantity `key` has not moved past its chance or floor level at their end,
+    each with its `quantities.chance_state` (AT or WORSE) on the seed values at its last point."""
     series = numbers.series.get(key)
     if series is None or not len(series):
-        return []
+        return {}
     _, ends = choose_points(series, numbers.study.arms, numbers.study.finished)
-    out = []
+    out = {}
     for arm, end in ends.items():
-        values = [v for v, _ in seed_values(series, arm, end).values()]
-        if still_at_chance(key, values, numbers.study):
-            out.append(arm)
+        state = chance_state(key, [v for v, _ in seed_values(series, arm, end).values()], numbers.study)
+        if state in (AT, WORSE):
+            out[arm] = state
     return out
 
 

@@ -142,6 +142,7 @@ class ChanceLevel:
     rises: bool
     tol: float
     label: str
+    worse: str = ""  # what a value on the wrong side of the level means, for the text
 
     @property
     def short(self) -> str:
@@ -185,38 +186,54 @@ def chance_level(key: str, study: Any) -> ChanceLevel | None:
         if not vocab or vocab < 2:
             return None
         level = math.log(vocab)
-        return ChanceLevel(key, level, "chance", False, 0.01 * level, f"ln {vocab} = {level:.2f}")
+        worse = (
+            "the model predicts its own corpus's tokens on the repeated random tokens, confidently and wrongly, "
+            "instead of copying the first copy"
+        )
+        return ChanceLevel(key, level, "chance", False, 0.01 * level, f"ln {vocab} = {level:.2f}", worse)
     if key in ("induction_score", "induction_max"):
         seq_len = _shared(configs, "train", "seq_len")
         if not seq_len or seq_len < 4:
             return None
         level = uniform_induction_score(seq_len)
         # still at chance while below twice uniform attention's score
-        return ChanceLevel(key, level, "chance", True, level, f"{level:.3g} (uniform attention)")
+        worse = "attention avoids the token after the earlier copy more than uniform attention would"
+        return ChanceLevel(key, level, "chance", True, level, f"{level:.3g} (uniform attention)", worse)
     if key == "icl_score":
-        return ChanceLevel(key, 0.0, "chance", False, 0.02, "0 (context unused)")
+        worse = "late positions have a higher loss than early ones: the context hurts the prediction"
+        return ChanceLevel(key, 0.0, "chance", False, 0.02, "0 (context unused)", worse)
     if key.endswith(":functional_rank") or key == "functional_rank":
         return ChanceLevel(key, 1.0, "floor", True, 1e-6, "1 (one direction)")
     return None
 
 
-def still_at_chance(key: str, values: Iterable[float], study: Any) -> bool:
-    """True when quantity `key` has not left its chance or floor level (`chance_level`) in
-    `values`, its values at one point (one per seed; NaNs ignored). A chance level is left when
-    the mean has moved past it, in the direction learning moves it, by more than both the
-    seeds' standard deviation and the level's tolerance; a floor, when any value is above it (so
-    per-layer values test "every layer at the floor"). False when there is no level or no value.
-    """
+AT, WORSE, PAST = "at", "worse", "past"  # chance_state's answers
+STATE_WORDS = {AT: "at chance", WORSE: "worse than chance", PAST: "past chance"}
+
+
+def chance_state(key: str, values: Iterable[float], study: Any) -> str | None:
+    """Where quantity `key` stands against its chance or floor level (`chance_level`) in `values`,
+    its values at one point (one per seed; NaNs ignored): PAST when the mean has moved past the
+    level in the direction learning moves it, by more than both the seeds' standard deviation and
+    the level's tolerance; WORSE when it has moved as far the other way (a loss above chance, a
+    score below it); AT otherwise. A floor is left when any value is above it (so per-layer values
+    test "every layer at the floor"). None when there is no level or no value."""
     level = chance_level(key, study)
     v = np.asarray([float(x) for x in values], dtype=float)
     v = v[np.isfinite(v)]
     if level is None or not len(v):
-        return False
+        return None
     if level.kind == "floor":
-        return bool(np.all(v <= level.value + level.tol))
+        return AT if bool(np.all(v <= level.value + level.tol)) else PAST
     moved = (v.mean() - level.value) if level.rises else (level.value - v.mean())
-    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return bool(moved <= max(sd, level.tol))
+    noise = max(float(v.std(ddof=1)) if len(v) > 1 else 0.0, level.tol)
+    return PAST if moved > noise else WORSE if moved < -noise else AT
+
+
+def still_at_chance(key: str, values: Iterable[float], study: Any) -> bool:
+    """True when quantity `key` has not moved past its chance or floor level (`chance_state` AT or
+    WORSE): its differences between arms are not findings yet. False with no level or no value."""
+    return chance_state(key, values, study) in (AT, WORSE)
 
 
 __all__ = [
@@ -236,5 +253,10 @@ __all__ = [
     "ChanceLevel",
     "uniform_induction_score",
     "chance_level",
+    "AT",
+    "WORSE",
+    "PAST",
+    "STATE_WORDS",
+    "chance_state",
     "still_at_chance",
 ]

@@ -17,7 +17,16 @@ from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
 from .layers import Diagnosis, collapse_rule, functional_rank_data
 from .load import StudyData
 from .paradox import table_arms
-from .quantities import DOWNSTREAM, chance_level, downstream_quantity, still_at_chance
+from .quantities import (
+    AT,
+    DOWNSTREAM,
+    STATE_WORDS,
+    WORSE,
+    chance_level,
+    chance_state,
+    downstream_quantity,
+    still_at_chance,
+)
 from .series import choose_points, seed_values
 from .stats import NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference
 
@@ -184,23 +193,29 @@ def chance_sentences(numbers: ReportNumbers) -> tuple[list[str], set[str]]:
         if level is None or not len(series):
             continue
         _, ends = choose_points(series, study.arms, study.finished)
-        stuck = [
-            a
-            for a, t in ends.items()
-            if still_at_chance(key, [v for v, _ in seed_values(series, a, t).values()], study)
-        ]
-        if stuck:
-            name = downstream_quantity(key).label if key in DOWNSTREAM else key
-            if len(stuck) == len(ends):
-                everywhere.add(key)
-            who = "every arm" if len(stuck) == len(ends) else ", ".join(_b(a) for a in stuck)
-            still.append(f"{name} in {who} (chance: {level.label})")
+        states = {
+            a: chance_state(key, [v for v, _ in seed_values(series, a, t).values()], study) for a, t in ends.items()
+        }
+        stuck = [a for a, st in states.items() if st in (AT, WORSE)]
+        if not stuck:
+            continue
+        name = downstream_quantity(key).label if key in DOWNSTREAM else key
+        if len(stuck) == len(ends):
+            everywhere.add(key)
+        parts = []
+        for state in (AT, WORSE):
+            who = [a for a in stuck if states[a] == state]
+            if who:
+                arms = "every arm" if len(who) == len(ends) else ", ".join(_b(a) for a in who)
+                parts.append(f"{STATE_WORDS[state]} in {arms}")
+        meaning = f": {level.worse}" if any(states[a] == WORSE for a in stuck) and level.worse else ""
+        still.append(f"{name} {' and '.join(parts)} (chance: {level.label}{meaning})")
     if still:
         out.append(
             "Not yet past chance at the end: "
             + "; ".join(still)
-            + ". Differences between arms in these measures are noise around chance, not findings; "
-            "they need longer training (the figures draw the chance level)."
+            + ". Differences between arms in these measures are not findings yet; they need longer training "
+            "(the figures draw the chance level)."
         )
     fr, _, _ = functional_rank_data(study.probes, study.arms, study.finished)
     floor = [
