@@ -77,3 +77,18 @@ def test_report_follows_each_contrast_over_training(tmp_path):
     table = [ln for ln in section.splitlines() if ln.startswith("| ") and "tokens" not in ln and "---" not in ln]
     assert len(table) == 5  # one row per eval point
     assert "](plots/contrasts.png)" in section
+
+
+def test_an_effect_beyond_noise_never_prints_as_zero():
+    from rankscope.report.format import describe as describe_diff
+    from rankscope.report.format import fmt_difference, resolving_decimals
+    from rankscope.report.stats import paired_difference
+
+    # an effect of −0.0004 with an interval [−0.0006, −0.0002]: at 3 decimals it would read 0.000 [−0.001, 0.000]
+    d = paired_difference({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0004, 1: 2.0005, 2: 3.0003})
+    assert d.resolved
+    text = describe_diff(d, 3)
+    assert text.startswith("a − b: −0.0004 [−0.0006, −0.0002], p = 0.02") and "beyond seed noise" in text
+    assert resolving_decimals(3, 0.5, -0.1, 1.1) == 3  # an interval across 0 keeps its decimals
+    assert fmt_difference(-0.0004, -0.0006, -0.0002, 3) == "−0.0004 [−0.0006, −0.0002]"
+    assert fmt_difference(2.0, float("nan"), float("nan"), 1) == "2.0"

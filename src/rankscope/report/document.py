@@ -25,7 +25,7 @@ from .doc import Block, Box, Bullets, Details, Figure, Heading, Para, Table, cod
 from .factorial import effect_rows
 from .factorial import sentences as factorial_sentences
 from .figures import draw_figures
-from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, signed
+from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, resolving_decimals, signed
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import headroom_blocks
 from .layers import DIAGNOSIS, collapse_rule, collapsed_rows
@@ -65,7 +65,7 @@ def _pairwise_blocks(pairwise: pd.DataFrame) -> list[Block]:
         if r.test == NOT_COMPARABLE:
             rows.append([r.quantity, f"{md_escape(r.a)} − {md_escape(r.b)}", "–", "–", "–", "–", "–", r.verdict])
             continue
-        d = int(r.decimals)
+        d = resolving_decimals(int(r.decimals), r.mean, r.lo, r.hi)
         diff = signed(r.mean, d) + (f" {fmt_interval(r.lo, r.hi, d)}" if np.isfinite(r.lo) else "")
         p = "undefined (sd 0)" if r.test == PAIRED_CONSTANT else bare_p(r.p) if np.isfinite(r.p) else "–"
         pw = bare_p(r.p_wilcoxon) if np.isfinite(r.p_wilcoxon) else "–"

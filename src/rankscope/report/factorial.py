@@ -29,7 +29,7 @@ from ..contrasts import OFF, SECTIONS
 from ..contrasts import text as setting_text
 from ..flat import flatten
 from ..seedref import SEED_88M
-from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
+from .format import decimals_for, fmt_difference, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
 from .quantities import Quantity
 from .series import choose_points, seed_values
 from .stats import SINGLE, Difference, paired_difference
@@ -185,7 +185,7 @@ def effects_table(
 
 
 def _cell(row: Mapping[str, Any]) -> str:
-    dec = int(row["decimals"])
+    dec = resolving_decimals(int(row["decimals"]), row["mean"], row["lo"], row["hi"])
     if not math.isfinite(row["mean"]):
         return "–"
     text = signed(row["mean"], dec)
@@ -234,7 +234,7 @@ def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]
         ns = set(simple["n"].astype(int))
         dec = int(simple["decimals"].iloc[0])
         parts = [
-            (f"{signed(r.mean, dec)} {fmt_interval(r.lo, r.hi, dec)}" if math.isfinite(r.lo) else signed(r.mean, dec))
+            fmt_difference(r.mean, r.lo, r.hi, dec)
             + f" at {b.key} = {r.at}"
             + ("" if len(ns) == 1 else f" ({seeds_text(int(r.n))})")
             for r in simple.itertuples()
@@ -251,8 +251,9 @@ def sentences(table: pd.DataFrame, grid: Grid, key: str, name: str) -> list[str]
                 )
                 continue
             verdict = "beyond seed noise" if r.resolved else "not distinguishable from seed noise"
+            d = resolving_decimals(dec, r.mean, r.lo, r.hi)
             out.append(
-                f"From {b.key} = {ref} to {at} that effect changes by {signed(r.mean, dec)} "
-                f"{fmt_interval(r.lo, r.hi, dec)} ({fmt_p(r.p)}): {verdict}."
+                f"From {b.key} = {ref} to {at} that effect changes by {signed(r.mean, d)} "
+                f"{fmt_interval(r.lo, r.hi, d)} ({fmt_p(r.p)}): {verdict}."
             )
     return out

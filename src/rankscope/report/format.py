@@ -73,6 +73,23 @@ def fmt_mean_ci(mean: float, lo: float, hi: float, n: int, d: int) -> str:
     return text
 
 
+def resolving_decimals(d: int, mean: float, lo: float, hi: float, most: int = 6) -> int:
+    """`d`, or more decimals (up to `most`) so that a difference whose interval excludes 0 never
+    prints as 0: its mean and both ends show a non-zero digit ("0.000 [−0.001, 0.000]" for an
+    effect called beyond noise would contradict its own words)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 <= hi:
+        return d
+    while d < most and any(f"{abs(v):.{d}f}".strip("0.") == "" for v in (mean, lo, hi)):
+        d += 1
+    return d
+
+
+def fmt_difference(mean: float, lo: float, hi: float, d: int) -> str:
+    """'−0.020 [−0.041, 0.001]', or the mean alone without an interval, to `resolving_decimals`."""
+    d = resolving_decimals(d, mean, lo, hi)
+    return signed(mean, d) + (f" {fmt_interval(lo, hi, d)}" if math.isfinite(lo) else "")
+
+
 def describe(diff: Difference, d: int) -> str:
     """One sentence for a difference, the form the paradox table and summary use, e.g.
 
@@ -81,6 +98,7 @@ def describe(diff: Difference, d: int) -> str:
     head = f"{diff.a} {MINUS} {diff.b}: "
     if diff.test == NONE:
         return head + "no seeds to compare"
+    d = resolving_decimals(d, diff.mean, diff.lo, diff.hi)
     body = signed(diff.mean, d)
     if diff.test == SINGLE:
         return head + f"{body} (1 seed: no interval possible)"

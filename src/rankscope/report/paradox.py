@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..units import fmt_count
 from .doc import Block, Para, Table, md_escape, to_markdown
-from .format import bare_p, decimals_for, describe, fmt_interval, fmt_mean_ci, signed, text_table
+from .format import bare_p, decimals_for, describe, fmt_interval, fmt_mean_ci, resolving_decimals, signed, text_table
 from .quantities import VAL_LOSS, probe_quantity
 from .series import CELL_STATS, arm_order, cell_of, choose_points, downstream_series, quantity_series, seed_values
 from .stats import LEVEL, NONE, PAIRED_CONSTANT, SINGLE, WELCH, Difference, holm, paired_difference
@@ -285,9 +285,10 @@ def comparison_rows(table: pd.DataFrame, fmt: str = "markdown") -> tuple[list[st
         for diff in diffs:
             if diff.test == NONE:
                 continue
-            text = signed(diff.mean, d)
+            dd = resolving_decimals(d, diff.mean, diff.lo, diff.hi)
+            text = signed(diff.mean, dd)
             if diff.has_interval:
-                text += f" {fmt_interval(diff.lo, diff.hi, d)}"
+                text += f" {fmt_interval(diff.lo, diff.hi, dd)}"
             # a constant difference has sd 0: the t statistic is undefined, not "p < 0.001"
             p = "–" if diff.test == SINGLE else "undefined (sd 0)" if diff.test == PAIRED_CONSTANT else bare_p(diff.p)
             if np.isfinite(diff.p_wilcoxon):

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..units import fmt_count
 from .doc import md_escape
-from .format import decimals_for, fmt_interval, fmt_p, seeds_text, signed
+from .format import decimals_for, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
 from .layers import Diagnosis, collapse_rule, functional_rank_data
 from .load import StudyData
 from .paradox import table_arms
@@ -63,6 +63,7 @@ def _phrase(d: Difference, dec: int, noun: str, *, judge: bool | None = None, si
         )
     sign = 1.0 if d.mean > 0 else -1.0
     lo, hi = sorted((sign * d.lo, sign * d.hi))
+    dec = resolving_decimals(dec, size, lo, hi)
     return (
         f"{noun} {word}{' (' + verdict + ')' if verdict else ''} by {size:.{dec}f} {fmt_interval(lo, hi, dec)} "
         f"({fmt_p(d.p)}{unpaired})"

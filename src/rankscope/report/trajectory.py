@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from ..units import fmt_count
 from .curves import tokens_axis
 from .doc import Block, Para, Table, md_escape
-from .format import MINUS, decimals_for, fmt_mean_ci, signed
+from .format import MINUS, decimals_for, fmt_mean_ci, resolving_decimals, signed
 from .plotstyle import Plot, new_figure, reference_line, save, style_axes
 from .quantities import Quantity
 from .series import compare_at
@@ -70,7 +70,8 @@ def describe(trajectory: pd.DataFrame, treatment: str, control: str, what: str, 
 def _cell(row: pd.Series, d: int) -> str:
     if row["test"] == PAIRED_CONSTANT:  # a zero-width interval: say why
         return f"{signed(float(row['mean']), d)} (same in every seed)"
-    return fmt_mean_ci(float(row["mean"]), float(row["lo"]), float(row["hi"]), int(row["n"]), d)
+    m, lo, hi = float(row["mean"]), float(row["lo"]), float(row["hi"])
+    return fmt_mean_ci(m, lo, hi, int(row["n"]), resolving_decimals(d, m, lo, hi))
 
 
 def trajectory_blocks(
