@@ -127,9 +127,10 @@ def test_default_settings():
 # --- the study report -----------------------------------------------------------------------------------
 
 
-def add_kv_rows(root, n_layer=3, n_kv=2, head_dim=16):
+def add_kv_rows(root, n_layer=3, n_kv=2, head_dim=16, floor_before_rope=False):
     """Append kv rows at each run's last point: rank 2^(layer+1) before RoPE, twice that after,
-    r90 = rank + head - 1 (seed-independent)."""
+    r90 = rank + head - 1 (seed-independent); `floor_before_rope`: rank 1 before RoPE everywhere,
+    as in a model that barely uses its keys yet."""
     for rd in sorted(p.parent for p in root.rglob("done.json")):
         probes = load_probes(rd)
         last = probes[probes["tokens"] == probes["tokens"].max()].iloc[0]
@@ -138,7 +139,7 @@ def add_kv_rows(root, n_layer=3, n_kv=2, head_dim=16):
         for layer in range(n_layer):
             for g in range(n_kv):
                 for site, f in (("k_pre", 1), ("k", 2)):
-                    r = min(head_dim, f * 2 ** (layer + 1))
+                    r = 1 if floor_before_rope and site == "k_pre" else min(head_dim, f * 2 ** (layer + 1))
                     for metric, v in (("kv_rank", r), ("kv_dloss", 0.005), ("kv_r90", min(head_dim, r + g - 1))):
                         rows.append({**key, "layer": layer, "head": g, "site": site, "metric": metric, "value": v})
         w = TableWriter(rd / "probes.csv", PROBE_COLUMNS)
@@ -182,6 +183,35 @@ def test_report_has_kv_headroom_table_and_figure(tmp_path):
     assert "`k_pre`" in section and "`k`" in section
     html = (root / "report.html").read_text()
     assert "KV-cache headroom" in html
+
+
+def test_headroom_at_the_floor_is_named_as_such(tmp_path):
+    """Every head before RoPE at rank 1, the bottom of the ladder: the table, the figure, the
+    summary and analyze's markdown say the keys are barely used and the saving is an upper bound."""
+    from rankscope.report import write_report
+    from rankscope.report.kv_headroom import analyze_markdown
+    from rankscope.report.load import load_study
+
+    root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=3, n_head=2, head_dim=16, n_points=4)
+    add_kv_rows(root, floor_before_rope=True)
+    study = load_study(root)
+    tab = headroom_table(headroom_frame(study.probes, study.arms), 16, arms=study.arms)
+    pre, post = (tab[(tab["arm"] == study.arms[0]) & (tab["site"] == s)].iloc[0] for s in ("k_pre", "k"))
+    assert (pre["floor"], pre["rows"], pre["floor_dloss"]) == (12, 12, 0.005) and post["floor"] == 0
+    md = write_report(root).read_text()
+    section = md.split("## KV-cache headroom")[1].split("\n## ")[0]
+    assert "1.0 (floor)" in section and "≤ bound" in section
+    assert (
+        "every kv head at rank 1, the smallest rank tried (projecting to one direction costs at most 0.5% loss)"
+        in section
+    )
+    assert "saving is an upper bound for a model that does not need its keys yet" in section
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    assert "KV-cache headroom is at its floor for" in summary and "(keys before RoPE)" in summary
+    assert "(keys after RoPE)" not in summary  # after RoPE the heads need 4 to 16 dimensions
+    assert "At rank 1, the bottom of the ladder" in md  # the figure's caption
+    text = analyze_markdown(tab[tab["arm"] == study.arms[0]], 0.01)
+    assert "| 1.0 (floor) |" in text and "upper bound" in text
 
 
 def test_report_without_kv_rows_has_no_section(tmp_path):

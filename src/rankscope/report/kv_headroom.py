@@ -94,6 +94,9 @@ def headroom_table(
                     ),
                     r90_below=int((f["kv_r90"] < f["kv_rank"]).sum()),
                     rows=len(f),
+                    # heads at the ladder's bottom rung, and the most that rung costs any of them
+                    floor=int((f["kv_rank"] <= 1).sum()),
+                    floor_dloss=float(f.loc[f["kv_rank"] <= 1, "kv_dloss"].max()) if (f["kv_rank"] <= 1).any() else 0.0,
                 )
             )
     return pd.DataFrame(out)
@@ -101,6 +104,32 @@ def headroom_table(
 
 def _pct(part: float, whole: float) -> str:
     return f"{part / whole:.0%}" if whole > 0 else "–"
+
+
+def floor_notes(table: pd.DataFrame) -> list[str]:
+    """A sentence for each (arm, keys) whose heads sit at rank 1, the bottom of the ladder: there
+    the loss does not need the keys yet, so the 'saving' is an upper bound of a model that barely
+    uses its keys, not headroom of a trained one."""
+    out = []
+    for r in table.itertuples() if table is not None else ():
+        if not r.floor:
+            continue
+        which = "every kv head" if r.floor == r.rows else f"{r.floor} of {r.rows} kv heads"
+        out.append(
+            f"{md_escape(r.arm)}, {SHOWN_SITES[r.site]}: {which} at rank 1, the smallest rank tried (projecting "
+            f"to one direction costs at most {r.floor_dloss:.1%} loss): at this point of training "
+            + (
+                "the keys are barely used, and the saving is an upper bound for a model that does not need "
+                "its keys yet."
+                if r.floor == r.rows
+                else "those heads' keys are barely used yet."
+            )
+        )
+    return out
+
+
+def _at_floor(r) -> bool:
+    return bool(r.rows) and r.floor == r.rows
 
 
 def headroom_blocks(table: pd.DataFrame, tol: float = DEFAULT_TOL, bytes_per_value: int = CACHE_BYTES) -> list[Block]:
@@ -116,10 +145,10 @@ def headroom_blocks(table: pd.DataFrame, tol: float = DEFAULT_TOL, bytes_per_val
                 fmt_count(r.tokens),
                 str(r.seeds),
                 str(r.heads),
-                f"{r.rank:.1f}",
+                f"{r.rank:.1f}" + (" (floor)" if _at_floor(r) else ""),
                 f"{r.r90:.1f}",
                 f"{r.full_bytes:.0f}",
-                f"{r.saved_bytes:.0f} ({_pct(r.saved_bytes, r.full_bytes)})",
+                f"{r.saved_bytes:.0f} ({_pct(r.saved_bytes, r.full_bytes)})" + (" ≤ bound" if _at_floor(r) else ""),
                 f"{r.saved_r90_bytes:.0f} ({_pct(r.saved_r90_bytes, r.full_bytes)})",
                 f"{r.r90_below} / {r.rows}",
             ]
@@ -147,9 +176,13 @@ def headroom_blocks(table: pd.DataFrame, tol: float = DEFAULT_TOL, bytes_per_val
         f"the full cache, and what storing each head at its measured rank (or at its r90) would save; values and "
         f"the per-head projection matrices are not counted. Mean over kv heads (ranks) and seeds (bytes) at each "
         f"arm's last measured point; the last column counts the (seed, layer, kv head) entries where r90 keeps "
-        f"fewer dimensions than the loss needs."
+        f"fewer dimensions than the loss needs. (floor): every head at rank 1, the bottom of the ladder; its "
+        f"saving is then an upper bound (≤ bound), not a measured headroom."
     )
-    return [intro, Table(header, rows, ["l", "l"] + ["r"] * (len(header) - 2))]
+    notes = floor_notes(table)
+    return [intro, Table(header, rows, ["l", "l"] + ["r"] * (len(header) - 2))] + (
+        [Para(" ".join(notes))] if notes else []
+    )
 
 
 def plot_kv_headroom(
@@ -200,6 +233,13 @@ def plot_kv_headroom(
         "seeds, slightly jittered; dashed: r90 = measured rank. Points above the line are heads where the r90 "
         "heuristic would cut dimensions the loss needs; below it, headroom the heuristic leaves unused."
     )
+    floored = sorted({(a, s) for (a, s), g in frame.groupby(["arm", "site"]) if (g["kv_rank"] <= 1).all()})
+    if floored:
+        caption += (
+            " At rank 1, the bottom of the ladder: "
+            + "; ".join(f"{a} ({SHOWN_SITES[s]})" for a, s in floored)
+            + " — every head there; those keys are barely used yet, and their saving is an upper bound."
+        )
     return Plot(path, caption)
 
 
@@ -232,11 +272,13 @@ def analyze_markdown(table: pd.DataFrame, tol: float, bytes_per_value: int = CAC
     ]
     for r in table.itertuples():
         lines.append(
-            f"| {SHOWN_SITES[r.site]} | {r.rank:.1f} | {r.r90:.1f} | {r.full_bytes:.0f} | "
-            f"{r.saved_bytes:.0f} ({_pct(r.saved_bytes, r.full_bytes)}) | "
+            f"| {SHOWN_SITES[r.site]} | {r.rank:.1f}{' (floor)' if _at_floor(r) else ''} | {r.r90:.1f} | "
+            f"{r.full_bytes:.0f} | {r.saved_bytes:.0f} ({_pct(r.saved_bytes, r.full_bytes)})"
+            f"{' ≤ bound' if _at_floor(r) else ''} | "
             f"{r.saved_r90_bytes:.0f} ({_pct(r.saved_r90_bytes, r.full_bytes)}) |"
         )
-    return "\n".join(lines) + "\n"
+    notes = floor_notes(table)
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 __all__ = [
@@ -245,6 +287,7 @@ __all__ = [
     "PLOT",
     "analyze_markdown",
     "bytes_saved_per_token",
+    "floor_notes",
     "headroom_blocks",
     "headroom_frame",
     "headroom_table",

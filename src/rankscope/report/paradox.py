@@ -203,7 +203,8 @@ def _paradox_cells(table: pd.DataFrame, fmt: str) -> tuple[list[str], list[list[
     name = (lambda a: md_escape(a)) if fmt == "markdown" else (lambda a: a)  # noqa: E731
     header = ["What we measured" if fmt == "markdown" else "quantity"]
     header += [f"{name(a)} (n={arm_n[a]})" for a in arms]
-    header.append("lead of best [95% CI]")
+    # an interval needs two seeds: with one per arm the column holds the lead alone, and says so
+    header.append("lead of best [95% CI]" if max(arm_n.values(), default=0) >= 2 else "lead of best (1 seed)")
     body = []
     for label, row in table.iterrows():
         meta = rows_meta.get(label, {})
@@ -211,6 +212,10 @@ def _paradox_cells(table: pd.DataFrame, fmt: str) -> tuple[list[str], list[list[
         best = row[(BETTER, "arm")]
         best = None if best is None or (isinstance(best, float) and math.isnan(best)) else str(best)
         resolved = bool(row[(BETTER, "resolved")])
+        margin = row[(BETTER, "margin")]
+        d = resolving_decimals(d, margin, row[(BETTER, "lo")], row[(BETTER, "hi")])
+        # a lead that prints as 0 is a tie as far as the table shows: no arm is marked best
+        tie = best is not None and np.isfinite(margin) and not resolved and signed(margin, d) == signed(0.0, d)
         line = [str(label)]
         for a in arms:
             n = int(row[(a, "n")])
@@ -223,7 +228,7 @@ def _paradox_cells(table: pd.DataFrame, fmt: str) -> tuple[list[str], list[list[
                 notes.append(f"n={n}")
             if not meta.get("comparable", True):
                 notes.append(f"at {fmt_count(row[(a, 'tokens')])}")
-            if best == a:
+            if best == a and not tie:
                 if fmt == "markdown":
                     text = f"✅ **{text}**" if resolved else f"**{text}**"
                 else:
@@ -231,9 +236,10 @@ def _paradox_cells(table: pd.DataFrame, fmt: str) -> tuple[list[str], list[list[
             if notes:
                 text += f" ({', '.join(notes)})"
             line.append(text)
-        margin = row[(BETTER, "margin")]
         if best is None or not np.isfinite(margin):
             line.append("–" if meta.get("comparable", True) else "not comparable")
+        elif tie:
+            line.append(f"tie ({signed(margin, d)})")
         else:
             text = signed(margin, d)
             if np.isfinite(row[(BETTER, "lo")]):

@@ -14,6 +14,7 @@ import pandas as pd
 from ..units import fmt_count
 from .doc import md_escape
 from .format import decimals_for, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
+from .kv_headroom import SHOWN_SITES
 from .layers import Diagnosis, collapse_rule, functional_rank_data
 from .load import StudyData
 from .paradox import table_arms
@@ -231,6 +232,17 @@ def chance_sentences(numbers: ReportNumbers) -> tuple[list[str], set[str]]:
             "their single top direction already keeps the loss within tolerance, so at this budget the keys' "
             "extra dimensions are not used for the loss yet, and functional rank cannot tell the arms apart."
         )
+    if numbers.kv_table is not None and len(numbers.kv_table):
+        floored = numbers.kv_table[
+            (numbers.kv_table["floor"] == numbers.kv_table["rows"]) & (numbers.kv_table["rows"] > 0)
+        ]
+        if len(floored):
+            who = "; ".join(f"{_b(r.arm)} ({SHOWN_SITES[r.site]})" for r in floored.itertuples())
+            out.append(
+                f"KV-cache headroom is at its floor for {who}: every kv head keeps the loss within tolerance at "
+                "rank 1, the smallest rank tried, so the keys are barely used at this point of training and the "
+                "saving the table shows is an upper bound of a model that does not need its keys yet."
+            )
     return out, everywhere
 
 
