@@ -349,6 +349,17 @@ def test_single_seed_says_no_interval(tmp_path):
     assert "[" not in text.splitlines()[4]  # the cells are bare values, no interval brackets
 
 
+def test_one_seed_lead_has_no_interval_header_and_a_printed_tie_marks_no_arm(tmp_path, monkeypatch):
+    root = make_study(tmp_path / "s", {"qk": "qk", "none": "none"}, [0])
+    header = paradox_text(root).splitlines()[2]
+    assert "lead of best (1 seed)" in header and "[95% CI]" not in header
+    # the two arms' losses 0.0004 apart: 4.2334 vs 4.2338 both print as 4.233 at three decimals
+    monkeypatch.setitem(LOSS_OFFSET, "none", 0.0004)
+    tied = make_study(tmp_path / "t", {"qk": "qk", "none": "none"}, [0])
+    line = next(ln for ln in paradox_text(tied).splitlines() if ln.startswith("val loss @ 400"))
+    assert "tie (0.000)" in line and "(*)" not in line and "*" not in line.replace("(*)", "")
+
+
 def test_middle_point_is_closest_to_half_of_the_shared_end(tmp_path):
     # eval points 0, 150, 300, 450, 600; one arm stops at 450, so MIDDLE is the point closest to
     # 450 / 2 = 225: a tie between 150 and 300, which goes to the later point
