@@ -92,3 +92,18 @@ def test_an_effect_beyond_noise_never_prints_as_zero():
     assert resolving_decimals(3, 0.5, -0.1, 1.1) == 3  # an interval across 0 keeps its decimals
     assert fmt_difference(-0.0004, -0.0006, -0.0002, 3) == "−0.0004 [−0.0006, −0.0002]"
     assert fmt_difference(2.0, float("nan"), float("nan"), 1) == "2.0"
+
+
+def test_the_seeds_comparison_at_another_scale_is_set_against_its_headline(tmp_path):
+    from test_report import make_realistic_study
+
+    root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=2, n_head=2, n_points=4)
+    summary = write_report(root).read_text().split("## Summary")[1].split("\n## ")[0]
+    # the synthetic study's key PR ends near 36 (qk-norm) and 48 (no-norm), minus its seed effects
+    assert (
+        "The seed saw QK-Norm lower mean key PR (43.5 vs 46.8 at 16M tokens, 1,953 steps, on 89M parameters); "
+        "here **qk-norm** is lower than **no-norm** by "
+    ) in summary
+    assert "The two can differ by scale (width, depth), training length" in summary
+    plain = make_study(tmp_path / "p", {"a": "qk", "b": "qk"}, [0])  # no arm without QK-Norm: no headline
+    assert "The seed saw" not in write_report(plain).read_text()

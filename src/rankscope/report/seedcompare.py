@@ -5,12 +5,13 @@ table), for studies run with a seed preset and the seed's arms: its Muon with an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..config import muon_partition
+from ..config import MUON_PARTITION, muon_partition
 from ..seedref import SEED_FIGURES_NOTE
 from ..units import fmt_count
 from .doc import md_escape
@@ -48,7 +49,10 @@ def arm_kind(config: dict[str, Any]) -> str | None:
     m, o = config.get("model") or {}, config.get("optim") or {}
     if str(o.get("name", "")).lower() != "muon" or float(o.get("qk_clip_tau") or 0) > 0:
         return None
-    stacked = muon_partition(str(o.get("muon_qkvo")), int(o.get("muon_head_group") or 0)) == (("qkvo",), 0)
+    qkvo = o.get("muon_qkvo")
+    if not isinstance(qkvo, str) or re.fullmatch(MUON_PARTITION, qkvo) is None:
+        return None  # older runs (Q, K, V, O trained separately) or a value this version cannot read
+    stacked = muon_partition(qkvo, int(o.get("muon_head_group") or 0)) == (("qkvo",), 0)
     if not stacked or o.get("muon_ns") != "polar_express":
         return None
     return {"learned": "qk", "frozen": "frozen", "none": "none"}.get(str(m.get("qk_norm", "")).lower())
@@ -63,7 +67,8 @@ def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[l
         p for p in dict.fromkeys(str(s.get("preset")) for s in study.studies if s.get("preset")) if p in SEED_REFERENCE
     ]
     if not presets:
-        return [], [], []
+        headline = seed_headline(study, series)
+        return [], [], [headline] if headline else []
     reference = SEED_REFERENCE[presets[0]]
     kinds: dict[str, str] = {}
     for r in study.runs:
@@ -115,4 +120,44 @@ def seed_reference(study: StudyData, series: dict[str, pd.DataFrame]) -> tuple[l
     return header, rows, sentences
 
 
-__all__ = ["SEED_REFERENCE", "arm_kind", "seed_reference"]
+# The seed's headline (DESIGN.md): mean key PR with QK-Norm and without, at 16M tokens on its 88M
+# model, after 1,953 Muon steps of 8,192 tokens.
+SEED_HEADLINE = {"qk": 43.5, "none": 46.8, "tokens": 16_000_000, "steps": 1953, "params": 88_630_528}
+
+
+def seed_headline(study: StudyData, series: dict[str, pd.DataFrame]) -> str | None:
+    """One sentence setting a study that makes the seed's comparison (its Muon with QK-Norm and
+    without) at another scale against the seed's headline, with why the two can differ; None for
+    any other study."""
+    kinds: dict[str, str] = {}
+    config: dict[str, Any] = {}
+    for r in study.runs:
+        k = arm_kind(r.config)
+        if k in ("qk", "none") and k not in kinds:
+            kinds[k], config = r.arm, config or r.config
+    s = series.get("k:pr_sv")
+    if s is None:
+        s = quantity_series(study.scalars, study.probes, "k:pr_sv")
+    if set(kinds) != {"qk", "none"} or s is None or not len(s):
+        return None
+    ends = [int(s.loc[s["arm"] == kinds[k], "tokens"].max()) for k in ("qk", "none")]
+    t = min(ends)
+    if t <= 0:
+        return None
+    means = {k: float(s.loc[(s["arm"] == kinds[k]) & (s["tokens"] == t), "value"].mean()) for k in ("qk", "none")}
+    gap = means["qk"] - means["none"]
+    per_step = int(config.get("tokens_per_step") or 0)
+    steps = f", {t // per_step:,} steps" if per_step else ""
+    params = config.get("n_params")
+    size = f" on {float(params) / 1e6:.2g}M parameters" if params else ""
+    h = SEED_HEADLINE
+    return (
+        f"The seed saw QK-Norm lower mean key PR ({h['qk']} vs {h['none']} at {fmt_count(h['tokens'])} tokens, "
+        f"{h['steps']:,} steps, on {h['params'] / 1e6:.0f}M parameters); here **{md_escape(kinds['qk'])}** is "
+        f"{'higher' if gap > 0 else 'lower'} than **{md_escape(kinds['none'])}** by {abs(gap):.1f} at "
+        f"{fmt_count(t)} tokens{steps}{size}. The two can differ by scale (width, depth), training length "
+        "(Muon moves each matrix a fixed spectral amount per step, so steps matter as much as tokens) and data."
+    )
+
+
+__all__ = ["SEED_REFERENCE", "SEED_HEADLINE", "arm_kind", "seed_headline", "seed_reference"]
