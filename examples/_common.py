@@ -28,6 +28,7 @@ def tiny_tokenizer(texts: list[str], vocab_size: int = 512):
             vocab_size=vocab_size,
             special_tokens=["<|endoftext|>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,  # a second's work: its progress lines would flood the terminal
         ),
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
