@@ -271,3 +271,17 @@ def test_downstream_draws_chance_and_names_the_arms_still_at_it(tmp_path):
     assert "predicts its own corpus's tokens on the repeated random tokens" in plot.caption  # what worse means
     plain = plot_downstream([(q, stats)], arms, {"flat": "C0", "copies": "C1"}, tmp_path / "e.png")
     assert "chance" not in plain.caption  # no level given: none drawn, none claimed
+
+
+def test_titles_break_between_phrases():
+    from rankscope.report.heatmaps import wrap_phrases
+
+    text = "Key participation ratio per head (pr_sv of keys after QK-Norm and RoPE; 1 = one direction, 64 = all 64)"
+    lines = wrap_phrases(text, 60).splitlines()
+    assert all(len(ln) <= 60 for ln in lines) and " ".join(lines) == text
+    # a break never falls inside "keys after QK-Norm" or "one direction": only after , ; : or before (
+    assert lines == [
+        "Key participation ratio per head",
+        "(pr_sv of keys after QK-Norm and RoPE; 1 = one direction,",
+        "64 = all 64)",
+    ]

@@ -253,3 +253,18 @@ def test_a_run_writes_kv_rows_at_the_end_and_analyze_writes_the_table(tmp_path, 
     assert "## KV-cache headroom" in (res.out / "summary.md").read_text()
     assert table[table["metric"] == "kv_rank"]["value"].between(1, m.head_dim).all()
     assert res.kv_plot is not None and res.kv_plot.name == PLOT and res.kv_plot.is_file()
+
+
+def test_kv_caption_speaks_of_seeds_only_when_there_are_several(tmp_path):
+    from rankscope.report.kv_headroom import plot_kv_headroom
+    from rankscope.report.load import load_study
+
+    for seeds in ((0,), (0, 1)):
+        root = make_realistic_study(
+            tmp_path / f"s{len(seeds)}", seeds=seeds, n_layer=2, n_head=2, head_dim=16, n_points=3
+        )
+        add_kv_rows(root, n_layer=2)
+        study = load_study(root)
+        frame = headroom_frame(study.probes, study.arms)
+        plot = plot_kv_headroom(frame, study.arms, {a: "C0" for a in study.arms}, tmp_path / f"kv{len(seeds)}.png")
+        assert ("mean over seeds" in plot.caption) == (len(seeds) > 1)

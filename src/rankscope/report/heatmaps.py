@@ -10,6 +10,7 @@ is still drawn, clipped to the end of the scale (the colour bar's arrow), and th
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,19 @@ from matplotlib.ticker import MaxNLocator
 from .curves import log_axis_clause, tokens_axis
 from .format import seeds_text
 from .plotstyle import MAX_WIDTH_IN, Plot, new_figure, save
+
+
+def wrap_phrases(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, broken between phrases (after ", ", "; " or
+    ": ", and before " (") rather than inside one; a phrase longer than a line is wrapped by words."""
+    phrases = [p for p in re.split(r"(?<=[,;:]) |(?= \()", text) if p]
+    lines: list[str] = []
+    for phrase in phrases:
+        if lines and len(lines[-1]) + len(phrase) + 1 <= width:
+            lines[-1] = f"{lines[-1]} {phrase.strip()}"
+        else:
+            lines += textwrap.wrap(phrase.strip(), width) or [""]
+    return "\n".join(lines)
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:
@@ -215,6 +229,6 @@ def plot_head_heatmap(
     cb.set_label(f"key PR (1 = one direction, {head_dim} = all)")
     # wrap to the figure's width (about 12 characters per inch at 9.5 pt) so nothing is cut off
     chars = max(40, int(width * 12))
-    lines = [textwrap.fill(line, chars) for line in f"{title}\n{subtitle}".splitlines()]
+    lines = [wrap_phrases(line, chars) for line in f"{title}\n{subtitle}".splitlines()]
     fig.suptitle("\n".join(lines), fontsize=9.5)
     return save(fig, path)

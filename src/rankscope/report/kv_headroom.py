@@ -229,8 +229,9 @@ def plot_kv_headroom(
     save(fig, path)
     caption = (
         f"KV-cache headroom: each kv head's measured key rank (the fewest ladder dimensions that keep the loss "
-        f"within {tol:.0%}) against its r90, before and after RoPE, one point per (layer, kv head) and arm, mean over "
-        "seeds, slightly jittered; dashed: r90 = measured rank. Points above the line are heads where the r90 "
+        f"within {tol:.0%}) against its r90, before and after RoPE, one point per (layer, kv head) and arm"
+        + (", mean over seeds" if frame["seed"].nunique() > 1 else "")
+        + ", slightly jittered; dashed: r90 = measured rank. Points above the line are heads where the r90 "
         "heuristic would cut dimensions the loss needs; below it, headroom the heuristic leaves unused."
     )
     floored = sorted({(a, s) for (a, s), g in frame.groupby(["arm", "site"]) if (g["kv_rank"] <= 1).all()})
