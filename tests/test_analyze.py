@@ -28,11 +28,12 @@ def cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A finished tiny rankscope run on token shards (checkpoints at steps 15 and 16)."""
+    """A finished tiny rankscope run on token shards (checkpoints at steps 15 and 16: a finished run
+    keeps keep_checkpoints - 1)."""
     root = tmp_path_factory.mktemp("study")
     data = shards(root)
     path = root / "qk" / "seed-0"
-    train(config(data), path, progress=False, arm="qk")
+    train(config(data, **{"train.keep_checkpoints": 3}), path, progress=False, arm="qk")
     return path
 
 

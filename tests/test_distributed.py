@@ -69,7 +69,7 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float, value: flo
     """(rtol, atol) of one probe value when the weights are `eps` apart (relative) and the largest
     attention logit is `z_max`. Activations move like the weights that make them, by eps. `value`:
     the row's own value (one process), for the tolerances that depend on it (decay_r2)."""
-    floor = site not in ("w_q", "w_k", "attn", "q_gain", "k_gain")  # activations' float32 Gram
+    floor = site not in ("w_q", "w_k", "dw_k", "attn", "q_gain", "k_gain")  # activations' float32 Gram
     dz = 2 * eps * z_max  # a logit q.k moves by eps through q and eps through k
     if metric in ("decay", "decay_r2"):
         # the least-squares slope of log λ_i on log i over `decay_ranks`: each λ = s^2 moves by 2 x 2
@@ -98,6 +98,10 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float, value: flo
         return 2 * eps * (math.log(HEAD_DIM) + 1) + (F * (1 + abs(math.log(F))) if floor else 0.0), 0.0
     if metric in ("r90", "kv_r90"):
         return 0.0, 1.0  # a count of directions: one near the 90% line may cross it
+    if metric == "rms_ratio":
+        return 2 * eps, 0.0  # the step's update over the weights (update_geometry), each eps
+    if metric in ("k_share", "block_share"):
+        return 4 * eps, 0.0  # a ratio of sums of squares of the update's entries, each ~ x^2
     if metric == "max_logit":
         return 2 * eps, 0.0  # q.k, each factor eps
     if metric in ("induction_score", "prev_token_score"):

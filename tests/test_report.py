@@ -432,9 +432,25 @@ def test_unfinished_run_lowers_n_at_end_but_counts_earlier(tmp_path):
 
     path = write_report(root)
     md = path.read_text()
-    assert "`none` seed 2: **unfinished** (last eval at 200 of 400 tokens" in md
+    assert "`none` seed 2: **stopped** (last eval at 200 of 400 tokens; rerun its command to resume)" in md
     assert "`qk` seed 2: **not started**" in md
     assert "(n=2)" in md  # the END cell averages fewer seeds than its arm has, and says so
+
+    # a run whose writer is alive (its lock file names this very process) is reported as running
+    import os
+    import socket
+
+    from rankscope.store import run_lock_path
+
+    lock = run_lock_path(run_dir(root, "none", 2))
+    lock.write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now", "what": "rankscope run"})
+    )
+    md = write_report(root).read_text()
+    assert f"`none` seed 2: **running** (last eval at 200 of 400 tokens; pid {os.getpid()} on" in md
+    # a holder that is gone leaves the file behind: the run is stopped, not running
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    assert "**stopped**" in write_report(root).read_text()
 
 
 def test_diverged_run_is_listed_as_diverged_not_finished(tmp_path):

@@ -171,7 +171,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, whole):
     assert store.read_table(killed / "scalars.csv")["step"].max() == 12
 
     train(cfg, killed, progress=False, arm="a")  # resumes from step 10
-    assert checkpoint.steps(whole) == [15, 16]
+    assert checkpoint.steps(whole) == [16]  # finished: the fallback before the final checkpoint is gone
     assert_same_run(killed, whole)
 
 
@@ -224,14 +224,14 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, whol
     assert_same_run(run, whole)
 
     # a file of garbage is set aside the same way, next to the first one
-    (folder / "step-000000016.pt").write_bytes(b"not a checkpoint")
+    (folder / "step-000000017.pt").write_bytes(b"not a checkpoint")
     state = checkpoint.load(run, set_aside=True)
-    assert state["step"] == 15 and (folder / "step-000000016.pt.corrupt").exists()
+    assert state["step"] == 16 and (folder / "step-000000017.pt.corrupt").exists()
 
 
 def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     run = tmp_path / "run"
-    cfg = config(shards(tmp_path))
+    cfg = config(shards(tmp_path), **{"train.keep_checkpoints": 3})  # finished, it keeps two
     train(cfg, run, progress=False, arm="a")
     (run / store.DONE).unlink()
     for step in checkpoint.steps(run):

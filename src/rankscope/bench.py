@@ -23,11 +23,10 @@ from .config import PRESETS
 if TYPE_CHECKING:
     import torch
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity: the sheets' starred
+# figures are with 2:4 sparsity, twice these). Hopper parts come in variants whose clocks and power
+# differ, so one name does not fix the peak; see `HOPPER_PEAK`.
 BF16_PEAK = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "H800": 989e12,
     "A100": 312e12,
     "A800": 312e12,
     "L40S": 362e12,
@@ -39,17 +38,49 @@ BF16_PEAK = {
     "GH200": 989e12,
 }
 
+# NVIDIA H100 Tensor Core GPU data sheet (BF16 Tensor Core 1,979 / 1,513 / 1,671 TFLOPS with sparsity
+# for SXM / PCIe / NVL) and H200 data sheet (1,979 SXM, 1,671 NVL); the H800 is the H100's export
+# variant with the same tensor cores. The CUDA device name says the variant: "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA H200 NVL"; the SXM parts carry no form factor ("NVIDIA H100 80GB HBM3",
+# "NVIDIA H200"), so SXM is what a Hopper name without PCIe or NVL is.
+HOPPER_PEAK = {
+    ("H100", "SXM"): 989e12,
+    ("H100", "PCIe"): 756e12,
+    ("H100", "NVL"): 835e12,
+    ("H800", "SXM"): 989e12,
+    ("H800", "PCIe"): 756e12,
+    ("H200", "SXM"): 989e12,
+    ("H200", "NVL"): 835e12,
+}
+
+
+def hopper_variant(name: str) -> str:
+    """The form factor a Hopper CUDA device name says: 'PCIe', 'NVL', else 'SXM'."""
+    words = name.upper().split()
+    return "PCIe" if "PCIE" in words else "NVL" if "NVL" in words else "SXM"
+
+
+def bf16_peak(name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of a CUDA device named `name`, or None when unknown. A MIG slice
+    has a fraction of the SMs, so the whole card's peak would understate its MFU: unknown."""
+    if "MIG" in name.split():
+        return None
+    if "GH200" not in name:
+        for chip in ("H100", "H200", "H800"):
+            if chip in name:
+                return HOPPER_PEAK.get((chip, hopper_variant(name)))
+    for key in sorted(BF16_PEAK, key=len, reverse=True):
+        if key in name:
+            return BF16_PEAK[key]
+    return None
+
 
 def device_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(BF16_PEAK, key=len, reverse=True):
-        if key in name:
-            return BF16_PEAK[key]
-    return None
+    return bf16_peak(torch.cuda.get_device_name(device))
 
 
 def matmul_rate(device: torch.device, reps: int = 10) -> float:

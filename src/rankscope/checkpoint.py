@@ -1,11 +1,19 @@
-"""Checkpoints: written atomically, the last K kept, read back with `weights_only=True`.
+"""Checkpoints: written atomically, the last K kept, read back to the CPU with `weights_only=True`.
 
 A checkpoint of step s lives in `<run>/checkpoints/step-<s>.pt` (model, optimizer state of rank 0,
 RNG states, counters) plus, with several processes, `step-<s>.rank<r>.pt` for each other rank's
 own state (its share of Muon's state, its loss sums, its RNG). Every file goes to a temporary
 name, is fsynced, then renamed, and the main file is written last, so its presence means the
 whole checkpoint is on disk. Loading with `weights_only=True` means a checkpoint from elsewhere
-can hold tensors and plain data, never code.
+can hold tensors and plain data, never code. Loading goes to the CPU whatever the device: the
+caller copies the weights into its model's own tensors and its optimizer moves its state next to
+its parameters, so a resumed run never holds a second copy of the weights on the GPU, and a rank
+never puts rank 0's optimizer share there.
+
+While a run trains, the checkpoint before the newest is its fallback should the newest be
+unreadable; a finished run needs none, so `finished` removes it (`keep` - 1 remain: with the
+default of 2, the final checkpoint alone; a series kept for `rankscope analyze --series` with a
+larger `train.keep_checkpoints` stays).
 
 A checkpoint that cannot be read (truncated by a full disk or a crashed file system, corrupted,
 refused) is skipped for the previous one with a warning; when resuming it is also renamed to
@@ -113,25 +121,38 @@ def save(
     barrier()  # every rank's share is on disk before the main file says the checkpoint exists
     if rank == 0:
         _atomic_save(state, _path(run_dir, step, 0))
-        for old in steps(run_dir)[:-keep]:  # run folders are on a file system every rank sees
-            for f in _files(folder, old):
-                f.unlink(missing_ok=True)
+        _keep_newest(run_dir, keep)  # run folders are on a file system every rank sees
     barrier()
 
 
-def _read(run_dir: Path, step: int, rank: int, device: torch.device | str) -> tuple[dict | None, tuple | None]:
-    """(state, None), or (None, (unreadable file, why, whether this rank owns that file))."""
+def _keep_newest(run_dir: str | Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (their main files and rank shares)."""
+    folder = Path(run_dir) / FOLDER
+    for old in steps(run_dir)[:-keep]:
+        for f in _files(folder, old):
+            f.unlink(missing_ok=True)
+
+
+def finished(run_dir: str | Path, keep: int) -> None:
+    """A run finished (done.json written): drop the fallback of its newest checkpoint, keeping the
+    newest `max(1, keep - 1)`. At 1.5B parameters a checkpoint is about 13 GB."""
+    _keep_newest(run_dir, max(1, keep - 1))
+
+
+def _read(run_dir: Path, step: int, rank: int) -> tuple[dict | None, tuple | None]:
+    """(state, None), or (None, (unreadable file, why, whether this rank owns that file)), on the CPU."""
     main = _path(run_dir, step, 0)
     try:
-        state = torch.load(main, map_location=device, weights_only=True)
+        state = torch.load(main, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused, truncated file, I/O error, ...
         return None, (main, _first_line(e), rank == 0)
     if not isinstance(state, dict) or state.get("step") != step or not isinstance(state.get("model"), dict):
         return None, (main, f"not a rankscope checkpoint of step {step}", rank == 0)
     if rank != 0:
+        state.pop("optim", None)  # rank 0's share of Muon's state: freed before this rank's own is read
         share = _path(run_dir, step, rank)
         try:
-            own = torch.load(share, map_location=device, weights_only=True)
+            own = torch.load(share, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise RankscopeError(
                 f"checkpoint {main} is missing its share for rank {rank} ({share}); "
@@ -163,14 +184,13 @@ def _warn(message: str) -> None:
 def load(
     run_dir: str | Path,
     rank: int = 0,
-    device: torch.device | str = "cpu",
     *,
     agree: Callable[[bool], bool] | None = None,
     set_aside: bool = False,
     warn: Callable[[str], None] = _warn,
 ) -> dict[str, Any] | None:
     """The newest readable checkpoint as seen by `rank` (rank 0's file, with this rank's optimizer
-    share swapped in), or None when the run has none.
+    share swapped in), on the CPU, or None when the run has none.
 
     An unreadable checkpoint is skipped for the one before it, with a warning naming the file.
     `set_aside` (when resuming) also renames unreadable files to `*.corrupt` and removes temporary
@@ -187,7 +207,7 @@ def load(
     bad: list[tuple[Path, str, bool]] = []
     state = None
     for step in reversed(found):
-        state, failure = _read(run_dir, step, rank, device)
+        state, failure = _read(run_dir, step, rank)
         ok = agree(failure is None) if agree is not None else failure is None
         if failure is not None:
             bad.append(failure)

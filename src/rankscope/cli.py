@@ -117,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--shard", metavar="I/N", help="run only slice i of n of the study's runs, e.g. 0/4 (for job arrays)"
     )
+    run.add_argument(
+        "--log",
+        metavar="SINKS",
+        help="stream each evaluation to tensorboard and/or wandb (offline) while training, e.g. "
+        "--log tensorboard,wandb (train.log)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
 
@@ -164,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
             )
         else:
             overrides["data.path"] = str(Path(args.data).resolve())
+    if args.log is not None:
+        overrides["train.log"] = setting_value("--log", "train.log", args.log)
     overrides.update(parse_set(args.overrides))
     out = Path(args.out) if args.out is not None else Path("rankscope-out") / study.name
     _check_out(out, args.out)

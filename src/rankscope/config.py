@@ -136,10 +136,15 @@ class TrainConfig:
     threads: Annotated[int, Range(0, 4096)] = 0  # CPU threads for torch; 0 = torch's default
     # torch.compile of the training step: auto = on CUDA, and on CPU for runs of 1M tokens or more
     compile: Literal["auto", "on", "off"] = "auto"
-    grad_accum: Annotated[int, Range(1, 2**20)] = 1  # micro-batches per optimizer step (batch_size is the global batch)
+    # micro-batches per optimizer step on one process, a memory knob: batch_size / grad_accum sequences is the
+    # largest forward pass; under torchrun each rank accumulates as few as keep to that (dist.split_batch)
+    grad_accum: Annotated[int, Range(1, 2**20)] = 1
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     checkpoint_every: _Tokens = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: Annotated[int, Range(1, 10**6)] = 2  # most recent checkpoints kept
+    # stream each evaluation's losses and key PR while the run trains: tensorboard (<run>/tensorboard),
+    # wandb (<run>/wandb, offline unless WANDB_MODE says otherwise); the tables are written either way
+    log: Annotated[tuple[Literal["tensorboard", "wandb"], ...], Distinct()] = ()
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import logit_chunks
-from .metrics import singular_value_metrics
-from .model import Tap
+from .metrics import eigh_batched, metrics_from_gram, singular_value_metrics, to_host
+from .model import GPT, Tap
 from .probe import Site, SiteCalls, _matching, gpt_sites, pair_qk
 from .vocab import LAYER_WIDE
 
@@ -48,6 +48,13 @@ def _no_autocast(t: torch.Tensor) -> torch.autocast:
     """Autocast off for math inside hooks: under autocast even float32 einsums and matmuls run in
     bf16 and return bf16, which would round Gram matrices, projections and attention logits."""
     return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _exact(t: torch.Tensor) -> torch.dtype:
+    """The dtype of Grams and projections: float32 on the CPU, whose matmuls are IEEE; float64 on
+    CUDA, where float32 matmuls run in TF32 (10 significant bits) once the trainer allows it, as
+    the probe's Grams do (`GramProbe._accumulate_gram`); these matmuls are tiny at float64's rate."""
+    return torch.float64 if t.device.type == "cuda" else torch.float32
 
 
 # --- per-token losses and the in-context learning score ------------------------------------------
@@ -70,10 +77,12 @@ def _position_loss_sums(
     logits_fn: LogitsFn, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, int]:
     """Per-position sums of cross-entropy over all rows of all batches (T,), and the row count.
-    One forward per batch; nothing is read back to the host here."""
+    One forward per batch; nothing is read back to the host here. rankscope's GPT runs its trunk
+    and chunked per-token losses, so no (B, T, V) logits exist (1.6 GB in float32 at seed-88m's
+    4 x 2048 x 49152); any other `logits_fn` returns its logits."""
     sums, n, T = None, 0, None
     for x, y in batches:
-        loss = token_losses(logits_fn(x), y)  # (B, T)
+        loss = _losses(logits_fn, x, y)  # (B, T)
         if T is not None and loss.shape[1] != T:
             raise ValueError(f"every batch must have the same length, got {loss.shape[1]} after {T}")
         T = loss.shape[1]
@@ -82,6 +91,13 @@ def _position_loss_sums(
     if sums is None:
         raise ValueError("no batches given")
     return sums, n
+
+
+def _losses(logits_fn: LogitsFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token float32 cross-entropy of the model on (x, y): (B, T)."""
+    if isinstance(logits_fn, GPT):
+        return logits_fn.token_losses(logits_fn.trunk(x), y)
+    return token_losses(logits_fn(x), y)
 
 
 @torch.no_grad()
@@ -184,6 +200,8 @@ def induction_loss(logits_fn: LogitsFn, x: torch.Tensor) -> float:
     """Mean cross-entropy on the second copy of a repeated batch x (B, 2L) from `induction_batch`:
     about 0 for a perfect copier, log(vocab) for a model that ignores its context."""
     L = _half_len(x)
+    if isinstance(logits_fn, GPT):  # per-token losses from the trunk: no (B, T, V) logits
+        return logits_fn.token_losses(logits_fn.trunk(x)[:, L:-1], x[:, L + 1 :]).mean().item()
     return _induction_loss_from_logits(logits_fn(x), x, L).item()
 
 
@@ -285,10 +303,14 @@ class InductionScores:
 
     def measure_with_loss(self, x: torch.Tensor, forward: Any = None) -> tuple[float, list[Row]]:
         """(induction_loss, rows) from the same single forward pass; `forward(x)` (default: the
-        model) must return logits (B, T, V)."""
+        model) must return logits (B, T, V). Without `forward`, rankscope's GPT runs its trunk and
+        the loss of the second copy alone, in chunks: no (B, T, V) logits."""
         L = _half_len(x)
-        logits = self._run(x, forward)
-        loss = _induction_loss_from_logits(logits, x, L).item()
+        if forward is None and isinstance(self.model, GPT):
+            h = self._run(x, self.model.trunk)  # (B, T, D)
+            loss = self.model.token_losses(h[:, L:-1], x[:, L + 1 :]).mean().item()
+        else:
+            loss = _induction_loss_from_logits(self._run(x, forward), x, L).item()
         return loss, self._rows()
 
 
@@ -312,7 +334,7 @@ def rank_ladder(head_dim: int) -> list[int]:
 
 def _gram_hook(store: dict[str, torch.Tensor], site: str):
     def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-        x = out.float().flatten(0, 1)  # (N, heads, E)
+        x = out.to(_exact(out)).flatten(0, 1)  # (N, heads, E)
         with _no_autocast(x):
             store[site] = torch.einsum("nhe,nhf->hef", x, x).double()  # every head's XᵀX at once
 
@@ -335,14 +357,27 @@ def layer_grams(
     return grams, h_next
 
 
+def all_layer_grams(
+    model: nn.Module, x: torch.Tensor, sites: Sequence[str]
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """Every layer's `layer_grams` from one unprojected pass on token ids x: ([{site: (heads, E, E)}
+    per layer], the stream after the last block). Taking them all before any is decomposed lets
+    one batched eigh (`metrics.eigh_batched`) serve every layer: on a GPU one copy to the host."""
+    h, grams = model.embed_tokens(x), []
+    for layer in range(len(model.blocks)):
+        g, h = layer_grams(model, h, layer, sites)
+        grams.append(g)
+    return grams, h
+
+
 def _projection_hook(p: torch.Tensor):
     """A forward hook that replaces a tap's output (B, T, heads, E) by its projection x P_h per
-    head (P symmetric), computed in float32 and cast back, so that projecting onto every
-    direction (P = I) reproduces the output to float32 round-off."""
+    head (P symmetric), computed in P's dtype (`_exact`) and cast back, so that projecting onto
+    every direction (P = I) reproduces the output to float32 round-off."""
 
     def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
         with _no_autocast(out):
-            return torch.einsum("bthe,hef->bthf", out.float(), p).to(out.dtype)
+            return torch.einsum("bthe,hef->bthf", out.to(p.dtype), p).to(out.dtype)
 
     return hook
 
@@ -355,6 +390,8 @@ def functional_rank(
     sites: Sequence[str] = ("k", "q"),
     ladder: Sequence[int] | None = None,
     tol: float = 0.01,
+    *,
+    eig_path: str = "auto",
 ) -> list[Row]:
     """Functional rank of each layer's keys (and queries) in rankscope's GPT.
 
@@ -368,10 +405,12 @@ def functional_rank(
     The participation ratio says how many directions carry variance; this says how many the model
     needs: keys with PR 51 and functional rank 8 would be the seed's "ghost compute".
 
-    Cost: one pass caches the residual stream at each layer's input; each (layer, site, r) then
-    re-runs only blocks l.. and the head, n_layer (n_layer + 1) / 2 blocks per (site, r) in all.
-    Every head of the layer is projected at once by one batched einsum. Only the inputs of the
-    current layer are kept, so memory stays at one residual stream plus the pass itself.
+    Cost: one unprojected pass reads every layer's Grams, decomposed by one `metrics.eigh_batched`
+    call (`eig_path`: on a GPU, one copy to the host and back rather than a cuSOLVER call per
+    matrix); a second walks the layers, keeping the residual stream at the current layer's input,
+    from which each (layer, site, r) re-runs only blocks l.. and the head, n_layer (n_layer + 1) / 2
+    blocks per (site, r) in all. Every head of the layer is projected at once by one batched
+    einsum. Memory stays at one residual stream plus the pass itself.
     """
     E = model.cfg.head_dim
     ladder = sorted(set(ladder if ladder is not None else rank_ladder(E)))
@@ -383,22 +422,24 @@ def functional_rank(
         if not isinstance(getattr(model.blocks[0].attn, s, None), Tap):
             raise ValueError(f"unknown site {s!r}: expected a tap of blocks.<i>.attn (q_pre, q, k_pre, k, v, o)")
 
+    grams, h_last = all_layer_grams(model, x, sites)  # the unprojected pass
+    keys = [(layer, s) for layer in range(len(model.blocks)) for s in sites]
+    eig = dict(zip(keys, eigh_batched([grams[layer][s] for layer, s in keys], path=eig_path)))
+    del grams
     losses: dict[tuple[str, int, int], torch.Tensor] = {}
     h = model.embed_tokens(x)  # (B, T, D): the residual stream at the input of layer 0
     for layer, block in enumerate(model.blocks):
-        taps = {s: getattr(block.attn, s) for s in sites}
-        grams, h_next = layer_grams(model, h, layer, sites)  # the unprojected pass, reading the Grams
-        for s, tap in taps.items():
-            vecs = torch.linalg.eigh(grams[s]).eigenvectors  # (heads, E, E), eigenvalues ascending
+        for s in sites:
+            vecs = eig[(layer, s)].eigenvectors  # (heads, E, E), eigenvalues ascending
             for r in ladder:
                 v = vecs[..., E - r :]  # (heads, E, r): the top r directions
-                hd = tap.register_forward_hook(_projection_hook((v @ v.mT).float()))
+                hd = getattr(block.attn, s).register_forward_hook(_projection_hook((v @ v.mT).to(_exact(v))))
                 try:
                     losses[(s, layer, r)] = model.head(model.forward_blocks(h, start=layer), y).float()
                 finally:
                     hd.remove()
-        h = h_next
-    full = model.head(h, y).float()  # the unprojected loss, from the same cached passes
+        h = model.forward_blocks(h, layer, layer + 1)  # the same block the Gram pass ran, unhooked
+    full = model.head(h_last, y).float()  # the unprojected loss
 
     keys = list(losses)
     values = torch.stack([full] + [losses[k] for k in keys]).tolist()  # one host sync
@@ -422,7 +463,12 @@ WEIGHT_METRICS = ("pr_sv", "stable_rank", "spectral_norm")
 
 @torch.no_grad()
 def weight_spectra(
-    model: nn.Module, q: str = "blocks.*.attn.q_proj", k: str = "blocks.*.attn.k_proj", head_dim: int | None = None
+    model: nn.Module,
+    q: str = "blocks.*.attn.q_proj",
+    k: str = "blocks.*.attn.k_proj",
+    head_dim: int | None = None,
+    *,
+    path: str = "auto",
 ) -> list[Row]:
     """Singular-value statistics of each head's slice of W_Q and W_K.
 
@@ -438,6 +484,13 @@ def weight_spectra(
     their scale: the weight spectra show which pressure wins. Patterns are module paths (fnmatch)
     of linear layers, so other models with the same layout work too; head_dim defaults to
     `model.cfg.head_dim`.
+
+    path: 'device' takes `svdvals` of the slices where they live, the default on the CPU (and the
+    only way the numbers were computed before). 'host', the default elsewhere: on CUDA `svdvals`
+    of a 64 x 512 matrix is one cuSOLVER call and wait per matrix (264 at seed-88m), so each
+    slice's Gram W Wᵀ (E x E, float64) is formed on the device, all go to the host in one copy,
+    and s = sqrt(eigenvalues) there (`metrics.metrics_from_gram`, floored at the round-off level as
+    the probe's are): equal to `svdvals` to about E eps of s_max.
     """
     E = head_dim if head_dim is not None else model.cfg.head_dim
     per_layer: dict[int, list[tuple[str, torch.Tensor]]] = {}
@@ -448,14 +501,28 @@ def weight_spectra(
                 raise ValueError(f"{pattern}: {w.shape[0]} output rows is not a multiple of head_dim {E}")
             per_layer.setdefault(layer, []).append((site, w.view(-1, E, w.shape[1])))  # (heads, E, D)
     index, stats = [], []
+    weights = [w for layer in sorted(per_layer) for _, w in per_layer[layer]]
+    if not weights:
+        return []
+    where = path if path != "auto" else ("device" if weights[0].device.type == "cpu" else "host")
+    if where not in ("device", "host"):
+        raise ValueError(f"path must be auto, device or host, got {path!r}")
     for layer in sorted(per_layer):
         mats = per_layer[layer]
-        s = torch.linalg.svdvals(torch.cat([w for _, w in mats]).double())  # (heads, min(E, D)), descending
-        m = singular_value_metrics(s)
-        stats.append(torch.stack([m["pr_sv"], m["stable_rank"], s[:, 0]], -1))
         index += [(layer, site, head) for site, w in mats for head in range(w.shape[0])]
-    if not stats:
-        return []
+        if where == "device":
+            s = torch.linalg.svdvals(torch.cat([w for _, w in mats]).double())  # (heads, min(E, D)), descending
+            m = singular_value_metrics(s)
+            stats.append(torch.stack([m["pr_sv"], m["stable_rank"], s[:, 0]], -1))
+    if where == "host":
+        w = torch.cat(weights).to(torch.float64)  # (all heads, E, D)
+        with _no_autocast(w):
+            (g,) = to_host(w @ w.mT)  # every slice's Gram, in one copy to the host
+        m = metrics_from_gram(g)
+        # s_max² = λ_max = Σ s² / stable_rank, and Σ s² = trace(W Wᵀ)
+        sr = m["stable_rank"]
+        spectral = torch.where(sr > 0, g.diagonal(dim1=-2, dim2=-1).sum(-1) / sr.clamp_min(1e-300), 0.0).sqrt()
+        stats.append(torch.stack([m["pr_sv"], sr, spectral], -1))
     table = torch.cat(stats).cpu().tolist()  # one host sync
     return [
         dict(layer=layer, head=head, site=site, metric=m, value=v)

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from .errors import RankscopeError
-from .evals import _no_autocast, layer_grams, rank_ladder
+from .evals import _exact, _no_autocast, all_layer_grams, rank_ladder
+from .metrics import eigh_batched
 from .model import Tap
 from .probe import Site, _matching
 
@@ -123,9 +124,10 @@ def _rows(layer: int, g: int, site: str, found: tuple[int, float], r90: float) -
 
 
 def _top(eig: Any, g: int, r: int) -> torch.Tensor:
-    """The float32 projection onto head g's top r eigenvectors (eigh's ascending order)."""
+    """The projection onto head g's top r eigenvectors (eigh's ascending order): float32, float64
+    on CUDA, where a float32 matmul would run in TF32 (`evals._exact`)."""
     v = eig.eigenvectors[g, :, eig.eigenvectors.shape[-1] - r :]  # (E, r)
-    return (v @ v.mT).float()
+    return (v @ v.mT).to(_exact(v))
 
 
 def _replace_head(site: Any, layer: int, layout: str, g: int, fn: Any):
@@ -147,7 +149,7 @@ def _replace_head(site: Any, layer: int, layout: str, g: int, fn: Any):
 
 
 def _project(p: torch.Tensor):
-    return lambda keys: (keys.float() @ p).to(keys.dtype)
+    return lambda keys: (keys.to(p.dtype) @ p).to(keys.dtype)
 
 
 @torch.no_grad()
@@ -158,22 +160,29 @@ def kv_headroom(
     sites: Sequence[str] = ("k_pre", "k"),
     tol: float = 0.01,
     ladder: Sequence[int] | None = None,
+    *,
+    eig_path: str = "auto",
 ) -> list[Row]:
     """Per (layer, kv head, site) rank at tolerance of rankscope's GPT on the batch (x, y): rows
-    kv_rank, kv_dloss and kv_r90 (module docstring). `sites` among 'k_pre', 'k', 'v'."""
+    kv_rank, kv_dloss and kv_r90 (module docstring). `sites` among 'k_pre', 'k', 'v'. Every
+    layer's Grams come from one unprojected pass and one batched eigh (`metrics.eigh_batched`,
+    `eig_path`: on a GPU one copy to the host and back, not a cuSOLVER call per matrix)."""
     E = model.cfg.head_dim
     ladder = _check_ladder(ladder, E, tol)
     for s in sites:
         if s not in KV_SITES or not isinstance(getattr(model.blocks[0].attn, s, None), Tap):
             raise ValueError(f"unknown site {s!r}: expected one of {', '.join(KV_SITES)}")
 
+    grams, h_last = all_layer_grams(model, x, sites)  # the unprojected pass, reading the Grams
+    l_full = model.head(h_last, y).float().item()
+    keys = [(layer, s) for layer in range(len(model.blocks)) for s in sites]
+    eigs = dict(zip(keys, eigh_batched([grams[layer][s] for layer, s in keys], path=eig_path)))
+    G = grams[0][sites[0]].shape[0] if sites else 0
+    del grams
     h = model.embed_tokens(x)  # (B, T, D): the residual stream at the input of layer 0
-    l_full = model.head(model.forward_blocks(h), y).float().item()
     rows: list[Row] = []
     for layer in range(len(model.blocks)):
-        grams, h_next = layer_grams(model, h, layer, sites)  # the unprojected pass, reading the Grams
-        eig = {s: torch.linalg.eigh(grams[s]) for s in sites}  # (G, E), (G, E, E); ascending
-        G = grams[sites[0]].shape[0] if sites else 0
+        eig = {s: eigs[(layer, s)] for s in sites}  # (G, E), (G, E, E); ascending
 
         def loss_at(key: tuple[str, int], r: int, layer: int = layer, eig: Any = eig, h: Any = h) -> torch.Tensor:
             s, g = key
@@ -188,7 +197,7 @@ def kv_headroom(
         for s in sites:
             r90 = r90_from_eigenvalues(eig[s].eigenvalues).tolist()
             rows += [r for g in range(G) for r in _rows(layer, g, s, found[(s, g)], r90[g])]
-        h = h_next
+        h = model.forward_blocks(h, layer, layer + 1)  # the same block the Gram pass ran, unhooked
     return rows
 
 
@@ -231,7 +240,7 @@ def _project_after_rope(rotate: Any, layer: int, p: torch.Tensor):
         with torch.enable_grad():
             k0 = keys.detach().float().unsqueeze(2).requires_grad_(True)
             turned = rotate(k0, layer).float()  # (B, T, 1, E)
-            (back,) = torch.autograd.grad(turned, k0, grad_outputs=turned.detach() @ p)
+            (back,) = torch.autograd.grad(turned, k0, grad_outputs=(turned.detach().to(p.dtype) @ p).to(turned.dtype))
         return back.squeeze(2).to(keys.dtype)
 
     return fn
@@ -322,7 +331,7 @@ def model_kv_headroom(
         with torch.random.fork_rng(devices=devices):
             model.eval()
             l_full, grams, layouts = _unprojected_pass(model, att, measured, x, y)
-            eig = {key: torch.linalg.eigh(g) for key, g in grams.items()}
+            eig = dict(zip(grams, eigh_batched(list(grams.values()))))  # on a GPU: one copy to the host
             modules = {(s, layer): m for s in measured for layer, m in _matching(model, _edit_site(kc, s).pattern)}
 
             def loss_at(key: tuple[str, int, int], r: int) -> torch.Tensor:

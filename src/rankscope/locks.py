@@ -73,6 +73,27 @@ def _read_holder(fd: int) -> Holder:
     return Holder()
 
 
+def live_holder(path: Path) -> Holder | None:
+    """Who holds the lock at `path`, judged without touching the lock (a reader must never make a
+    writer's non-blocking acquire fail): the holder its file names, when that process is alive on
+    this host; a holder on another host is returned as named (it cannot be checked from here).
+    None when there is no file, no name in it, or its process is gone."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        holder = Holder(int(raw["pid"]), str(raw.get("host", "")), str(raw.get("since", "")), str(raw.get("what", "")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if holder.host and holder.host != socket.gethostname():
+        return holder
+    try:
+        os.kill(holder.pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except OSError:  # exists, owned by someone else
+        pass
+    return holder
+
+
 class FileLock:
     """An exclusive, non-blocking lock on ``path``: ``with FileLock(p, "rankscope run"): ...``.
 

@@ -50,10 +50,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import torch
 
@@ -138,20 +138,64 @@ def host_eigvalsh(g: torch.Tensor, workers: int | None = None) -> torch.Tensor:
     if g.device.type != "cpu":
         raise ValueError(f"host_eigvalsh takes CPU matrices, got a tensor on {g.device}")
     flat = g.reshape(-1, *g.shape[-2:])
+    return torch.cat(_single_threaded(torch.linalg.eigvalsh, flat, workers)).reshape(g.shape[:-1])
+
+
+def _single_threaded(fn: Callable, flat: torch.Tensor, workers: int | None) -> list:
+    """fn on contiguous shares of the CPU batch `flat`, `workers` threads at a time (default torch's
+    intra-op thread count), torch single-threaded meanwhile (`host_eigvalsh` says why); fn's results
+    in batch order."""
+    import torch
+
     workers = max(1, min(workers or torch.get_num_threads(), flat.shape[0]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # also what the workers' threads start with: torch reads it when they begin
     try:
         if workers == 1:
-            ev = torch.linalg.eigvalsh(flat)
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+            return [fn(flat)]
+        from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside LAPACK
-                ev = torch.cat(list(pool.map(torch.linalg.eigvalsh, flat.tensor_split(workers))))
+        with ThreadPoolExecutor(workers) as pool:  # torch releases the GIL inside LAPACK
+            return list(pool.map(fn, flat.tensor_split(workers)))
     finally:
         torch.set_num_threads(threads)
-    return ev.reshape(g.shape[:-1])
+
+
+class Eigh(NamedTuple):
+    """What torch.linalg.eigh returns: eigenvalues (..., d) ascending, eigenvectors (..., d, d)."""
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+
+
+def eigh_batched(mats: Sequence[torch.Tensor], *, path: str = "auto", workers: int | None = None) -> list[Eigh]:
+    """torch.linalg.eigh of each batch of symmetric matrices in `mats` (each (..., d, d), one d).
+
+    On the path `eig_path(mats[0], path)` names: 'device' is torch.linalg.eigh of each batch where
+    it lives (on the CPU the very call evaluations always made, so their numbers are unchanged);
+    'host' copies every batch to the CPU in ONE device-to-host copy, decomposes them all there as
+    `host_eigvalsh` does, and sends the eigenvectors back in one copy: a measurement's small eigh's
+    cost one transfer instead of one cuSOLVER call and wait per matrix. On the host path the
+    eigenvalues stay on the CPU (their readers turn them into rows), as float64."""
+    import torch
+
+    if not mats:
+        return []
+    if len({m.shape[-1] for m in mats}) > 1:
+        raise ValueError(f"eigh_batched takes matrices of one size, got {sorted({m.shape[-1] for m in mats})}")
+    if eig_path(mats[0], path) == "device":
+        return [Eigh(*torch.linalg.eigh(m)) for m in mats]
+    host = to_host(*mats)  # one device-to-host copy, float64
+    flat = torch.cat([m.reshape(-1, *m.shape[-2:]) for m in host])  # (n, d, d)
+    parts = _single_threaded(torch.linalg.eigh, flat, workers)
+    values = torch.cat([p.eigenvalues for p in parts])
+    vectors = torch.cat([p.eigenvectors for p in parts]).to(mats[0].device)  # one copy back
+    out, i = [], 0
+    for m in mats:
+        n = m[..., 0, 0].numel()
+        out.append(Eigh(values[i : i + n].view(m.shape[:-1]), vectors[i : i + n].view(m.shape)))
+        i += n
+    return out
 
 
 def eigvalsh_batched(g: torch.Tensor, *, path: str = "auto", workers: int | None = None) -> torch.Tensor:
@@ -166,13 +210,16 @@ def eigvalsh_batched(g: torch.Tensor, *, path: str = "auto", workers: int | None
     return host_eigvalsh(g.cpu(), workers).to(g.device)
 
 
-def _to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """float64 copies of tensors on the CPU, made by one device-to-host copy (one host sync)."""
     import torch
 
     parts = [t.double() for t in tensors]
     flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
     return [chunk.view(t.shape) for chunk, t in zip(flat.split([t.numel() for t in parts]), parts)]
+
+
+_to_host = to_host  # the name the CUDA-path tests know it by
 
 
 # --- the metrics ---------------------------------------------------------------------------------
@@ -290,9 +337,9 @@ def metrics_from_gram(
     if g.device.type != "cpu" and eig_path(g, path) == "host":
         if col_sum is not None and n is not None:
             n = torch.as_tensor(n, dtype=torch.float64, device=g.device).expand(g.shape[:-2])
-            g, col_sum, n = _to_host(g, col_sum, n)
+            g, col_sum, n = to_host(g, col_sum, n)
         else:
-            (g,) = _to_host(g)
+            (g,) = to_host(g)
         eigvalsh = functools.partial(host_eigvalsh, workers=workers)
     finite = torch.isfinite(g).all(-1).all(-1)  # (...)
     g = torch.where(finite[..., None, None], g.double(), torch.zeros((), dtype=torch.float64, device=g.device))

@@ -205,17 +205,41 @@ class Block(nn.Module):
 # module constant, not a class attribute: torch.compile cannot read the Function's own class
 # inside its forward, and broke the graph there.
 _CE_ROWS = 512
+# Logits per chunk of an evaluation's loss off the CPU: 2^24 (64 MiB in float32; 341 rows at vocab
+# 49152). An accelerator gains nothing from a cache-sized chunk, only more launches; this bounds the
+# transient at a few hundred MiB where whole float32 logits of a 32 x 2048 batch at vocab 49152
+# (the seed-1.5b evaluation) would be 13 GB, and 32 GB with cross-entropy's own float32 copies.
+_CE_DEVICE_ELEMS = 1 << 24
+
+
+def _ce_rows(h: torch.Tensor, w: torch.Tensor) -> int:
+    return _CE_ROWS if h.device.type == "cpu" else max(1, _CE_DEVICE_ELEMS // w.shape[0])
 
 
 def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits h @ wᵀ (h (N, D), w (V, D), targets (N,)) without gradients,
-    in `LinearCrossEntropy`'s row chunks, so the (N, V) logits never exist whole: an evaluation's
-    output layer is about 1.5x faster on two CPU cores than logits + F.cross_entropy."""
+    in row chunks, so the (N, V) logits never exist whole: an evaluation's output layer is about
+    1.5x faster on two CPU cores than logits + F.cross_entropy, and needs a bounded transient on a
+    GPU. Each chunk's logits are reduced in float32 (bf16 under autocast otherwise)."""
     total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-    for i in range(0, h.shape[0], _CE_ROWS):
-        logits = h[i : i + _CE_ROWS] @ w.T  # (c, V)
-        total += torch.logsumexp(logits, dim=-1).sum() - logits.gather(1, targets[i : i + _CE_ROWS, None]).sum()
+    rows = _ce_rows(h, w)
+    for i in range(0, h.shape[0], rows):
+        logits = h[i : i + rows] @ w.T  # (c, V)
+        logits = logits.to(total.dtype)  # a no-op for float32 and float64 logits
+        total += torch.logsumexp(logits, dim=-1).sum() - logits.gather(1, targets[i : i + rows, None]).sum()
     return total / h.shape[0]
+
+
+def chunked_token_losses(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every row of the logits h @ wᵀ in float32 (h (N, D), w (V, D), targets (N,))
+    -> (N,), in chunks of at most 2^24 logits: the per-token losses an evaluation needs (the ICL
+    score, the induction loss) without the (N, V) logits ever existing whole."""
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=h.device)
+    rows = max(1, _CE_DEVICE_ELEMS // w.shape[0])
+    for i in range(0, targets.shape[0], rows):
+        logits = F.linear(h[i : i + rows], w).float()  # (c, V)
+        out[i : i + rows] = F.cross_entropy(logits, targets[i : i + rows], reduction="none")
+    return out
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -268,7 +292,13 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy if targets are given."""
-        return self.head(self.forward_blocks(self.embed_tokens(idx)), targets)
+        return self.head(self.trunk(idx), targets)
+
+    def trunk(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> the residual stream after the last block (B, T, D), before the head: what a
+        probe runs, since nothing it reads lies in the head (at vocab 49152 the head is a fifth
+        of seed-88m's forward FLOPs, and its logits the largest tensor of the pass)."""
+        return self.forward_blocks(self.embed_tokens(idx))
 
     # The forward pass in three stages, so an evaluation can cache the residual stream at a layer
     # and re-run only the layers after it (functional rank does, once per projection rank).
@@ -292,13 +322,18 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         if targets is None:
             return F.linear(x, self.embed.weight)  # (B, T, V)
-        if x.device.type == "cpu":
-            h, t = x.flatten(0, 1), targets.flatten()
-            if x.requires_grad:
-                return LinearCrossEntropy.apply(h, self.embed.weight, t)
-            if not torch.is_grad_enabled():  # an evaluation: the same chunks, no gradient
-                return chunked_cross_entropy(h, self.embed.weight, t)
+        h, t = x.flatten(0, 1), targets.flatten()
+        if not torch.is_grad_enabled():  # an evaluation, on every device: the logits never exist whole
+            return chunked_cross_entropy(h, self.embed.weight, t)
+        if x.device.type == "cpu" and x.requires_grad:
+            return LinearCrossEntropy.apply(h, self.embed.weight, t)
         return F.cross_entropy(F.linear(x, self.embed.weight).flatten(0, 1).float(), targets.flatten())
+
+    def token_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final norm and tied output layer as per-token float32 cross-entropy: the residual stream
+        x (..., D) and targets (...) -> (...), in chunks (`chunked_token_losses`), no gradient."""
+        h = self.final_norm(x).flatten(0, -2)  # (N, D)
+        return chunked_token_losses(h, self.embed.weight, targets.reshape(-1)).view(targets.shape)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:

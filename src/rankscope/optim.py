@@ -202,7 +202,8 @@ class Optimizers:
 
     With several processes, Muon's orthogonalization is divided across ranks instead of repeated
     on each: every rank owns a share of the hidden matrices (balanced by size), keeps Muon state
-    only for those, updates them, then broadcasts them to the others (modded-nanogpt's scheme).
+    only for those, updates them, then all ranks gather every rank's updated matrices in one
+    collective (modded-nanogpt's division of work, ZeRO-1's all-gather).
     AdamW is cheap and runs everywhere on the already all-reduced gradients.
     """
 
@@ -214,6 +215,8 @@ class Optimizers:
         rank: int = 0,
     ):
         self.optimizers, self.counts, self.shards, self.rank = optimizers, counts, shards or [], rank
+        if len({p.dtype for params in self.shards for p in params}) > 1:  # one flat buffer carries them all
+            raise ValueError("sharded Muon needs its matrices in one dtype")
         for opt in optimizers:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -230,19 +233,30 @@ class Optimizers:
 
     @torch.no_grad()
     def _exchange(self) -> None:
+        """Every rank's updated matrices to every rank in one collective a step: each rank packs the
+        matrices it owns into its slot of one flat buffer (slots padded to the largest share), the
+        slots are all-gathered in place, and each rank copies the others' slots into its
+        parameters (ZeRO-1's all-gather; one broadcast per owner would be world_size collectives).
+        Bits are only moved, so the parameters equal one process's step exactly."""
         import torch.distributed as dist
 
+        sizes = [[p.numel() for p in params] for params in self.shards]
+        slot = max(sum(s) for s in sizes)
+        ref = next(p for params in self.shards for p in params)
+        flat = torch.empty(self.world_size * slot, dtype=ref.dtype, device=ref.device)
+        mine = flat[self.rank * slot : (self.rank + 1) * slot]
+        n = sum(sizes[self.rank])
+        if n:
+            torch.cat([p.reshape(-1) for p in self.shards[self.rank]], out=mine[:n])
+        mine[n:].zero_()  # the padding travels too: send zeros, not stale memory
+        # all_gather_single is all_gather_into_tensor's name from torch 2.13 on
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(flat, mine)
         for owner, params in enumerate(self.shards):
-            if not params:
+            if owner == self.rank or not params:
                 continue
-            if owner == self.rank:
-                flat = torch.cat([p.reshape(-1) for p in params])
-            else:
-                flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-            dist.broadcast(flat, src=owner)
-            if owner != self.rank:
-                for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-                    p.copy_(chunk.view_as(p))
+            chunks = flat[owner * slot : owner * slot + sum(sizes[owner])].split(sizes[owner])
+            torch._foreach_copy_(params, [c.view_as(p) for p, c in zip(params, chunks)])
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

@@ -231,6 +231,9 @@ class GramProbe:
 
     eig_path: where the eigenvalues are computed ('auto', 'device' or 'host'; see
     `metrics.eig_path`); 'auto' is right everywhere, the others are for benchmarks and tests.
+    forward: what `measure` runs on each batch when it is given none (default: the model). A
+    forward that stops where the last site is read saves the rest: `gpt_probe` runs the GPT's
+    trunk, without the LM head whose logits nothing here reads.
     """
 
     def __init__(
@@ -241,10 +244,12 @@ class GramProbe:
         gains: dict[str, str] | None = None,
         *,
         eig_path: str = "auto",
+        forward: Callable[[torch.Tensor], Any] | None = None,
     ):
         if eig_path not in EIG_PATHS:
             raise ValueError(f"eig_path must be one of {', '.join(EIG_PATHS)}, got {eig_path!r}")
         self.model, self.sites, self.attention, self.eig_path = model, list(sites), attention, eig_path
+        self.forward = forward
         self.gains = dict(gains or {})  # row site name -> module pattern whose .weight is a gain
         # validate patterns now, so a bad site fails before any training
         for s in self.sites + ([attention.q, attention.k] if attention else []):
@@ -335,7 +340,7 @@ class GramProbe:
         the parameters, which are the same on every rank (a sharded DTensor parameter is gathered).
         """
         self._reset()
-        forward = forward or self.model
+        forward = forward or self.forward or self.model
         handles = self._hooks()
         try:
             try:
@@ -490,7 +495,8 @@ def gpt_probe(model: nn.Module, sites: Sequence[str], attention: bool = True) ->
     """The probe for rankscope's GPT: rank metrics at `sites`, attention statistics from the
     post-RoPE q and k, and QK-Norm gain statistics when the model has learned or frozen gains."""
     q, k = gpt_sites(["q", "k"])
-    return GramProbe(model, gpt_sites(sites), AttentionStats(q, k) if attention else None, gpt_gains(model))
+    stats = AttentionStats(q, k) if attention else None
+    return GramProbe(model, gpt_sites(sites), stats, gpt_gains(model), forward=model.trunk)
 
 
 def gpt_gains(model: nn.Module, attention: str = "blocks.*.attn") -> dict[str, str]:

@@ -59,11 +59,16 @@ def run_dir(study_dir: str | Path, arm: str, seed: int) -> Path:
     return Path(study_dir) / arm / f"seed-{seed}"
 
 
-def run_lock(path: str | Path) -> FileLock:
-    """The lock that makes one process at a time the writer of a run. Its file sits next to the
-    run folder, not in it, so clearing the folder to start the run over never removes a held lock."""
+def run_lock_path(path: str | Path) -> Path:
+    """The lock file of a run folder. It sits next to the run folder, not in it, so clearing the
+    folder to start the run over never removes a held lock."""
     path = Path(path)
-    return FileLock(path.with_name(f".{path.name}.lock"), "rankscope run")
+    return path.with_name(f".{path.name}.lock")
+
+
+def run_lock(path: str | Path) -> FileLock:
+    """The lock that makes one process at a time the writer of a run (`run_lock_path`)."""
+    return FileLock(run_lock_path(path), "rankscope run")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -281,6 +281,7 @@ _NOT_IDENTITY = (
     "train.activation_checkpointing",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.log",
 )
 
 
@@ -304,6 +305,23 @@ def shard_runs(runs: list, i: int, n: int) -> list:
     """Slice i of n: every n-th run starting at i, so slices are disjoint, cover every run once,
     and each holds a mix of arms and seeds (for a Slurm array, i = $SLURM_ARRAY_TASK_ID)."""
     return runs[i::n]
+
+
+def batch_lines(runs: Sequence[tuple[str, RunConfig]], ranks: int) -> list[str]:
+    """How each run's global batch is shared between `ranks` processes (`dist.split_batch`), one
+    line per distinct split, naming the arms when they differ; ConfigError, before anything is
+    written, for a batch the processes cannot share."""
+    from .dist import split_batch
+
+    arms_of: dict[str, list[str]] = {}
+    for arm, cfg in runs:
+        t = cfg.train
+        text = split_batch(t.batch_size, t.grad_accum, ranks, t.seq_len).describe(t.seq_len)
+        if arm not in arms_of.setdefault(text, []):
+            arms_of[text].append(arm)
+    if len(arms_of) == 1:
+        return [f"rankscope: batch: {text}" for text in arms_of]
+    return [f"rankscope: batch of {', '.join(arms)}: {text}" for text, arms in arms_of.items()]
 
 
 def run_study(
@@ -339,6 +357,7 @@ def run_study(
     overrides, vocab_note = vocab_from_data(study, dict(overrides or {}))
     runs = resolve(study, overrides, seeds)
     out_dir = Path(out_dir)
+    batch_said = batch_lines(shard_runs(runs, *shard), world.size)  # a batch the ranks cannot share stops here
 
     # a run folder is kept only when it was made with the same settings
     todo = []
@@ -448,6 +467,8 @@ def run_study(
                 if not world.main:
                     data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
                 say(f"rankscope: data: {data.source}" + (f"; {vocab_note}" if vocab_note else ""))
+                for line in batch_said:
+                    say(line)
             if world.main:
                 if checkpoint.steps(rd):
                     say(

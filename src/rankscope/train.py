@@ -17,6 +17,7 @@ probes and writes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import resource
 import signal
@@ -36,6 +37,7 @@ from .data import BatchSampler, TokenData, fixed_batches, load_data
 from .errors import Interrupted, RankscopeError, first_line
 from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
 from .headroom import kv_headroom
+from .integrations.sinks import evaluation_summary, open_sinks
 from .model import GPT, mixed_precision, qk_clip
 from .optim import build_optimizers, lr_scale, optimizer_step
 from .probe import gpt_probe
@@ -137,10 +139,30 @@ def keep_freed_memory() -> None:
     mallopt(M_MMAP_THRESHOLD, ctypes.c_int(32 << 20))
 
 
+def reset_peak_memory(device: torch.device) -> str:
+    """Start counting a run's peak memory afresh, so each run of a study reports its own peak and
+    not the highest of every run before it in the process. Returns what `peak_memory_bytes` will
+    measure: "run" on CUDA (tensors allocated on the device since now) and on Linux (the process's
+    resident memory since now: writing 5 to /proc/self/clear_refs resets the kernel's high-water
+    mark, which ru_maxrss reads); "process" where nothing can reset it (the peak since the process
+    started, as getrusage counts it)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "run"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or a kernel or sandbox that forbids it
+        return "process"
+    return "run"
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # on CPU the whole process's resident memory: the data and torch itself are in it too
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
 def train(
@@ -167,12 +189,9 @@ def train(
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    per_rank, rem = divmod(tc.batch_size, world.size * tc.grad_accum)
-    if rem or per_rank == 0:
-        raise RankscopeError(
-            f"train.batch_size ({tc.batch_size}) must be a multiple of processes x "
-            f"train.grad_accum ({world.size} x {tc.grad_accum})"
-        )
+    memory_scope = reset_peak_memory(device)
+    # each rank's whole sequences of the global batch, in micro-batches of at most batch_size / grad_accum
+    split = rdist.split_batch(tc.batch_size, tc.grad_accum, world.size, tc.seq_len)
     if data is None:
         data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=progress and world.main)
     if data.vocab_size > cfg.model.vocab_size:
@@ -190,8 +209,17 @@ def train(
     step_model: torch.nn.Module = model
     ddp = None
     if world.distributed:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None, gradient_as_bucket_view=True
+        # No buffer broadcast before each forward: the RoPE tables are constants, equal on every
+        # rank, and each rank's QK-Clip max_logit is its own running maximum, all-reduced after the
+        # step below (a broadcast would cost a collective each micro-batch and overwrite the other
+        # ranks' maxima of the micro-batches before it with rank 0's). torch 2.13 renamed the switch.
+        DDP = torch.nn.parallel.DistributedDataParallel
+        renamed = "forward_sync_buffers" in inspect.signature(DDP).parameters
+        ddp = DDP(
+            model,
+            device_ids=[device.index] if use_cuda else None,
+            gradient_as_bucket_view=True,
+            **{"forward_sync_buffers" if renamed else "broadcast_buffers": False},
         )
         step_model = ddp
     if device.type == "cpu":
@@ -209,7 +237,7 @@ def train(
     tokens_per_step = tc.batch_size * tc.seq_len
     total_steps = max(1, math.ceil(tc.tokens / tokens_per_step))
     sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, seed=cfg.seed)
-    my_rows = slice(world.rank * per_rank * tc.grad_accum, (world.rank + 1) * per_rank * tc.grad_accum)
+    my_rows = slice(world.rank * split.rows, (world.rank + 1) * split.rows)
 
     def fetch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the global batch of `step`, on its way to the device."""
@@ -246,18 +274,21 @@ def train(
     timers = {"n_since": 0, "probe_s": 0.0, "eval_s": 0.0, "elapsed_s": 0.0}
     start_step = 0
     last: dict[str, Any] = {}  # what evaluate() returned last: the final values in done.json
+    # read to the CPU; the weights are copied into the model's own tensors, the optimizer moves its
+    # state next to its parameters, and the rest is dropped below: no second copy on the device
     state = checkpoint.load(
-        out_dir, world.rank, device, agree=lambda ok: not rdist.any_rank(not ok, world, device), set_aside=True
+        out_dir, world.rank, agree=lambda ok: not rdist.any_rank(not ok, world, device), set_aside=True
     )
-    if state is not None:
+    resumed = state is not None
+    if resumed:
         model.load_state_dict(state["model"])
         try:
             opt.load_state_dict(state["optim"])
         except ValueError as e:
             raise RankscopeError(f"{out_dir}: cannot resume: {e}") from None
-        torch.set_rng_state(state["rng_cpu"].cpu())
+        torch.set_rng_state(state["rng_cpu"])
         if use_cuda and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
         loss_sum.copy_(state["loss_sum"])
         norm_sum.copy_(state["norm_sum"])
         timers.update(state["timers"])
@@ -268,8 +299,9 @@ def train(
             last = dict(state.get("last_eval") or {})
             if not last and start_step == total_steps:
                 last = last_eval_from_tables(out_dir, start_step)
+    del state  # the checkpoint's tensors must not live through the loop
     if world.main:
-        if state is not None:
+        if resumed:
             with _naming(out_dir):
                 truncate_after(out_dir, start_step)
         else:
@@ -292,6 +324,8 @@ def train(
             with _naming(out_dir / "provenance.json"):
                 write_json(out_dir / "provenance.json", provenance(cfg, device, world))
     store = RunStore(out_dir) if world.main else None
+    # a summary of each evaluation streamed while the run trains (train.log); the tables are the record
+    sinks = open_sinks(cfg.train.log, out_dir) if world.main and cfg.train.log else []
 
     # --- evaluation, probing and checkpoints (rank 0 evaluates; everyone checkpoints) -------------
     @torch.no_grad()
@@ -328,9 +362,8 @@ def train(
             if induction is not None and healthy:
                 row["induction_loss"], extra = induction.measure_with_loss(induction_x)
                 extra += weight_spectra(model)
-            if geometry is not None:
-                update_rows = geometry.measure()  # always clears the step's snapshot
-                extra += update_rows if healthy else []
+            if geometry is not None:  # the step's snapshot is cleared either way
+                extra += geometry.measure() if healthy else geometry.discard() or []
             if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
                 extra += functional_rank(model, *probe_batch)
             if step == total_steps and cfg.probe.enabled and cfg.probe.kv_headroom == "end" and healthy:
@@ -343,6 +376,8 @@ def train(
         row.update(elapsed_s=elapsed + time.perf_counter() - t0, probe_s=timers["probe_s"], eval_s=timers["eval_s"])
         with _naming(store.scalars.path):
             store.scalars.append([row])
+        for sink in sinks:
+            sink.log(evaluation_summary(row, probe_rows), step, step * tokens_per_step)
         key = [r["value"] for r in probe_rows if r["site"] == "k" and r["metric"] == "pr_sv"]
         row["key_pr"] = sum(key) / len(key) if key else float("nan")
         return row
@@ -411,7 +446,7 @@ def train(
     with StopRequest(world) as stop:
         try:
             for step in range(start_step, total_steps + 1):
-                resumed_here = state is not None and step == start_step  # its eval and checkpoint exist
+                resumed_here = resumed and step == start_step  # its eval and checkpoint exist
                 if step in evals and not resumed_here:
                     # the only place losses are read on the host: once per evaluation
                     n = timers["n_since"]
@@ -422,22 +457,25 @@ def train(
                     loss_sum.zero_(), norm_sum.zero_()
                     timers["n_since"] = 0
                     bad = ""
-                    if world.main:
-                        if bar is not None:
-                            bar.phase("evaluating…")
-                        last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
-                        bad = next(
-                            (
-                                f"{k} is {last[k]}"
-                                for k in ("train_loss", "val_loss")
-                                if step > 0 and not math.isfinite(last[k])
-                            ),
-                            "",
-                        )
-                        if bar is not None:
-                            bar.show_measured(train_loss, last["val_loss"], last["key_pr"])
-                    elif step > 0 and not math.isfinite(train_loss):
-                        bad = f"train_loss is {train_loss}"
+                    # rank 0 evaluates while the others wait at the all-reduce below: a failure in
+                    # its evaluation (the final one's extras, say) must stop them too, at once
+                    with rdist.together(world, device):
+                        if world.main:
+                            if bar is not None:
+                                bar.phase("evaluating…")
+                            last = evaluate(step, train_loss, grad_norm, scale, time.perf_counter() - t_start)
+                            bad = next(
+                                (
+                                    f"{k} is {last[k]}"
+                                    for k in ("train_loss", "val_loss")
+                                    if step > 0 and not math.isfinite(last[k])
+                                ),
+                                "",
+                            )
+                            if bar is not None:
+                                bar.show_measured(train_loss, last["val_loss"], last["key_pr"])
+                        elif step > 0 and not math.isfinite(train_loss):
+                            bad = f"train_loss is {train_loss}"
                     if rdist.any_rank(bool(bad), world, device):
                         raise RunDiverged(
                             f"run {arm} seed {cfg.seed} diverged at {step * tokens_per_step:,} tokens"
@@ -468,14 +506,14 @@ def train(
                 if step == total_steps:
                     break
 
-                # one optimizer step on the global batch: this rank's rows, in grad_accum micro-batches
+                # one optimizer step on the global batch: this rank's rows, in split.accum micro-batches
                 scale = lr_scale(step * tokens_per_step, tc.tokens, cfg.optim)
                 opt.set_lr(scale)
                 x, y = batch
-                for i, (xm, ym) in enumerate(zip(x.chunk(tc.grad_accum), y.chunk(tc.grad_accum))):
-                    sync = ddp is None or i == tc.grad_accum - 1  # all-reduce gradients once, after the last
+                for i, (xm, ym) in enumerate(zip(x.split(split.micro), y.split(split.micro))):
+                    sync = ddp is None or i == split.accum - 1  # all-reduce gradients once, after the last
                     with contextlib.nullcontext() if sync else ddp.no_sync(), autocast():
-                        loss = step_loss(xm, ym) / tc.grad_accum
+                        loss = step_loss(xm, ym) / split.accum
                     loss.backward()
                     loss_sum += loss.detach()
                 if geometry is not None and step + 1 in evals:
@@ -497,6 +535,9 @@ def train(
         except BaseException:
             if store is not None:
                 _close_tables(store, quiet=True)  # without hiding the error on its way out
+            for sink in sinks:
+                with contextlib.suppress(Exception):  # what was logged is flushed already
+                    sink.close()
             raise
         finally:
             if bar is not None:
@@ -516,12 +557,17 @@ def train(
             "final_val_loss": last.get("val_loss"),
             "final_key_pr": last.get("key_pr"),
             "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_of": memory_scope,  # "run": since this run started; "process": since the process did
             "world_size": world.size,
         }
-        if store is not None:
-            _close_tables(store, quiet=False)
-            with _naming(out_dir / "done.json"):
-                store.finish(summary)
+        with rdist.together(world, device):  # rank 0 writes while the others wait in stop.agreed()
+            if store is not None:
+                _close_tables(store, quiet=False)
+                for sink in sinks:
+                    sink.close()
+                with _naming(out_dir / "done.json"):
+                    store.finish(summary)
+                checkpoint.finished(out_dir, tc.keep_checkpoints)  # after done.json: the run needs no fallback now
         halt = stop.agreed()  # a signal during the last step: the run is finished; stop before the next
         if halt:
             raise Interrupted(

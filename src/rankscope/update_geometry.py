@@ -67,6 +67,10 @@ class UpdateGeometry:
         """True between `before_step` and `measure`."""
         return self._before is not None
 
+    def discard(self) -> None:
+        """Forget the snapshot without measuring (a diverged step has no geometry to measure)."""
+        self._before = None
+
     @torch.no_grad()
     def measure(self) -> list[Row]:
         """The rows of the step since `before_step` (none if no snapshot was taken); clears it."""

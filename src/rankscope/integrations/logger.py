@@ -39,85 +39,8 @@ from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
 from ..provenance import environment, now
 from ..store import RunStore, is_done, run_dir
-from ..vocab import PROBE_SITES
 from .options import ProbeOptions
-
-TAG = "rankscope"  # prefix of every TensorBoard / W&B key
-
-
-def summarize(table: pd.DataFrame) -> dict[str, float]:
-    """The few numbers worth a dashboard from one probe table: for each site the mean PR (pr_sv)
-    over all heads, for keys also per layer, and mean attention entropy and the largest logit.
-
-    Keys: `rankscope/k_pr/mean`, `rankscope/k_pr/layer_00`, ..., `rankscope/q_pr/mean`, ...,
-    `rankscope/attn_entropy/mean`, `rankscope/max_logit/max`.
-    """
-    out: dict[str, float] = {}
-    pr = table[table["metric"] == "pr_sv"]
-    for site in [s for s in PROBE_SITES if s in set(pr["site"])] + sorted(set(pr["site"]) - set(PROBE_SITES)):
-        rows = pr[pr["site"] == site]
-        out[f"{TAG}/{site}_pr/mean"] = float(rows["value"].mean())
-        if site == "k":
-            for layer, v in rows.groupby("layer")["value"].mean().items():
-                out[f"{TAG}/k_pr/layer_{int(layer):02d}"] = float(v)
-    attn = table[table["site"] == "attn"]
-    if len(attn):
-        out[f"{TAG}/attn_entropy/mean"] = float(attn[attn["metric"] == "entropy"]["value"].mean())
-        out[f"{TAG}/max_logit/max"] = float(attn[attn["metric"] == "max_logit"]["value"].max())
-    return out
-
-
-class _TensorBoard:
-    """Scalars against training tokens, rankscope's x axis, in `<run>/tensorboard` by default."""
-
-    def __init__(self, logdir: Path):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-        self.logdir = logdir
-        self.writer = SummaryWriter(str(logdir))
-
-    def log(self, summary: Mapping[str, float], step: int, tokens: int) -> None:
-        for key, value in summary.items():
-            self.writer.add_scalar(key, value, global_step=tokens)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class _Wandb:
-    """Logs into the active W&B run (the one a Trainer or the user started), or starts one.
-
-    The probe's keys get their own x axis, `rankscope/tokens` (`define_metric`), so they never
-    fight the step counter of whoever else logs to the run; a run started here is finished on
-    close, someone else's is left open.
-    """
-
-    def __init__(self, init: Mapping[str, Any], run_path: Path):
-        import wandb
-
-        self.wandb = wandb
-        self.own = wandb.run is None
-        if self.own:
-            kwargs = {"dir": str(run_path), "project": "rankscope", "name": f"{run_path.parent.name}/{run_path.name}"}
-            self.run: Any = wandb.init(**{**kwargs, **dict(init)})
-        else:
-            self.run = wandb.run
-        self.run.define_metric(f"{TAG}/tokens")
-        self.run.define_metric(f"{TAG}/*", step_metric=f"{TAG}/tokens")
-
-    def log(self, summary: Mapping[str, float], step: int, tokens: int) -> None:
-        self.run.log({**summary, f"{TAG}/tokens": tokens, f"{TAG}/step": step})
-
-    def close(self) -> None:
-        if self.own:
-            self.run.finish()
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+from .sinks import TensorBoardSink, WandbSink, installed, summarize
 
 
 class ProbeLogger:
@@ -236,10 +159,10 @@ class ProbeLogger:
         )
 
     def _open_sinks(self, tensorboard: bool | str | Path | None, wandb: bool | Mapping[str, Any] | None) -> None:
-        if tensorboard is not False and (tensorboard is not None or _installed("tensorboard")):
+        if tensorboard is not False and (tensorboard is not None or installed("tensorboard")):
             logdir = Path(tensorboard) if isinstance(tensorboard, (str, Path)) else self.path / "tensorboard"
             try:
-                self.sinks.append(_TensorBoard(logdir))
+                self.sinks.append(TensorBoardSink(logdir))
             except ImportError:
                 raise RankscopeError(
                     "tensorboard=True needs the tensorboard package: pip install tensorboard"
@@ -249,11 +172,11 @@ class ProbeLogger:
         if wandb is None:
             mod = sys.modules.get("wandb")  # only into a run that someone already started
             if mod is not None and getattr(mod, "run", None) is not None:
-                self.sinks.append(_Wandb({}, self.path))
+                self.sinks.append(WandbSink({}, self.path))
             return
-        if not _installed("wandb"):
+        if not installed("wandb"):
             raise RankscopeError("wandb=True needs the wandb package: pip install wandb")
-        self.sinks.append(_Wandb(wandb if isinstance(wandb, Mapping) else {}, self.path))
+        self.sinks.append(WandbSink(wandb if isinstance(wandb, Mapping) else {}, self.path))
 
     # -- in the loop --
 

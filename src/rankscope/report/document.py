@@ -187,6 +187,7 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
     cap = quantity[0].upper() + quantity[1:]
     n_done = sum(r.done for r in study.runs)
     n_div = sum(r.diverged for r in study.runs)
+    n_running = sum(r.running is not None for r in study.runs)
     b: list[Block] = [Heading(1, md_escape(_title(study)))]
     for desc in dict.fromkeys(str(s["description"]).strip() for s in study.studies if s.get("description")):
         b.append(Para(md_escape(desc)))
@@ -195,6 +196,8 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
         Para(
             f"*rankscope report over {len(study.runs)} runs ({n_done} finished"
             + (f", {n_div} diverged" if n_div else "")
+            + (f", {n_running} still running" if n_running else "")
+            + (f", {n_running} still running: their points so far" if n_running else "")
             + f") from {sources}.*",
             css="meta",
         )
@@ -374,10 +377,12 @@ def paradox_text(study_dirs: StudyDirs, *, site: str = "k", metric: str = "pr_sv
     table = numbers.table
     n_done = sum(r.done for r in study.runs)
     n_div = sum(r.diverged for r in study.runs)
+    n_running = sum(r.running is not None for r in study.runs)
     seeds = max((len({r.seed for r in study.runs if r.arm == a}) for a in study.arms), default=0)
     head = (
         f"{_title(study)}: {len(study.runs)} runs, {n_done} finished"
         + (f", {n_div} diverged" if n_div else "")
+        + (f", {n_running} still running" if n_running else "")
         + (
             f"; up to {seeds} seeds per arm"
             if seeds > 1

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..contrasts import Contrast, derive
 from ..errors import RankscopeError
+from ..locks import live_holder
 from ..store import (
     DONE,
     PROBE_COLUMNS,
@@ -30,6 +31,7 @@ from ..store import (
     read_json,
     read_table,
     run_dirs,
+    run_lock_path,
 )
 
 StudyDirs = str | Path | Sequence[str | Path]
@@ -50,6 +52,7 @@ class Run:
     status: str = "unfinished"  # "finished" | "diverged" | "unfinished" (still running, or stopped)
     message: str | None = None  # why it stopped, for a diverged run (from its done.json)
     last_finite_tokens: int | None = None  # the last eval point whose val loss is a number
+    running: str | None = None  # an unfinished run's writer, when one is alive ("pid 12 on host since ...")
 
     @property
     def diverged(self) -> bool:
@@ -193,6 +196,7 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
             finite = scalars.loc[np.isfinite(scalars["val_loss"].to_numpy(dtype=float)), "tokens"]
             last_finite = int(finite.max()) if len(finite) else None
             status, message = _status(rd)
+            holder = live_holder(run_lock_path(rd)) if status == UNFINISHED else None
             run = Run(
                 arm,
                 seed,
@@ -204,6 +208,7 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
                 status,
                 message,
                 last_finite,
+                None if holder is None else str(holder),
             )
             key = (arm, seed)
             if key in chosen:

@@ -206,9 +206,12 @@ def status_items(study: StudyData) -> list[str]:
             if r.last_tokens is not None
             else "no eval point written yet"
         )
-        items.append(
-            f"{code(r.arm)} seed {r.seed}: **unfinished** ({where}; still running, or stopped) — {code(r.path)}"
-        )
+        if r.running:
+            items.append(f"{code(r.arm)} seed {r.seed}: **running** ({where}; {md_escape(r.running)}) — {code(r.path)}")
+        else:
+            items.append(
+                f"{code(r.arm)} seed {r.seed}: **stopped** ({where}; rerun its command to resume) — {code(r.path)}"
+            )
     planned = sorted({int(x) for s in study.studies for x in (s.get("seeds") or [])})
     have = {(r.arm, r.seed) for r in study.runs}
     for s in study.studies:
