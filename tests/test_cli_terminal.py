@@ -133,7 +133,7 @@ def test_list_shows_each_setting_with_type_default_and_what_it_accepts():
         if isinstance(default, bool):
             assert shown == str(default).lower()
         elif isinstance(default, tuple):
-            assert shown.split(",") == list(default)
+            assert shown.split(",") == list(default) if default else shown == '""'
         elif isinstance(default, str):
             assert shown == (default or '""')
         else:

@@ -328,7 +328,7 @@ def _setting_text(typ: Any, default: Any) -> tuple[str, str, str]:
     if isinstance(default, bool):
         shown = str(default).lower()
     elif isinstance(default, tuple):
-        shown = ",".join(map(str, default))
+        shown = ",".join(map(str, default)) or '""'  # an empty list: --set key= with nothing after it
     elif default == "":
         shown = '""'
     else:

@@ -137,7 +137,7 @@ def plot_contrast_trajectories(
             ok = np.isfinite(lo) & np.isfinite(hi)
             if ok.any():
                 ax.fill_between(tk[ok], lo[ok], hi[ok], color=c, alpha=0.18, lw=0)
-        if not tokens_axis(ax, all_tokens):  # the same token range in every panel
+        if not tokens_axis(ax, all_tokens) and np.ptp(all_tokens) > 0:  # the same token range in every panel
             ax.set_xlim(all_tokens.min() - 0.03 * np.ptp(all_tokens), all_tokens.max() * 1.03)
         if tokens_per_step:
             _steps_axis(ax, tokens_per_step)
