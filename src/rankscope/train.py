@@ -274,12 +274,34 @@ def train(
     timers = {"n_since": 0, "probe_s": 0.0, "eval_s": 0.0, "elapsed_s": 0.0}
     start_step = 0
     last: dict[str, Any] = {}  # what evaluate() returned last: the final values in done.json
+    # a checkpoint is checked against this run before anything is loaded from it: one of other
+    # settings or another rankscope's format stops here, a damaged one is set aside for the one before
+    run_now = checkpoint.Run(
+        checkpoint.shape_settings(cfg),
+        world.size,
+        model.state_dict(),
+        opt,
+        {"loss_sum": loss_sum, "norm_sum": norm_sum},
+        timers,
+        device,
+    )
     # read to the CPU; the weights are copied into the model's own tensors, the optimizer moves its
     # state next to its parameters, and the rest is dropped below: no second copy on the device
     state = checkpoint.load(
-        out_dir, world.rank, agree=lambda ok: not rdist.any_rank(not ok, world, device), set_aside=True
+        out_dir,
+        world.rank,
+        agree=lambda ok: not rdist.any_rank(not ok, world, device),
+        set_aside=True,
+        fit=lambda s: checkpoint.misfit(s, run_now),
     )
     resumed = state is not None
+    if resumed and (nan := checkpoint.non_finite(state)):
+        # weights that are NaN or infinite: the run diverged there (rows and checkpoints stay as they are)
+        raise RunDiverged(
+            f"run {arm + ' ' if arm else ''}seed {cfg.seed} diverged at {state['step'] * tokens_per_step:,} tokens: "
+            f"its checkpoint of step {state['step']} holds NaN or infinite values in {nan[0]}"
+            + (f" and {len(nan) - 1} more" if len(nan) > 1 else "")
+        )
     if resumed:
         model.load_state_dict(state["model"])
         try:
@@ -384,7 +406,8 @@ def train(
 
     def save_checkpoint(step: int) -> None:
         state = {
-            "format": 1,
+            "format": checkpoint.FORMAT,
+            "settings": checkpoint.shape_settings(cfg),
             "step": step,
             "tokens": step * tokens_per_step,
             "model": model.state_dict(),
