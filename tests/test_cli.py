@@ -411,3 +411,20 @@ def test_a_run_folder_whose_config_is_not_json_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "config.json: not valid JSON" in err and "Traceback" not in err
     assert (run / "config.json").read_text() == "{not json"  # nothing written over it
+
+
+def test_hostile_study_files_are_one_line(tmp_path, capsys):
+    """A study file is user input: what the TOML parser itself cannot hold ends in one line naming
+    the file and the line, exit 2, never a RecursionError or int-conversion traceback."""
+    cases = {
+        "deep.toml": ("tokens = '1M'\nx = " + "[" * 5000 + "]" * 5000 + "\n", "line 2: values nested 5,000 deep"),
+        "tables.toml": ("x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "line 1: values nested 3,000 deep"),
+        "digits.toml": ("seeds = [0]\ntokens = " + "9" * 5000 + "\n", "line 2: an integer literal of 5,000 digits"),
+    }
+    for name, (text, words) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and words in err[0], err
+        assert not (tmp_path / "out").exists()  # nothing written

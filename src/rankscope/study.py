@@ -154,12 +154,37 @@ def read_study(spec: str) -> Study:
     if not path.exists():
         raise ConfigError(f"no built-in study or study file named {spec!r} (built in: {', '.join(BUILTIN)})")
     try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (RecursionError, ValueError) as e:  # the parser's own limits, met by hostile files
+        raise ConfigError(f"{path}: {_beyond_parser(text, e)}") from None
     return study_from_dict(raw, default_name=path.stem, where=str(path))
+
+
+def _beyond_parser(text: str, error: BaseException) -> str:
+    """What a TOML file that the parser cannot hold has, and where: arrays or tables nested deeper
+    than Python's recursion allows, or an integer of more digits than Python converts (4,300)."""
+    lines = text.splitlines() or [""]
+    if isinstance(error, RecursionError):
+        depth, worst, line = 0, 0, 1
+        for i, ln in enumerate(lines, 1):
+            for ch in ln:
+                depth += (ch in "[{") - (ch in "]}")
+                if depth > worst:
+                    worst, line = depth, i
+        return f"line {line}: values nested {worst:,} deep, more than a study file can hold"
+    for i, ln in enumerate(lines, 1):
+        run = max((len(m) for m in re.findall(r"[0-9_]+", ln)), default=0)
+        if run > 4300:
+            return f"line {i}: an integer literal of {run:,} digits, more than Python reads (4,300)"
+    return f"cannot be read: {error}"
 
 
 def study_from_dict(raw: Mapping[str, Any], default_name: str = "study", where: str = "study") -> Study:
