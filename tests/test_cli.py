@@ -428,3 +428,15 @@ def test_hostile_study_files_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and words in err[0], err
         assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "device, words",
+    [("mps", "train.device=mps but MPS"), ("cuda:3", "train.device=cuda:3 but ")],
+)
+def test_a_device_this_machine_lacks_is_one_line_before_anything_is_written(tmp_path, capsys, device, words):
+    out = tmp_path / "out"
+    assert main(["run", "--set", f"train.device={device}", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()

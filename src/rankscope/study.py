@@ -383,6 +383,10 @@ def run_study(
     runs = resolve(study, overrides, seeds)
     out_dir = Path(out_dir)
     batch_said = batch_lines(shard_runs(runs, *shard), world.size)  # a batch the ranks cannot share stops here
+    from .train import resolve_device
+
+    for device in sorted({cfg.train.device for _, cfg in runs}):
+        resolve_device(device)  # a device this machine lacks stops here, before anything is written
 
     # a run folder is kept only when it was made with the same settings
     todo = []

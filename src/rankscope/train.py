@@ -53,10 +53,19 @@ class RunDiverged(RankscopeError):
 
 
 def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
+    """The device `train.device` names, checked to exist here (one line if not, before anything runs):
+    auto = CUDA where there is one, else the CPU; cuda:N below the device count; mps where built."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RankscopeError(f"train.device={name} but CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise RankscopeError(
+            f"train.device={name} but this machine has {n} CUDA device{'s' if n != 1 else ''} (cuda:0..{n - 1})"
+        )
+    if name == "mps" and not (torch.backends.mps.is_built() and torch.backends.mps.is_available()):
+        raise RankscopeError("train.device=mps but MPS (Apple's GPU backend) is not available on this machine")
     if name == "cuda" and world is not None and world.distributed:
         name = f"cuda:{world.local_rank}"
     return torch.device(name)
