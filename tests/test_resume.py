@@ -378,3 +378,27 @@ def test_a_compiled_run_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.undo()
     train(cfg, tmp_path / "killed", progress=False, arm="a")  # resumes from step 10
     assert_same_run(tmp_path / "killed", tmp_path / "whole")
+
+
+@pytest.mark.parametrize(
+    "arm",
+    [
+        "optim.muon_lr = 1e308\n",  # BlockMuon (stacked, Polar Express)
+        'optim.muon_lr = 1e308\noptim.muon_qkvo = "separate"\noptim.muon_ns = "newton_schulz"\n',  # torch's Muon
+        'optim.name = "adamw"\noptim.adamw_lr = 1e308\noptim.adamw_matrix_lr = 1e308\n',
+    ],
+)
+def test_a_learning_rate_past_float_range_is_a_divergence_not_a_traceback(tmp_path, capsys, arm):
+    from rankscope.cli import main
+
+    data = shards(tmp_path)
+    study = tmp_path / "s.toml"
+    sets = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in SETTINGS.items())
+    study.write_text(f'[settings]\n{sets}\n\n[arms.hot]\n{arm}[arms.ok]\nmodel.qk_norm = "learned"\n')
+    args = ["run", str(study), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress", "--no-report"]
+    for _ in range(2):  # and the rerun says the same, without training it again
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "1 run(s) diverged: hot seed 0" in err
+    assert store.read_json(tmp_path / "o" / "hot" / "seed-0" / "done.json")["status"] == "diverged"
+    assert store.is_done(tmp_path / "o" / "ok" / "seed-0")  # the study went on

@@ -192,7 +192,11 @@ class BlockMuon(torch.optim.Optimizer):
                 row = 0
                 for p, (rows, cols), transposed in pieces:
                     target = p[rows, cols].mT if transposed else p[rows, cols]
-                    target.add_(o[row : row + target.shape[0]].to(p.dtype), alpha=-lr * ratio)
+                    update, scale = o[row : row + target.shape[0]].to(p.dtype), -lr * ratio
+                    if abs(scale) <= torch.finfo(p.dtype).max:
+                        target.add_(update, alpha=scale)
+                    else:  # past float range (lr 1e308): inf weights, which the run's divergence check
+                        target.add_(update.mul(scale))  # stops, rather than add_'s alpha failing to convert
                     row += target.shape[0]
         return loss
 

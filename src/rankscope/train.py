@@ -550,7 +550,15 @@ def train(
                     loss_sum += loss.detach()
                 if geometry is not None and step + 1 in evals:
                     geometry.before_step()
-                norm = optimizer_step(model, opt, cfg.optim.grad_clip)
+                try:
+                    norm = optimizer_step(model, opt, cfg.optim.grad_clip)
+                except RuntimeError as e:  # an update past float range (a learning rate of 1e308)
+                    if "overflow" not in str(e):
+                        raise
+                    raise RunDiverged(
+                        f"run {arm} seed {cfg.seed} diverged at step {step}: its update overflowed "
+                        f"({first_line(e)}); its rows and last good checkpoint are kept"
+                    ) from None
                 if clip_tau > 0:
                     if world.distributed:  # every rank must clip the same heads: use the global maxima
                         maxima = torch.stack([b.attn.max_logit for b in model.blocks])
