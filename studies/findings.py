@@ -111,15 +111,32 @@ def print_partitions(study: StudyData) -> None:
     and the update PR averaged over training (every probe point after the first step)."""
     arms = study.arms
     series = {
-        q: quantity_series(study.scalars, study.probes, q) for q in (KEY_PR, UPDATE_PR, "dw_k:k_share", "val_loss")
+        q: quantity_series(study.scalars, study.probes, q)
+        for q in (KEY_PR, UPDATE_PR, "dw_k:k_share", "dw_k:rms_ratio", "w_k:stable_rank", "val_loss")
     }
     print("\n### muon-partitions: at 1M tokens (each arm's last point)\n")
-    header = ["partition", "key PR", "val loss", "W_K-update PR", "K's QKVO share", "update PR over training"]
+    header = [
+        "partition",
+        "key PR",
+        "val loss",
+        "W_K stable rank",
+        "W_K-update PR",
+        "K's QKVO share",
+        "update RMS / W_K RMS",
+    ]
+    header.append("update PR over training")
     print("| " + " | ".join(header) + " |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- |" + " ---: |" * (len(header) - 1))
     for a in arms:
         cells = []
-        for q, d in ((KEY_PR, 1), ("val_loss", 3), (UPDATE_PR, 1), ("dw_k:k_share", 3)):
+        for q, d in (
+            (KEY_PR, 1),
+            ("val_loss", 3),
+            ("w_k:stable_rank", 1),
+            (UPDATE_PR, 1),
+            ("dw_k:k_share", 3),
+            ("dw_k:rms_ratio", 4),
+        ):
             s = series[q][series[q]["arm"] == a]
             if not len(s):
                 cells.append("–")

@@ -217,7 +217,10 @@ def plot_diagnosis(
             if p.hline:
                 reference_line(ax, p.hline[0], p.hline[1], color=REFERENCE, lw=0.9)
             if j == 0:
-                ax.set_ylabel(_row_label(p.title, p.ylabel))
+                pair = list(dict.fromkeys(p.layers["series"])) if len(p.layers) else []
+                # two series side by side: the row says which is which (dark first, light second)
+                names = f"\ndark: {pair[0]}\nlight: {pair[1]}" if len(pair) == 2 else ""
+                ax.set_ylabel(_row_label(p.title, p.ylabel) + names, fontsize=SMALL if names else None)
             ax.grid(axis="y", alpha=0.25, zorder=0)
             ax.spines[["top", "right"]].set_visible(False)
         top = axes[0, j]
@@ -237,9 +240,9 @@ def plot_diagnosis(
     if any(c.flagged for c in columns):
         handles.append(Patch(facecolor=FLAG, alpha=0.15))
         labels.append("collapsed layer" + (f" ({flag_rule})" if flag_rule else ""))
-    if multi:
+    if multi:  # which series is which is said in each such row's label
         handles[:0] = [Patch(facecolor="0.35", alpha=0.85), Patch(facecolor="0.35", alpha=0.45)]
-        labels[:0] = ["keys", "queries"]
+        labels[:0] = ["first series (dark)", "second series (light)"]
     fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False, fontsize=SMALL)
     fig.suptitle("Per-layer diagnosis at each arm's end", fontsize=11)
     save(fig, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
 
 from ..units import fmt_count
 from .curves import tokens_axis
@@ -137,10 +137,12 @@ def plot_contrast_trajectories(
             ok = np.isfinite(lo) & np.isfinite(hi)
             if ok.any():
                 ax.fill_between(tk[ok], lo[ok], hi[ok], color=c, alpha=0.18, lw=0)
-        if not tokens_axis(ax, all_tokens) and np.ptp(all_tokens) > 0:  # the same token range in every panel
+        log = tokens_axis(ax, all_tokens)
+        if not log and np.ptp(all_tokens) > 0:  # the same token range in every panel
             ax.set_xlim(all_tokens.min() - 0.03 * np.ptp(all_tokens), all_tokens.max() * 1.03)
         if tokens_per_step:
-            _steps_axis(ax, tokens_per_step)
+            positive = all_tokens[all_tokens > 0]
+            _steps_axis(ax, tokens_per_step, log, float(positive.min()) if len(positive) else 0.0)
         ax.set_ylabel(f"difference in {q.label}" + (f" ({q.unit})" if q.unit else ""))
         ax.set_title(q.label, fontsize=10)
         style_axes(ax)
@@ -160,11 +162,23 @@ def plot_contrast_trajectories(
     return Plot(save(fig, path), caption)
 
 
-def _steps_axis(ax, tokens_per_step: int) -> None:
-    """Optimizer steps on the top axis (the seed's figures are at 1,953 and 6,104 steps)."""
-    top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step, lambda s: s * tokens_per_step))
-    top.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
-    top.set_xlabel("optimizer steps", fontsize=8)
+def _steps_axis(ax, tokens_per_step: int, log: bool, first: float) -> None:
+    """Optimizer steps on the top axis (the seed's figures are at 1,953 and 6,104 steps): ticks at
+    round step counts placed at their token positions, so they follow the bottom axis's scale (on a
+    log axis from `first`, the first positive eval point, where the decades start)."""
+    lo, hi = ax.get_xlim()
+    lo = max(lo, first) if log else lo
+    last = max(hi, 1.0) / tokens_per_step
+    if log:
+        candidates = [m * 10**k for k in range(0, int(math.log10(max(last, 1))) + 2) for m in (1, 2, 5)]
+    else:
+        candidates = list(MaxNLocator(nbins=6, integer=True).tick_values(0, last))
+    steps = [int(c) for c in candidates if lo <= c * tokens_per_step <= hi]
+    top = ax.secondary_xaxis("top", functions=(lambda t: t, lambda t: t))
+    top.xaxis.set_major_locator(FixedLocator([c * tokens_per_step for c in steps]))
+    top.xaxis.set_minor_locator(NullLocator())
+    top.xaxis.set_major_formatter(FixedFormatter([f"{c:,}" for c in steps]))
+    top.set_xlabel(f"optimizer steps ({tokens_per_step:,} tokens each)", fontsize=8)
     top.tick_params(labelsize=7)
 
 
