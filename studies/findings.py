@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def tokens_per_step(study: StudyData) -> int:
 
 def train_tokens(study: StudyData) -> float | None:
     """Training tokens in the corpus, from the runs' data description ("..., 16M tokens)"), for passes."""
-    import re
-
     for r in study.runs:
         m = re.search(r"([\d.]+)M (?:train )?tokens", str(r.config.get("data_source", "")))
         if m:

@@ -393,8 +393,10 @@ def train(
             if induction is not None and healthy:
                 row["induction_loss"], extra = induction.measure_with_loss(induction_x)
                 extra += weight_spectra(model)
-            if geometry is not None:  # the step's snapshot is cleared either way
-                extra += geometry.measure() if healthy else geometry.discard() or []
+            if geometry is not None and healthy:
+                extra += geometry.measure()
+            elif geometry is not None:  # a diverged step has no geometry: forget its snapshot
+                geometry.discard()
             if step in rank_steps and healthy:  # the dimensions the model uses (costly: not every time)
                 extra += functional_rank(model, *probe_batch)
             if step == total_steps and cfg.probe.enabled and cfg.probe.kv_headroom == "end" and healthy:
