@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from rankscope.optim import optimizer_step
-from rankscope.provenance import cpu_info
+from rankscope.core.optim import optimizer_step
+from rankscope.storage.provenance import cpu_info
 
 
 def train_step_fn(model: torch.nn.Module, opt, sampler, grad_clip: float) -> Callable[[], None]:

@@ -1,6 +1,6 @@
 """Usage: python bench_allocator.py [ROUNDS].
 
-The allocator setting of CPU runs (`rankscope.train.keep_freed_memory`) measured apart: the tiny
+The allocator setting of CPU runs (`rankscope.run.train.keep_freed_memory`) measured apart: the tiny
 preset's eager training step (loss, backward, optimizer step, zero_grad) in child processes that
 alternate without and with the setting, ROUNDS pairs (default 2), 3 warm-up and 12 timed steps
 each: the median step time and the minor page faults per step."""
@@ -11,10 +11,10 @@ import sys
 CHILD = """
 import resource, statistics, sys, time
 import torch
-from rankscope.config import preset
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
-from rankscope.train import keep_freed_memory
+from rankscope.settings.config import preset
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
+from rankscope.run.train import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 cfg = preset("tiny")

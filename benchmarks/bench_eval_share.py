@@ -28,11 +28,11 @@ import torch
 from _common import cpu_name
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rankscope.config import preset
-from rankscope.evals import all_layer_grams, loss_and_icl, token_losses, weight_spectra
-from rankscope.metrics import eigh_batched
-from rankscope.model import GPT
-from rankscope.probe import GramProbe, gpt_probe
+from rankscope.core.model import GPT
+from rankscope.measure.evals import all_layer_grams, loss_and_icl, token_losses, weight_spectra
+from rankscope.measure.metrics import eigh_batched
+from rankscope.measure.probe import GramProbe, gpt_probe
+from rankscope.settings.config import preset
 
 
 class Ops(TorchDispatchMode):

@@ -1,4 +1,4 @@
-"""Cost of the downstream evaluations (rankscope.evals) against a training run.
+"""Cost of the downstream evaluations (rankscope.measure.evals) against a training run.
 
     python benchmarks/bench_evals.py [--preset tiny] [--rounds 5] [--steps 4] [--set key=value ...]
 
@@ -32,10 +32,10 @@ from collections.abc import Callable
 import torch
 from _common import train_step_fn
 
-from rankscope.cadence import eval_steps
-from rankscope.config import apply_overrides, preset
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
 from rankscope.data import BatchSampler, fixed_batches, load_data
-from rankscope.evals import (
+from rankscope.measure.evals import (
     functional_rank,
     gpt_induction_scores,
     induction_batch,
@@ -43,9 +43,9 @@ from rankscope.evals import (
     rank_ladder,
     weight_spectra,
 )
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
-from rankscope.probe import gpt_probe
+from rankscope.measure.probe import gpt_probe
+from rankscope.run.cadence import eval_steps
+from rankscope.settings.config import apply_overrides, preset
 
 BUDGET = 0.10  # the target: all downstream evaluations together at most 10% of a run
 

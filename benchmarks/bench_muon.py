@@ -21,10 +21,10 @@ import time
 import torch
 from _common import cpu_name, train_step_fn
 
-from rankscope.config import apply_overrides, preset
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
 from rankscope.data import BatchSampler, load_data
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
+from rankscope.settings.config import apply_overrides, preset
 
 COMBOS = [(g, ns) for g in ("stacked", "separate", "per_head") for ns in ("polar_express", "newton_schulz")]
 BASE = ("separate", "newton_schulz")

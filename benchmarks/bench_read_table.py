@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankscope.store import PROBE_COLUMNS, read_table
+from rankscope.storage.store import PROBE_COLUMNS, read_table
 
 
 def write_table(path: Path, rows: int) -> None:

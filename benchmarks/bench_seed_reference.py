@@ -25,7 +25,7 @@ runs in bfloat16, as its code does.
 
 Timing: 2 warm-up steps per arm (compilation included, done in this process: no background compile
 workers), then rounds; each round measures the float32 2048 x 2048 matmul rate
-(rankscope.bench.matmul_rate) and then runs every arm for --steps steps, in an order rotated each
+(rankscope.run.bench.matmul_rate) and then runs every arm for --steps steps, in an order rotated each
 round, so a noisy shared machine moves all arms together. Each step is timed
 with time.perf_counter. Reported per arm: the median step time over all timed steps, tokens per
 second from it, and MFU, the median over rounds of model FLOP/s (rankscope's GPT.flops_per_token at
@@ -61,12 +61,12 @@ import torch.nn.functional as F
 from _common import train_step_fn
 from torch import nn
 
-from rankscope.bench import matmul_rate
-from rankscope.config import RunConfig, preset
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
 from rankscope.data import BatchSampler, load_data
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
-from rankscope.provenance import describe_cpu
+from rankscope.run.bench import matmul_rate
+from rankscope.settings.config import RunConfig, preset
+from rankscope.storage.provenance import describe_cpu
 
 SEED = "the seed's implementation (vukrosic/attention-keys-analysis at 772cf07)"
 SEED_COMMIT = "772cf07"
@@ -223,7 +223,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.keep_freed_memory:
-        from rankscope.train import keep_freed_memory
+        from rankscope.run.train import keep_freed_memory
 
         keep_freed_memory()
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from rankscope import checkpoint, store
-from rankscope.analyze_inputs import load_checkpoint
-from rankscope.analyze_series import _loss
+from rankscope.analyze.inputs import load_checkpoint
+from rankscope.analyze.series import _loss
 from rankscope.attach import Probe
-from rankscope.config import preset
-from rankscope.evals import gpt_induction_scores, induction_batch
-from rankscope.model import GPT
+from rankscope.core.model import GPT
+from rankscope.measure.evals import gpt_induction_scores, induction_batch
+from rankscope.run import checkpoint
+from rankscope.settings.config import preset
+from rankscope.storage import store
 
 name, repeats = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else torch.get_num_threads())

@@ -23,13 +23,13 @@ import time
 import torch
 from _common import train_step_fn
 
-from rankscope.bench import matmul_rate
-from rankscope.cadence import eval_steps
-from rankscope.config import apply_overrides, preset
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
 from rankscope.data import BatchSampler, fixed_batches, load_data
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
-from rankscope.probe import gpt_probe
+from rankscope.measure.probe import gpt_probe
+from rankscope.run.bench import matmul_rate
+from rankscope.run.cadence import eval_steps
+from rankscope.settings.config import apply_overrides, preset
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ class Ctx:
     def autocast(self):
         """train()'s precision: bf16 autocast on CUDA, float32 on the CPU (whose fused output layer
         writes float32 gradients and does not run under autocast)."""
-        from rankscope.model import mixed_precision
+        from rankscope.core.model import mixed_precision
 
         return contextlib.nullcontext() if self.dry else mixed_precision("cuda")
 
@@ -101,7 +101,7 @@ def peak_memory(device, into: dict):
     if device.type == "cuda":
         into["peak"] = torch.cuda.max_memory_allocated(device) - base
     else:
-        from rankscope.train import peak_memory_bytes
+        from rankscope.run.train import peak_memory_bytes
 
         into["peak"] = peak_memory_bytes(device)
 
@@ -122,8 +122,8 @@ LOSS_RTOL, GRAD_NORM_RTOL = 0.005, 0.02
 def check_compile_step(ctx: Ctx) -> tuple[bool, str]:
     import torch
 
-    from rankscope.config import apply_overrides, preset
-    from rankscope.model import GPT
+    from rankscope.core.model import GPT
+    from rankscope.settings.config import apply_overrides, preset
 
     cfg = apply_overrides(preset("tiny"), SMALL) if ctx.dry else preset("seed-88m")
     device = ctx.device
@@ -175,7 +175,7 @@ MIN_MFU = 0.20
 
 
 def check_bench(ctx: Ctx) -> tuple[bool, str]:
-    from rankscope.bench import format_result, run_bench
+    from rankscope.run.bench import format_result, run_bench
 
     if ctx.dry:
         r = run_bench("tiny", 8 * 4 * 32, {**SMALL, "train.compile": "off"}, progress=False)
@@ -209,7 +209,7 @@ def check_probe_eig(ctx: Ctx) -> tuple[bool, str]:
     sys.path.insert(0, str(HERE))
     from bench_probe_eig import grams, probe_check, rel_metric_diff
 
-    from rankscope.metrics import eig_path, eigvalsh_batched, metrics_from_gram
+    from rankscope.measure.metrics import eig_path, eigvalsh_batched, metrics_from_gram
 
     device = ctx.device
     shapes = [(8, 64), (4, 128)] if ctx.dry else [(176, 64), (512, 128)]  # seed-88m's and seed-1.5b's per site
@@ -252,10 +252,10 @@ def check_probe_eig(ctx: Ctx) -> tuple[bool, str]:
 
 
 def check_resume_memory(ctx: Ctx) -> tuple[bool, str]:
-    from rankscope.config import apply_overrides, preset
     from rankscope.data import load_data
-    from rankscope.store import read_json
-    from rankscope.train import train
+    from rankscope.run.train import train
+    from rankscope.settings.config import apply_overrides, preset
+    from rankscope.storage.store import read_json
 
     base = apply_overrides(preset("tiny"), SMALL) if ctx.dry else preset("seed-88m")
     steps = 8 if ctx.dry else 24
@@ -326,11 +326,11 @@ def step_and_eval_peaks(cfg, ctx: Ctx) -> tuple[int, int]:
     last evaluation adds: functional rank and KV headroom), each counted from an empty device."""
     import torch
 
-    from rankscope.evals import functional_rank, loss_and_icl
-    from rankscope.headroom import kv_headroom
-    from rankscope.model import GPT
-    from rankscope.optim import build_optimizers, optimizer_step
-    from rankscope.probe import gpt_probe
+    from rankscope.core.model import GPT
+    from rankscope.core.optim import build_optimizers, optimizer_step
+    from rankscope.measure.evals import functional_rank, loss_and_icl
+    from rankscope.measure.headroom import kv_headroom
+    from rankscope.measure.probe import gpt_probe
 
     tc, device = cfg.train, ctx.device
     g = torch.Generator().manual_seed(0)
@@ -368,7 +368,7 @@ def step_and_eval_peaks(cfg, ctx: Ctx) -> tuple[int, int]:
 
 
 def check_seed_1_5b_memory(ctx: Ctx) -> tuple[bool, str]:
-    from rankscope.config import apply_overrides, preset
+    from rankscope.settings.config import apply_overrides, preset
 
     # The full model does not fit the time: 1.5B parameters drawn on the host, a 32-layer graph to
     # compile, a checkpoint-free step. Memory is linear in the layer count (weights, gradients,

@@ -13,8 +13,8 @@ import torch
 from _common import stdlib_text, tiny_tokenizer
 
 from rankscope.attach import token_batches
+from rankscope.core.model import GPT, ModelConfig
 from rankscope.integrations import LightningProbeCallback
-from rankscope.model import GPT, ModelConfig
 
 out = sys.argv[1] if len(sys.argv) > 1 else "rankscope-examples/lightning"
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60

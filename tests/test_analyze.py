@@ -15,10 +15,10 @@ from matplotlib.image import imread
 from test_resume import config, shards
 
 from rankscope import analyze as analyze_cmd
-from rankscope import store
 from rankscope.analyze import analyze
 from rankscope.errors import RankscopeError
-from rankscope.train import train
+from rankscope.run.train import train
+from rankscope.storage import store
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +126,7 @@ def test_a_hugging_face_folder_on_the_default_corpus(hf_folder):
 
 def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, tmp_path):
     from rankscope.analyze import HEADROOM, HEADROOM_PLOT
-    from rankscope.headroom import HEADROOM_TABLE
+    from rankscope.measure.headroom import HEADROOM_TABLE
     from rankscope.report.kv_headroom import PLOT
 
     assert (HEADROOM, HEADROOM_PLOT) == (HEADROOM_TABLE, PLOT)
@@ -144,7 +144,7 @@ def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, 
 
 
 def test_auto_kv_headroom_skips_a_model_too_slow_to_measure_here_and_says_so(hf_folder, tmp_path, monkeypatch):
-    from rankscope import headroom
+    from rankscope.measure import headroom
 
     monkeypatch.setattr(headroom, "AUTO_BUDGET_S", 0.0)  # any model is too slow
     # 2 layers x 2 kv heads x 2 key sites x 2 search steps (ladder 1, 2, 4, 8)

@@ -16,12 +16,12 @@ import transformers
 from test_resume import config, shards
 
 from rankscope import analyze as analyze_cmd
-from rankscope import analyze_series as series
-from rankscope import store
 from rankscope.analyze import analyze
+from rankscope.analyze import series as series
 from rankscope.errors import RankscopeError
 from rankscope.report import load_study, write_report
-from rankscope.train import train
+from rankscope.run.train import train
+from rankscope.storage import store
 
 
 @pytest.fixture(autouse=True)

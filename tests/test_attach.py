@@ -17,11 +17,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rankscope.attach import Probe, detect, token_batches
+from rankscope.core.model import GPT, ModelConfig
 from rankscope.errors import RankscopeError
-from rankscope.metrics import METRICS, metrics_from_gram, participation_ratio
-from rankscope.model import GPT, ModelConfig
-from rankscope.probe import AttentionStats, Site, gpt_probe
-from rankscope.vocab import PROBE_SITES
+from rankscope.measure.metrics import METRICS, metrics_from_gram, participation_ratio
+from rankscope.measure.probe import AttentionStats, Site, gpt_probe
+from rankscope.settings.vocab import PROBE_SITES
 
 V = 100
 SMALL = dict(

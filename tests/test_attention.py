@@ -8,8 +8,8 @@ import pytest
 import torch
 from _tolerances import U32
 
-from rankscope.attention import logit_chunks
-from rankscope.model import causal_max_logit
+from rankscope.core.attention import logit_chunks
+from rankscope.core.model import causal_max_logit
 
 
 def dense_logits(q, k, scale, first=0, causal=True, window=None):

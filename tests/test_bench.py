@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankscope.bench import format_result, run_bench, step_parts
-from rankscope.config import apply_overrides, preset
-from rankscope.provenance import cpu_info, describe_cpu
+from rankscope.run.bench import format_result, run_bench, step_parts
+from rankscope.settings.config import apply_overrides, preset
+from rankscope.storage.provenance import cpu_info, describe_cpu
 
 SMALL = {
     "model.n_layer": "1",

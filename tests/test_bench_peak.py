@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rankscope.bench import bf16_peak, hopper_variant
+from rankscope.run.bench import bf16_peak, hopper_variant
 
 
 @pytest.mark.parametrize(

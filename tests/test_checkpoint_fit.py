@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_resume import SETTINGS, Killed, assert_same_run, config, kill_after_row, shards, uninterrupted
 
-from rankscope import checkpoint, store
 from rankscope.errors import RankscopeError
-from rankscope.train import RunDiverged, train
+from rankscope.run import checkpoint
+from rankscope.run.train import RunDiverged, train
+from rankscope.storage import store
 
 NEWEST, OLDER = "step-000000010.pt", "step-000000005.pt"
 

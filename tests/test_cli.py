@@ -16,8 +16,8 @@ import pytest
 from _corpus import write_corpus
 from _tolerances import U32
 
-from rankscope import store
 from rankscope.cli import main
+from rankscope.storage import store
 
 SMALL = """
 [settings]
@@ -339,10 +339,10 @@ def test_diverged_runs_exit_1_naming_them(tmp_path, capsys, monkeypatch):
         {"status": "done", "arm": "qk-norm", "seed": 0},
         {"status": "diverged", "arm": "no-norm", "seed": 0, "message": "loss is nan"},
     ]
-    monkeypatch.setattr("rankscope.study.run_study", lambda *a, **k: summaries)
+    monkeypatch.setattr("rankscope.run.study.run_study", lambda *a, **k: summaries)
     assert main(["run", "--out", str(tmp_path / "o"), "--no-report"]) == 1
     assert capsys.readouterr().err.strip() == "rankscope: error: 1 run(s) diverged: no-norm seed 0"
-    monkeypatch.setattr("rankscope.study.run_study", lambda *a, **k: summaries[:1])
+    monkeypatch.setattr("rankscope.run.study.run_study", lambda *a, **k: summaries[:1])
     assert main(["run", "--out", str(tmp_path / "o"), "--no-report"]) == 0
 
 
@@ -374,7 +374,7 @@ def test_file_system_faults_are_one_line_and_exit_2(tmp_path, capsys, monkeypatc
     def fail(*a, **k):
         raise error
 
-    monkeypatch.setattr("rankscope.study.run_study", fail)
+    monkeypatch.setattr("rankscope.run.study.run_study", fail)
     assert main(["run", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == line
     # `report --out` goes the same way

@@ -16,9 +16,9 @@ import pytest
 from _corpus import write_corpus
 
 from rankscope.cli import _parser, main, report_files, settings_lines
-from rankscope.config import RunConfig, known_keys
-from rankscope.progress import RunBar, StudyProgress, fmt_duration, measured_text, tokens_left
 from rankscope.report.format import text_table, text_width
+from rankscope.run.progress import RunBar, StudyProgress, fmt_duration, measured_text, tokens_left
+from rankscope.settings.config import RunConfig, known_keys
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +162,7 @@ def test_list_shows_each_setting_with_type_default_and_what_it_accepts():
 
 def test_list_choices_follow_the_config_annotations(monkeypatch):
     """The text comes from the annotations, not from a copy: a new choice shows up by itself."""
-    import rankscope.config as config
+    import rankscope.settings.config as config
 
     real = config._field_type
 

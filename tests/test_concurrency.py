@@ -21,10 +21,10 @@ import pytest
 from _corpus import write_corpus
 from test_resume import SETTINGS, shards
 
-from rankscope import store
 from rankscope.cli import main
-from rankscope.locks import FileLock, LockHeld
-from rankscope.study import read_study, run_study
+from rankscope.run.study import read_study, run_study
+from rankscope.storage import store
+from rankscope.storage.locks import FileLock, LockHeld
 
 TINY = """
 [settings]
@@ -123,7 +123,7 @@ def test_lock_dies_with_a_killed_holder(tmp_path):
     path = tmp_path / "x.lock"
     child = textwrap.dedent(f"""
         import sys
-        from rankscope.locks import FileLock
+        from rankscope.storage.locks import FileLock
         with FileLock({str(path)!r}, "child"):
             print("locked", flush=True)
             sys.stdin.readline()  # until killed
@@ -209,13 +209,13 @@ def test_job_array_shards_side_by_side_and_a_duplicate_shard(tmp_path, corpus):
     # shard 2's first copy stops inside its run, holding the run's lock, until told to go on
     paused = textwrap.dedent(f"""
         import sys
-        import rankscope.train
-        train = rankscope.train.train
+        import rankscope.run.train
+        train = rankscope.run.train.train
         def wait_then_train(*args, **kwargs):
             print("holding", flush=True)
             sys.stdin.readline()
             return train(*args, **kwargs)
-        rankscope.train.train = wait_then_train
+        rankscope.run.train.train = wait_then_train
         from rankscope.cli import main
         sys.exit(main({run_cmd(study, corpus, out, "--shard", f"2/{n}")!r}))
     """)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rankscope.config import PRESETS, RunConfig, apply_overrides, from_dict, parse_count, parse_set, preset
 from rankscope.errors import ConfigError
+from rankscope.settings.config import PRESETS, RunConfig, apply_overrides, from_dict, parse_count, parse_set, preset
 
 
 def test_overrides_are_typed():
@@ -146,8 +146,8 @@ def test_every_setting_declares_what_it_accepts():
     of the right type reaches a run unchecked."""
     import typing
 
-    from rankscope.config import _field_type, known_keys
-    from rankscope.rules import Distinct, Match, Range
+    from rankscope.settings.config import _field_type, known_keys
+    from rankscope.settings.rules import Distinct, Match, Range
 
     for key in known_keys():
         typ = _field_type(key)
@@ -161,8 +161,8 @@ def test_every_setting_declares_what_it_accepts():
 
 
 def test_max_vocab_is_the_shard_format_s():
-    from rankscope.config import MAX_VOCAB
     from rankscope.data.format import MAX_VOCAB as SHARD_MAX
+    from rankscope.settings.config import MAX_VOCAB
 
     assert MAX_VOCAB == SHARD_MAX
 
@@ -171,16 +171,16 @@ def test_config_in_code_is_checked_too_and_config_needs_no_torch():
     import subprocess
     import sys
 
-    from rankscope.config import OptimConfig, validate
+    from rankscope.settings.config import OptimConfig, validate
 
     with pytest.raises(ConfigError, match="optim.adamw_beta1 must be a number >= 0 and < 1, got 1.5"):
         validate(RunConfig(optim=OptimConfig(adamw_beta1=1.5)))
-    code = "import sys, rankscope.config; assert 'torch' not in sys.modules"
+    code = "import sys, rankscope.settings.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_setting_value_names_the_flag():
-    from rankscope.config import setting_value
+    from rankscope.settings.config import setting_value
 
     assert setting_value("--tokens", "train.tokens", "2M") == 2_000_000
     for bad, needle in (("abc", "got 'abc'"), ("0", "got '0'"), ("-5", "got '-5'"), ("1e400", "got '1e400'")):
@@ -209,7 +209,7 @@ def test_presets_round_trip_through_dicts():
 
 def test_seed_presets_are_the_seeds_runs():
     """Every setting read from the seed's code (seedref) holds in the presets that restage it."""
-    from rankscope.seedref import SEED_1_5B, SEED_88M, differences
+    from rankscope.settings.seedref import SEED_1_5B, SEED_88M, differences
 
     assert differences(preset("seed-88m").to_dict(), SEED_88M) == []
     assert differences(preset("seed-1.5b").to_dict(), SEED_1_5B) == []
@@ -232,7 +232,7 @@ def test_seed_presets_are_the_seeds_runs():
         "probe.batch_size",
     }
     # a changed setting is named with both values; a key an older run lacks counts as differing
-    from rankscope.seedref import differences_text
+    from rankscope.settings.seedref import differences_text
 
     text = differences_text(apply_overrides(preset("seed-88m"), {"optim.muon_qkvo": "separate"}).to_dict())
     assert text == "optim.muon_qkvo separate (seed stacked)"

@@ -10,7 +10,6 @@ import pytest
 from scipy import stats as sps
 from test_report import make_study
 
-from rankscope.contrasts import check, derive
 from rankscope.errors import ConfigError
 from rankscope.report import load_study
 from rankscope.report.analysis import compute_numbers
@@ -20,8 +19,9 @@ from rankscope.report.quantities import VAL_LOSS
 from rankscope.report.series import quantity_series
 from rankscope.report.stats import within_groups
 from rankscope.report.summary import summary_paragraphs
-from rankscope.store import read_json, write_json
-from rankscope.study import BUILTIN, study_from_dict
+from rankscope.run.study import BUILTIN, study_from_dict
+from rankscope.settings.contrasts import check, derive
+from rankscope.storage.store import read_json, write_json
 
 FOUR = {
     "qk-norm-muon": {"model.qk_norm": "learned", "optim.name": "muon"},

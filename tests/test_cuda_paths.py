@@ -12,8 +12,8 @@ import torch
 from _tolerances import U32, U_BF16, gram_rtol, logit_atol, perturbed_pr_rtol, r90_is_stable
 from test_resume import config, shards
 
-from rankscope import store
-from rankscope.metrics import (
+from rankscope.core.model import GPT, ModelConfig, causal_max_logit, mixed_precision, qk_clip
+from rankscope.measure.metrics import (
     EIG_PATHS,
     METRICS,
     _to_host,
@@ -22,9 +22,9 @@ from rankscope.metrics import (
     host_eigvalsh,
     metrics_from_gram,
 )
-from rankscope.model import GPT, ModelConfig, causal_max_logit, mixed_precision, qk_clip
-from rankscope.probe import AttentionStats, GramProbe, gpt_gains, gpt_sites
-from rankscope.train import train
+from rankscope.measure.probe import AttentionStats, GramProbe, gpt_gains, gpt_sites
+from rankscope.run.train import train
+from rankscope.storage import store
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
 SITES = ["q_pre", "q", "k_pre", "k", "v", "o"]

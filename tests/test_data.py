@@ -552,7 +552,7 @@ def test_embedded_pipeline_on_a_fake_stdlib(tmp_path: Path, monkeypatch: pytest.
 
 def test_builtin_corpora_names_agree_and_describe_themselves() -> None:
     from rankscope.data import corpora
-    from rankscope.vocab import BUILTIN_CORPORA
+    from rankscope.settings.vocab import BUILTIN_CORPORA
 
     assert BUILTIN_CORPORA == tuple(corpora.CORPORA) and BUILTIN_CORPORA[0] == corpora.DEFAULT_CORPUS
     described = dict(corpora.describe_corpora())
@@ -634,7 +634,7 @@ def test_shard_vocab_size_from_ids_or_the_prepared_meta(tmp_path: Path) -> None:
 
 
 def test_a_study_on_shards_sizes_the_vocabulary_unless_set(tmp_path: Path) -> None:
-    from rankscope.study import study_from_dict, vocab_from_data
+    from rankscope.run.study import study_from_dict, vocab_from_data
 
     write_shard(tmp_path / "train.bin", np.array([0, 5000, 1] * 20))
     arms = {"a": {"model": {"qk_norm": "none"}}, "b": {"model": {"qk_norm": "learned"}}}

@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_resume import SETTINGS, shards
 
-from rankscope import dist as rdist
-from rankscope import store
 from rankscope.cli import main
-from rankscope.config import RunConfig, apply_overrides
+from rankscope.core.model import GPT
 from rankscope.errors import ConfigError
-from rankscope.model import GPT
-from rankscope.study import BUILTIN, parse_shard, resolve, shard_runs
+from rankscope.run import dist as rdist
+from rankscope.run.study import BUILTIN, parse_shard, resolve, shard_runs
+from rankscope.settings.config import RunConfig, apply_overrides
+from rankscope.storage import store
 
 STUDY = "\n".join(
     f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in {**SETTINGS, "train.checkpoint_every": 0}.items()
@@ -78,7 +78,7 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float, value: flo
         # decades of the top). α moves by at most δ Σ|dx_i| / Σ dx_i^2 (dx: centered log ranks);
         # R^2 = cos^2 of the angle between dx and dy, turned by at most |δ| / |dy| where
         # |dy| >= |α| |dx|: it moves by at most 2 sqrt(m) δ / (|α| |dx|).
-        from rankscope.metrics import decay_ranks
+        from rankscope.measure.metrics import decay_ranks
 
         x = np.log(np.array(decay_ranks(HEAD_DIM), dtype=float))
         dx = x - x.mean()
@@ -258,7 +258,7 @@ def test_gradient_accumulation_and_activation_checkpointing_keep_the_numbers(tmp
         "optim.muon_qkvo": "separate",
         "optim.muon_ns": "newton_schulz",
     }
-    from rankscope.train import train
+    from rankscope.run.train import train
 
     results = {}
     for name, extra in {
@@ -304,8 +304,8 @@ def test_activation_checkpointing_gradients_equal():
 def _sharded_muon_worker(rank: int, world: int, init: str, out: str, grouping: str) -> None:
     import torch.distributed as dist
 
-    from rankscope.config import OptimConfig
-    from rankscope.optim import build_optimizers
+    from rankscope.core.optim import build_optimizers
+    from rankscope.settings.config import OptimConfig
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -326,8 +326,8 @@ def test_sharded_muon_step_equals_the_single_process_step(tmp_path, grouping):
     result is bitwise the same as one process updating every matrix."""
     import torch.multiprocessing as mp
 
-    from rankscope.config import OptimConfig
-    from rankscope.optim import build_optimizers
+    from rankscope.core.optim import build_optimizers
+    from rankscope.settings.config import OptimConfig
 
     mp.spawn(
         _sharded_muon_worker, args=(2, f"file://{tmp_path / 'rdzv'}", str(tmp_path / "sharded.pt"), grouping), nprocs=2

@@ -13,14 +13,14 @@ from _tolerances import U32
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import rankscope.evals as evals
-import rankscope.metrics as metrics
-import rankscope.model as model_mod
-from rankscope.evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
-from rankscope.headroom import kv_headroom
-from rankscope.metrics import eigh_batched
-from rankscope.model import GPT, ModelConfig, mixed_precision
-from rankscope.probe import GramProbe, gpt_probe, gpt_sites
+import rankscope.core.model as model_mod
+import rankscope.measure.evals as evals
+import rankscope.measure.metrics as metrics
+from rankscope.core.model import GPT, ModelConfig, mixed_precision
+from rankscope.measure.evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
+from rankscope.measure.headroom import kv_headroom
+from rankscope.measure.metrics import eigh_batched
+from rankscope.measure.probe import GramProbe, gpt_probe, gpt_sites
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=64)
 B, T, CHUNK = 3, 40, 16  # 120 token rows; evaluations are made to chunk them by 16

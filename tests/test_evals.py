@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from _tolerances import U32
 from torch import nn
 
+from rankscope.core.model import GPT, ModelConfig, Tap
 from rankscope.errors import RankscopeError
-from rankscope.evals import (
+from rankscope.integrations import lm_eval as lm_eval_adapter
+from rankscope.measure.evals import (
     InductionScores,
     functional_rank,
     gpt_induction_scores,
@@ -26,9 +28,7 @@ from rankscope.evals import (
     rank_ladder,
     weight_spectra,
 )
-from rankscope.integrations import lm_eval as lm_eval_adapter
-from rankscope.model import GPT, ModelConfig, Tap
-from rankscope.probe import LAYER_WIDE, Site
+from rankscope.measure.probe import LAYER_WIDE, Site
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=64)
 

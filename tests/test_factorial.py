@@ -13,7 +13,7 @@ from rankscope.report import write_report
 from rankscope.report.analysis import compute_numbers
 from rankscope.report.factorial import find_grid
 from rankscope.report.load import load_study
-from rankscope.store import RunStore, run_dir, write_json
+from rankscope.storage.store import RunStore, run_dir, write_json
 
 QK = ("learned", "none")
 GROUPING = ("stacked", "separate", "per_head")

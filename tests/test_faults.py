@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from test_resume import assert_same_run, config, final_values, shards, uninterrupted
 
-from rankscope import checkpoint, fsio, store
-from rankscope.train import train
+from rankscope.run import checkpoint
+from rankscope.run.train import train
+from rankscope.storage import fsio, store
 
 
 @pytest.fixture(scope="module")

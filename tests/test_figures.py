@@ -30,7 +30,7 @@ from rankscope.report.quantities import (
     still_at_chance,
     uniform_induction_score,
 )
-from rankscope.units import fmt_count_ticks
+from rankscope.settings.units import fmt_count_ticks
 
 CONFIGS = [{"model": {"vocab_size": 4096}, "train": {"seq_len": 128}}] * 2
 

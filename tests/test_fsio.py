@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rankscope import fsio
+from rankscope.storage import fsio
 
 
 def leftovers(folder):

@@ -11,12 +11,12 @@ import pytest
 import torch
 import transformers
 
-from rankscope import store
 from rankscope.attach import Probe
 from rankscope.cli import main
+from rankscope.core.model import GPT, ModelConfig
 from rankscope.errors import RankscopeError
 from rankscope.integrations import ProbeLogger, summarize
-from rankscope.model import GPT, ModelConfig
+from rankscope.storage import store
 
 V = 64
 CFG = ModelConfig(vocab_size=V, n_layer=2, d_model=32, n_head=2, n_kv_head=1, head_dim=16, d_mlp=64, max_seq_len=32)

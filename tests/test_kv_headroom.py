@@ -10,16 +10,16 @@ import pytest
 import torch
 from test_report import make_realistic_study
 
-from rankscope.config import RunConfig
-from rankscope.headroom import kv_headroom, r90_from_eigenvalues
-from rankscope.model import GPT, ModelConfig
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.measure.headroom import kv_headroom, r90_from_eigenvalues
 from rankscope.report.kv_headroom import (
     PLOT,
     bytes_saved_per_token,
     headroom_frame,
     headroom_table,
 )
-from rankscope.store import PROBE_COLUMNS, TableWriter, load_probes
+from rankscope.settings.config import RunConfig
+from rankscope.storage.store import PROBE_COLUMNS, TableWriter, load_probes
 
 E = 16
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=E, d_mlp=64, max_seq_len=64)
@@ -230,9 +230,9 @@ def test_a_run_writes_kv_rows_at_the_end_and_analyze_writes_the_table(tmp_path, 
     from test_resume import config, shards
 
     from rankscope.analyze import analyze
-    from rankscope.headroom import HEADROOM_TABLE
-    from rankscope.store import read_table
-    from rankscope.train import train
+    from rankscope.measure.headroom import HEADROOM_TABLE
+    from rankscope.run.train import train
+    from rankscope.storage.store import read_table
 
     monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "qk" / "seed-0"

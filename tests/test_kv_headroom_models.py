@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rankscope.attach import detect
 from rankscope.errors import RankscopeError
-from rankscope.headroom import kv_headroom, kv_sites, model_kv_headroom
+from rankscope.measure.headroom import kv_headroom, kv_sites, model_kv_headroom
 
 IDS = torch.randint(0, V, (4, 33), generator=torch.Generator().manual_seed(2))
 X, Y = IDS[:, :-1], IDS[:, 1:]

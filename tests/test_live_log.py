@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_resume import SETTINGS, shards
 
-from rankscope import store
 from rankscope.cli import main
+from rankscope.storage import store
 
 
 def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rankscope import metrics
-from rankscope.metrics import effective_rank, participation_ratio, r90, stable_rank
+from rankscope.measure import metrics
+from rankscope.measure.metrics import effective_rank, participation_ratio, r90, stable_rank
 
 
 def with_singular_values(s: list[float], n: int = 200, seed: int = 0) -> torch.Tensor:
@@ -87,7 +87,7 @@ def test_non_finite_input_gives_nan_not_an_error():
 
 def test_singular_value_metrics_agree_with_the_gram_path():
     # The weight spectra (from svdvals) and the probe (from a Gram's eigenvalues) share one formula.
-    from rankscope.metrics import gram, metrics_from_gram, singular_value_metrics
+    from rankscope.measure.metrics import gram, metrics_from_gram, singular_value_metrics
 
     torch.manual_seed(3)
     x = torch.randn(5, 40, 12, dtype=torch.float64) * torch.linspace(0.1, 2.0, 12)
@@ -99,7 +99,7 @@ def test_singular_value_metrics_agree_with_the_gram_path():
 
 def test_metric_vocabulary_matches_what_metrics_from_gram_returns():
     # The report names metrics from SPECTRUM; the probe writes what metrics_from_gram returns.
-    from rankscope.metrics import METRICS, SPECTRUM, metrics_from_gram
+    from rankscope.measure.metrics import METRICS, SPECTRUM, metrics_from_gram
 
     out = metrics_from_gram(torch.eye(4, dtype=torch.float64)[None], torch.zeros(1, 4), 10)
     assert set(out) == set(SPECTRUM) and METRICS == tuple(SPECTRUM)
@@ -110,7 +110,8 @@ def test_vocabulary_modules_import_without_torch():
     import sys
 
     code = (
-        "import sys, rankscope.config, rankscope.metrics, rankscope.vocab, rankscope.units, rankscope.fsio;"
+        "import sys, rankscope.settings.config, rankscope.measure.metrics, rankscope.settings.vocab,"
+        " rankscope.settings.units, rankscope.storage.fsio;"
         " assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from _tolerances import U32
 
-from rankscope.config import PRESETS
-from rankscope.model import GPT, LinearCrossEntropy, ModelConfig, apply_rope
+from rankscope.core.model import GPT, LinearCrossEntropy, ModelConfig, apply_rope
+from rankscope.settings.config import PRESETS
 
 SMALL = ModelConfig(vocab_size=97, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
 
@@ -151,7 +151,7 @@ def test_linear_cross_entropy_matches_reference():
 
 
 def test_chunked_cross_entropy_matches_reference():
-    from rankscope.model import chunked_cross_entropy
+    from rankscope.core.model import chunked_cross_entropy
 
     torch.manual_seed(0)
     h, w = torch.randn(1100, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
@@ -177,7 +177,7 @@ def test_training_loss_equals_eval_loss():
 
 
 def test_relu_squared_matches_autograd():
-    from rankscope.model import ReluSquared
+    from rankscope.core.model import ReluSquared
 
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
@@ -186,7 +186,7 @@ def test_relu_squared_matches_autograd():
 
 @pytest.mark.parametrize("with_gain", [True, False])
 def test_rms_norm_function_matches_reference(with_gain):
-    from rankscope.model import RMSNormFunction
+    from rankscope.core.model import RMSNormFunction
 
     x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
     w = torch.rand(8, dtype=torch.float64, requires_grad=True) + 0.5 if with_gain else None
@@ -202,7 +202,7 @@ def test_rms_norm_function_matches_reference(with_gain):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_qk_clip_caps_each_heads_max_logit_at_tau(n_kv_head):
-    from rankscope.model import causal_max_logit, qk_clip
+    from rankscope.core.model import causal_max_logit, qk_clip
 
     model = GPT(replace(SMALL, qk_norm="none", n_kv_head=n_kv_head))
     model.reset_parameters(0)

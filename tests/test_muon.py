@@ -18,10 +18,10 @@ import pytest
 import torch
 from _tolerances import BF16_ITERATION_RTOL, U32
 
-from rankscope.config import OptimConfig, RunConfig, apply_overrides
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.core.optim import POLAR_EXPRESS, BlockMuon, build_optimizers, orthogonalize
 from rankscope.errors import ConfigError
-from rankscope.model import GPT, ModelConfig
-from rankscope.optim import POLAR_EXPRESS, BlockMuon, build_optimizers, orthogonalize
+from rankscope.settings.config import OptimConfig, RunConfig, apply_overrides
 
 # GQA (4 query heads, 2 kv heads), heads x head_dim = d_model, a tall MLP up and a wide down
 SMALL = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)

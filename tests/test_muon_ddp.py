@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_resume import SETTINGS, shards
 
-from rankscope import dist as rdist
-from rankscope.config import OptimConfig, RunConfig, apply_overrides
-from rankscope.model import GPT, ModelConfig
-from rankscope.optim import build_optimizers
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.core.optim import build_optimizers
+from rankscope.run import dist as rdist
+from rankscope.settings.config import OptimConfig, RunConfig, apply_overrides
 
 # GQA (4 query heads, 2 kv heads): per_head has 2 layers x 4 heads of blocks to share out
 SMALL = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 def _train_worker(rank: int, world: int, port: int, data: str, run: str, out: str) -> None:
     """train() as torchrun starts it, counting the collectives between two optimizer steps."""
-    import rankscope.train as rtrain
+    import rankscope.run.train as rtrain
 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

@@ -6,9 +6,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from rankscope.config import OptimConfig
-from rankscope.model import GPT, ModelConfig
-from rankscope.optim import BlockMuon, _balanced_owners, build_optimizers, lr_scale
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.core.optim import BlockMuon, _balanced_owners, build_optimizers, lr_scale
+from rankscope.settings.config import OptimConfig
 
 SMALL = ModelConfig(vocab_size=64, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
 

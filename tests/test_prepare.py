@@ -34,7 +34,7 @@ import rankscope.data.prepare as prep  # noqa: E402
 from rankscope.data import BatchSampler, DataError, load_data, read_shard  # noqa: E402
 from rankscope.data.prepare import encode, outdir, prepare, reader, tokenizer_spec  # noqa: E402
 from rankscope.data.tokenizer import EOT_TOKEN, train_tokenizer  # noqa: E402
-from rankscope.locks import FileLock, LockHeld  # noqa: E402
+from rankscope.storage.locks import FileLock, LockHeld  # noqa: E402
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are from or an at which not have "

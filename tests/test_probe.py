@@ -7,9 +7,9 @@ import pytest
 import torch
 from _tolerances import U32, gram_rtol
 
-from rankscope.metrics import METRICS, effective_rank, gram, participation_ratio, r90, stable_rank
-from rankscope.model import GPT, ModelConfig
-from rankscope.probe import LAYER_WIDE, AttentionStats, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.measure.metrics import METRICS, effective_rank, gram, participation_ratio, r90, stable_rank
+from rankscope.measure.probe import LAYER_WIDE, AttentionStats, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
 
 CFG = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
 
@@ -188,14 +188,14 @@ class Rotary(torch.nn.Module):
 
     def __init__(self, head_dim, max_len=32):
         super().__init__()
-        from rankscope.model import rope_tables
+        from rankscope.core.model import rope_tables
 
         cos, sin = rope_tables(max_len, head_dim, 10000.0)
         self.register_buffer("cos", cos)
         self.register_buffer("sin", sin)
 
     def forward(self, x):  # (B, T, heads, E)
-        from rankscope.model import apply_rope
+        from rankscope.core.model import apply_rope
 
         T = x.shape[1]
         return apply_rope(x, self.cos[:T], self.sin[:T])
@@ -308,7 +308,7 @@ def test_a_call_index_past_the_last_call_fails_clearly():
 
 def test_induction_scores_read_one_call_of_a_module_that_runs_twice():
     from rankscope.errors import RankscopeError
-    from rankscope.evals import InductionScores, induction_batch
+    from rankscope.measure.evals import InductionScores, induction_batch
 
     x = induction_batch(61, 3, 8, seed=1)
     shared, single = RotaryModel(4, 2, shared=True), RotaryModel(4, 2, shared=False)

@@ -46,7 +46,7 @@ from rankscope.report.plotstyle import safe_names
 from rankscope.report.seedcompare import arm_kind, seed_reference
 from rankscope.report.series import INTERPOLATE, LATEST, NEAREST, runs_at, seed_values
 from rankscope.report.stats import PAIRED_CONSTANT, SINGLE, WELCH, holm, t_quantile
-from rankscope.store import PROBE_COLUMNS, SCALAR_COLUMNS, RunStore, TableWriter, run_dir, write_json
+from rankscope.storage.store import PROBE_COLUMNS, SCALAR_COLUMNS, RunStore, TableWriter, run_dir, write_json
 
 LOSS_OFFSET = {"qk": 0.0, "none": 0.05, "frozen": 0.03}
 PR_BASE = {"qk": 10.0, "none": 20.0, "frozen": 15.0}
@@ -440,7 +440,7 @@ def test_unfinished_run_lowers_n_at_end_but_counts_earlier(tmp_path):
     import os
     import socket
 
-    from rankscope.store import run_lock_path
+    from rankscope.storage.store import run_lock_path
 
     lock = run_lock_path(run_dir(root, "none", 2))
     lock.write_text(

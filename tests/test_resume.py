@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from rankscope import checkpoint, store
-from rankscope.config import RunConfig, apply_overrides
 from rankscope.data import write_shard
 from rankscope.errors import RankscopeError
-from rankscope.train import RunDiverged, train
+from rankscope.run import checkpoint
+from rankscope.run.train import RunDiverged, train
+from rankscope.settings.config import RunConfig, apply_overrides
+from rankscope.storage import store
 
 SETTINGS = {
     "model.n_layer": 2,
@@ -147,9 +148,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, whole):
     killed = tmp_path / "killed"
     child = textwrap.dedent(f"""
         import os, sys, time
-        from rankscope import store
-        from rankscope.config import RunConfig, apply_overrides
-        from rankscope.train import train
+        from rankscope.storage import store
+        from rankscope.settings.config import RunConfig, apply_overrides
+        from rankscope.run.train import train
         append = store.TableWriter.append
         def append_then_wait(self, rows):
             rows = list(rows)
@@ -327,7 +328,7 @@ def test_truncate_after_keeps_rows_up_to_the_step(tmp_path):
 def test_compile_auto_compiles_long_cpu_runs_only_with_a_cpp_compiler(monkeypatch):
     import shutil
 
-    from rankscope.train import CPU_COMPILE_MIN_TOKENS, compiles
+    from rankscope.run.train import CPU_COMPILE_MIN_TOKENS, compiles
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     tc = RunConfig().train
@@ -354,7 +355,7 @@ def failing_compile(monkeypatch) -> None:
 
 
 def test_a_failing_auto_compile_trains_uncompiled_and_says_so(tmp_path, whole, monkeypatch, capsys):
-    from rankscope import train as train_module
+    from rankscope.run import train as train_module
 
     failing_compile(monkeypatch)
     monkeypatch.setattr(train_module, "CPU_COMPILE_MIN_TOKENS", 1)  # auto compiles this short run

@@ -11,9 +11,10 @@ import pytest
 import torch
 from test_resume import Killed, assert_same_run, config, final_values, kill_after_row, shards, uninterrupted
 
-import rankscope.train as rtrain
-from rankscope import checkpoint, store
-from rankscope.train import train
+import rankscope.run.train as rtrain
+from rankscope.run import checkpoint
+from rankscope.run.train import train
+from rankscope.storage import store
 
 
 def tensors(obj) -> list[torch.Tensor]:

@@ -13,9 +13,9 @@ from unittest import mock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rankscope.config import PRESETS, RunConfig, apply_overrides, from_dict, known_keys, parse_set, validate
 from rankscope.errors import ConfigError
-from rankscope.study import parse_shard, resolve, study_from_dict
+from rankscope.run.study import parse_shard, resolve, study_from_dict
+from rankscope.settings.config import PRESETS, RunConfig, apply_overrides, from_dict, known_keys, parse_set, validate
 
 FUZZ = settings(
     max_examples=300,
@@ -164,7 +164,7 @@ def test_run_flags_end_in_exit_0_or_2_with_one_line(tokens, seeds, shard, sets, 
     from rankscope.cli import main
 
     err = io.StringIO()
-    with tempfile.TemporaryDirectory() as tmp, mock.patch("rankscope.study.run_study", return_value=[]) as run:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch("rankscope.run.study.run_study", return_value=[]) as run:
         args.append(f"--out={tmp}/out")
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:

@@ -17,15 +17,15 @@ import pytest
 import torch
 from _tolerances import U32, entropy_tol, gram_rtol, logit_atol, r90_is_stable
 
-from rankscope import dist as rdist
-from rankscope import store
 from rankscope.attach import Probe
+from rankscope.core.model import GPT, ModelConfig
 from rankscope.errors import RankscopeError
 from rankscope.integrations import ProbeLogger, ProbeOptions
-from rankscope.metrics import METRICS
-from rankscope.model import GPT, ModelConfig
-from rankscope.probe import gpt_probe
-from rankscope.vocab import PROBE_SITES
+from rankscope.measure.metrics import METRICS
+from rankscope.measure.probe import gpt_probe
+from rankscope.run import dist as rdist
+from rankscope.settings.vocab import PROBE_SITES
+from rankscope.storage import store
 
 CFG = ModelConfig(vocab_size=256, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128, max_seq_len=32)
 WORLD, B, T = 2, 4, 32
@@ -56,7 +56,7 @@ def half(rank: int) -> torch.Tensor:
 def recording(set_attribute, log: list) -> None:
     """Record what `metrics_from_gram` receives (the Grams, column sums and token counts, after any
     reduction) in `log`; set_attribute: setattr, or a MonkeyPatch's."""
-    import rankscope.probe as probe_module
+    import rankscope.measure.probe as probe_module
 
     inner = probe_module.metrics_from_gram
 
@@ -229,7 +229,7 @@ def decay_tol(acts) -> tuple[float, float]:
     R² = cos² of the angle between dx and the centered log λ (dy): δ turns dy by at most |δ| / |dy|,
     so R² moves by at most 2 |δ| / |dy|. Every fitted eigenvalue is far above the fit's floor
     (asserted), so the same ranks are fitted on both sides. acts: iterable of (heads, N, E)."""
-    from rankscope.metrics import decay_ranks
+    from rankscope.measure.metrics import decay_ranks
 
     worst_alpha = worst_r2 = 0.0
     for a in acts:

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from test_resume import SETTINGS, after_row, assert_same_run, config, shards, uninterrupted
 
-from rankscope import checkpoint, store
-from rankscope import train as train_module
 from rankscope.errors import Interrupted
-from rankscope.train import train
+from rankscope.run import checkpoint
+from rankscope.run import train as train_module
+from rankscope.run.train import train
+from rankscope.storage import store
 
 TOKENS_PER_STEP = SETTINGS["train.batch_size"] * SETTINGS["train.seq_len"]
 
@@ -154,7 +155,7 @@ def test_handlers_only_in_the_main_thread_and_not_over_an_ignored_signal(tmp_pat
 # reached training's handler, so the test knows the run is mid-way without sleeping a guessed time
 CHILD = textwrap.dedent("""
     import os, runpy, signal, sys, time
-    from rankscope import store
+    from rankscope.storage import store
     append = store.TableWriter.append
     def append_then_wait(self, rows):
         rows = list(rows)

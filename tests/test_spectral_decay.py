@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from rankscope.metrics import (
+from rankscope.core.model import GPT, ModelConfig
+from rankscope.measure.metrics import (
     DECAY_FLOOR,
     SPECTRUM,
     decay_ranks,
     metrics_from_gram,
     spectral_decay,
 )
-from rankscope.model import GPT, ModelConfig
-from rankscope.probe import gpt_probe
+from rankscope.measure.probe import gpt_probe
 
 
 def with_eigenvalues(lam, seed: int = 0) -> torch.Tensor:

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 from test_resume import config, shards
 
-from rankscope import store
-from rankscope.cadence import eval_steps, log_schedule, schedule
-from rankscope.study import BUILTIN, resolve
-from rankscope.train import train
+from rankscope.run.cadence import eval_steps, log_schedule, schedule
+from rankscope.run.study import BUILTIN, resolve
+from rankscope.run.train import train
+from rankscope.storage import store
 
 
 def test_linear_schedule():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rankscope.units import fmt_count, parse_count
+from rankscope.settings.units import fmt_count, parse_count
 
 
 @pytest.mark.parametrize(

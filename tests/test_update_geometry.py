@@ -10,12 +10,12 @@ import torch
 from test_muon import LR, MHA, SMALL, random_grads, seed_polar_express
 from test_resume import config, shards
 
-from rankscope import store
-from rankscope.config import OptimConfig
-from rankscope.model import GPT
-from rankscope.optim import build_optimizers
-from rankscope.train import train
-from rankscope.update_geometry import UpdateGeometry, k_part
+from rankscope.core.model import GPT
+from rankscope.core.optim import build_optimizers
+from rankscope.measure.update_geometry import UpdateGeometry, k_part
+from rankscope.run.train import train
+from rankscope.settings.config import OptimConfig
+from rankscope.storage import store
 
 
 def one_step(cfg_model, optim: OptimConfig):

@@ -17,10 +17,10 @@ import pytest
 import torch
 from test_resume import SETTINGS, shards
 
-from rankscope import dist as rdist
-from rankscope import store
-from rankscope.config import PRESETS, RunConfig, apply_overrides
 from rankscope.errors import ConfigError
+from rankscope.run import dist as rdist
+from rankscope.settings.config import PRESETS, RunConfig, apply_overrides
+from rankscope.storage import store
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # (micro-batch sequences, micro-batches) a rank runs, by number of processes; the step stays the
@@ -146,8 +146,8 @@ LAUNCHER = """
 import os, sys, time
 from pathlib import Path
 
-import rankscope.store
-import rankscope.train
+import rankscope.storage.store
+import rankscope.run.train
 from rankscope.cli import main
 
 def full_disk(*args, **kwargs):
@@ -156,9 +156,9 @@ def full_disk(*args, **kwargs):
 
 if os.environ["RANK"] == "0":
     if sys.argv[2] == "evaluation":
-        rankscope.train.kv_headroom = full_disk
+        rankscope.run.train.kv_headroom = full_disk
     else:
-        rankscope.store.RunStore.finish = full_disk
+        rankscope.storage.store.RunStore.finish = full_disk
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -217,8 +217,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from rankscope.config import RunConfig, apply_overrides
-from rankscope.train import train
+from rankscope.settings.config import RunConfig, apply_overrides
+from rankscope.run.train import train
 
 atexit.register(lambda: Path(sys.argv[2]).write_text("left" if not dist.is_initialized() else "still joined"))
 cfg = apply_overrides(RunConfig(), {**eval(sys.argv[3]), "data.path": sys.argv[1], "train.tokens": 256})
@@ -254,7 +254,7 @@ def test_runs_in_one_process_share_its_group_which_is_left_at_exit(tmp_path):
 def test_each_run_reports_its_own_peak_memory(tmp_path):
     """Two runs in one process: the second's peak must not be the first's (here a larger one,
     made by a 1 GiB buffer in between, as a bigger arm earlier in a study would)."""
-    from rankscope.train import train
+    from rankscope.run.train import train
 
     data = shards(tmp_path)
     cfg = apply_overrides(RunConfig(), {**SETTINGS, "data.path": str(data), "train.tokens": 2 * 128})
@@ -273,7 +273,7 @@ def test_each_run_reports_its_own_peak_memory(tmp_path):
 
 
 def test_cuda_runs_count_peak_memory_from_their_start(monkeypatch):
-    from rankscope import train
+    from rankscope.run import train
 
     reset = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)

@@ -23,8 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS
 from .errors import ConfigError, Interrupted, RankscopeError
+from .settings.config import PRESETS
 
 # `rankscope --help` and every subcommand's --help import neither torch nor pandas: this module
 # imports only the standard library and the errors at the top, and the subcommands whose
@@ -68,13 +68,13 @@ class _LazyParser(argparse.ArgumentParser):
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    from .bench import add_arguments
+    from .run.bench import add_arguments
 
     add_arguments(p)
 
 
 def _analyze_arguments(p: argparse.ArgumentParser) -> None:
-    from .analyze import add_arguments
+    from .analyze.command import add_arguments
 
     add_arguments(p)
 
@@ -148,9 +148,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import dist as rdist
-    from .config import parse_set, setting_value
-    from .study import DEFAULT_STUDY, check_seeds, parse_shard, read_study, resolve, run_study, shard_runs
+    from .run import dist as rdist
+    from .run.study import DEFAULT_STUDY, check_seeds, parse_shard, read_study, resolve, run_study, shard_runs
+    from .settings.config import parse_set, setting_value
 
     # every flag and setting is checked here, before any data is read or anything is written
     study = read_study(args.study if args.study is not None else DEFAULT_STUDY)
@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.tokens is not None:
         overrides["train.tokens"] = setting_value("--tokens", "train.tokens", args.tokens)
     if args.data is not None:
-        from .vocab import BUILTIN_CORPORA
+        from .settings.vocab import BUILTIN_CORPORA
 
         if args.data in BUILTIN_CORPORA:
             overrides["data.path"] = args.data
@@ -229,7 +229,7 @@ def _check_out(out: Path, given: str | None) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .store import run_dirs
+    from .storage.store import run_dirs
 
     for d in args.dirs:
         if not Path(d).is_dir():
@@ -295,7 +295,7 @@ def _setting_text(typ: Any, default: Any) -> tuple[str, str, str]:
     Literal's choices, or the `Range`, `Match` and `Distinct` rules of `Annotated[type, rule]`."""
     import typing
 
-    from .rules import Distinct, Match, Range, _bound
+    from .settings.rules import Distinct, Match, Range, _bound
 
     rules: list[Any] = []
     if typing.get_origin(typ) is typing.Annotated:
@@ -340,7 +340,7 @@ def settings_lines(width: int) -> list[str]:
     """Every `--set` key with its type, default and accepted values, as a table `width` wide: the
     accepted values wrap under their column, and a default too long for its column puts them on
     the next line."""
-    from .config import RunConfig, _field_type, known_keys
+    from .settings.config import RunConfig, _field_type, known_keys
 
     cfg = RunConfig()
     rows = []
@@ -365,10 +365,10 @@ def settings_lines(width: int) -> list[str]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .config import PRESETS
     from .data.corpora import DEFAULT_CORPUS, describe_corpora
-    from .seedref import SEED_DATA, differences_text, reference_for
-    from .study import BUILTIN
+    from .run.study import BUILTIN
+    from .settings.config import PRESETS
+    from .settings.seedref import SEED_DATA, differences_text, reference_for
 
     width = _width()
     print("studies (rankscope run STUDY):")
@@ -403,7 +403,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from .analyze import run
+    from .analyze.command import run
 
     return run(args)
 
@@ -415,7 +415,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
+    from .run.bench import main as bench_main
 
     return bench_main(args)
 
@@ -430,7 +430,7 @@ _WRONG_KIND = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG)
 def os_error_line(e: OSError, args: argparse.Namespace) -> str:
     """One line for a file-system fault: the path, the system's reason and its number, and what
     the user can do (`--out` for the commands that have one)."""
-    from .fsio import TEMP_NAME
+    from .storage.fsio import TEMP_NAME
 
     path = os.fsdecode(e.filename) if e.filename is not None else None
     if path is not None and TEMP_NAME.match(Path(path).name):
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     finally:
-        # only a command that imported rankscope.dist can have joined a process group (and
+        # only a command that imported rankscope.run.dist can have joined a process group (and
         # importing it here would import torch into `rankscope --help` and `rankscope list`)
         dist = sys.modules.get(f"{__package__}.dist")
         if dist is not None:

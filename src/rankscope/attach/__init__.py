@@ -12,7 +12,7 @@
   `hook_rot_q/k`),
 
 inside whatever wraps them, and reads, for every layer and head, the six sites of rankscope's GPT
-(`rankscope.vocab.PROBE_SITES`):
+(`rankscope.settings.vocab.PROBE_SITES`):
 
     q_pre, k_pre   queries and keys after QK-Norm (where the model has it), before RoPE
     q, k           the same after RoPE: what the attention scores are made of
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import RankscopeError
-from ..probe import AttentionStats, GramProbe, Site
-from ..vocab import PROBE_SITES
+from ..measure.probe import AttentionStats, GramProbe, Site
+from ..settings.vocab import PROBE_SITES
 from .attachment import Attachment
 from .gpt import detect_gpt
 from .huggingface import detect_hf
@@ -101,7 +101,7 @@ class Probe:
         sharded (DTensor) gains are gathered first.
 
     Columns of the result: layer, head, site, metric, value (the metric names of
-    `rankscope.metrics.METRICS`; site "attn" holds entropy and max_logit; site q_gain/k_gain holds
+    `rankscope.measure.metrics.METRICS`; site "attn" holds entropy and max_logit; site q_gain/k_gain holds
     gain_mean, gain_cv, gain_near_zero with head -1).
     """
 

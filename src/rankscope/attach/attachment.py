@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import RankscopeError
-from ..probe import AttentionStats, Site, _layer_of
+from ..measure.probe import AttentionStats, Site, _layer_of
 
 if TYPE_CHECKING:
     from .rotary import RotaryContext

@@ -7,14 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from ..probe import AttentionStats, Site, gpt_gains
-from ..vocab import PROBE_SITES
+from ..measure.probe import AttentionStats, Site, gpt_gains
+from ..settings.vocab import PROBE_SITES
 from .attachment import Attachment, KeyCache, child_path, layer_pattern
 
 
 def detect_gpt(root: nn.Module, prefix: str) -> Attachment | None:
     """The attachment of `root` when it is rankscope's GPT (at module path `prefix`), else None."""
-    from ..model import GPT, Attention
+    from ..core.model import GPT, Attention
 
     if not isinstance(root, GPT):
         return None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..probe import AttentionStats, Site
+from ..measure.probe import AttentionStats, Site
 from .attachment import (
     Attachment,
     KeyCache,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..probe import AttentionStats, Site
+from ..measure.probe import AttentionStats, Site
 from .attachment import Attachment, KeyCache, Transform, child_path, layer_pattern, next_token_loss
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer
 
-from ..fsio import write_json, write_text
+from ..storage.fsio import write_json, write_text
 from .corpus import SourceFile
 from .errors import DataError
 from .messages import log

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from . import corpora, corpus
 from .cache import CorpusPlan, cached_corpus
 from .errors import DataError

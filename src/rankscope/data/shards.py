@@ -1,6 +1,6 @@
 """Reading and writing token shards (the modded-nanogpt ``.bin`` layout of :mod:`.format`).
 
-Shards are written atomically (:mod:`rankscope.fsio`: a temporary file in the same folder,
+Shards are written atomically (:mod:`rankscope.storage.fsio`: a temporary file in the same folder,
 fsync, rename) so a killed writer never leaves a file that looks complete, and they are read as
 memory maps so a 100M-token shard costs no RAM until windows are actually gathered from it.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fsio import commit, open_temp
+from ..storage.fsio import commit, open_temp
 from .errors import DataError
 from .format import (
     HEADER_BYTES,

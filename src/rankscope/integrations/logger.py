@@ -34,11 +34,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import fsio
 from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
-from ..provenance import environment, now
-from ..store import RunStore, is_done, run_dir
+from ..storage import fsio
+from ..storage.provenance import environment, now
+from ..storage.store import RunStore, is_done, run_dir
 from .options import ProbeOptions
 from .sinks import TensorBoardSink, WandbSink, installed, summarize
 

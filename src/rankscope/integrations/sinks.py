@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import RankscopeError
-from ..vocab import PROBE_SITES
+from ..settings.vocab import PROBE_SITES
 
 TAG = "rankscope"  # prefix of every TensorBoard / W&B key
 

@@ -1,4 +1,4 @@
-"""Tables, figures, report.md and report.html from what `rankscope.store` wrote. Never imports torch.
+"""Tables, figures, report.md and report.html from what `rankscope.storage.store` wrote. Never imports torch.
 
     from rankscope.report import write_report, paradox_text
     write_report("runs/qk-muon")            # runs/qk-muon/report.md, report.html, plots/*.png

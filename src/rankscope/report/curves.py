@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .format import fmt_p, seeds_text, signed
 from .plotstyle import (
     REFERENCE,

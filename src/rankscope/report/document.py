@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..fsio import write_text
-from ..units import fmt_count
-from ..vocab import site_description
+from ..settings.units import fmt_count
+from ..settings.vocab import site_description
+from ..storage.fsio import write_text
 from .analysis import ReportNumbers, compute_numbers
 from .compare import NOT_COMPARABLE
 from .doc import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown

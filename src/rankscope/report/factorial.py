@@ -25,10 +25,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..contrasts import OFF, SECTIONS
-from ..contrasts import text as setting_text
-from ..flat import flatten
-from ..seedref import SEED_88M
+from ..settings.contrasts import OFF, SECTIONS
+from ..settings.contrasts import text as setting_text
+from ..settings.flat import flatten
+from ..settings.seedref import SEED_88M
 from .format import decimals_for, fmt_difference, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
 from .quantities import Quantity
 from .series import choose_points, seed_values

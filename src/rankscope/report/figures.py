@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..vocab import site_description
+from ..settings.vocab import site_description
 from .analysis import ReportNumbers, figure_data
 from .curves import plot_downstream, plot_loss_pr, plot_rank_scatter
 from .heatmaps import plot_pr_heatmaps

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .doc import Block, Para, Table, code, md_escape
 from .plotstyle import Plot, new_figure, save, style_axes
 

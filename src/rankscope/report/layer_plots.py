@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .format import seeds_text
 from .layers import DiagPanel
 from .plotstyle import (

@@ -1,6 +1,6 @@
 """Gather one or more study folders into one in-memory study: run inventory, scalars and probes.
 
-Reads only what `rankscope.store` wrote; never imports torch. Runs are loaded one folder at a time
+Reads only what `rankscope.storage.store` wrote; never imports torch. Runs are loaded one folder at a time
 (rather than with one `load_scalars(study_dir)` call) so that every row keeps track of where it
 came from: whether its run finished, its resolved config, and which of several merged study
 folders it lives in. A damaged table (anything but a torn last line) stops the load with one line
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..contrasts import Contrast, derive
 from ..errors import RankscopeError
-from ..locks import live_holder
-from ..store import (
+from ..settings.contrasts import Contrast, derive
+from ..storage.locks import live_holder
+from ..storage.store import (
     DONE,
     PROBE_COLUMNS,
     PROBES,
@@ -87,7 +87,7 @@ class StudyData:
     @property
     def contrasts(self) -> list[Contrast]:
         """The (treatment, control) pairs the study compares first: as its study.json lists them,
-        else derived from the runs' settings (`rankscope.contrasts`); only pairs of arms that ran."""
+        else derived from the runs' settings (`rankscope.settings.contrasts`); only pairs of arms that ran."""
         arms = self.arms
         have = {r.arm for r in self.runs}
         for s in self.studies:
@@ -234,7 +234,7 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
 
 
 def _status(rd: Path) -> tuple[str, str | None]:
-    """(status, message) of a run folder from its done.json: `rankscope.study` writes
+    """(status, message) of a run folder from its done.json: `rankscope.run.study` writes
     ``{"status": "diverged", "message": ...}`` there for a run whose loss became NaN or infinite;
     a normal finish writes the run's summary (no status, or any other status)."""
     if not is_done(rd):

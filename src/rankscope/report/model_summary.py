@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 
 TOP = 3  # layers and heads listed as most and least collapsed
 

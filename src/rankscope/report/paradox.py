@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .doc import Block, Para, Table, md_escape, to_markdown
 from .format import bare_p, decimals_for, describe, fmt_interval, fmt_mean_ci, resolving_decimals, signed, text_table
 from .quantities import VAL_LOSS, probe_quantity

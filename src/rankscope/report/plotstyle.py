@@ -32,11 +32,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter, MaxNLocator
 
-from .. import fsio
+from ..storage import fsio
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-from ..units import fmt_count_ticks
+from ..settings.units import fmt_count_ticks
 from .doc import DISPLAY_DPI
 
 DPI = 2 * DISPLAY_DPI  # pixels per figure inch in the PNG: two per displayed CSS pixel

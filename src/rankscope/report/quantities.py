@@ -2,7 +2,7 @@
 better, and the chance or floor level a quantity starts from (`chance_level`, and `still_at_chance`:
 has it left that level?). A registry only; `series.py` reads their values from the store's tables.
 
-Site and metric names come from `rankscope.vocab` and `rankscope.metrics`; a probe quantity is
+Site and metric names come from `rankscope.settings.vocab` and `rankscope.measure.metrics`; a probe quantity is
 keyed ``"<site>:<metric>"`` (``"k:pr_sv"``: the seed's mean key PR), a scalar one by its column.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import SPECTRUM, metric_label
-from ..vocab import site_description, site_label
+from ..measure.metrics import SPECTRUM, metric_label
+from ..settings.vocab import site_description, site_label
 
 
 @dataclass(frozen=True)

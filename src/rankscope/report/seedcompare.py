@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..config import MUON_PARTITION, muon_partition
-from ..seedref import SEED_FIGURES_NOTE
-from ..units import fmt_count
+from ..settings.config import MUON_PARTITION, muon_partition
+from ..settings.seedref import SEED_FIGURES_NOTE
+from ..settings.units import fmt_count
 from .doc import md_escape
 from .format import seeds_text
 from .load import StudyData

@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from ..vocab import SITE_ORDER
+from ..settings.vocab import SITE_ORDER
 from .quantities import (
     DOWNSTREAM,
     INDUCTION,

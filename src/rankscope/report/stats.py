@@ -3,7 +3,7 @@ numpy/scipy on plain numbers; no frames, files, plots or formatting (`format.py`
 
 Why these choices:
 
-* A run's seed fixes its initial weights and its batch order for every arm (see `rankscope.train`),
+* A run's seed fixes its initial weights and its batch order for every arm (see `rankscope.run.train`),
   so two arms' runs with the same seed are a matched pair. Differencing within a seed removes the
   seed-to-seed variation the arms share, which is why a paired t interval on the per-seed
   differences is the primary comparison (Student 1908; any textbook's "paired t-test"). A Welch

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..flat import flatten
-from ..seedref import SEED_DATA, differences, reference_for, show_value
-from ..units import fmt_count
+from ..settings.flat import flatten
+from ..settings.seedref import SEED_DATA, differences, reference_for, show_value
+from ..settings.units import fmt_count
 from .doc import Table, code, md_escape
 from .load import Run, StudyData
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .doc import md_escape
 from .format import decimals_for, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
 from .kv_headroom import SHOWN_SITES

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
 
-from ..units import fmt_count
+from ..settings.units import fmt_count
 from .curves import tokens_axis
 from .doc import Block, Para, Table, md_escape
 from .format import MINUS, decimals_for, fmt_mean_ci, resolving_decimals, signed

@@ -10,7 +10,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from ...units import fmt_count, parse_count
+from ...settings.units import fmt_count, parse_count
 from .pipeline import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_TOKENS, prepare_output
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import RankscopeError
-from ...fsio import TEMP_NAME, write_json
-from ...locks import FileLock, LockHeld
+from ...storage.fsio import TEMP_NAME, write_json
+from ...storage.locks import FileLock, LockHeld
 from ..errors import DataError
 from ..format import META_FILE
 from ..messages import log, one_line
@@ -60,7 +60,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` so two prepares never write the same output. The lock
-    (``rankscope.locks``) dies with its process, so a killed prepare leaves the folder resumable."""
+    (``rankscope.storage.locks``) dies with its process, so a killed prepare leaves the folder resumable."""
     lock = FileLock(folder / LOCK_FILE, "rankscope data prepare")
     try:
         lock.acquire()

@@ -26,8 +26,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from ...fsio import write_json, write_text
-from ...units import fmt_count
+from ...settings.units import fmt_count
+from ...storage.fsio import write_json, write_text
 from ..errors import DataError
 from ..format import MAX_SHARD_TOKENS, MAX_VOCAB, META_FILE, PREPARE_FORMAT, SHARD_FORMAT, STATE_FILE, TOKENIZER_FILE
 from ..messages import log

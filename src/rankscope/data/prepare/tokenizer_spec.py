@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from ...units import parse_count
+from ...settings.units import parse_count
 from ..errors import DataError
 from ..format import MAX_VOCAB, TOKENIZER_FILE
 from ..messages import log, one_line

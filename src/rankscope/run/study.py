@@ -21,7 +21,7 @@ A study file::
                                            # (treatment, control) the study exists for
 
 Without `contrasts`, the pairs of arms that differ in exactly one setting are the contrasts (see
-`rankscope.contrasts`). The report, the summary and the terminal lead with them, in this order.
+`rankscope.settings.contrasts`). The report, the summary and the terminal lead with them, in this order.
 
 Settings apply in order: preset, study settings, the arm's overrides, then the command line.
 Re-running a study skips its finished runs and redoes unfinished ones from the start.
@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import store
-from .config import RunConfig, apply_overrides, preset, setting_value
-from .contrasts import Contrast, derive
-from .contrasts import check as check_contrasts
-from .errors import ConfigError, RankscopeError
-from .flat import flatten
-from .locks import LockHeld
-from .rules import show_value
+from ..errors import ConfigError, RankscopeError
+from ..settings.config import RunConfig, apply_overrides, preset, setting_value
+from ..settings.contrasts import Contrast, derive
+from ..settings.contrasts import check as check_contrasts
+from ..settings.flat import flatten
+from ..settings.rules import show_value
+from ..storage import store
+from ..storage.locks import LockHeld
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -269,7 +269,7 @@ def vocab_from_data(study: Study, overrides: Mapping[str, Any]) -> tuple[dict[st
     and nobody set it (in the study's settings, an arm or `overrides`; a preset's value is not a
     choice about this data), and a phrase for the data line saying so; else unchanged and None.
     A size set explicitly stays as set: load_data refuses one too small for the shards' ids."""
-    from .data.loader import shard_vocab_size
+    from ..data.loader import shard_vocab_size
 
     given = [study.settings, overrides, *study.arms.values()]
     if any("model.vocab_size" in g for g in given):
@@ -372,9 +372,9 @@ def run_study(
     other's slice. Under torchrun every rank walks the same list; rank 0 alone locks, decides what
     to run and writes, and the other ranks follow its decisions.
     """
+    from ..data import load_data
     from . import checkpoint
     from . import dist as rdist
-    from .data import load_data
     from .train import RunDiverged, train
 
     world = rdist.world()

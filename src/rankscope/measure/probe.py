@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import logit_chunks
-from .errors import RankscopeError
+from ..core.attention import logit_chunks
+from ..errors import RankscopeError
+from ..settings.vocab import LAYER_WIDE
 from .metrics import EIG_PATHS, METRICS, metrics_from_gram
-from .vocab import LAYER_WIDE
 
 
 @dataclass(frozen=True)

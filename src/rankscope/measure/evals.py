@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import logit_chunks
+from ..core.attention import logit_chunks
+from ..core.model import GPT, Tap
+from ..settings.vocab import LAYER_WIDE
 from .metrics import eigh_batched, metrics_from_gram, singular_value_metrics, to_host
-from .model import GPT, Tap
 from .probe import Site, SiteCalls, _matching, gpt_sites, pair_qk
-from .vocab import LAYER_WIDE
 
 Row = dict[str, Any]
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)

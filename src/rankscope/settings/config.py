@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, Literal
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .rules import Distinct, Match, Range, show_value
 from .units import parse_count
 from .vocab import ProbeSite

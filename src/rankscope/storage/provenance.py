@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from .. import __version__
 
 # Frameworks whose version matters when rankscope probes their models or runs in their loops.
 _FRAMEWORKS = ("transformers", "lightning", "transformer_lens")

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .flat import flatten
 from .rules import show_value
 

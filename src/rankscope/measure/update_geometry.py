@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..settings.vocab import LAYER_WIDE
 from .metrics import singular_value_metrics
-from .vocab import LAYER_WIDE
 
 Row = dict[str, Any]
 SITE = "dw_k"
@@ -114,7 +114,7 @@ def _share(energy: Sequence[float], part: str) -> float:
 
 def k_part(optim: Any) -> str | None:
     """The letters of K's Muon part for an `OptimConfig`, or None when Muon does not train K."""
-    from .config import muon_partition
+    from ..settings.config import muon_partition
 
     if optim.name != "muon":
         return None

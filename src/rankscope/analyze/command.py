@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .analyze_inputs import first_line, load_model
-from .errors import RankscopeError
-from .units import fmt_count
-from .vocab import PROBE_SITES
+from ..errors import RankscopeError
+from ..settings.units import fmt_count
+from ..settings.vocab import PROBE_SITES
+from .inputs import first_line, load_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,12 +92,12 @@ def analyze(
     progress bar on stderr with `progress`."""
     import torch
 
-    from .attach import Probe
-    from .fsio import write_text
-    from .provenance import environment, now
-    from .report.heatmaps import plot_head_heatmap
-    from .report.model_summary import key_pr_grid, key_pr_summary, keys_word
-    from .store import PROBE_COLUMNS, TableWriter, write_json
+    from ..attach import Probe
+    from ..report.heatmaps import plot_head_heatmap
+    from ..report.model_summary import key_pr_grid, key_pr_summary, keys_word
+    from ..storage.fsio import write_text
+    from ..storage.provenance import environment, now
+    from ..storage.store import PROBE_COLUMNS, TableWriter, write_json
 
     for s in sites:
         if s not in PROBE_SITES:
@@ -182,7 +182,7 @@ def analyze(
     for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it
         (out_dir / stale).unlink(missing_ok=True)
     if kv_headroom != "off":  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
-        from .headroom import write_headroom
+        from ..measure.headroom import write_headroom
 
         section, kv_plot = write_headroom(model, ids, out_dir, base, progress=progress, mode=kv_headroom)
         summary += section
@@ -244,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_series_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of a checkpoint series (`rankscope.analyze_series`)."""
+    """The arguments of a checkpoint series (`rankscope.analyze.series`)."""
     group = parser.add_argument_group("checkpoint series (written as a study folder for rankscope report)")
     group.add_argument(
         "--series",
@@ -280,7 +280,7 @@ def _is_series(args: argparse.Namespace) -> bool:
         return True
     if getattr(args, "steps", None) or getattr(args, "max_checkpoints", None) is not None:
         return True  # choosing checkpoints asks for a series
-    from .analyze_series import is_checkpoint_folder
+    from .series import is_checkpoint_folder
 
     return is_checkpoint_folder(Path(args.path))
 
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     """`rankscope analyze`: print the summary and where everything went."""
     sites = tuple(s.strip() for s in str(args.sites).split(",") if s.strip())
     if _is_series(args):
-        from . import analyze_series
+        from . import series as analyze_series
 
         return analyze_series.run(args, sites or ("k",))
     result = analyze(

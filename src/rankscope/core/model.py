@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ..settings.config import ModelConfig  # the model's settings live with the others, torch-free
 from .attention import logit_chunks
-from .config import ModelConfig  # the model's settings live with the others, torch-free
 
 
 class Tap(nn.Identity):

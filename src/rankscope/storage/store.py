@@ -30,8 +30,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import RankscopeError
 from . import fsio
-from .errors import RankscopeError
 from .locks import FileLock
 
 SCALAR_COLUMNS = (

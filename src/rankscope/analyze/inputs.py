@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RankscopeError, first_line
+from ..errors import RankscopeError, first_line
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LoadedModel:
 
 
 def load_model(path: Path) -> LoadedModel:
-    from . import checkpoint
+    from ..run import checkpoint
 
     if not path.exists():
         raise RankscopeError(f"{path}: no such file or folder")
@@ -77,10 +77,10 @@ def load_revision(repo: str, revision: str) -> LoadedModel:
 def _load_rankscope(run: Path, ckpt: Path | None) -> LoadedModel:
     import torch
 
-    from . import checkpoint
-    from .config import RunConfig, from_dict
-    from .model import GPT
-    from .store import read_json
+    from ..core.model import GPT
+    from ..run import checkpoint
+    from ..settings.config import RunConfig, from_dict
+    from ..storage.store import read_json
 
     where = ckpt or run
     config = run / "config.json"
@@ -136,7 +136,7 @@ def _load_rankscope(run: Path, ckpt: Path | None) -> LoadedModel:
 
 
 def _is_shards(p: Path) -> bool:
-    from .data.loader import SHARD_SUFFIX
+    from ..data.loader import SHARD_SUFFIX
 
     if p.is_file():
         return p.suffix.lower() == SHARD_SUFFIX
@@ -144,7 +144,7 @@ def _is_shards(p: Path) -> bool:
 
 
 def _text_documents(p: Path) -> list[str]:
-    from .data import corpus
+    from ..data import corpus
 
     files = corpus.text_source_files(p)
     if not files:
@@ -155,8 +155,8 @@ def _text_documents(p: Path) -> list[str]:
 def _shard_batch(p: Path, vocab_size: int | None, batch_size: int, seq_len: int) -> tuple[Any, str]:
     """Windows of token shards given with --data: the files whose name says `val` when there are
     any (a training folder's held-out part), else every file; evenly spaced as `fixed_batches` does."""
-    from .data import fixed_batches, read_shard
-    from .data.loader import SHARD_SUFFIX
+    from ..data import fixed_batches, read_shard
+    from ..data.loader import SHARD_SUFFIX
 
     files = [p] if p.is_file() else sorted(q for q in p.iterdir() if q.suffix.lower() == SHARD_SUFFIX and q.is_file())
     val = [q for q in files if "val" in q.name]
@@ -171,8 +171,8 @@ def _shard_batch(p: Path, vocab_size: int | None, batch_size: int, seq_len: int)
 
 
 def _rankscope_batch(cfg: Any, data: str | None, batch_size: int | None, seq_len: int | None) -> tuple[Any, str]:
-    from .attach import token_batches
-    from .data import fixed_batches, load_data
+    from ..attach import token_batches
+    from ..data import fixed_batches, load_data
 
     bs = batch_size or cfg.probe.batch_size
     T = seq_len or cfg.train.seq_len
@@ -258,8 +258,8 @@ def _load_hf(path: Path, revision: str | None = None) -> LoadedModel:
         rows = vocab
 
     def batch(data: str | None, batch_size: int | None, seq_len: int | None) -> tuple[Any, str]:
-        from .attach import token_batches
-        from .data import corpora
+        from ..attach import token_batches
+        from ..data import corpora
 
         bs = batch_size or 8
         T = seq_len or min(256, max_pos or 256)

@@ -8,7 +8,7 @@ found without --series too), or, with `--hub-revisions`, a hub repository whose 
 
 One batch for all: built once from the first checkpoint (its data and tokenizer); checkpoints that
 disagree on the vocabulary size are refused before anything is written. The output is
-`<out>/<name>/seed-<k>/` in the store's format (`rankscope.store`): config.json, scalars.csv (a row
+`<out>/<name>/seed-<k>/` in the store's format (`rankscope.storage.store`): config.json, scalars.csv (a row
 per checkpoint: step, tokens, `val_loss` = next-token loss on the fixed batch, and for rankscope
 models the induction loss), probes.csv (the probe's rows per checkpoint, plus per-head induction
 and previous-token scores for rankscope models, as training logs them), series.json (what was
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .analyze_inputs import LoadedModel, first_line, load_checkpoint, load_revision
-from .errors import RankscopeError
+from ..errors import RankscopeError
+from .inputs import LoadedModel, first_line, load_checkpoint, load_revision
 
 SERIES = "series.json"
 _STEP_NAME = re.compile(r"(?:global_step|step|checkpoint)[-_]?(\d+)", re.I)
@@ -105,7 +105,7 @@ def _rankscope_checkpoints(run: Path) -> list[Checkpoint]:
 
 
 def _hf_checkpoints(folder: Path) -> list[Checkpoint]:
-    from .analyze_inputs import load_model
+    from .inputs import load_model
 
     out = []
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -218,7 +218,7 @@ def _loss(model: Any, ids: Any) -> float:
     """Mean next-token cross-entropy on the fixed batch (one extra forward pass)."""
     import torch
 
-    from .evals import token_losses
+    from ..measure.evals import token_losses
 
     with torch.no_grad():
         out = model(ids)
@@ -233,8 +233,8 @@ def _induction(loaded: LoadedModel, device: Any) -> tuple[Any, int] | None:
     cfg = loaded.config
     if cfg is None or not (cfg.probe.enabled and cfg.probe.downstream):
         return None
-    from .data import load_data
-    from .evals import induction_batch
+    from ..data import load_data
+    from ..measure.evals import induction_batch
 
     half = cfg.train.seq_len // 2
     try:
@@ -247,7 +247,7 @@ def _induction(loaded: LoadedModel, device: Any) -> tuple[Any, int] | None:
 def _measured_steps(run: Path) -> set[int]:
     """Steps present in both tables; rows of any other step (a checkpoint a killed run left half
     written) are dropped from the tables so that it is measured again."""
-    from . import fsio, store
+    from ..storage import fsio, store
 
     tables = {n: run / n for n in (store.SCALARS, store.PROBES)}
     there = [p.exists() for p in tables.values()]
@@ -269,7 +269,7 @@ def _measured_steps(run: Path) -> set[int]:
 
 
 def _study_json(out: Path, name: str, seed: int) -> None:
-    from .store import read_json, write_json
+    from ..storage.store import read_json, write_json
 
     study = read_json(out / "study.json") if (out / "study.json").exists() else {}
     order = [a for a in study.get("arm_order") or [] if a != name] + [name]
@@ -306,10 +306,10 @@ def analyze_series(
     import torch
     from tqdm.auto import tqdm
 
-    from .attach import Probe
-    from .provenance import environment, now
-    from .store import DONE, PROBE_COLUMNS, PROBES, SCALAR_COLUMNS, SCALARS, TableWriter, read_json, write_json
-    from .vocab import PROBE_SITES
+    from ..attach import Probe
+    from ..settings.vocab import PROBE_SITES
+    from ..storage.provenance import environment, now
+    from ..storage.store import DONE, PROBE_COLUMNS, PROBES, SCALAR_COLUMNS, SCALARS, TableWriter, read_json, write_json
 
     for s in sites:
         if s not in PROBE_SITES:
@@ -401,7 +401,7 @@ def analyze_series(
             rows = table.to_dict("records")
             row["val_loss"] = _loss(model, ids)
             if induction is not None:
-                from .evals import gpt_induction_scores
+                from ..measure.evals import gpt_induction_scores
 
                 row["induction_loss"], extra = gpt_induction_scores(model, induction[1]).measure_with_loss(induction[0])
                 rows += extra

@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from . import fsio
-from .errors import RankscopeError
+from ..errors import RankscopeError
+from ..storage import fsio
 
 FOLDER = "checkpoints"
 # What differs between ranks, so each rank's share carries its own: its part of Muon's state, its
@@ -293,7 +293,7 @@ def shape_settings(cfg: Any) -> dict[str, Any]:
 @dataclass
 class Run:
     """What a checkpoint must match to resume a run: its shape settings and process count, its
-    model's tensors (`state_dict()`), its optimizers (`rankscope.optim.Optimizers`), its loss sums
+    model's tensors (`state_dict()`), its optimizers (`rankscope.core.optim.Optimizers`), its loss sums
     and timers, and the device whose RNG a CUDA run restores."""
 
     settings: dict[str, Any]

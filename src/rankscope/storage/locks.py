@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from .errors import RankscopeError
+from ..errors import RankscopeError
 
 # errno values that mean "someone holds it", as opposed to "this file system cannot lock".
 _HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}

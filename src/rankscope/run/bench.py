@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import PRESETS
+from ..settings.config import PRESETS
 
 if TYPE_CHECKING:
     import torch
@@ -114,8 +114,8 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compi
 
     import torch
 
-    from .model import GPT, mixed_precision, qk_clip
-    from .optim import build_optimizers, optimizer_step
+    from ..core.model import GPT, mixed_precision, qk_clip
+    from ..core.optim import build_optimizers, optimizer_step
 
     use_cuda = device.type == "cuda"
     model = GPT(cfg.model)
@@ -156,12 +156,12 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compi
 def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progress: bool) -> dict:
     import torch
 
+    from ..data import load_data
+    from ..settings.config import apply_overrides
+    from ..settings.config import preset as get_preset
+    from ..storage.provenance import cpu_info
+    from ..storage.store import load_scalars, read_json
     from .cadence import eval_steps
-    from .config import apply_overrides
-    from .config import preset as get_preset
-    from .data import load_data
-    from .provenance import cpu_info
-    from .store import load_scalars, read_json
     from .train import compiles, resolve_device, train
 
     cfg = apply_overrides(get_preset(preset), overrides)
@@ -237,7 +237,7 @@ def format_result(r: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
 
-    from .provenance import describe_cpu
+    from ..storage.provenance import describe_cpu
 
     parts = r["step_parts_s"]
     step = sum(parts.values())
@@ -283,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import parse_set, setting_value
+    from ..settings.config import parse_set, setting_value
 
     # the budget to time follows train.tokens' rule (a count from 1 up), so 0, -5 and abc are refused
     tokens = setting_value("--tokens", "train.tokens", args.tokens) if args.tokens is not None else None

@@ -29,23 +29,23 @@ from typing import Any
 
 import torch
 
+from ..core.model import GPT, mixed_precision, qk_clip
+from ..core.optim import build_optimizers, lr_scale, optimizer_step
+from ..data import BatchSampler, TokenData, fixed_batches, load_data
+from ..errors import Interrupted, RankscopeError, first_line
+from ..integrations.sinks import evaluation_summary, open_sinks
+from ..measure.evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
+from ..measure.headroom import kv_headroom
+from ..measure.probe import gpt_probe
+from ..measure.update_geometry import UpdateGeometry, k_part
+from ..settings.config import RunConfig
+from ..storage.provenance import environment, now
+from ..storage.store import RunStore, last_eval_from_tables, truncate_after, write_json
 from . import checkpoint
 from . import dist as rdist
 from .cadence import eval_steps, schedule
-from .config import RunConfig
-from .data import BatchSampler, TokenData, fixed_batches, load_data
-from .errors import Interrupted, RankscopeError, first_line
-from .evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
-from .headroom import kv_headroom
-from .integrations.sinks import evaluation_summary, open_sinks
-from .model import GPT, mixed_precision, qk_clip
-from .optim import build_optimizers, lr_scale, optimizer_step
-from .probe import gpt_probe
 from .progress import RunBar, StudyProgress
-from .provenance import environment, now
 from .stopping import StopRequest
-from .store import RunStore, last_eval_from_tables, truncate_after, write_json
-from .update_geometry import UpdateGeometry, k_part
 
 
 class RunDiverged(RankscopeError):
@@ -72,7 +72,7 @@ def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
 
 
 def provenance(cfg: RunConfig, device: torch.device, world: rdist.World) -> dict[str, Any]:
-    """Where and with what a run was made (see `rankscope.provenance`), plus its world size and seed."""
+    """Where and with what a run was made (see `rankscope.storage.provenance`), plus its world size and seed."""
     return {**environment(device), "world_size": world.size, "seed": cfg.seed, "started": now()}
 
 
@@ -186,7 +186,7 @@ def train(
 ) -> dict[str, Any]:
     """Train one run into `out_dir` (resuming from its newest checkpoint) and return its summary.
     `study_progress`: the study this run belongs to, for the progress bar's "time left" of the
-    whole study (`rankscope.progress`)."""
+    whole study (`rankscope.run.progress`)."""
     # --- setup: processes, device, model, optimizers -------------------------------------------
     tc = cfg.train
     world = rdist.world()

@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RankscopeError
+from ..core.model import Tap
+from ..errors import RankscopeError
 from .evals import _exact, _no_autocast, all_layer_grams, rank_ladder
 from .metrics import eigh_batched
-from .model import Tap
 from .probe import Site, _matching
 
 TAP = Site("tap", "")  # a rankscope tap's output: the keys themselves, (B, T, G, E)
@@ -309,7 +309,7 @@ def model_kv_headroom(
     sites: among `kv_sites(attachment)` (default: all of them); without RoPE 'k' is 'k_pre',
     measured once. progress(done, total): after each projected pass. The model's modes and the
     random number generators are restored; its weights are never touched."""
-    from .attach import detect
+    from ..attach import detect
 
     att = attachment if attachment is not None else detect(model)
     possible = kv_sites(att)
@@ -415,11 +415,11 @@ def write_headroom(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .attach import detect
-    from .model import GPT
-    from .report.kv_headroom import PLOT, analyze_markdown, headroom_frame, headroom_table, plot_kv_headroom
-    from .report.plotstyle import arm_colors
-    from .store import PROBE_COLUMNS, TableWriter
+    from ..attach import detect
+    from ..core.model import GPT
+    from ..report.kv_headroom import PLOT, analyze_markdown, headroom_frame, headroom_table, plot_kv_headroom
+    from ..report.plotstyle import arm_colors
+    from ..storage.store import PROBE_COLUMNS, TableWriter
 
     att = detect(model)
     if not isinstance(model, GPT) and not kv_sites(att):
@@ -432,7 +432,7 @@ def write_headroom(
             passes = max_passes(att, len(rank_ladder(att.head_dim)))
             estimate = passes * _timed_loss(att, x, y)
             if estimate > AUTO_BUDGET_S:
-                from .progress import fmt_duration
+                from ..run.progress import fmt_duration
 
                 return (
                     f"\n## KV-cache headroom\n\nNot measured: on this device it would take about "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OptimConfig, muon_partition
+from ..settings.config import OptimConfig, muon_partition
 
 # Torch's fixed quintic (Jordan et al. 2024, "Muon"): the coefficients of torch.optim.Muon.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, RankscopeError, first_line
+from ..errors import ConfigError, RankscopeError, first_line
 
 
 @dataclass(frozen=True)
