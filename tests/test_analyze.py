@@ -125,7 +125,7 @@ def test_a_hugging_face_folder_on_the_default_corpus(hf_folder):
 
 
 def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, tmp_path):
-    from rankscope.analyze import HEADROOM, HEADROOM_PLOT
+    from rankscope.analyze.command import HEADROOM, HEADROOM_PLOT
     from rankscope.measure.headroom import HEADROOM_TABLE
     from rankscope.report.kv_headroom import PLOT
 

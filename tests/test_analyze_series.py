@@ -16,8 +16,7 @@ import transformers
 from test_resume import config, shards
 
 from rankscope import analyze as analyze_cmd
-from rankscope.analyze import analyze
-from rankscope.analyze import series as series
+from rankscope.analyze import analyze, series
 from rankscope.errors import RankscopeError
 from rankscope.report import load_study, write_report
 from rankscope.run.train import train

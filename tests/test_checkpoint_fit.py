@@ -55,7 +55,7 @@ def copy_of(killed: Path, where: Path) -> Path:
 
 def rewrite(run: Path, name: str, change) -> None:
     """Load checkpoint `name` of `run`, apply `change(state)` and save it back."""
-    path = run / checkpoint.FOLDER / name
+    path = run / store.CHECKPOINTS / name
     state = torch.load(path, weights_only=True)
     change(state)
     torch.save(state, path)
@@ -110,10 +110,10 @@ def test_a_checkpoint_damaged_in_structure_is_set_aside_and_the_run_resumes_bitw
     capsys.readouterr()
     resume(run)  # from step 5
     err = capsys.readouterr().err
-    newest = run / checkpoint.FOLDER / NEWEST
+    newest = run / store.CHECKPOINTS / NEWEST
     assert err.count("\n") == 1 and err.startswith(f"rankscope: warning: checkpoint {newest} does not fit this run (")
     assert f"moved it to {NEWEST}.corrupt; resuming from step 5" in err
-    assert (run / checkpoint.FOLDER / f"{NEWEST}.corrupt").exists()  # kept, not deleted
+    assert (run / store.CHECKPOINTS / f"{NEWEST}.corrupt").exists()  # kept, not deleted
     assert_same_run(run, whole)
 
 
@@ -125,23 +125,23 @@ def test_no_checkpoint_that_fits_stops_with_one_line(tmp_path, killed):
         resume(run)
     text = str(e.value)
     assert e.value.exit_code == 2 and "\n" not in text and type(e.value) is RankscopeError
-    assert text.startswith(f"cannot use checkpoint {run / checkpoint.FOLDER / NEWEST} (the checkpoint lacks 'timers')")
+    assert text.startswith(f"cannot use checkpoint {run / store.CHECKPOINTS / NEWEST} (the checkpoint lacks 'timers')")
     assert ", nor any of the 1 older one(s); to start the run over, remove the run folder" in text
     assert checkpoint.steps(run) == [5, 10]  # nothing set aside when nothing could replace it
 
 
 def test_a_changed_setting_stops_naming_it_and_the_ways_out(tmp_path, killed):
     run = copy_of(killed, tmp_path)
-    before = sorted(p.name for p in (run / checkpoint.FOLDER).iterdir()), (run / "scalars.csv").read_bytes()
+    before = sorted(p.name for p in (run / store.CHECKPOINTS).iterdir()), (run / "scalars.csv").read_bytes()
     with pytest.raises(RankscopeError) as e:
         resume(run, **{"model.d_model": 96, "optim.muon_qkvo": "separate"})
     text = str(e.value)
     assert e.value.exit_code == 2 and "\n" not in text
-    assert text.startswith(f"checkpoint {run / checkpoint.FOLDER / NEWEST}: written with other settings: ")
+    assert text.startswith(f"checkpoint {run / store.CHECKPOINTS / NEWEST}: written with other settings: ")
     assert "model.d_model=64 (this run: 96)" in text and "optim.muon_qkvo='stacked' (this run: 'separate')" in text
     assert "rerun with those settings, or start afresh with a new --out" in text
     assert "model.n_layer" not in text  # only the settings that differ
-    after = sorted(p.name for p in (run / checkpoint.FOLDER).iterdir()), (run / "scalars.csv").read_bytes()
+    after = sorted(p.name for p in (run / store.CHECKPOINTS).iterdir()), (run / "scalars.csv").read_bytes()
     assert after == before  # nothing set aside, no rows dropped
 
 
@@ -273,7 +273,7 @@ def damage(state, path: tuple, how: str, pick: int) -> None:
 
 @pytest.fixture(scope="module")
 def paths(killed) -> list[tuple]:
-    return entries(torch.load(killed / checkpoint.FOLDER / NEWEST, weights_only=True))
+    return entries(torch.load(killed / store.CHECKPOINTS / NEWEST, weights_only=True))
 
 
 FUZZ = settings(

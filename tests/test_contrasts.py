@@ -21,7 +21,7 @@ from rankscope.report.stats import within_groups
 from rankscope.report.summary import summary_paragraphs
 from rankscope.run.study import BUILTIN, study_from_dict
 from rankscope.settings.contrasts import check, derive
-from rankscope.storage.store import read_json, write_json
+from rankscope.storage.store import read_json, write_record
 
 FOUR = {
     "qk-norm-muon": {"model.qk_norm": "learned", "optim.name": "muon"},
@@ -91,13 +91,13 @@ def _four_arm_study(root, declared: bool):
     if declared:
         study["arm_order"] = list(FOUR)
         study["contrasts"] = [list(c) for c in BUILTIN["qk-4way"].contrasts]
-    write_json(root / "study.json", study)
+    write_record(root / "study.json", study)
     for arm, settings in FOUR.items():  # the configs say what each arm is, as a real run's do
         for seed in (0, 1, 2):
             cfg_path = root / arm / f"seed-{seed}" / "config.json"
             cfg = read_json(cfg_path)
             cfg["model"]["qk_norm"], cfg["optim"]["name"] = settings["model.qk_norm"], settings["optim.name"]
-            write_json(cfg_path, cfg)
+            write_record(cfg_path, cfg)
     return root
 
 

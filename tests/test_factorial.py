@@ -13,7 +13,7 @@ from rankscope.report import write_report
 from rankscope.report.analysis import compute_numbers
 from rankscope.report.factorial import find_grid
 from rankscope.report.load import load_study
-from rankscope.storage.store import RunStore, run_dir, write_json
+from rankscope.storage.store import RunStore, run_dir, write_record
 
 QK = ("learned", "none")
 GROUPING = ("stacked", "separate", "per_head")
@@ -36,7 +36,7 @@ def loss(qk: str, grouping: str, seed: int) -> float:
 
 def make(root: Path) -> Path:
     arms = {f"{'qk-norm' if q == 'learned' else 'no-norm'}.{g}": (q, g) for q in QK for g in GROUPING}
-    write_json(
+    write_record(
         root / "study.json",
         {
             "name": "grid",
@@ -49,7 +49,7 @@ def make(root: Path) -> Path:
         for seed in SEEDS:
             rd = run_dir(root, arm, seed)
             store = RunStore(rd)
-            write_json(
+            write_record(
                 rd / "config.json",
                 {
                     "arm": arm,

@@ -63,7 +63,7 @@ def fill_disk_at(monkeypatch, name: str, room: int) -> None:
 def test_full_disk_during_a_checkpoint_write(tmp_path, whole, monkeypatch, room):
     run = tmp_path / "run"
     cfg = config(shards(tmp_path))
-    target = run / checkpoint.FOLDER / "step-000000010.pt"
+    target = run / store.CHECKPOINTS / "step-000000010.pt"
     with monkeypatch.context() as m:
         fill_disk_at(m, target.name, room)
         with pytest.raises(OSError) as e:

@@ -46,7 +46,7 @@ from rankscope.report.plotstyle import safe_names
 from rankscope.report.seedcompare import arm_kind, seed_reference
 from rankscope.report.series import INTERPOLATE, LATEST, NEAREST, runs_at, seed_values
 from rankscope.report.stats import PAIRED_CONSTANT, SINGLE, WELCH, holm, t_quantile
-from rankscope.storage.store import PROBE_COLUMNS, SCALAR_COLUMNS, RunStore, TableWriter, run_dir, write_json
+from rankscope.storage.store import PROBE_COLUMNS, SCALAR_COLUMNS, RunStore, TableWriter, run_dir, write_record
 
 LOSS_OFFSET = {"qk": 0.0, "none": 0.05, "frozen": 0.03}
 PR_BASE = {"qk": 10.0, "none": 20.0, "frozen": 15.0}
@@ -76,7 +76,7 @@ def make_study(
 ) -> Path:
     """A study folder; `arms` maps the arm name written on disk to its value family in LOSS/PR."""
     root.mkdir(parents=True, exist_ok=True)
-    write_json(
+    write_record(
         root / "study.json",
         {
             "name": name,
@@ -98,7 +98,7 @@ def add_run(
 ) -> Path:
     rd = run_dir(root, arm, seed)
     store = RunStore(rd)
-    write_json(
+    write_record(
         rd / "config.json",
         {
             "arm": arm,
@@ -160,7 +160,7 @@ def add_run(
     if diverge_at is not None:
         store.close()
         message = f"run {arm} seed {seed} diverged at {diverge_at:,} tokens: val_loss is nan"
-        write_json(rd / "done.json", {"status": "diverged", "arm": arm, "seed": seed, "message": message})
+        write_record(rd / "done.json", {"status": "diverged", "arm": arm, "seed": seed, "message": message})
     elif done:
         store.finish({"tokens": tokens[-1]})
     else:
@@ -640,7 +640,7 @@ def make_realistic_study(
     rng = np.random.default_rng(rng_seed)
     tokens = [0] + np.unique(np.geomspace(16_384, top, n_points).astype(np.int64)).tolist()
     root.mkdir(parents=True, exist_ok=True)
-    write_json(
+    write_record(
         root / "study.json",
         {
             "name": "report4-demo",
@@ -662,7 +662,7 @@ def make_realistic_study(
             own = np.random.default_rng(hash((arm, s)) % 2**32)
             rd = run_dir(root, arm, s)
             rd.mkdir(parents=True, exist_ok=True)
-            write_json(
+            write_record(
                 rd / "config.json",
                 {
                     "arm": arm,
@@ -781,7 +781,7 @@ def make_realistic_study(
                 pw.append(rows)
             sw.close()
             pw.close()
-            write_json(rd / "done.json", {"tokens": top})
+            write_record(rd / "done.json", {"tokens": top})
     return root
 
 

@@ -94,8 +94,8 @@ def assert_same_run(run: Path, whole: Path) -> None:
     assert metric_rows(run) == metric_rows(whole)
     assert checkpoint.steps(run) == checkpoint.steps(whole)
     last = checkpoint.steps(whole)[-1]
-    a = torch.load(whole / checkpoint.FOLDER / f"step-{last:09d}.pt", weights_only=True)
-    b = torch.load(run / checkpoint.FOLDER / f"step-{last:09d}.pt", weights_only=True)
+    a = torch.load(whole / store.CHECKPOINTS / f"step-{last:09d}.pt", weights_only=True)
+    b = torch.load(run / store.CHECKPOINTS / f"step-{last:09d}.pt", weights_only=True)
     for key in ("model", "optim", "rng_cpu", "loss_sum", "norm_sum", "last_eval"):
         assert same(a[key], b[key]), key
     assert final_values(run) == final_values(whole)
@@ -191,7 +191,7 @@ def test_run_resumed_at_its_last_step_keeps_its_final_values(tmp_path, whole):
     assert_same_run(run, whole)
 
     # a checkpoint from before checkpoints carried the last evaluation: read back from the tables
-    path = run / checkpoint.FOLDER / "step-000000016.pt"
+    path = run / store.CHECKPOINTS / "step-000000016.pt"
     state = torch.load(path, weights_only=True)
     del state["last_eval"]
     torch.save(state, path)
@@ -207,7 +207,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, whol
         kill_after_row(m, 12)
         with pytest.raises(Killed):
             train(cfg, run, progress=False, arm="a")
-    folder = run / checkpoint.FOLDER
+    folder = run / store.CHECKPOINTS
     assert checkpoint.steps(run) == [5, 10]
     newest = folder / "step-000000010.pt"
     data = newest.read_bytes()
@@ -236,7 +236,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tmp_path):
     train(cfg, run, progress=False, arm="a")
     (run / store.DONE).unlink()
     for step in checkpoint.steps(run):
-        (run / checkpoint.FOLDER / f"step-{step:09d}.pt").write_bytes(b"truncated")
+        (run / store.CHECKPOINTS / f"step-{step:09d}.pt").write_bytes(b"truncated")
     with pytest.raises(RankscopeError, match="cannot read checkpoint .*step-000000016.pt") as e:
         train(cfg, run, progress=False, arm="a")
     assert "\n" not in str(e.value) and ", nor any of the 1 older one(s); to start the run over" in str(e.value)
@@ -288,7 +288,7 @@ class Payload:
 
 
 def test_checkpoint_with_code_is_refused(tmp_path):
-    folder = tmp_path / "run" / checkpoint.FOLDER
+    folder = tmp_path / "run" / store.CHECKPOINTS
     folder.mkdir(parents=True)
     torch.save({"step": 3, "model": Payload()}, folder / "step-000000003.pt")
     with pytest.raises(RankscopeError, match="cannot read checkpoint"):
@@ -296,7 +296,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_truncated_checkpoint_is_refused_clearly(tmp_path):
-    folder = tmp_path / "run" / checkpoint.FOLDER
+    folder = tmp_path / "run" / store.CHECKPOINTS
     folder.mkdir(parents=True)
     torch.save({"step": 3, "w": torch.ones(1000)}, folder / "step-000000003.pt")
     data = (folder / "step-000000003.pt").read_bytes()

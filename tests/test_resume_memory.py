@@ -112,7 +112,7 @@ def test_a_finished_run_keeps_its_final_checkpoint_and_resumes(tmp_path, whole):
     run, cfg = tmp_path / "run", config(shards(tmp_path))  # checkpoints at 5, 10, 15, 16; keep 2
     train(cfg, run, progress=False, arm="a")
     assert store.is_done(run) and checkpoint.steps(run) == [16]
-    assert sorted(p.name for p in (run / checkpoint.FOLDER).iterdir()) == ["step-000000016.pt"]
+    assert sorted(p.name for p in (run / store.CHECKPOINTS).iterdir()) == ["step-000000016.pt"]
     done = final_values(run)
 
     train(cfg, run, progress=False, arm="a")  # run again although finished: reads the final checkpoint
@@ -129,9 +129,9 @@ def test_finishing_removes_the_rank_shares_of_older_checkpoints(tmp_path):
     for step in (5, 10):
         for rank in (1, 0):
             checkpoint.save(tmp_path, step, {"step": step, "model": {}, "optim": {}}, rank=rank, keep=2)
-    assert len(list((tmp_path / checkpoint.FOLDER).iterdir())) == 4
+    assert len(list((tmp_path / store.CHECKPOINTS).iterdir())) == 4
     checkpoint.finished(tmp_path, keep=2)
-    assert sorted(p.name for p in (tmp_path / checkpoint.FOLDER).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / store.CHECKPOINTS).iterdir()) == [
         "step-000000010.pt",
         "step-000000010.rank1.pt",
     ]

@@ -106,7 +106,7 @@ def test_second_ctrl_c_while_stopping_interrupts_the_checkpoint_write_safely(tmp
         with pytest.raises(KeyboardInterrupt):  # cli.main: one line, exit 130
             train(cfg, run, progress=False, arm="a")
     assert fired == ["first", "second"]
-    folder = run / checkpoint.FOLDER
+    folder = run / store.CHECKPOINTS
     assert sorted(p.name for p in folder.iterdir()) == ["step-000000005.pt"]  # no half-written step 6
     assert checkpoint.load(run)["step"] == 5
 
@@ -268,10 +268,10 @@ def test_under_torchrun_every_rank_stops_at_the_same_step_and_resumes_bitwise(tm
     assert proc.returncode != 0  # torchrun's own code for workers that stopped
     assert "rankscope: stopped by SIGTERM: run a seed 0 saved at step 6 of 16" in err, err[-3000:]
     run = tmp_path / "out" / "a" / "seed-0"
-    names = sorted(p.name for p in (run / checkpoint.FOLDER).iterdir())
+    names = sorted(p.name for p in (run / store.CHECKPOINTS).iterdir())
     assert names == [f"step-00000000{s}{r}.pt" for s in (5, 6) for r in ("", ".rank1")]
 
-    newest = run / checkpoint.FOLDER / "step-000000006.pt"
+    newest = run / store.CHECKPOINTS / "step-000000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     again = subprocess.run(
         [*torchrun, "-m", "rankscope", *args, *out], capture_output=True, text=True, timeout=300, env=env

@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import RankscopeError
 from ..settings.units import fmt_count
 from ..settings.vocab import PROBE_SITES
+from ..storage.store import PROBES
 from .inputs import first_line, load_model
 
 if TYPE_CHECKING:
     import pandas as pd
 
-HEATMAP, SUMMARY, TABLE, INFO = "key_pr_heatmap.png", "summary.md", "probes.csv", "analyze.json"
+HEATMAP, SUMMARY, INFO = "key_pr_heatmap.png", "summary.md", "analyze.json"
+TABLE = PROBES  # the same table as a run's, read by the same loader
 # headroom.HEADROOM_TABLE and report.kv_headroom.PLOT (this module imports neither at import time)
 HEADROOM, HEADROOM_PLOT = "kv_headroom.csv", "kv_headroom.png"
 
@@ -97,7 +99,7 @@ def analyze(
     from ..report.model_summary import key_pr_grid, key_pr_summary, keys_word
     from ..storage.fsio import write_text
     from ..storage.provenance import environment, now
-    from ..storage.store import PROBE_COLUMNS, TableWriter, write_json
+    from ..storage.store import PROBE_COLUMNS, TableWriter, write_record
 
     for s in sites:
         if s not in PROBE_SITES:
@@ -200,7 +202,7 @@ def analyze(
         **environment(torch.device(device)),
         "written": now(),
     }
-    write_json(out_dir / INFO, info)
+    write_record(out_dir / INFO, info)
     return AnalyzeResult(table, out_dir, summary, heatmap, info, kv_plot)
 
 

@@ -33,15 +33,16 @@ class LoadedModel:
 
 def load_model(path: Path) -> LoadedModel:
     from ..run import checkpoint
+    from ..storage.store import CHECKPOINTS, CONFIG
 
     if not path.exists():
         raise RankscopeError(f"{path}: no such file or folder")
     if path.is_file():
-        run = path.parent.parent if path.parent.name == checkpoint.FOLDER else path.parent
+        run = path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
         return _load_rankscope(run, path)
     if checkpoint.steps(path):
         return _load_rankscope(path, None)
-    config = path / "config.json"
+    config = path / CONFIG
     if config.is_file():
         try:
             raw = json.loads(config.read_text())
@@ -54,7 +55,7 @@ def load_model(path: Path) -> LoadedModel:
                 f"{path} is a rankscope run folder without checkpoints "
                 f"(they are written every train.checkpoint_every tokens and at the end)"
             )
-    if any(path.glob("*/seed-*/config.json")):
+    if any(path.glob(f"*/seed-*/{CONFIG}")):
         raise RankscopeError(
             f"{path} is a study folder; analyze one of its runs, e.g. {next(path.glob('*/seed-*')).as_posix()}"
         )
@@ -80,10 +81,10 @@ def _load_rankscope(run: Path, ckpt: Path | None) -> LoadedModel:
     from ..core.model import GPT
     from ..run import checkpoint
     from ..settings.config import RunConfig, from_dict
-    from ..storage.store import read_json
+    from ..storage.store import CONFIG, read_json
 
     where = ckpt or run
-    config = run / "config.json"
+    config = run / CONFIG
     if not config.is_file():
         raise RankscopeError(f"{where}: no config.json in the run folder {run}, so the model cannot be rebuilt")
     try:

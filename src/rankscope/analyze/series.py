@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RankscopeError
+from ..storage.store import CHECKPOINTS, CONFIG, STUDY, read_record
 from .inputs import LoadedModel, first_line, load_checkpoint, load_revision
 
 SERIES = "series.json"
@@ -77,27 +77,19 @@ def tokens_of(name: str) -> int | None:
     return None if m is None else int(float(m.group(1)) * _UNIT[m.group(2).upper()])
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def is_checkpoint_folder(path: Path) -> bool:
     """A folder (not itself a model) holding Hugging Face model folders."""
     return (
         path.is_dir()
-        and not (path / "config.json").exists()
-        and any("model_type" in _read_json(d / "config.json") for d in path.iterdir() if d.is_dir())
+        and not (path / CONFIG).exists()
+        and any("model_type" in read_record(d / CONFIG) for d in path.iterdir() if d.is_dir())
     )
 
 
 def _rankscope_checkpoints(run: Path) -> list[Checkpoint]:
-    vocab = (_read_json(run / "config.json").get("model") or {}).get("vocab_size")
+    vocab = (read_record(run / CONFIG).get("model") or {}).get("vocab_size")
     out = []
-    for f in sorted((run / "checkpoints").glob("step-*.pt")):
+    for f in sorted((run / CHECKPOINTS).glob("step-*.pt")):
         m = re.fullmatch(r"step-(\d+)\.pt", f.name)  # not a rank's share (step-*.rank1.pt)
         if m:
             out.append(Checkpoint(int(m.group(1)), f.name, lambda f=f: load_checkpoint(run, f), vocab_size=vocab))
@@ -109,10 +101,10 @@ def _hf_checkpoints(folder: Path) -> list[Checkpoint]:
 
     out = []
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        config = _read_json(d / "config.json")
+        config = read_record(d / CONFIG)
         if "model_type" not in config:
             continue
-        state = _read_json(d / "trainer_state.json")
+        state = read_record(d / "trainer_state.json")
         step = state.get("global_step") if isinstance(state.get("global_step"), int) else step_of(d.name)
         if step is None:
             raise RankscopeError(f"{d}: cannot tell its step (no trainer_state.json, no step number in its name)")
@@ -178,8 +170,8 @@ def find_series(path: str, hub: bool = False) -> tuple[list[Checkpoint], str, in
     p = Path(path)
     if not p.is_dir():
         raise RankscopeError(f"{p}: no such folder (--series takes a run folder or a folder of checkpoint folders)")
-    if (p / "checkpoints").is_dir():
-        raw = _read_json(p / "config.json")
+    if (p / CHECKPOINTS).is_dir():
+        raw = read_record(p / CONFIG)
         name, seed = str(raw.get("arm") or p.parent.name), int(raw.get("seed") or 0)
         study = p.parent.parent if re.fullmatch(r"seed-\d+", p.name) else p
         found = _rankscope_checkpoints(p)
@@ -188,7 +180,7 @@ def find_series(path: str, hub: bool = False) -> tuple[list[Checkpoint], str, in
         return found, name, seed, study.parent / f"{study.name}-series"
     if is_checkpoint_folder(p):
         return _hf_checkpoints(p), p.resolve().name, 0, p.parent / f"{p.resolve().name}-series"
-    if "model_type" in _read_json(p / "config.json"):
+    if "model_type" in read_record(p / CONFIG):
         raise RankscopeError(f"{p} is one Hugging Face model; a series is a folder of checkpoint folders")
     raise RankscopeError(
         f"{p} is neither a rankscope run folder (checkpoints/) nor a folder of Hugging Face checkpoints"
@@ -269,12 +261,12 @@ def _measured_steps(run: Path) -> set[int]:
 
 
 def _study_json(out: Path, name: str, seed: int) -> None:
-    from ..storage.store import read_json, write_json
+    from ..storage.store import read_json, write_record
 
-    study = read_json(out / "study.json") if (out / "study.json").exists() else {}
+    study = read_json(out / STUDY) if (out / STUDY).exists() else {}
     order = [a for a in study.get("arm_order") or [] if a != name] + [name]
-    write_json(
-        out / "study.json",
+    write_record(
+        out / STUDY,
         {
             **study,
             "name": study.get("name") or out.name,
@@ -309,7 +301,17 @@ def analyze_series(
     from ..attach import Probe
     from ..settings.vocab import PROBE_SITES
     from ..storage.provenance import environment, now
-    from ..storage.store import DONE, PROBE_COLUMNS, PROBES, SCALAR_COLUMNS, SCALARS, TableWriter, read_json, write_json
+    from ..storage.store import (
+        DONE,
+        PROBE_COLUMNS,
+        PROBES,
+        SCALAR_COLUMNS,
+        SCALARS,
+        TableWriter,
+        read_json,
+        write_record,
+        write_start,
+    )
 
     for s in sites:
         if s not in PROBE_SITES:
@@ -349,14 +351,15 @@ def analyze_series(
     att = Probe(first.model, ["k"]).attachment
     assert att is not None
     if first.config is not None:
-        config = {**_read_json(Path(first.source).parent.parent / "config.json"), "arm": name, "seed": seed}
+        config = {**read_record(Path(first.source).parent.parent / CONFIG), "arm": name, "seed": seed}
         measured_sites = ["k"] + [s for s in sites if s != "k"]  # what this series measured, on which batch
         config["probe"] = {**(config.get("probe") or {}), "sites": measured_sites, "batch_size": int(ids.shape[0])}
     else:
         config = {"arm": name, "seed": seed, "model": {**att.config(), "vocab_size": first.vocab_size}}
     config["source"] = str(path)
-    write_json(run / "config.json", config)
-    write_json(
+    provenance = {**environment(torch.device(device)), "arm": name, "seed": seed, "started": now()}
+    write_start(run, config, provenance)
+    write_record(
         run / SERIES,
         {
             "source": str(path),
@@ -412,7 +415,7 @@ def analyze_series(
     finally:
         scalars.close()
         probes.close()
-    write_json(run / DONE, {"status": "done", "kind": "analyze-series", "checkpoints": len(done) + len(measured)})
+    write_record(run / DONE, {"status": "done", "kind": "analyze-series", "checkpoints": len(done) + len(measured)})
     return SeriesResult(study, run, measured, skipped)
 
 

@@ -36,9 +36,8 @@ from torch import nn
 
 from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
-from ..storage import fsio
 from ..storage.provenance import environment, now
-from ..storage.store import RunStore, is_done, run_dir
+from ..storage.store import RunStore, is_done, run_dir, write_start
 from .options import ProbeOptions
 from .sinks import TensorBoardSink, WandbSink, installed, summarize
 
@@ -125,9 +124,8 @@ class ProbeLogger:
         att = self.probe.attachment
         model = {**(att.config() if att is not None else {}), **dict(user.get("model") or {})}
         shapes = [list(b.shape) for b in self.batches]
-        # the JSON layout of the store's own files: sorted keys, anything else as its str()
-        fsio.write_json(
-            self.path / "config.json",
+        write_start(
+            self.path,
             {
                 **dict(user),
                 "arm": self.arm,
@@ -142,11 +140,6 @@ class ProbeLogger:
                 },
                 "source": "rankscope.integrations.ProbeLogger",
             },
-            sort_keys=True,
-            default=str,
-        )
-        fsio.write_json(
-            self.path / "provenance.json",
             {
                 **environment(device_of(self.model)),
                 "arm": self.arm,
@@ -154,8 +147,6 @@ class ProbeLogger:
                 "started": now(),
                 "world_size": self.world_size,
             },
-            sort_keys=True,
-            default=str,
         )
 
     def _open_sinks(self, tensorboard: bool | str | Path | None, wandb: bool | Mapping[str, Any] | None) -> None:

@@ -22,11 +22,13 @@ from ..errors import RankscopeError
 from ..settings.contrasts import Contrast, derive
 from ..storage.locks import live_holder
 from ..storage.store import (
+    CONFIG,
     DONE,
     PROBE_COLUMNS,
     PROBES,
     SCALAR_COLUMNS,
     SCALARS,
+    STUDY,
     is_done,
     read_json,
     read_table,
@@ -174,13 +176,13 @@ def load_study(study_dirs: StudyDirs) -> StudyData:
     dirs = _as_dirs(study_dirs)
     studies = []
     for d in dirs:
-        studies.append(read_json(d / "study.json") if (d / "study.json").exists() else {})
+        studies.append(read_json(d / STUDY) if (d / STUDY).exists() else {})
 
     chosen: dict[tuple[str, int], tuple[Run, pd.DataFrame, pd.DataFrame]] = {}
     notes: list[str] = []
     for d, study in zip(dirs, studies):
         for rd in run_dirs(d):
-            config = read_json(rd / "config.json") if (rd / "config.json").exists() else {}
+            config = read_json(rd / CONFIG) if (rd / CONFIG).exists() else {}
             # exactly this folder's tables (the store's loaders would also glob any folder inside it)
             scalars = read_table(rd / SCALARS)
             arm, seed = _identify(rd, config, scalars)

@@ -160,7 +160,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     from ..settings.config import apply_overrides
     from ..settings.config import preset as get_preset
     from ..storage.provenance import cpu_info
-    from ..storage.store import load_scalars, read_json
+    from ..storage.store import CONFIG, load_scalars, read_json
     from .cadence import eval_steps
     from .train import compiles, resolve_device, train
 
@@ -185,7 +185,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     with tempfile.TemporaryDirectory() as tmp:
         summary = train(bench_cfg, Path(tmp) / "run", data, arm="bench", progress=progress)
         rows = load_scalars(tmp).sort_values("tokens")
-        config = read_json(Path(tmp) / "run" / "config.json")
+        config = read_json(Path(tmp) / "run" / CONFIG)
     rates.append(matmul_rate(device))
     parts = step_parts(cfg, device, compiled=compiled)  # train() above set this process's allocator
     rates.append(matmul_rate(device))

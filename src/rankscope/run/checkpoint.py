@@ -44,8 +44,8 @@ import torch
 
 from ..errors import RankscopeError
 from ..storage import fsio
+from ..storage.store import CHECKPOINTS
 
-FOLDER = "checkpoints"
 # What differs between ranks, so each rank's share carries its own: its part of Muon's state, its
 # sums of the loss over its rows since the last evaluation, and its random number generators.
 RANK_KEYS = ("optim", "loss_sum", "norm_sum", "rng_cpu", "rng_cuda")
@@ -71,7 +71,7 @@ _OPTIONAL = {"last_eval", "rng_cuda"}
 
 def _path(run_dir: Path, step: int, rank: int) -> Path:
     name = f"step-{step:09d}.pt" if rank == 0 else f"step-{step:09d}.rank{rank}.pt"
-    return Path(run_dir) / FOLDER / name
+    return Path(run_dir) / CHECKPOINTS / name
 
 
 def _first_line(e: BaseException) -> str:
@@ -125,7 +125,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def steps(run_dir: str | Path) -> list[int]:
     """Steps of the complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / FOLDER
+    folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _MAIN.match(p.name)))
@@ -141,7 +141,7 @@ def save(
     run_dir: str | Path, step: int, state: dict[str, Any], rank: int = 0, keep: int = 2, barrier=lambda: None
 ) -> None:
     """Write this rank's part of the checkpoint of `step`; rank 0 writes last, then old ones go."""
-    folder = Path(run_dir) / FOLDER
+    folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     if rank != 0:
         _atomic_save({k: state[k] for k in RANK_KEYS if k in state}, _path(run_dir, step, rank))
@@ -154,7 +154,7 @@ def save(
 
 def _keep_newest(run_dir: str | Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints (their main files and rank shares)."""
-    folder = Path(run_dir) / FOLDER
+    folder = Path(run_dir) / CHECKPOINTS
     for old in steps(run_dir)[:-keep]:
         for f in _files(folder, old):
             f.unlink(missing_ok=True)
@@ -233,7 +233,7 @@ def load(
     if set_aside and rank == 0 and found:
         # a write killed mid-way leaves its hidden temporary file (as large as a checkpoint); nothing
         # else writes here while a run resumes
-        for tmp in (run_dir / FOLDER).iterdir():
+        for tmp in (run_dir / CHECKPOINTS).iterdir():
             if tmp.name.startswith(".step-") and fsio.TEMP_NAME.match(tmp.name):
                 tmp.unlink(missing_ok=True)
     bad: list[tuple[Path, str, bool, str]] = []  # (file, why, whether this rank owns it, what is wrong)

@@ -392,8 +392,8 @@ def run_study(
     todo = []
     for arm, cfg in shard_runs(runs, *shard):
         rd = store.run_dir(out_dir, arm, cfg.seed)
-        if (rd / "config.json").exists():
-            old, new = _identity(store.read_json(rd / "config.json")), _identity(cfg.to_dict())
+        if (rd / store.CONFIG).exists():
+            old, new = _identity(store.read_json(rd / store.CONFIG)), _identity(cfg.to_dict())
             if old != new:
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 state = "finished" if store.is_done(rd) else "was started"
@@ -407,7 +407,7 @@ def run_study(
         # the same text from every shard (the whole study, not the slice): the first shard to
         # start writes it, the others find it there and leave it alone
         store.write_json_once(
-            out_dir / "study.json",
+            out_dir / store.STUDY,
             {
                 "name": study.name,
                 "description": study.description,
@@ -525,7 +525,7 @@ def run_study(
                 say(f"rankscope: {e}")
                 summary = {"status": "diverged", "arm": arm, "seed": cfg.seed, "message": str(e)}
                 if world.main:
-                    store.write_json(rd / store.DONE, summary)
+                    store.write_record(rd / store.DONE, summary)
                 summaries.append(summary)
         finally:
             if lock is not None:

@@ -23,7 +23,6 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,9 @@ from ..measure.headroom import kv_headroom
 from ..measure.probe import gpt_probe
 from ..measure.update_geometry import UpdateGeometry, k_part
 from ..settings.config import RunConfig
+from ..storage import store as run_folder
 from ..storage.provenance import environment, now
-from ..storage.store import RunStore, last_eval_from_tables, truncate_after, write_json
+from ..storage.store import RunStore, last_eval_from_tables, naming, truncate_after
 from . import checkpoint
 from . import dist as rdist
 from .cadence import eval_steps, schedule
@@ -76,25 +76,13 @@ def provenance(cfg: RunConfig, device: torch.device, world: rdist.World) -> dict
     return {**environment(device), "world_size": world.size, "seed": cfg.seed, "started": now()}
 
 
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """A failed write on an open file (a full disk) raises an OSError without a file name; add it
-    so the one-line error says which file could not be written."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
 def _close_tables(store: RunStore, quiet: bool) -> None:
     """Close both tables even when one fails (a full disk fails the flush in close() again); raise
     the first failure unless `quiet` (another exception is already on its way out)."""
     error = None
     for table in (store.scalars, store.probes):
         try:
-            with _naming(table.path):
+            with naming(table.path):
                 table.close()
         except OSError as e:
             error = error or e
@@ -333,27 +321,24 @@ def train(
     del state  # the checkpoint's tensors must not live through the loop
     if world.main:
         if resumed:
-            with _naming(out_dir):
+            with naming(out_dir):
                 truncate_after(out_dir, start_step)
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with _naming(out_dir / "config.json"):
-                write_json(
-                    out_dir / "config.json",
-                    {
-                        "arm": arm,
-                        **cfg.to_dict(),
-                        "n_params": model.num_params(),
-                        "param_roles": opt.counts,
-                        "data_source": data.source,
-                        "tokens_per_step": tokens_per_step,
-                        "steps": total_steps,
-                        "flops_per_token": model.flops_per_token(tc.seq_len),
-                        "world_size": world.size,
-                    },
-                )
-            with _naming(out_dir / "provenance.json"):
-                write_json(out_dir / "provenance.json", provenance(cfg, device, world))
+            run_folder.write_start(
+                out_dir,
+                {
+                    "arm": arm,
+                    **cfg.to_dict(),
+                    "n_params": model.num_params(),
+                    "param_roles": opt.counts,
+                    "data_source": data.source,
+                    "tokens_per_step": tokens_per_step,
+                    "steps": total_steps,
+                    "flops_per_token": model.flops_per_token(tc.seq_len),
+                    "world_size": world.size,
+                },
+                provenance(cfg, device, world),
+            )
     store = RunStore(out_dir) if world.main else None
     # a summary of each evaluation streamed while the run trains (train.log); the tables are the record
     sinks = open_sinks(cfg.train.log, out_dir) if world.main and cfg.train.log else []
@@ -402,12 +387,12 @@ def train(
             if step == total_steps and cfg.probe.enabled and cfg.probe.kv_headroom == "end" and healthy:
                 extra += kv_headroom(model, *probe_batch, tol=cfg.probe.kv_tolerance)  # keys per kv head
         if probe_rows or extra:
-            with _naming(store.probes.path):
+            with naming(store.probes.path):
                 store.probes.append(dict(base, **r) for r in probe_rows + extra)
         model.train()
         timers["eval_s"] += time.perf_counter() - t0
         row.update(elapsed_s=elapsed + time.perf_counter() - t0, probe_s=timers["probe_s"], eval_s=timers["eval_s"])
-        with _naming(store.scalars.path):
+        with naming(store.scalars.path):
             store.scalars.append([row])
         for sink in sinks:
             sink.log(evaluation_summary(row, probe_rows), step, step * tokens_per_step)
@@ -607,7 +592,7 @@ def train(
                 _close_tables(store, quiet=False)
                 for sink in sinks:
                     sink.close()
-                with _naming(out_dir / "done.json"):
+                with naming(out_dir / run_folder.DONE):
                     store.finish(summary)
                 checkpoint.finished(out_dir, tc.keep_checkpoints)  # after done.json: the run needs no fallback now
         halt = stop.agreed()  # a signal during the last step: the run is finished; stop before the next

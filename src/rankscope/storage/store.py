@@ -1,4 +1,6 @@
-"""Append-only tidy tables on disk, one folder per run.
+"""The run folder's format, in one place: its file names, the writer of a run's start, and its
+append-only tidy tables. Every writer of a run folder (`train`, `ProbeLogger`, `rankscope analyze
+--series`) and every reader (the report, the analyzer) names its files from here.
 
 Layout of a study folder::
 
@@ -10,6 +12,7 @@ Layout of a study folder::
                                     marks a per-layer value
     <arm>/seed-<k>/done.json        written last; its presence marks the run finished ("status": "done"
                                     or "diverged")
+    <arm>/seed-<k>/checkpoints/     step-<n>.pt, the newest few (`rankscope.run.checkpoint`)
     <arm>/.seed-<k>.lock            while a process writes the run: its advisory lock (`locks`), naming it
 
 Rows are appended as whole lines with one write and a flush, so a run killed at any moment leaves
@@ -18,13 +21,14 @@ every complete line readable; the loaders drop a torn last line. This module nev
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import numbers
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ SCALAR_COLUMNS = (
 PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metric", "value")
 
 SCALARS, PROBES, DONE = "scalars.csv", "probes.csv", "done.json"
+CONFIG, PROVENANCE, STUDY, CHECKPOINTS = "config.json", "provenance.json", "study.json", "checkpoints"
 
 
 def run_dir(study_dir: str | Path, arm: str, seed: int) -> Path:
@@ -71,9 +76,41 @@ def run_lock(path: str | Path) -> FileLock:
     return FileLock(run_lock_path(path), "rankscope run")
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """JSON with sorted keys (anything else as its str), written atomically (`fsio`)."""
+def write_record(path: str | Path, obj: Any) -> None:
+    """One of the run folder's JSON records: sorted keys (anything else as its str), written
+    atomically (`fsio`)."""
     fsio.write_json(path, obj, sort_keys=True, default=str)
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """A failed write on an open file (a full disk) raises an OSError without a file name; add it
+    so the one-line error says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def write_start(run: str | Path, config: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
+    """A run's start: the folder, its resolved config and its provenance, before its first row."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    for name, record in ((CONFIG, config), (PROVENANCE, provenance)):
+        with naming(run / name):
+            write_record(run / name, record)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A JSON object that may be missing or not ours (a Hugging Face folder's config.json, say):
+    {} unless the file reads back as an object. `read_json` is the strict reader."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 class DamagedFile(RankscopeError, ValueError):
@@ -135,7 +172,7 @@ class RunStore:
     def finish(self, summary: Mapping[str, Any]) -> None:
         self.scalars.close()
         self.probes.close()
-        write_json(self.path / DONE, dict(summary))
+        write_record(self.path / DONE, dict(summary))
 
     def close(self) -> None:
         self.scalars.close()
@@ -168,7 +205,7 @@ def write_json_once(path: str | Path, obj: Any) -> None:
             return
     except (OSError, ValueError):
         pass  # missing or unreadable: write it
-    write_json(path, obj)
+    write_record(path, obj)
 
 
 def clear_run(path: str | Path) -> None:
