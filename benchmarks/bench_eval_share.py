@@ -29,9 +29,11 @@ from _common import cpu_name
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rankscope.core.model import GPT
-from rankscope.measure.evals import all_layer_grams, loss_and_icl, token_losses, weight_spectra
+from rankscope.measure.functional_rank import all_layer_grams
+from rankscope.measure.icl import loss_and_icl, token_losses
 from rankscope.measure.metrics import eigh_batched
 from rankscope.measure.probe import GramProbe, gpt_probe
+from rankscope.measure.weight_spectra import weight_spectra
 from rankscope.settings.config import preset
 
 

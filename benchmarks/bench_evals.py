@@ -1,4 +1,5 @@
-"""Cost of the downstream evaluations (rankscope.measure.evals) against a training run.
+"""Cost of the downstream evaluations (rankscope.measure's icl, induction, functional_rank and
+weight_spectra) against a training run.
 
     python benchmarks/bench_evals.py [--preset tiny] [--rounds 5] [--steps 4] [--set key=value ...]
 
@@ -35,15 +36,11 @@ from _common import train_step_fn
 from rankscope.core.model import GPT
 from rankscope.core.optim import build_optimizers
 from rankscope.data import BatchSampler, fixed_batches, load_data
-from rankscope.measure.evals import (
-    functional_rank,
-    gpt_induction_scores,
-    induction_batch,
-    loss_and_icl,
-    rank_ladder,
-    weight_spectra,
-)
+from rankscope.measure.functional_rank import functional_rank, rank_ladder
+from rankscope.measure.icl import loss_and_icl
+from rankscope.measure.induction import gpt_induction_scores, induction_batch
 from rankscope.measure.probe import gpt_probe
+from rankscope.measure.weight_spectra import weight_spectra
 from rankscope.run.cadence import eval_steps
 from rankscope.settings.config import apply_overrides, preset
 

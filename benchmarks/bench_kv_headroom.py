@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from rankscope.attach import Probe, detect
-from rankscope.measure.headroom import model_kv_headroom
+from rankscope.attach.headroom import model_kv_headroom
 
 repeats = int(sys.argv[1])
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else torch.get_num_threads())

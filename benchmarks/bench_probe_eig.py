@@ -37,7 +37,8 @@ from collections.abc import Callable
 import torch
 from _common import cpu_name
 
-from rankscope.measure.metrics import METRICS, eigvalsh_batched, host_eigvalsh, metrics_from_gram
+from rankscope.measure.metrics import eigvalsh_batched, host_eigvalsh, metrics_from_gram
+from rankscope.settings.vocab import METRICS
 
 
 def grams(b: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,7 +80,8 @@ def rel_metric_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 def probe_check(device: torch.device) -> str:
     """On a GPU with TF32 on: the probe's metrics against float64 ones from the same activations."""
     from rankscope.core.model import GPT, ModelConfig
-    from rankscope.measure.probe import GramProbe, gpt_sites
+    from rankscope.measure.probe import GramProbe
+    from rankscope.measure.sites import gpt_sites
 
     cfg = ModelConfig(vocab_size=256, n_layer=2, d_model=256, n_head=4, n_kv_head=2, head_dim=64, d_mlp=512)
     model = GPT(cfg).to(device).eval()

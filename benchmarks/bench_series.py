@@ -16,7 +16,7 @@ from rankscope.analyze.inputs import load_checkpoint
 from rankscope.analyze.series import _loss
 from rankscope.attach import Probe
 from rankscope.core.model import GPT
-from rankscope.measure.evals import gpt_induction_scores, induction_batch
+from rankscope.measure.induction import gpt_induction_scores, induction_batch
 from rankscope.run import checkpoint
 from rankscope.settings.config import preset
 from rankscope.storage import store

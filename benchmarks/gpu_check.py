@@ -328,8 +328,9 @@ def step_and_eval_peaks(cfg, ctx: Ctx) -> tuple[int, int]:
 
     from rankscope.core.model import GPT
     from rankscope.core.optim import build_optimizers, optimizer_step
-    from rankscope.measure.evals import functional_rank, loss_and_icl
+    from rankscope.measure.functional_rank import functional_rank
     from rankscope.measure.headroom import kv_headroom
+    from rankscope.measure.icl import loss_and_icl
     from rankscope.measure.probe import gpt_probe
 
     tc, device = cfg.train, ctx.device

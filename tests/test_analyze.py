@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+from _runs import config, shards
 from matplotlib.image import imread
-from test_resume import config, shards
 
 from rankscope import analyze as analyze_cmd
 from rankscope.analyze import analyze
@@ -83,7 +83,7 @@ def test_a_checkpoint_file_and_other_sites(run, tmp_path):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A Qwen3 model with random weights and a small byte-level BPE saved the way from_pretrained reads."""
-    from test_analyze_series import tokenizer
+    from _hf import tokenizer
 
     fast = tokenizer(300)
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def test_a_hugging_face_folder_on_the_default_corpus(hf_folder):
 
 def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, tmp_path):
     from rankscope.analyze.command import HEADROOM, HEADROOM_PLOT
-    from rankscope.measure.headroom import HEADROOM_TABLE
+    from rankscope.analyze.headroom import HEADROOM_TABLE
     from rankscope.report.kv_headroom import PLOT
 
     assert (HEADROOM, HEADROOM_PLOT) == (HEADROOM_TABLE, PLOT)
@@ -144,7 +144,7 @@ def test_a_hugging_face_folder_gets_its_kv_headroom_table_and_figure(hf_folder, 
 
 
 def test_auto_kv_headroom_skips_a_model_too_slow_to_measure_here_and_says_so(hf_folder, tmp_path, monkeypatch):
-    from rankscope.measure import headroom
+    from rankscope.analyze import headroom
 
     monkeypatch.setattr(headroom, "AUTO_BUDGET_S", 0.0)  # any model is too slow
     # 2 layers x 2 kv heads x 2 key sites x 2 search steps (ladder 1, 2, 4, 8)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_resume import config, shards
+from _hf import tokenizer
+from _runs import config, shards
 
 from rankscope import analyze as analyze_cmd
-from rankscope.analyze import analyze, series
+from rankscope.analyze import analyze, checkpoints, series
 from rankscope.errors import RankscopeError
 from rankscope.report import load_study, write_report
 from rankscope.run.train import train
@@ -93,21 +94,6 @@ def test_a_runs_checkpoints_match_single_analyze_and_report(run, tmp_path, capsy
     assert again.measured == [10] and again.skipped == [5, 15, 16]
     probes2 = store.read_table(rd / "probes.csv")
     assert len(probes2) == len(probes) and sorted(store.read_table(rd / "scalars.csv")["step"]) == [5, 10, 15, 16]
-
-
-def tokenizer(vocab: int) -> transformers.PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        ["def f(x):\n    return x + 1\n" * 20, "keys lose dimensions"],
-        trainers.BpeTrainer(
-            vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def save_gpt2(path: Path, seed: int, tok, state: dict | None = None) -> None:
@@ -191,8 +177,8 @@ def test_checkpoints_of_another_vocabulary_are_refused(tmp_path, capsys):
 
 def test_revision_names_and_selection():
     names = ["main", "step0", "step1000", "step143000", "step2000", "step512", "step3000-tokens12B", "v1.0"]
-    found = series.hub_checkpoints("EleutherAI/pythia-14m", names)
-    assert [c.label for c in series.select(found)] == [
+    found = checkpoints.hub_checkpoints("EleutherAI/pythia-14m", names)
+    assert [c.label for c in checkpoints.select(found)] == [
         "step0",
         "step512",
         "step1000",
@@ -200,17 +186,17 @@ def test_revision_names_and_selection():
         "step3000-tokens12B",
         "step143000",
     ]
-    assert [c.tokens for c in series.select(found, steps=[3000])] == [12 * 10**9]
-    assert [c.step for c in series.select(found, limit=3)] == [0, 1000, 143000]
+    assert [c.tokens for c in checkpoints.select(found, steps=[3000])] == [12 * 10**9]
+    assert [c.step for c in checkpoints.select(found, limit=3)] == [0, 1000, 143000]
     with pytest.raises(RankscopeError, match="no checkpoint at step 7"):
-        series.select(found, steps=[7])
+        checkpoints.select(found, steps=[7])
     with pytest.raises(RankscopeError, match="both step 5"):
-        series.select(series.hub_checkpoints("r", ["stage1-step5-tokens1B", "stage2-step5-tokens2B"]))
+        checkpoints.select(checkpoints.hub_checkpoints("r", ["stage1-step5-tokens1B", "stage2-step5-tokens2B"]))
     with pytest.raises(RankscopeError, match="no branch names a step"):
-        series.hub_checkpoints("r", ["main", "dev"])
-    assert series.step_of("global_step500") == 500 and series.step_of("checkpoint-500") == 500
-    assert series.step_of("1200") == 1200 and series.step_of("final") is None
-    assert series.tokens_of("step1000-tokens4B") == 4 * 10**9 and series.tokens_of("step1") is None
+        checkpoints.hub_checkpoints("r", ["main", "dev"])
+    assert checkpoints.step_of("global_step500") == 500 and checkpoints.step_of("checkpoint-500") == 500
+    assert checkpoints.step_of("1200") == 1200 and checkpoints.step_of("final") is None
+    assert checkpoints.tokens_of("step1000-tokens4B") == 4 * 10**9 and checkpoints.tokens_of("step1") is None
 
 
 def test_hub_listing_is_mocked(monkeypatch):
@@ -220,7 +206,7 @@ def test_hub_listing_is_mocked(monkeypatch):
     refs = types.SimpleNamespace(branches=[types.SimpleNamespace(name=n) for n in ("main", "step10", "step20")])
     hub.list_repo_refs = lambda repo: refs  # type: ignore[attr-defined]
     monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", hub)
-    found, name, seed, out = series.find_series("org/model-x", hub=True)
+    found, name, seed, out = checkpoints.find_series("org/model-x", hub=True)
     assert [c.step for c in found] == [10, 20] and name == "model-x" and seed == 0
     assert out == Path("rankscope-series") / "model-x"
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers
+from _hf import FAMILIES, V, hf_model, set_attention
 from _tolerances import U32, entropy_tol, gram_rtol, logit_atol, perturbed_pr_rtol, r90_is_stable, rope_eps
 from torch import nn
 from transformers import AttentionInterface
@@ -19,55 +20,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rankscope.attach import Probe, detect, token_batches
 from rankscope.core.model import GPT, ModelConfig
 from rankscope.errors import RankscopeError
-from rankscope.measure.metrics import METRICS, metrics_from_gram, participation_ratio
-from rankscope.measure.probe import AttentionStats, Site, gpt_probe
-from rankscope.settings.vocab import PROBE_SITES
+from rankscope.measure.metrics import metrics_from_gram, participation_ratio
+from rankscope.measure.probe import AttentionStats, gpt_probe
+from rankscope.measure.sites import Site
+from rankscope.settings.vocab import METRICS, PROBE_SITES
 
-V = 100
-SMALL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    vocab_size=V,
-    bos_token_id=0,
-    eos_token_id=0,
-)
-
-
-def hf_model(family: str, seed: int = 0) -> nn.Module:
-    """A randomly initialised tiny model of one family, built from its config (no download)."""
-    torch.manual_seed(seed)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, rope_theta=500.0)
-        m = transformers.LlamaForCausalLM(cfg)
-    elif family == "mistral":  # a window shorter than the batch, so the window masks matter
-        cfg = transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=6)
-        m = transformers.MistralForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(**SMALL, num_key_value_heads=1)
-        m = transformers.Qwen2ForCausalLM(cfg)
-    elif family == "qwen3":
-        cfg = transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=24, rope_theta=500.0)
-        m = transformers.Qwen3ForCausalLM(cfg)
-        with torch.no_grad():  # gains that are not all ones, so applying QK-Norm matters
-            for layer in m.model.layers:
-                layer.self_attn.q_norm.weight.uniform_(0.2, 2.0)
-                layer.self_attn.k_norm.weight.uniform_(0.2, 2.0)
-    elif family == "gpt2":
-        cfg = transformers.GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
-        )
-        m = transformers.GPT2LMHeadModel(cfg)
-    elif family == "gpt_neox":  # partial rotary: a quarter of each head turns
-        cfg = transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.25, max_position_embeddings=64)
-        m = transformers.GPTNeoXForCausalLM(cfg)
-    else:
-        raise ValueError(family)
-    return m.eval()
-
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 X = torch.randint(0, V, (3, 20), generator=torch.Generator().manual_seed(1))
 
 # --- a reference path: the exact q and k each attention layer hands to its attention function ----
@@ -82,13 +39,6 @@ def _capture(module, query, key, value, attention_mask, **kwargs):
 
 AttentionInterface.register("rankscope_reference", _capture)
 AttentionMaskInterface.register("rankscope_reference", sdpa_mask)  # the masks sdpa gets (sliding windows too)
-
-
-def set_attention(model: nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # transformers < 4.54
-        model.config._attn_implementation = name
 
 
 def reference_qk(model: nn.Module, x: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -5,7 +5,7 @@ with one line (exit 2) when none is left; written with other settings or by a ra
 format, the resume stops with one line saying what differs; NaN weights mark the run diverged.
 
 Every test starts from a copy of one run killed after the rows of step 12, holding the checkpoints
-of steps 5 and 10, and compares with an uninterrupted run (test_resume's helpers)."""
+of steps 5 and 10, and compares with an uninterrupted run (the helpers in _runs.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import SETTINGS, Killed, assert_same_run, config, kill_after_row, shards, uninterrupted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_resume import SETTINGS, Killed, assert_same_run, config, kill_after_row, shards, uninterrupted
 
 from rankscope.errors import RankscopeError
 from rankscope.run import checkpoint

@@ -47,7 +47,7 @@ def cache(tmp_path_factory, monkeypatch):
 
 def write_study(path: Path, arms: str, tokens: str = "2048", every: str = "1024", seeds: str = "[0]") -> Path:
     path.write_text(
-        f'description = "test"\ntokens = "{tokens}"\nprobe_every = "{every}"\nseeds = {seeds}\n{SMALL}\n{arms}'
+        f'description = "test"\ntokens = "{tokens}"\neval_every = "{every}"\nseeds = {seeds}\n{SMALL}\n{arms}'
     )
     return path
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from _corpus import write_corpus
 
-from rankscope.cli import _parser, main, report_files, settings_lines
+from rankscope.cli import _parser, main
+from rankscope.cli_text import report_files, settings_lines
 from rankscope.report.format import text_table, text_width
 from rankscope.run.progress import RunBar, StudyProgress, fmt_duration, measured_text, tokens_left
 from rankscope.settings.config import RunConfig, known_keys
@@ -164,14 +165,14 @@ def test_list_choices_follow_the_config_annotations(monkeypatch):
     """The text comes from the annotations, not from a copy: a new choice shows up by itself."""
     import rankscope.settings.config as config
 
-    real = config._field_type
+    real = config.field_type
 
     def field_type(key):
         if key == "optim.schedule":
             return typing.Literal["constant", "cosine", "linear", "wsd"]
         return real(key)
 
-    monkeypatch.setattr(config, "_field_type", field_type)
+    monkeypatch.setattr(config, "field_type", field_type)
     assert setting_line(settings_lines(120), "optim.schedule").endswith("constant | cosine | linear | wsd")
 
 
@@ -250,7 +251,7 @@ def test_text_width_applies_to_tables_made_inside_it():
 def test_the_end_of_a_run_fits_the_terminal_and_names_every_file(tmp_path, capsys, monkeypatch):
     """`run` and `report` print the paradox table fitted to the terminal (the sentences around it
     wrapped under their indent), then report.md, report.html and plots/."""
-    import rankscope.cli as cli
+    import rankscope.cli_text as cli_text
     import rankscope.report as report
 
     sentence = "  val loss  " + " ".join(["qk-norm-muon − no-norm-muon: −0.079 (1 seed: no interval possible)"] * 3)
@@ -258,8 +259,8 @@ def test_the_end_of_a_run_fits_the_terminal_and_names_every_file(tmp_path, capsy
     md = tmp_path / "report.md"
     md.write_text("# r")
     for width in (80, None):
-        monkeypatch.setattr(cli, "_table_width", lambda w=width: w)
-        cli._print_report(tmp_path, md)
+        monkeypatch.setattr(cli_text, "table_width", lambda w=width: w)
+        cli_text.print_report(tmp_path, md)
         out = capsys.readouterr().out
         lines = out.splitlines()
         assert lines[-1] == f"report: {md}"
@@ -343,7 +344,7 @@ def test_the_bar_says_what_it_does_and_the_study_time_left(capsys):
 SMALL = """
 description = "test"
 tokens = "2048"
-probe_every = "1024"
+eval_every = "1024"
 seeds = [0]
 [settings]
 model.n_layer = 1

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 from _corpus import write_corpus
-from test_resume import SETTINGS, shards
+from _runs import SETTINGS, shards
 
 from rankscope.cli import main
-from rankscope.run.study import read_study, run_study
+from rankscope.run.studies import read_study
+from rankscope.run.study import plan_study, run_study
 from rankscope.storage import store
 from rankscope.storage.locks import FileLock, LockHeld
 
@@ -58,7 +59,7 @@ def cache(tmp_path, monkeypatch):
 
 def write_study(path: Path, seeds: str = "[0, 1, 2]") -> Path:
     path.write_text(
-        f'description = "test"\ntokens = "128"\nprobe_every = "64"\nseeds = {seeds}\n{TINY}\n'
+        f'description = "test"\ntokens = "128"\neval_every = "64"\nseeds = {seeds}\n{TINY}\n'
         '[arms.a]\nmodel.qk_norm = "learned"\n[arms.b]\nmodel.qk_norm = "none"\n'
     )
     return path
@@ -290,12 +291,12 @@ def test_rerun_returns_and_names_runs_that_diverged_before(tmp_path, capsys):
     )
     study = read_study(str(tmp_path / "s.toml"))
     out = tmp_path / "o"
-    overrides = {"data.path": str(data)}
-    first = run_study(study, out, overrides, progress=False, log=lambda s: None)
+    plan = plan_study(study, {"data.path": str(data)})
+    first = run_study(plan, out, progress=False, log=lambda s: None)
     assert [(s["arm"], s["seed"], s["status"]) for s in first] == [("hot", 0, "diverged"), ("ok", 0, "done")]
 
     said: list[str] = []
-    again = run_study(study, out, overrides, progress=False, log=said.append)
+    again = run_study(plan, out, progress=False, log=said.append)
     assert [(s["arm"], s["seed"], s["status"]) for s in again] == [("hot", 0, "diverged"), ("ok", 0, "done")]
     assert again[0]["message"] == first[0]["message"]
     assert again[1] == {**first[1], "status": "done"}  # a finished run's summary, as train returned it

@@ -3,7 +3,8 @@
 import pytest
 
 from rankscope.errors import ConfigError
-from rankscope.settings.config import PRESETS, RunConfig, apply_overrides, from_dict, parse_count, parse_set, preset
+from rankscope.settings.config import PRESETS, RunConfig, apply_overrides, from_dict, parse_set, preset
+from rankscope.settings.units import parse_count
 
 
 def test_overrides_are_typed():
@@ -146,11 +147,11 @@ def test_every_setting_declares_what_it_accepts():
     of the right type reaches a run unchecked."""
     import typing
 
-    from rankscope.settings.config import _field_type, known_keys
+    from rankscope.settings.config import field_type, known_keys
     from rankscope.settings.rules import Distinct, Match, Range
 
     for key in known_keys():
-        typ = _field_type(key)
+        typ = field_type(key)
         if typ is bool or typing.get_origin(typ) is typing.Literal:
             continue
         assert typing.get_origin(typ) is typing.Annotated, key

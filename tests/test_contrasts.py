@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from _studies import make_realistic_study, make_study
 from scipy import stats as sps
-from test_report import make_study
 
 from rankscope.errors import ConfigError
 from rankscope.report import load_study
@@ -19,7 +19,7 @@ from rankscope.report.quantities import VAL_LOSS
 from rankscope.report.series import quantity_series
 from rankscope.report.stats import within_groups
 from rankscope.report.summary import summary_paragraphs
-from rankscope.run.study import BUILTIN, study_from_dict
+from rankscope.run.studies import BUILTIN, study_from_dict
 from rankscope.settings.contrasts import check, derive
 from rankscope.storage.store import read_json, write_record
 
@@ -219,8 +219,6 @@ def test_the_summary_says_when_a_correlation_is_only_the_arms_apart():
 def test_measures_at_chance_are_said_to_be_and_not_compared(tmp_path):
     """A measure that has not left its chance level (induction loss at ln V) is named in words and
     kept out of the contrasts' downstream sentences; functional rank at 1 in every layer too."""
-    from test_report import make_realistic_study
-
     from rankscope.report.quantities import chance_level
     from rankscope.report.summary import chance_sentences
 

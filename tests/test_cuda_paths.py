@@ -9,21 +9,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _runs import config, shards
 from _tolerances import U32, U_BF16, gram_rtol, logit_atol, perturbed_pr_rtol, r90_is_stable
-from test_resume import config, shards
 
 from rankscope.core.model import GPT, ModelConfig, causal_max_logit, mixed_precision, qk_clip
 from rankscope.measure.metrics import (
     EIG_PATHS,
-    METRICS,
     _to_host,
     eig_path,
     eigvalsh_batched,
     host_eigvalsh,
     metrics_from_gram,
 )
-from rankscope.measure.probe import AttentionStats, GramProbe, gpt_gains, gpt_sites
+from rankscope.measure.probe import AttentionStats, GramProbe, gpt_gains
+from rankscope.measure.sites import gpt_sites
 from rankscope.run.train import train
+from rankscope.settings.vocab import METRICS
 from rankscope.storage import store
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)

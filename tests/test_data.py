@@ -634,7 +634,8 @@ def test_shard_vocab_size_from_ids_or_the_prepared_meta(tmp_path: Path) -> None:
 
 
 def test_a_study_on_shards_sizes_the_vocabulary_unless_set(tmp_path: Path) -> None:
-    from rankscope.run.study import study_from_dict, vocab_from_data
+    from rankscope.run.studies import study_from_dict
+    from rankscope.run.study import vocab_from_data
 
     write_shard(tmp_path / "train.bin", np.array([0, 5000, 1] * 20))
     arms = {"a": {"model": {"qk_norm": "none"}}, "b": {"model": {"qk_norm": "learned"}}}

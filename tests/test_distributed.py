@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_resume import SETTINGS, shards
+from _runs import SETTINGS, shards
 
 from rankscope.cli import main
 from rankscope.core.model import GPT
 from rankscope.errors import ConfigError
 from rankscope.run import dist as rdist
-from rankscope.run.study import BUILTIN, parse_shard, resolve, shard_runs
+from rankscope.run.studies import BUILTIN
+from rankscope.run.study import parse_shard, resolve, shard_runs
 from rankscope.settings.config import RunConfig, apply_overrides
 from rankscope.storage import store
 
@@ -58,7 +59,7 @@ EPS = {
     # flipped rounding grows to 8.16 U16 before the later steps contract it
     "muon": 8.16 * U16,
 }
-PROBE_ROWS, HEAD_DIM, SEQ_LEN = 2 * 32, 32, 32  # probe.batch_size x train.seq_len; test_resume.SETTINGS
+PROBE_ROWS, HEAD_DIM, SEQ_LEN = 2 * 32, 32, 32  # probe.batch_size x train.seq_len; _runs.SETTINGS
 # A direction the activations barely use has a singular value sqrt(lambda) whose eigenvalue lambda
 # is known only to +-sqrt(n) U32 lambda_max (a float32 Gram matrix summed over n rows), so its
 # singular value only to +-F s_max, whatever the weights: the floor of the values made of sqrt(lambda).

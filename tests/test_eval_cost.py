@@ -14,13 +14,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import rankscope.core.model as model_mod
-import rankscope.measure.evals as evals
 import rankscope.measure.metrics as metrics
+import rankscope.measure.weight_spectra as spectra
 from rankscope.core.model import GPT, ModelConfig, mixed_precision
-from rankscope.measure.evals import functional_rank, gpt_induction_scores, induction_batch, loss_and_icl, weight_spectra
+from rankscope.measure.functional_rank import functional_rank
 from rankscope.measure.headroom import kv_headroom
+from rankscope.measure.icl import loss_and_icl
+from rankscope.measure.induction import gpt_induction_scores, induction_batch
 from rankscope.measure.metrics import eigh_batched
-from rankscope.measure.probe import GramProbe, gpt_probe, gpt_sites
+from rankscope.measure.probe import GramProbe, gpt_probe
+from rankscope.measure.sites import gpt_sites
+from rankscope.measure.weight_spectra import weight_spectra
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=64)
 B, T, CHUNK = 3, 40, 16  # 120 token rows; evaluations are made to chunk them by 16
@@ -73,7 +77,7 @@ def test_evaluations_never_hold_whole_logits_and_equal_the_full_computation(smal
     ind_x = induction_batch(CFG.vocab_size, B, half, seed=0)
     with torch.no_grad():
         per_tok = torch.cat([direct_losses(model, x, y) for x, y in val])  # (2B, T)
-        # positions L .. 2L-2 of the repeated batch predict L+1 .. 2L-1 (evals._induction_loss_from_logits)
+        # positions L .. 2L-2 of the repeated batch predict L+1 .. 2L-1 (induction._induction_loss_from_logits)
         ind_ref = direct_losses(model, ind_x[:, :-1], ind_x[:, 1:])[:, half:].mean().item()
         mean_ref = [F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in val]
         spy = LogitRows(CFG.vocab_size)
@@ -148,7 +152,7 @@ def copies(monkeypatch):
         return real(*tensors)
 
     monkeypatch.setattr(metrics, "to_host", spy)
-    monkeypatch.setattr(evals, "to_host", spy)
+    monkeypatch.setattr(spectra, "to_host", spy)
     return seen
 
 

@@ -15,20 +15,12 @@ from torch import nn
 from rankscope.core.model import GPT, ModelConfig, Tap
 from rankscope.errors import RankscopeError
 from rankscope.integrations import lm_eval as lm_eval_adapter
-from rankscope.measure.evals import (
-    InductionScores,
-    functional_rank,
-    gpt_induction_scores,
-    icl_score,
-    icl_windows,
-    induction_batch,
-    induction_loss,
-    loss_and_icl,
-    per_position_loss,
-    rank_ladder,
-    weight_spectra,
-)
-from rankscope.measure.probe import LAYER_WIDE, Site
+from rankscope.measure.functional_rank import functional_rank, rank_ladder
+from rankscope.measure.icl import icl_score, icl_windows, loss_and_icl, per_position_loss
+from rankscope.measure.induction import InductionScores, gpt_induction_scores, induction_batch, induction_loss
+from rankscope.measure.sites import Site
+from rankscope.measure.weight_spectra import weight_spectra
+from rankscope.settings.vocab import LAYER_WIDE
 
 CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=64)
 

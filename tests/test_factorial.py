@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _studies import write_run
 from scipy import stats as sps
 
 from rankscope.report import write_report
 from rankscope.report.analysis import compute_numbers
 from rankscope.report.factorial import find_grid
 from rankscope.report.load import load_study
-from rankscope.storage.store import RunStore, run_dir, write_record
+from rankscope.storage.store import write_record
 
 QK = ("learned", "none")
 GROUPING = ("stacked", "separate", "per_head")
@@ -47,72 +48,23 @@ def make(root: Path) -> Path:
     )
     for arm, (q, g) in arms.items():
         for seed in SEEDS:
-            rd = run_dir(root, arm, seed)
-            store = RunStore(rd)
-            write_record(
-                rd / "config.json",
-                {
-                    "arm": arm,
-                    "seed": seed,
-                    "n_params": 100 + (q == "learned"),  # differs, but is no setting
-                    "model": {"n_layer": 1, "n_head": 1, "head_dim": 64, "d_model": 64, "qk_norm": q},
-                    "optim": {"name": "muon", "muon_qkvo": g, "muon_lr": 0.012},
-                    "train": {"tokens": TOKENS[-1], "batch_size": 1, "seq_len": 100},
-                    "probe": {"sites": ["k"]},
-                },
-            )
-            for i, t in enumerate(TOKENS):
+            config = {
+                "arm": arm,
+                "seed": seed,
+                "n_params": 100 + (q == "learned"),  # differs, but is no setting
+                "model": {"n_layer": 1, "n_head": 1, "head_dim": 64, "d_model": 64, "qk_norm": q},
+                "optim": {"name": "muon", "muon_qkvo": g, "muon_lr": 0.012},
+                "train": {"tokens": TOKENS[-1], "batch_size": 1, "seq_len": 100},
+                "probe": {"sites": ["k"]},
+            }
+            points = []
+            for t in TOKENS:
                 f = t / TOKENS[-1]
-                v = loss(q, g, seed) + (1 - f)
-                store.scalars.append(
-                    [
-                        {
-                            "arm": arm,
-                            "seed": seed,
-                            "step": i,
-                            "tokens": t,
-                            "train_loss": v,
-                            "val_loss": v,
-                            "ood_loss": "",
-                            "lr_scale": 1.0,
-                            "grad_norm": 1.0,
-                            "elapsed_s": float(i),
-                            "probe_s": 0.0,
-                        }
-                    ]
-                )
-                store.probes.append(
-                    [
-                        {
-                            "arm": arm,
-                            "seed": seed,
-                            "step": i,
-                            "tokens": t,
-                            "layer": 0,
-                            "head": 0,
-                            "site": "k",
-                            "metric": "pr_sv",
-                            "value": 64 - (64 - pr(q, g, seed)) * f,
-                        }
-                    ]
-                )
+                probes = [(0, 0, "k", "pr_sv", 64 - (64 - pr(q, g, seed)) * f)]
                 if t == TOKENS[-1]:  # functional rank at the end only, per layer (head -1)
-                    store.probes.append(
-                        [
-                            {
-                                "arm": arm,
-                                "seed": seed,
-                                "step": i,
-                                "tokens": t,
-                                "layer": 0,
-                                "head": -1,
-                                "site": "k",
-                                "metric": "functional_rank",
-                                "value": 8 + 2 * (q == "learned") + seed,
-                            }
-                        ]
-                    )
-            store.finish({"status": "done"})
+                    probes.append((0, -1, "k", "functional_rank", 8 + 2 * (q == "learned") + seed))
+                points.append((t, loss(q, g, seed) + (1 - f), probes))
+            write_run(root, arm, seed, config, points, summary={"status": "done"})
     return root
 
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_resume import assert_same_run, config, final_values, shards, uninterrupted
+from _runs import assert_same_run, config, final_values, shards, uninterrupted
 
 from rankscope.run import checkpoint
 from rankscope.run.train import train

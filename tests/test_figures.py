@@ -13,9 +13,10 @@ import pytest
 from matplotlib.figure import Figure
 from scipy.special import digamma
 
-from rankscope.report.curves import _fit_to_lines, plot_downstream, plot_rank_scatter, tokens_axis
-from rankscope.report.doc import DISPLAY_DPI, Para, png_display_size, to_html
-from rankscope.report.doc import Figure as FigureBlock
+from rankscope.report.band_panels import fit_to_lines
+from rankscope.report.blocks import DISPLAY_DPI, Para, png_display_size, to_html
+from rankscope.report.blocks import Figure as FigureBlock
+from rankscope.report.curves import plot_downstream
 from rankscope.report.heatmaps import colour_limits, plot_pr_heatmaps
 from rankscope.report.layer_plots import DIAG_MAX_ARMS, diagnosis_groups
 from rankscope.report.plotstyle import DPI, MAX_WIDTH_IN, min_span_limits, new_figure, save
@@ -30,6 +31,8 @@ from rankscope.report.quantities import (
     still_at_chance,
     uniform_induction_score,
 )
+from rankscope.report.rank_scatter import plot_rank_scatter
+from rankscope.report.token_axis import tokens_axis
 from rankscope.settings.units import fmt_count_ticks
 
 CONFIGS = [{"model": {"vocab_size": 4096}, "train": {"seq_len": 128}}] * 2
@@ -155,7 +158,7 @@ def test_min_span_widens_a_near_constant_panel():
     stats = pd.DataFrame(
         {"arm": "a", "tokens": [0, 1, 2], "mean": [8.31, 8.312, 8.309], "lo": np.nan, "hi": np.nan, "n": 1}
     )
-    _fit_to_lines(ax, stats)
+    fit_to_lines(ax, stats)
     lo, hi = ax.get_ylim()
     assert hi - lo >= 0.02 * 8.31  # 0.003 nats of noise does not fill the panel
 

@@ -3,14 +3,12 @@ and its table and figure in the study report."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pandas as pd
 import pytest
 import torch
-from test_report import make_realistic_study
+from _headroom import CFG, E, batch, rank3_model, table
+from _studies import make_realistic_study
 
-from rankscope.core.model import GPT, ModelConfig
 from rankscope.measure.headroom import kv_headroom, r90_from_eigenvalues
 from rankscope.report.kv_headroom import (
     PLOT,
@@ -20,31 +18,6 @@ from rankscope.report.kv_headroom import (
 )
 from rankscope.settings.config import RunConfig
 from rankscope.storage.store import PROBE_COLUMNS, TableWriter, load_probes
-
-E = 16
-CFG = ModelConfig(vocab_size=61, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=E, d_mlp=64, max_seq_len=64)
-
-
-def rank3_model(seed: int = 1) -> GPT:
-    """Layer 1's kv head 0 has W_K of rank 3 (a random 3-dim column space): its keys before RoPE
-    lie in a 3-dim subspace (QK-Norm rescales each key and multiplies by a diagonal gain, which
-    maps that subspace onto another of the same dimension)."""
-    model = GPT(replace(CFG, init_std=0.3)).eval()
-    model.reset_parameters(seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        w = model.blocks[1].attn.k_proj.weight.view(CFG.n_kv_head, E, CFG.d_model)
-        w[0] = torch.randn(E, 3, generator=g) @ torch.randn(3, CFG.d_model, generator=g) * 0.3
-    return model
-
-
-def batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 61, (2, 40), generator=g), torch.randint(0, 61, (2, 40), generator=g)
-
-
-def table(rows):
-    return {(r["site"], r["layer"], r["head"], r["metric"]): r["value"] for r in rows}
 
 
 @pytest.mark.parametrize("tol", [0.01, 1e-4])
@@ -227,10 +200,10 @@ def test_report_without_kv_rows_has_no_section(tmp_path):
 
 
 def test_a_run_writes_kv_rows_at_the_end_and_analyze_writes_the_table(tmp_path, monkeypatch):
-    from test_resume import config, shards
+    from _runs import config, shards
 
     from rankscope.analyze import analyze
-    from rankscope.measure.headroom import HEADROOM_TABLE
+    from rankscope.analyze.headroom import HEADROOM_TABLE
     from rankscope.run.train import train
     from rankscope.storage.store import read_table
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_attach import FAMILIES, SMALL, V, hf_model, set_attention
-from test_kv_headroom import batch, rank3_model, table
+from _headroom import batch, rank3_model, table
+from _hf import FAMILIES, SMALL, V, hf_model, set_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rankscope.attach import detect
+from rankscope.attach.headroom import kv_sites, model_kv_headroom
 from rankscope.errors import RankscopeError
-from rankscope.measure.headroom import kv_headroom, kv_sites, model_kv_headroom
+from rankscope.measure.headroom import kv_headroom
 
 IDS = torch.randint(0, V, (4, 33), generator=torch.Generator().manual_seed(2))
 X, Y = IDS[:, :-1], IDS[:, 1:]
@@ -63,7 +64,7 @@ def plant_rank3(model: torch.nn.Module, family: str, layer: int = 1, g: int = 0)
 
 
 def layout_model(family: str) -> torch.nn.Module:
-    """`test_attach.hf_model`, and two more places a QK-Norm leaves the stored keys: Gemma 3
+    """`_hf.hf_model`, and two more places a QK-Norm leaves the stored keys: Gemma 3
     normalises each head after moving heads before tokens, (B, G, T, E); OLMo 2 the whole projection."""
     torch.manual_seed(0)
     if family == "gemma3":

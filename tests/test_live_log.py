@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_resume import SETTINGS, shards
+from _runs import SETTINGS, shards
 
 from rankscope.cli import main
 from rankscope.storage import store

@@ -7,6 +7,7 @@ import torch
 
 from rankscope.measure import metrics
 from rankscope.measure.metrics import effective_rank, participation_ratio, r90, stable_rank
+from rankscope.settings.vocab import SPECTRUM
 
 
 def with_singular_values(s: list[float], n: int = 200, seed: int = 0) -> torch.Tensor:
@@ -66,7 +67,7 @@ def test_scale_invariance_and_zero_input():
     assert participation_ratio(7.5 * x).item() == pytest.approx(participation_ratio(x).item(), rel=1e-9)
     zero = torch.zeros(10, 4)
     for name, v in metrics.metrics_from_gram(metrics.gram(zero), zero.sum(0), 10).items():
-        if metrics.SPECTRUM[name].dimensions:
+        if SPECTRUM[name].dimensions:
             assert v.item() == 0.0, name  # a dead head reports 0 dimensions, not NaN
         else:  # but no power law: nothing to fit (tests/test_spectral_decay.py)
             assert math.isnan(v.item()), name
@@ -99,7 +100,8 @@ def test_singular_value_metrics_agree_with_the_gram_path():
 
 def test_metric_vocabulary_matches_what_metrics_from_gram_returns():
     # The report names metrics from SPECTRUM; the probe writes what metrics_from_gram returns.
-    from rankscope.measure.metrics import METRICS, SPECTRUM, metrics_from_gram
+    from rankscope.measure.metrics import metrics_from_gram
+    from rankscope.settings.vocab import METRICS
 
     out = metrics_from_gram(torch.eye(4, dtype=torch.float64)[None], torch.zeros(1, 4), 10)
     assert set(out) == set(SPECTRUM) and METRICS == tuple(SPECTRUM)

@@ -16,30 +16,13 @@ import math
 
 import pytest
 import torch
+from _muon import LR, MHA, MU, SMALL, muon_names, random_grads, seed_polar_express
 from _tolerances import BF16_ITERATION_RTOL, U32
 
-from rankscope.core.model import GPT, ModelConfig
-from rankscope.core.optim import POLAR_EXPRESS, BlockMuon, build_optimizers, orthogonalize
+from rankscope.core.model import GPT
+from rankscope.core.optim import BlockMuon, build_optimizers, orthogonalize
 from rankscope.errors import ConfigError
 from rankscope.settings.config import OptimConfig, RunConfig, apply_overrides
-
-# GQA (4 query heads, 2 kv heads), heads x head_dim = d_model, a tall MLP up and a wide down
-SMALL = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=16)
-LR, MU = 0.02, 0.95
-
-
-def seed_polar_express(g: torch.Tensor) -> torch.Tensor:
-    """The seed's iteration for one matrix, op for op."""
-    x = g.bfloat16()
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / (x.norm() * 1.01 + 1e-7)
-    for a, b, c in POLAR_EXPRESS:
-        A = x @ x.T
-        B = b * A + c * (A @ A)
-        x = a * x + B @ x
-    return x.T if tall else x
 
 
 def reference_steps(model: GPT, grads: list[dict], blocks_of) -> dict[str, torch.Tensor]:
@@ -64,11 +47,6 @@ def reference_steps(model: GPT, grads: list[dict], blocks_of) -> dict[str, torch
     return weights
 
 
-def muon_names(model: GPT) -> list[str]:
-    ids = {id(p) for _, p in model.param_roles()["matrix"]}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
-
-
 def run_optimizer(model: GPT, cfg: OptimConfig, grads: list[dict]) -> dict[str, torch.Tensor]:
     opt = build_optimizers(model, cfg)
     params = dict(model.named_parameters())
@@ -77,13 +55,6 @@ def run_optimizer(model: GPT, cfg: OptimConfig, grads: list[dict]) -> dict[str, 
             p.grad = g[n].clone() if n in g else None
         opt.step()
     return {n: p.detach() for n, p in params.items()}
-
-
-def random_grads(model: GPT, steps: int = 3) -> list[dict]:
-    gen = torch.Generator().manual_seed(1)
-    names = muon_names(model)
-    shapes = dict(model.named_parameters())
-    return [{n: torch.randn(shapes[n].shape, generator=gen) for n in names} for _ in range(steps)]
 
 
 ALL = (slice(None), slice(None))
@@ -271,8 +242,6 @@ def test_stacked_needs_heads_times_head_dim_equal_d_model():
 
 # --- partitions of {q, k, v, o} and head groups ----------------------------------------------------
 
-# as many kv heads as query heads, so every part may mix them when cut into heads
-MHA = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=4, head_dim=8, d_mlp=64, max_seq_len=16)
 PARTITIONS = ("qkvo", "q+k+v+o", "qk+vo", "k+qvo", "qkv+o", "qo+kv", "qv+ko", "q+ko+v")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_resume import SETTINGS, shards
+from _runs import SETTINGS, shards
 
 from rankscope.core.model import GPT, ModelConfig
 from rankscope.core.optim import build_optimizers

@@ -8,8 +8,10 @@ import torch
 from _tolerances import U32, gram_rtol
 
 from rankscope.core.model import GPT, ModelConfig
-from rankscope.measure.metrics import METRICS, effective_rank, gram, participation_ratio, r90, stable_rank
-from rankscope.measure.probe import LAYER_WIDE, AttentionStats, GramProbe, Site, gain_stats, gpt_probe, gpt_sites
+from rankscope.measure.metrics import effective_rank, gram, participation_ratio, r90, stable_rank
+from rankscope.measure.probe import AttentionStats, GramProbe, gain_stats, gpt_probe
+from rankscope.measure.sites import Site, gpt_sites
+from rankscope.settings.vocab import LAYER_WIDE, METRICS
 
 CFG = ModelConfig(vocab_size=61, n_layer=3, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_mlp=64, max_seq_len=32)
 
@@ -308,7 +310,7 @@ def test_a_call_index_past_the_last_call_fails_clearly():
 
 def test_induction_scores_read_one_call_of_a_module_that_runs_twice():
     from rankscope.errors import RankscopeError
-    from rankscope.measure.evals import InductionScores, induction_batch
+    from rankscope.measure.induction import InductionScores, induction_batch
 
     x = induction_batch(61, 3, 8, seed=1)
     shared, single = RotaryModel(4, 2, shared=True), RotaryModel(4, 2, shared=False)

@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from test_resume import Killed, assert_same_run, config, final_values, kill_after_row, shards, uninterrupted
+from _runs import Killed, assert_same_run, config, final_values, kill_after_row, shards, uninterrupted
 
 import rankscope.run.train as rtrain
 from rankscope.run import checkpoint

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rankscope.errors import ConfigError
-from rankscope.run.study import parse_shard, resolve, study_from_dict
+from rankscope.run.studies import study_from_dict
+from rankscope.run.study import parse_shard, resolve
 from rankscope.settings.config import PRESETS, RunConfig, apply_overrides, from_dict, known_keys, parse_set, validate
 
 FUZZ = settings(
@@ -92,7 +93,9 @@ def test_study_file_settings_give_a_valid_config_or_one_line(overrides):
     validate(cfg)
 
 
-top_keys = st.sampled_from(["name", "description", "preset", "tokens", "probe_every", "seeds", "settings", "arms"])
+top_keys = st.sampled_from(
+    ["name", "description", "preset", "tokens", "eval_every", "probe_every", "seeds", "settings", "arms"]
+)
 arm_names = st.one_of(
     st.sampled_from(["a", "qk-norm", "b.c", "x+y", "_a", "a b", "a\n", "..", ""]), st.text(max_size=6)
 )
@@ -115,11 +118,12 @@ def test_study_dicts_give_a_study_or_one_line(raw, arms):
     if arms is not None:
         raw = {**raw, "arms": arms}
     try:
-        study = study_from_dict(raw, default_name="fuzz", where="fuzz.toml")
+        # the file's structure is checked as it is read, its settings when it is resolved
+        runs = resolve(study_from_dict(raw, default_name="fuzz", where="fuzz.toml", say=lambda line: None), {})
     except ConfigError as e:
         one_line(e)
         return
-    for _, cfg in resolve(study, {}):
+    for _, cfg in runs:
         validate(cfg)
 
 

@@ -21,10 +21,9 @@ from rankscope.attach import Probe
 from rankscope.core.model import GPT, ModelConfig
 from rankscope.errors import RankscopeError
 from rankscope.integrations import ProbeLogger, ProbeOptions
-from rankscope.measure.metrics import METRICS
 from rankscope.measure.probe import gpt_probe
 from rankscope.run import dist as rdist
-from rankscope.settings.vocab import PROBE_SITES
+from rankscope.settings.vocab import METRICS, PROBE_SITES
 from rankscope.storage import store
 
 CFG = ModelConfig(vocab_size=256, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=16, d_mlp=128, max_seq_len=32)

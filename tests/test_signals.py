@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_resume import SETTINGS, after_row, assert_same_run, config, shards, uninterrupted
+from _runs import SETTINGS, after_row, assert_same_run, config, shards, uninterrupted
 
 from rankscope.errors import Interrupted
 from rankscope.run import checkpoint

@@ -11,12 +11,12 @@ import torch
 from rankscope.core.model import GPT, ModelConfig
 from rankscope.measure.metrics import (
     DECAY_FLOOR,
-    SPECTRUM,
     decay_ranks,
     metrics_from_gram,
     spectral_decay,
 )
 from rankscope.measure.probe import gpt_probe
+from rankscope.settings.vocab import SPECTRUM
 
 
 def with_eigenvalues(lam, seed: int = 0) -> torch.Tensor:

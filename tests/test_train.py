@@ -3,10 +3,11 @@
 import math
 from dataclasses import replace
 
-from test_resume import config, shards
+from _runs import config, shards
 
 from rankscope.run.cadence import eval_steps, log_schedule, schedule
-from rankscope.run.study import BUILTIN, resolve
+from rankscope.run.studies import BUILTIN
+from rankscope.run.study import resolve
 from rankscope.run.train import train
 from rankscope.storage import store
 

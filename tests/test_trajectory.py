@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from _studies import make_realistic_study, make_study
 from scipy import stats as sps
-from test_report import make_study
 
 from rankscope.report import write_report
 from rankscope.report.trajectory import contrast_trajectory, describe, sign_changes
@@ -71,7 +71,7 @@ def test_report_follows_each_contrast_over_training(tmp_path):
     write_report(root, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("## The contrasts over training")[1].split("\n## ")[0]
-    # test_report's PR: qk − none = 10 − 20 in every seed and at every point
+    # _studies.pr: qk − none = 10 − 20 in every seed and at every point
     same = "(same in every seed)"
     assert f"Mean key PR, qk − none: −10.00 {same} at 100 tokens, −10.00 {same} at 400; its sign never" in section
     table = [ln for ln in section.splitlines() if ln.startswith("| ") and "tokens" not in ln and "---" not in ln]
@@ -95,8 +95,6 @@ def test_an_effect_beyond_noise_never_prints_as_zero():
 
 
 def test_the_seeds_comparison_at_another_scale_is_set_against_its_headline(tmp_path):
-    from test_report import make_realistic_study
-
     root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=2, n_head=2, n_points=4)
     summary = write_report(root).read_text().split("## Summary")[1].split("\n## ")[0]
     # the synthetic study's key PR ends near 36 (qk-norm) and 48 (no-norm), minus its seed effects

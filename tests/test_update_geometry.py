@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_muon import LR, MHA, SMALL, random_grads, seed_polar_express
-from test_resume import config, shards
+from _muon import LR, MHA, SMALL, random_grads, seed_polar_express
+from _runs import config, shards
 
 from rankscope.core.model import GPT
 from rankscope.core.optim import build_optimizers

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import SETTINGS, shards
+from _runs import SETTINGS, shards
 
 from rankscope.errors import ConfigError
 from rankscope.run import dist as rdist
@@ -147,7 +147,7 @@ import os, sys, time
 from pathlib import Path
 
 import rankscope.storage.store
-import rankscope.run.train
+import rankscope.run.evaluator
 from rankscope.cli import main
 
 def full_disk(*args, **kwargs):
@@ -156,7 +156,7 @@ def full_disk(*args, **kwargs):
 
 if os.environ["RANK"] == "0":
     if sys.argv[2] == "evaluation":
-        rankscope.run.train.kv_headroom = full_disk
+        rankscope.run.evaluator.kv_headroom = full_disk
     else:
         rankscope.storage.store.RunStore.finish = full_disk
 sys.exit(main(sys.argv[3:]))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import shutil
 import signal
 import sys
 import textwrap
@@ -149,13 +148,60 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from .run import dist as rdist
-    from .run.study import DEFAULT_STUDY, check_seeds, parse_shard, read_study, resolve, run_study, shard_runs
-    from .settings.config import parse_set, setting_value
+    from .run.studies import DEFAULT_STUDY, check_seeds, read_study
+    from .run.study import parse_shard, plan_study, run_study
 
     # every flag and setting is checked here, before any data is read or anything is written
-    study = read_study(args.study if args.study is not None else DEFAULT_STUDY)
+    notes: list[str] = []  # said once the rank is known (joining a process group waits for the plan)
+    study = read_study(args.study if args.study is not None else DEFAULT_STUDY, say=notes.append)
     if args.preset is not None:
         study = replace(study, preset=args.preset)
+    overrides = _run_overrides(args)
+    out = Path(args.out) if args.out is not None else Path("rankscope-out") / study.name
+    _check_out(out, args.out)
+    seeds = check_seeds(args.seeds, "--seeds") if args.seeds is not None else None
+    shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
+    plan = plan_study(study, overrides, seeds, shard)
+    world = rdist.world()
+    if world.main:
+        for note in notes:
+            print(note, file=sys.stderr)
+    if not plan.mine:
+        # a Slurm array larger than the study is normal: its extra tasks have nothing to do
+        if world.main:
+            n, arms = len(plan.runs), len(study.arms)
+            print(
+                f"rankscope: --shard {shard[0]}/{shard[1]} holds no run: study {study.name} has {n} "
+                f"run(s) ({n // arms} seed(s) x {arms} arm(s)), so only slices "
+                f"0..{min(n, shard[1]) - 1} have work; nothing to do",
+                file=sys.stderr,
+            )
+        return 0
+
+    summaries = run_study(plan, out, progress=not args.no_progress)
+    if not world.main:
+        return 0
+    if not args.no_report:
+        from .cli_text import print_report
+        from .report import write_report
+
+        print_report(out, write_report(out))
+    # run_study returns a summary for every run of the slice, finished now or before
+    diverged = [s for s in summaries if s.get("status") == "diverged"]
+    if diverged:
+        print(
+            f"rankscope: error: {len(diverged)} run(s) diverged: "
+            + ", ".join(f"{s['arm']} seed {s['seed']}" for s in diverged),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The settings `run`'s flags stand for (--tokens, --data, --log), then each --set, checked."""
+    from .settings.config import parse_set, setting_value
+
     overrides: dict[str, object] = {}
     if args.tokens is not None:
         overrides["train.tokens"] = setting_value("--tokens", "train.tokens", args.tokens)
@@ -173,40 +219,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.log is not None:
         overrides["train.log"] = setting_value("--log", "train.log", args.log)
     overrides.update(parse_set(args.overrides))
-    out = Path(args.out) if args.out is not None else Path("rankscope-out") / study.name
-    _check_out(out, args.out)
-    seeds = check_seeds(args.seeds, "--seeds") if args.seeds is not None else None
-    shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
-    runs = resolve(study, overrides, seeds)
-    world = rdist.world()
-    if not shard_runs(runs, *shard):
-        # a Slurm array larger than the study is normal: its extra tasks have nothing to do
-        if world.main:
-            print(
-                f"rankscope: --shard {shard[0]}/{shard[1]} holds no run: study {study.name} has {len(runs)} "
-                f"run(s) ({len(runs) // len(study.arms)} seed(s) x {len(study.arms)} arm(s)), so only slices "
-                f"0..{min(len(runs), shard[1]) - 1} have work; nothing to do",
-                file=sys.stderr,
-            )
-        return 0
-
-    summaries = run_study(study, out, overrides, seeds, progress=not args.no_progress, shard=shard)
-    if not world.main:
-        return 0
-    if not args.no_report:
-        from .report import write_report
-
-        _print_report(out, write_report(out))
-    # run_study returns a summary for every run of the slice, finished now or before
-    diverged = [s for s in summaries if s.get("status") == "diverged"]
-    if diverged:
-        print(
-            f"rankscope: error: {len(diverged)} run(s) diverged: "
-            + ", ".join(f"{s['arm']} seed {s['seed']}" for s in diverged),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return overrides
 
 
 def _check_out(out: Path, given: str | None) -> None:
@@ -228,6 +241,7 @@ def _check_out(out: Path, given: str | None) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .cli_text import print_report
     from .report import write_report
     from .storage.store import run_dirs
 
@@ -238,167 +252,14 @@ def _report(args: argparse.Namespace) -> int:
             raise ConfigError(f"{d}: no runs found (expected <arm>/seed-<k>/scalars.csv)")
     _check_out(Path(args.out if args.out is not None else args.dirs[0]), args.out)
     dirs = args.dirs if len(args.dirs) > 1 else args.dirs[0]
-    _print_report(dirs, write_report(dirs, args.out))
+    print_report(dirs, write_report(dirs, args.out))
     return 0
 
 
-def _table_width() -> int | None:
-    """The terminal's width when stdout is one (tables are fitted to it); None for a file or a
-    pipe, which take the table whole."""
-    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-
-
-def report_files(report_md: Path) -> list[str]:
-    """Lines naming what a report wrote, each only if it is there: report.md, report.html, plots/."""
-    html, plots = report_md.with_name("report.html"), report_md.with_name("plots")
-    lines = [f"report: {report_md}"] if report_md.is_file() else []
-    if html.is_file():
-        lines.append(f"        {html} (figures embedded)")
-    if plots.is_dir():
-        n = sum(1 for p in plots.iterdir() if p.suffix == ".png")
-        lines.append(f"plots:  {plots}{os.sep} ({n} figure{'' if n == 1 else 's'})")
-    return lines
-
-
-def _print_report(study_dirs: Any, report_md: Path) -> None:
-    """The end of `run` and `report`: the paradox table, fitted to the terminal, and the files."""
-    from .report import paradox_text
-    from .report.format import text_width
-
-    width = _table_width()
-    with text_width(width):
-        text = paradox_text(study_dirs)
-    if width is not None:  # the tables fit already; the sentences around them wrap under their indent
-        text = "\n".join(
-            _wrap(line, width, "", " " * (len(line) - len(line.lstrip()) + 2)) if len(line) > width else line
-            for line in text.splitlines()
-        )
-    print(text)
-    print()
-    print("\n".join(report_files(report_md)))
-
-
-def _width() -> int:
-    """The width to wrap `rankscope list` to: the terminal's (80 when it is not one, or $COLUMNS),
-    at most 120 so a wide terminal still gets lines that read as lines."""
-    return max(40, min(shutil.get_terminal_size().columns, 120))
-
-
-def _wrap(text: str, width: int, first: str, rest: str) -> str:
-    return textwrap.fill(
-        text, width, initial_indent=first, subsequent_indent=rest, break_long_words=False, break_on_hyphens=False
-    )
-
-
-def _setting_text(typ: Any, default: Any) -> tuple[str, str, str]:
-    """(type, default, accepted values) of one setting, read from its annotation in `config`: a
-    Literal's choices, or the `Range`, `Match` and `Distinct` rules of `Annotated[type, rule]`."""
-    import typing
-
-    from .settings.rules import Distinct, Match, Range, _bound
-
-    rules: list[Any] = []
-    if typing.get_origin(typ) is typing.Annotated:
-        typ, *rules = typing.get_args(typ)
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Literal:
-        kind, accepts = "choice", " | ".join(args)
-    elif origin is tuple:
-        inner = args[0]
-        choices = typing.get_args(inner) if typing.get_origin(inner) is typing.Literal else ()
-        kind, accepts = "list", "comma-separated" + (f": {' | '.join(choices)}" if choices else "")
-    elif typ is bool:
-        kind, accepts = "bool", "true | false"
-    else:
-        kind, accepts = getattr(typ, "__name__", str(typ)), ""
-    for rule in rules:
-        if isinstance(rule, Range):
-            lo, hi = _bound(rule.lo), _bound(rule.hi)
-            if typ is int:
-                accepts = f"{lo} to {hi}" if rule.hi != float("inf") else f">= {lo}"
-            else:
-                accepts = f"{'>' if rule.lo_open else '>='} {lo}"
-                if rule.hi != float("inf"):
-                    accepts += f" and {'<' if rule.hi_open else '<='} {hi}"
-            accepts += f" ({rule.why})" if rule.why else ""
-        elif isinstance(rule, Match):
-            accepts = rule.what
-        elif isinstance(rule, Distinct):
-            accepts = accepts.replace("comma-separated", "comma-separated, each once", 1)
-    if isinstance(default, bool):
-        shown = str(default).lower()
-    elif isinstance(default, tuple):
-        shown = ",".join(map(str, default)) or '""'  # an empty list: --set key= with nothing after it
-    elif default == "":
-        shown = '""'
-    else:
-        shown = str(default)
-    return kind, shown, accepts
-
-
-def settings_lines(width: int) -> list[str]:
-    """Every `--set` key with its type, default and accepted values, as a table `width` wide: the
-    accepted values wrap under their column, and a default too long for its column puts them on
-    the next line."""
-    from .settings.config import RunConfig, _field_type, known_keys
-
-    cfg = RunConfig()
-    rows = []
-    for key in known_keys(cfg):
-        default: Any = cfg
-        for part in key.split("."):
-            default = getattr(default, part)
-        rows.append((key, *_setting_text(_field_type(key), default)))
-    header = ("KEY", "TYPE", "DEFAULT", "ACCEPTS")
-    kw = max(len(r[0]) for r in rows)
-    tw = max(len(r[1]) for r in rows)
-    dw = min(max(len(r[2]) for r in rows), 13)
-    indent = " " * (2 + kw + 2 + tw + 2 + dw + 2)
-    out = []
-    for key, kind, default, accepts in [header, *rows]:
-        first = f"  {key:<{kw}}  {kind:<{tw}}  {default:<{dw}}  "
-        if len(first) > len(indent):  # a long default: what it accepts goes on the next line
-            out.append(first.rstrip())
-            first = indent
-        out += _wrap(accepts, max(width, len(indent) + 20), first, indent).splitlines() if accepts else [first.rstrip()]
-    return out
-
-
 def _list(args: argparse.Namespace) -> int:
-    from .data.corpora import DEFAULT_CORPUS, describe_corpora
-    from .run.study import BUILTIN
-    from .settings.config import PRESETS
-    from .settings.seedref import SEED_DATA, differences_text, reference_for
+    from .cli_text import print_list
 
-    width = _width()
-    print("studies (rankscope run STUDY):")
-    nw = max(len(n) for n in BUILTIN) + 2
-    for name, s in BUILTIN.items():
-        print(_wrap(s.description, width, f"  {name:<{nw}}", " " * (2 + nw)))
-        print(_wrap(f"arms: {', '.join(s.arms)}", width, " " * (2 + nw), " " * (4 + nw)))
-        contrasts = "; ".join(f"{a} − {b}" for a, b in s.contrasts)
-        print(_wrap(f"compares: {contrasts}", width, " " * (2 + nw), " " * (4 + nw)))
-    print("presets (--preset P):")
-    nw = max(len(n) for n in PRESETS) + 2
-    for name, cfg in PRESETS.items():
-        m = cfg.model
-        line = (
-            f"{m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads ({m.n_kv_head} kv) x {m.head_dim}, "
-            f"vocab {m.vocab_size}, {cfg.train.tokens:,} tokens"
-        )
-        print(_wrap(line, width, f"  {name:<{nw}}", " " * (2 + nw)))
-        seed_run, reference = reference_for(name)
-        diff = f"differs from {seed_run} in: {differences_text(cfg.to_dict(), reference)}"
-        print(_wrap(diff, width, " " * (2 + nw), " " * (4 + nw)))
-    every = f"every preset trains on --data (default: {DEFAULT_CORPUS}), where the seed used {SEED_DATA}"
-    print(_wrap(every, width, "  ", "  "))
-    print("corpora (--data NAME):")
-    corpora = describe_corpora()
-    nw = max((len(n) for n, _ in corpora), default=0) + 2
-    for name, line in corpora:
-        print(_wrap(line, width, f"  {name:<{nw}}", " " * (2 + nw)))
-    print("settings (--set KEY=VALUE):")
-    print("\n".join(settings_lines(width)))
+    print_list()
     return 0
 
 
@@ -489,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # only a command that imported rankscope.run.dist can have joined a process group (and
         # importing it here would import torch into `rankscope --help` and `rankscope list`)
-        dist = sys.modules.get(f"{__package__}.dist")
+        dist = sys.modules.get(f"{__package__}.run.dist")
         if dist is not None:
             dist.shutdown()
 

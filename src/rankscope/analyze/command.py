@@ -184,7 +184,7 @@ def analyze(
     for stale in (HEADROOM, HEADROOM_PLOT):  # a rerun replaces the headroom, or drops it
         (out_dir / stale).unlink(missing_ok=True)
     if kv_headroom != "off":  # per kv head: the key rank at 1% loss (kv_headroom.csv, kv_headroom.png)
-        from ..measure.headroom import write_headroom
+        from .headroom import write_headroom
 
         section, kv_plot = write_headroom(model, ids, out_dir, base, progress=progress, mode=kv_headroom)
         summary += section
@@ -282,7 +282,7 @@ def _is_series(args: argparse.Namespace) -> bool:
         return True
     if getattr(args, "steps", None) or getattr(args, "max_checkpoints", None) is not None:
         return True  # choosing checkpoints asks for a series
-    from .series import is_checkpoint_folder
+    from .checkpoints import is_checkpoint_folder
 
     return is_checkpoint_folder(Path(args.path))
 

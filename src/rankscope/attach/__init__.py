@@ -19,7 +19,7 @@ inside whatever wraps them, and reads, for every layer and head, the six sites o
     v              values
     o              each head's attention output, before the output projection
 
-Anything else attaches through explicit `probe.Site`s. `token_batches` (`text.py`) cuts text into
+Anything else attaches through explicit `measure.sites.Site`s. `token_batches` (`text.py`) cuts text into
 a probe batch with the model's own tokenizer.
 
 Probes never change the model: hooks only read, run under `no_grad`, and are removed after each
@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from ..errors import RankscopeError
-from ..measure.probe import AttentionStats, GramProbe, Site
+from ..measure.probe import AttentionStats, GramProbe
+from ..measure.sites import Site
 from ..settings.vocab import PROBE_SITES
 from .attachment import Attachment
 from .gpt import detect_gpt
@@ -82,7 +83,7 @@ class Probe:
     >>> df.query("site == 'k' and metric == 'pr_sv'").groupby("layer").value.mean()
 
     sites: names among q_pre, q, k_pre, k, v, o (found in the model by `detect`) and/or explicit
-        `probe.Site`s for models rankscope does not know.
+        `measure.sites.Site`s for models rankscope does not know.
     attention: True = per-head attention entropy and max logit wherever the post-RoPE q and k can be
         had exactly; False = none; or an explicit `probe.AttentionStats`.
     gains: QK-Norm gain statistics (per layer, head -1) where the model has learned gains.
@@ -101,7 +102,7 @@ class Probe:
         sharded (DTensor) gains are gathered first.
 
     Columns of the result: layer, head, site, metric, value (the metric names of
-    `rankscope.measure.metrics.METRICS`; site "attn" holds entropy and max_logit; site q_gain/k_gain holds
+    `rankscope.settings.vocab.METRICS`; site "attn" holds entropy and max_logit; site q_gain/k_gain holds
     gain_mean, gain_cv, gain_near_zero with head -1).
     """
 

@@ -2,7 +2,7 @@
 family's detector uses to build one.
 
 A detector turns a model it recognises into an `Attachment`: the model's shape (layers, heads,
-head size, rotary, QK-Norm), one `probe.Site` per activation site it can read, the attention and
+head size, rotary, QK-Norm), one `measure.sites.Site` per activation site it can read, the attention and
 gain statistics it supports, and how to run the model on token ids. Every module pattern in it is
 relative to the model given to `detect`, so a language model found inside a wrapper is hooked
 through the wrapper's own module tree.
@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import RankscopeError
-from ..measure.probe import AttentionStats, Site, _layer_of
+from ..measure.probe import AttentionStats
+from ..measure.sites import Site, layer_of
 
 if TYPE_CHECKING:
     from .rotary import RotaryContext
@@ -52,7 +53,7 @@ class KeyCache:
 class Attachment:
     """Where and how a probe attaches to one model: what `detect` found.
 
-    `sites` maps each available site name to its `probe.Site`; `attention` reads attention entropy
+    `sites` maps each available site name to its `measure.sites.Site`; `attention` reads attention entropy
     and max logit from the post-RoPE q and k (None where they cannot be had exactly); `gains` maps
     row names (`q_gain`, `k_gain`) to the QK-Norm modules whose weights are gains; `forward` runs
     the model on a (B, T) batch of token ids; `root` is the language model found inside the model
@@ -148,7 +149,7 @@ def layer_pattern(paths: Sequence[str]) -> str:
             f"cannot tell the layer index in the attention paths ({paths[0]}, ...); pass explicit sites"
         )
     for p in paths:
-        if _layer_of(p) != int(p.split(".")[slot]):
+        if layer_of(p) != int(p.split(".")[slot]):
             raise RankscopeError(
                 f"the first number in the module path {p!r} is not its layer index; probe the inner model instead"
             )

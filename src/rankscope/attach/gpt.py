@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from ..measure.probe import AttentionStats, Site, gpt_gains
+from ..measure.probe import AttentionStats, gpt_gains
+from ..measure.sites import Site
 from ..settings.vocab import PROBE_SITES
 from .attachment import Attachment, KeyCache, child_path, layer_pattern
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..measure.probe import AttentionStats, Site
+from ..measure.probe import AttentionStats
+from ..measure.sites import Site
 from .attachment import (
     Attachment,
     KeyCache,

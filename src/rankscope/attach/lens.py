@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..measure.probe import AttentionStats, Site
+from ..measure.probe import AttentionStats
+from ..measure.sites import Site
 from .attachment import Attachment, KeyCache, Transform, child_path, layer_pattern, next_token_loss
 
 

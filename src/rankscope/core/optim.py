@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..settings.config import OptimConfig, muon_partition
+from ..settings.config import OptimConfig
+from ..settings.muon_qkvo import muon_partition
 
 # Torch's fixed quintic (Jordan et al. 2024, "Muon"): the coefficients of torch.optim.Muon.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -297,7 +298,7 @@ def _balanced_owners(sizes: list[int], world_size: int) -> list[int]:
 
 def muon_units(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Muon's param groups for the partition `cfg.muon_qkvo` at `cfg.muon_head_group` heads a
-    block (`config.muon_partition`): one per part of each layer, and one 'each' group per remaining
+    block (`muon_qkvo.muon_partition`): one per part of each layer, and one 'each' group per remaining
     matrix (so every unit can be owned by one rank). A part comes where its first matrix comes in
     the model's order."""
     parts, heads = muon_partition(cfg.muon_qkvo, cfg.muon_head_group)

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
+from ..run.cadence import next_multiple
 from ..storage.provenance import environment, now
 from ..storage.store import RunStore, is_done, run_dir, write_start
 from .options import ProbeOptions
@@ -200,10 +201,11 @@ class ProbeLogger:
         if val_loss is not None:
             self._val_loss = float(val_loss)
         self.last_step, self.last_tokens = step, tokens
+        # the first call at or after each multiple of the cadence probes, as a run's schedule does
         count = tokens if self.options.by_tokens else step
         if count < self._next:
             return None
-        self._next = (count // self.options.every + 1) * self.options.every
+        self._next = next_multiple(count, self.options.every)
         return self.measure(tokens, step)
 
     def add_loss(self, loss: float | torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import RankscopeError
-from ..measure.probe import Site
+from ..measure.sites import Site
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: fields hold tensors, which do not compare to one bool

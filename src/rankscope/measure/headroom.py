@@ -23,9 +23,11 @@ layer, kv head and site:
   kv_r90    the r90 of the head's keys on the batch
 
 `kv_headroom` serves rankscope's GPT, restarting each projected pass at the layer it projects;
-`model_kv_headroom` serves any model `rankscope.attach.detect` recognises with a `KeyCache` and a
-loss (Hugging Face decoders, TransformerLens, rankscope's GPT), one whole forward pass per projected
-head, and gives the same rows (a test holds the two to each other on rankscope's GPT).
+`rankscope.attach.headroom.model_kv_headroom` serves any model `rankscope.attach.detect` recognises
+with a `KeyCache` and a loss (Hugging Face decoders, TransformerLens, rankscope's GPT), one whole
+forward pass per projected head, with the search, rows and hooks defined here, and gives the same
+rows (a test holds the two to each other on rankscope's GPT). `rankscope analyze` writes them to a
+table and a figure (`rankscope.analyze.headroom`).
 
 The search is a binary search on the ladder, so it assumes that once a rank is within `tol` every
 larger one is too; on a non-monotone curve the rank found is one that is within `tol` while the rung
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,16 +48,16 @@ from torch import nn
 
 from ..core.model import Tap
 from ..errors import RankscopeError
-from .evals import _exact, _no_autocast, all_layer_grams, rank_ladder
+from .functional_rank import all_layer_grams, rank_ladder
 from .metrics import eigh_batched
-from .probe import Site, _matching
+from .precision import exact_dtype, no_autocast
+from .sites import Site
 
 TAP = Site("tap", "")  # a rankscope tap's output: the keys themselves, (B, T, G, E)
 
 Row = dict[str, Any]
 KV_SITES = ("k_pre", "k", "v")  # the taps whose heads are the cached kv heads
 KV_METRICS = ("kv_rank", "kv_dloss", "kv_r90")
-HEADROOM_TABLE = "kv_headroom.csv"  # written by `rankscope analyze` beside probes.csv
 
 
 def r90_from_eigenvalues(ev: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def r90_from_eigenvalues(ev: torch.Tensor) -> torch.Tensor:
     return torch.where(total[..., 0] > 0, (share < 0.9 - 1e-12).sum(-1) + 1.0, torch.zeros_like(total[..., 0]))
 
 
-def _check_ladder(ladder: Sequence[int] | None, E: int, tol: float) -> list[int]:
+def check_ladder(ladder: Sequence[int] | None, E: int, tol: float) -> list[int]:
     """The sorted ladder (default `rank_ladder(E)`), with head_dim E on top: the search's upper end,
     the identity, within any tolerance. ValueError for ranks outside [1, E] or a negative tol."""
     ladder = sorted(set(ladder if ladder is not None else rank_ladder(E)))
@@ -81,7 +82,7 @@ def _check_ladder(ladder: Sequence[int] | None, E: int, tol: float) -> list[int]
     return ladder
 
 
-def _search(
+def rank_search(
     keys: Sequence[Any],
     ladder: Sequence[int],
     tol: float,
@@ -114,7 +115,9 @@ def _search(
     return {key: (ladder[hi], dloss[key] if hi < len(ladder) - 1 else 0.0) for key, (_, hi) in search.items()}
 
 
-def _rows(layer: int, g: int, site: str, found: tuple[int, float], r90: float) -> list[Row]:
+def headroom_rows(layer: int, g: int, site: str, found: tuple[int, float], r90: float) -> list[Row]:
+    """The kv_rank, kv_dloss and kv_r90 rows of kv head g of `layer` at `site`, from the search's
+    (rank, dloss) and the head's r90."""
     base = dict(layer=layer, head=g, site=site)
     return [
         dict(base, metric="kv_rank", value=float(found[0])),
@@ -123,21 +126,21 @@ def _rows(layer: int, g: int, site: str, found: tuple[int, float], r90: float) -
     ]
 
 
-def _top(eig: Any, g: int, r: int) -> torch.Tensor:
+def top_projection(eig: Any, g: int, r: int) -> torch.Tensor:
     """The projection onto head g's top r eigenvectors (eigh's ascending order): float32, float64
-    on CUDA, where a float32 matmul would run in TF32 (`evals._exact`)."""
+    on CUDA, where a float32 matmul would run in TF32 (`precision.exact_dtype`)."""
     v = eig.eigenvectors[g, :, eig.eigenvectors.shape[-1] - r :]  # (E, r)
-    return (v @ v.mT).to(_exact(v))
+    return (v @ v.mT).to(exact_dtype(v))
 
 
-def _replace_head(site: Any, layer: int, layout: str, g: int, fn: Any):
+def replace_head(site: Any, layer: int, layout: str, g: int, fn: Any):
     """A forward hook replacing kv head g of the keys in a module's output by fn(keys of head g)
     (B, T, E), with autocast off; the other heads pass through untouched. The keys are found in
     the output by `site`'s transform, which must give a view, then `layout` (BTHE or BHTE)."""
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
         out = output[0] if isinstance(output, (tuple, list)) else output
-        with _no_autocast(out):
+        with no_autocast(out):
             new = out.clone()
             view = _key_view(site, new, layer, layout)
             view[:, :, g] = fn(view[:, :, g])
@@ -148,8 +151,18 @@ def _replace_head(site: Any, layer: int, layout: str, g: int, fn: Any):
     return hook
 
 
-def _project(p: torch.Tensor):
+def projector(p: torch.Tensor):
+    """keys (..., E) -> keys @ p, computed in p's dtype and cast back: the projection `top_projection` gives."""
     return lambda keys: (keys.to(p.dtype) @ p).to(keys.dtype)
+
+
+def _key_view(site: Any, out: torch.Tensor, layer: int, layout: str) -> torch.Tensor:
+    """(B, T, kv heads, E) keys inside the module output `out`: a view, so writing into it writes `out`."""
+    v = site.transform(out, layer) if site.transform is not None else out
+    v = v if layout == "BTHE" else v.transpose(1, 2)
+    if v.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        raise RankscopeError(f"the keys at {site.pattern} are not a view of the module's output; cannot replace them")
+    return v
 
 
 @torch.no_grad()
@@ -168,7 +181,7 @@ def kv_headroom(
     layer's Grams come from one unprojected pass and one batched eigh (`metrics.eigh_batched`,
     `eig_path`: on a GPU one copy to the host and back, not a cuSOLVER call per matrix)."""
     E = model.cfg.head_dim
-    ladder = _check_ladder(ladder, E, tol)
+    ladder = check_ladder(ladder, E, tol)
     for s in sites:
         if s not in KV_SITES or not isinstance(getattr(model.blocks[0].attn, s, None), Tap):
             raise ValueError(f"unknown site {s!r}: expected one of {', '.join(KV_SITES)}")
@@ -187,291 +200,29 @@ def kv_headroom(
         def loss_at(key: tuple[str, int], r: int, layer: int = layer, eig: Any = eig, h: Any = h) -> torch.Tensor:
             s, g = key
             tap = getattr(model.blocks[layer].attn, s)
-            hd = tap.register_forward_hook(_replace_head(TAP, layer, "BTHE", g, _project(_top(eig[s], g, r))))
+            hd = tap.register_forward_hook(replace_head(TAP, layer, "BTHE", g, projector(top_projection(eig[s], g, r))))
             try:
                 return model.head(model.forward_blocks(h, start=layer), y)
             finally:
                 hd.remove()
 
-        found = _search([(s, g) for s in sites for g in range(G)], ladder, tol, l_full, loss_at)
+        found = rank_search([(s, g) for s in sites for g in range(G)], ladder, tol, l_full, loss_at)
         for s in sites:
             r90 = r90_from_eigenvalues(eig[s].eigenvalues).tolist()
-            rows += [r for g in range(G) for r in _rows(layer, g, s, found[(s, g)], r90[g])]
+            rows += [r for g in range(G) for r in headroom_rows(layer, g, s, found[(s, g)], r90[g])]
         h = model.forward_blocks(h, layer, layer + 1)  # the same block the Gram pass ran, unhooked
     return rows
 
 
-# --- any model the probe attaches to ------------------------------------------------------------------
-
-
-def kv_sites(att: Any) -> tuple[str, ...]:
-    """The key sites whose headroom `model_kv_headroom` can measure for an `Attachment`: 'k_pre'
-    wherever the cached keys can be replaced, and 'k' where the scored keys can be too (their own
-    module output, or the stored keys through the model's own rotary function) or equal 'k_pre'
-    (no RoPE); () without a key cache or a loss."""
-    kc = att.key_cache
-    if kc is None or att.loss is None:
-        return ()
-    return ("k_pre", "k") if (kc.scored is not None or kc.rotate is not None or att.rotary == "none") else ("k_pre",)
-
-
-def _measured_site(att: Any, site: str) -> str:
-    """The site whose keys are projected for `site`: without RoPE the scored keys are the stored
-    ones, so 'k' is measured once, as 'k_pre'."""
-    return "k_pre" if site == "k" and att.rotary == "none" else site
-
-
-def _key_view(site: Any, out: torch.Tensor, layer: int, layout: str) -> torch.Tensor:
-    """(B, T, kv heads, E) keys inside the module output `out`: a view, so writing into it writes `out`."""
-    v = site.transform(out, layer) if site.transform is not None else out
-    v = v if layout == "BTHE" else v.transpose(1, 2)
-    if v.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-        raise RankscopeError(f"the keys at {site.pattern} are not a view of the module's output; cannot replace them")
-    return v
-
-
-def _project_after_rope(rotate: Any, layer: int, p: torch.Tensor):
-    """Replace stored keys k (before RoPE) by R^T P R k, R the layer's rotary at each position, so
-    that once the layer applies R the scored keys are P R k: the post-RoPE keys, projected. R is
-    linear and orthogonal, so R^T u is the gradient of <R k, u> in k, taken with autograd through the
-    model's own rotary function: no rotary re-implementation, and partial rotaries come for free."""
-
-    def fn(keys: torch.Tensor) -> torch.Tensor:  # (B, T, E)
-        with torch.enable_grad():
-            k0 = keys.detach().float().unsqueeze(2).requires_grad_(True)
-            turned = rotate(k0, layer).float()  # (B, T, 1, E)
-            (back,) = torch.autograd.grad(turned, k0, grad_outputs=(turned.detach().to(p.dtype) @ p).to(turned.dtype))
-        return back.squeeze(2).to(keys.dtype)
-
-    return fn
-
-
-def _unprojected_pass(model: nn.Module, att: Any, sites: Sequence[str], x: torch.Tensor, y: torch.Tensor):
-    """The model's loss on (x, y), with hooks reading each layer's Grams (G, E, E) in float64 at the
-    sites and, on the first forward call, the k_pre keys and the stored keys, from which each
-    layer's stored-key layout is found (and checked: the stored keys must be the k_pre keys)."""
-    grams: dict[tuple[str, int], torch.Tensor] = {}
-    first: dict[tuple[str, int], torch.Tensor] = {}
-
-    def take(name: str, layer: int, site: Any):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if name == "k_store":
-                if (name, layer) not in first:
-                    raw = site.raw(args, {}, output)
-                    first[(name, layer)] = (site.transform(raw, layer) if site.transform else raw).detach().clone()
-                return
-            a = site.capture(layer, args, {}, output)
-            with _no_autocast(a):
-                f = a.double().flatten(0, 1)  # (N, G, E)
-                g = torch.einsum("nhe,nhf->hef", f, f)
-            grams[(name, layer)] = grams[(name, layer)] + g if (name, layer) in grams else g
-            first.setdefault((name, layer), a.detach().clone())
-
-        return hook
-
-    readers = [(s, att.sites[s]) for s in dict.fromkeys(["k_pre", *sites])] + [("k_store", att.key_cache.store)]
-    handles = []
-    try:
-        for name, site in readers:
-            handles += [m.register_forward_hook(take(name, layer, site)) for layer, m in _matching(model, site.pattern)]
-        loss = float(att.loss(x, y).float().item())
-    finally:
-        for h in handles:
-            h.remove()
-    layouts = {}
-    for layer in range(att.n_layer):
-        ref, got = first[("k_pre", layer)], first[("k_store", layer)]
-        candidates = [("BTHE", got)] + ([("BHTE", got.transpose(1, 2))] if got.ndim == 4 else [])
-        match = [lay for lay, v in candidates if v.shape == ref.shape and torch.allclose(v, ref, rtol=1e-4, atol=1e-5)]
-        if not match:
-            raise RankscopeError(
-                f"layer {layer}: the keys at {att.key_cache.store.pattern} are not the keys the probe reads "
-                f"before RoPE; KV headroom cannot be measured for {att.family}"
-            )
-        layouts[layer] = match[0]
-    return loss, grams, layouts
-
-
-@torch.no_grad()
-def model_kv_headroom(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    sites: Sequence[str] | None = None,
-    tol: float = 0.01,
-    ladder: Sequence[int] | None = None,
-    *,
-    attachment: Any = None,
-    progress: Any = None,
-) -> list[Row]:
-    """`kv_headroom`'s rows for any model with a key cache and a loss (`rankscope.attach.detect`):
-    per (layer, kv head, site) the rank at tolerance, its dloss and r90, from whole forward passes.
-    sites: among `kv_sites(attachment)` (default: all of them); without RoPE 'k' is 'k_pre',
-    measured once. progress(done, total): after each projected pass. The model's modes and the
-    random number generators are restored; its weights are never touched."""
-    from ..attach import detect
-
-    att = attachment if attachment is not None else detect(model)
-    possible = kv_sites(att)
-    if not possible:
-        raise RankscopeError(
-            f"KV headroom needs a language-model head and keys rankscope can replace; {att.family} has not both"
-        )
-    sites = tuple(possible if sites is None else sites)
-    for s in sites:
-        if s not in possible:
-            raise RankscopeError(f"KV headroom at {s!r} is not available for {att.family} (only {', '.join(possible)})")
-    ladder = _check_ladder(ladder, att.head_dim, tol)
-    kc = att.key_cache
-    measured = sorted({_measured_site(att, s) for s in sites}, key=KV_SITES.index)
-    modes = {m: m.training for m in model.modules()}
-    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    handles = [h for c in att.contexts for h in c.attach()]
-    try:
-        with torch.random.fork_rng(devices=devices):
-            model.eval()
-            l_full, grams, layouts = _unprojected_pass(model, att, measured, x, y)
-            eig = dict(zip(grams, eigh_batched(list(grams.values()))))  # on a GPU: one copy to the host
-            modules = {(s, layer): m for s in measured for layer, m in _matching(model, _edit_site(kc, s).pattern)}
-
-            def loss_at(key: tuple[str, int, int], r: int) -> torch.Tensor:
-                s, layer, g = key
-                p, site = _top(eig[(s, layer)], g, r), _edit_site(kc, s)
-                if s == "k" and kc.scored is None:  # through the stored keys and the model's own rotary
-                    hook = _replace_head(site, layer, layouts[layer], g, _project_after_rope(kc.rotate, layer, p))
-                else:
-                    hook = _replace_head(site, layer, layouts[layer] if site is kc.store else "BTHE", g, _project(p))
-                hd = modules[(s, layer)].register_forward_hook(hook)
-                try:
-                    return att.loss(x, y)
-                finally:
-                    hd.remove()
-
-            keys = [(s, layer, g) for s in measured for layer in range(att.n_layer) for g in range(att.n_kv_head)]
-            found = _search(keys, ladder, tol, l_full, loss_at, progress)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, was in modes.items():
-            m.training = was
-    rows: list[Row] = []
-    for s in sites:
-        src = _measured_site(att, s)
-        for layer in range(att.n_layer):
-            r90 = r90_from_eigenvalues(eig[(src, layer)].eigenvalues).tolist()
-            rows += [r for g in range(att.n_kv_head) for r in _rows(layer, g, s, found[(src, layer, g)], r90[g])]
-    return rows
-
-
-def _edit_site(kc: Any, site: str) -> Any:
-    """Where a projection of `site`'s keys is written: the scored keys' own output, else the store."""
-    return kc.scored if site == "k" and kc.scored is not None else kc.store
-
-
-def max_passes(att: Any, ladder_len: int) -> int:
-    """The most projected passes `model_kv_headroom` can take for an attachment: every layer, kv
-    head and measured key site, ceil(log2(rungs)) search steps each."""
-    sites = len({_measured_site(att, s) for s in kv_sites(att)})
-    return att.n_layer * att.n_kv_head * sites * math.ceil(math.log2(ladder_len))
-
-
-AUTO_BUDGET_S = 300.0  # `rankscope analyze --kv-headroom auto` measures a foreign model when it fits this
-
-
-def _timed_loss(att: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Seconds of one loss pass of the attached model (its device synchronised)."""
-    import time
-
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        sync()
-        t0 = time.perf_counter()
-        att.loss(x, y)
-        sync()
-    return time.perf_counter() - t0
-
-
-def write_headroom(
-    model: nn.Module,
-    ids: torch.Tensor,
-    out_dir: Path,
-    base: Row,
-    tol: float = 0.01,
-    *,
-    progress: bool = False,
-    mode: str = "on",
-) -> tuple[str, Path | None]:
-    """`rankscope analyze`: measure the KV headroom of `model` on the probe batch `ids` (B, T)
-    (inputs ids[:, :-1], targets ids[:, 1:]; bf16 autocast on CUDA as the trainer's evaluation):
-    `kv_headroom` for rankscope's GPT, `model_kv_headroom` for any other model with a key cache and
-    a loss (with a progress bar on stderr when `progress`). Writes out_dir/kv_headroom.csv (the
-    probe table's columns, `base` filling arm, seed, step, tokens) and out_dir/kv_headroom.png, and
-    returns summary.md's "KV-cache headroom" section and the figure's path; for a model whose keys
-    cannot be replaced, a section saying so and None. mode "auto": a model other than rankscope's
-    is measured only when one loss pass, timed here, times `max_passes` fits in AUTO_BUDGET_S; else
-    the section says how long it would take and how to ask for it."""
-    import sys
-
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from ..attach import detect
-    from ..core.model import GPT
-    from ..report.kv_headroom import PLOT, analyze_markdown, headroom_frame, headroom_table, plot_kv_headroom
-    from ..report.plotstyle import arm_colors
-    from ..storage.store import PROBE_COLUMNS, TableWriter
-
-    att = detect(model)
-    if not isinstance(model, GPT) and not kv_sites(att):
-        why = "it has no language-model head" if att.loss is None else "rankscope cannot replace its cached keys"
-        return f"\n## KV-cache headroom\n\nNot measured for this {att.family} model: {why}.\n", None
-    ids = ids.to(next(model.parameters()).device)
-    x, y, dev = ids[:, :-1], ids[:, 1:], ids.device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        if mode == "auto" and not isinstance(model, GPT):
-            passes = max_passes(att, len(rank_ladder(att.head_dim)))
-            estimate = passes * _timed_loss(att, x, y)
-            if estimate > AUTO_BUDGET_S:
-                from ..run.progress import fmt_duration
-
-                return (
-                    f"\n## KV-cache headroom\n\nNot measured: on this device it would take about "
-                    f"{fmt_duration(estimate)} (up to {passes} forward "
-                    f"passes); `--kv-headroom on` measures it.\n",
-                    None,
-                )
-        if isinstance(model, GPT):
-            rows = kv_headroom(model, x, y, tol=tol)
-        else:
-            with tqdm(desc="KV headroom", unit="pass", file=sys.stderr, disable=not progress, leave=False) as bar:
-
-                def tick(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
-
-                rows = model_kv_headroom(model, x, y, tol=tol, attachment=att, progress=tick)
-    out_dir = Path(out_dir)
-    path = out_dir / HEADROOM_TABLE
-    path.unlink(missing_ok=True)  # a rerun replaces the table
-    writer = TableWriter(path, PROBE_COLUMNS)
-    writer.append({**base, **r} for r in rows)
-    writer.close()
-    arm = str(base["arm"])
-    frame = headroom_frame(pd.DataFrame([{**base, "arm": arm, "seed": 0, "tokens": 0, **r} for r in rows]))
-    plot = plot_kv_headroom(frame, [arm], arm_colors([arm]), out_dir / PLOT, head_dim=att.head_dim, tol=tol)
-    section = analyze_markdown(headroom_table(frame, att.head_dim), tol)
-    if plot is not None:
-        section += f"\n{plot.caption} ({PLOT})\n"
-    return section, plot.path if plot is not None else None
-
-
 __all__ = [
-    "HEADROOM_TABLE",
     "KV_METRICS",
     "KV_SITES",
+    "check_ladder",
+    "headroom_rows",
     "kv_headroom",
-    "kv_sites",
-    "model_kv_headroom",
+    "projector",
     "r90_from_eigenvalues",
-    "write_headroom",
+    "rank_search",
+    "replace_head",
+    "top_projection",
 ]

@@ -40,7 +40,7 @@ The fit, where the other metrics take every eigenvalue, takes the ranks `DECAY_F
 Both are NaN with fewer than 3 eigenvalues left (a dead head; any d < 8, the least with ranks 2 to 4),
 and for a spectrum flat to round-off over the ranks (log λ spread no more than its round-off), α = 0
 and R² = 1, the power law that fits it exactly, instead of a slope and an R² fitted to round-off.
-decay counts no dimensions (`Metric.dimensions`): the report marks neither direction better.
+decay counts no dimensions (`settings.vocab.Metric.dimensions`): the report marks neither direction better.
 
 The eigenvalues come from `eigvalsh_batched`, which decomposes a batch where it is fastest: where
 the matrices live, or on the host when they sit on a GPU and are larger than its batched solver takes.
@@ -49,7 +49,6 @@ the matrices live, or on the host when they sit on a GPU and are larger than its
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -57,39 +56,8 @@ if TYPE_CHECKING:
 
     import torch
 
-# torch is imported inside the math below, not here: the report reads this module's vocabulary
-# (the names and labels of the metrics) and never imports torch.
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One spectrum metric: its column name in the probe table, how the report names it, and
-    whether it counts dimensions (then more is better, the seed's convention: "higher")."""
-
-    name: str
-    label: str
-    dimensions: bool = True
-
-
-# Every metric `metrics_from_gram` returns, in table order. Adding a metric: a line here, its
-# formula in `metrics_from_gram`, and a test; the probe, the store and the report follow.
-SPECTRUM: dict[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("pr_sv", "PR"),
-        Metric("pr_eig", "PR (covariance)"),
-        Metric("erank", "effective rank"),
-        Metric("stable_rank", "stable rank"),
-        Metric("r90", "r90"),
-        Metric("decay", "decay exponent α", dimensions=False),
-        Metric("decay_r2", "decay fit R²", dimensions=False),
-    )
-}
-METRICS: tuple[str, ...] = tuple(SPECTRUM)
-
-
-def metric_label(metric: str) -> str:
-    return SPECTRUM[metric].label if metric in SPECTRUM else metric
+# torch is imported inside the math below, not here. The metrics' names and labels (SPECTRUM,
+# METRICS) are `rankscope.settings.vocab`'s, which the report reads without torch.
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,7 @@ def _share(energy: Sequence[float], part: str) -> float:
 
 def k_part(optim: Any) -> str | None:
     """The letters of K's Muon part for an `OptimConfig`, or None when Muon does not train K."""
-    from ..settings.config import muon_partition
+    from ..settings.muon_qkvo import muon_partition
 
     if optim.name != "muon":
         return None

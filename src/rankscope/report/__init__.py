@@ -14,16 +14,19 @@ The modules, from data to document:
     paradox       the seed's paradox table, computed and rendered
     compare       every pair of arms; rank against downstream correlations
     factorial     two settings crossed, read as main, simple and interaction effects
-    layers        per-layer views at the end: collapse diagnosis, functional rank, rank sweep
+    layer_tables  per-layer views at the end: collapse diagnosis, functional rank, rank sweep
     summary       the written summary, sentence by sentence
     seedcompare   the seed study's published figures beside this study's
     analysis      everything one report computes, once
     plotstyle     what every figure shares: Plot, arm colours, file names, saving, axes style
-    curves        figures over training tokens
+    token_axis    the token axis of every figure over training (linear, or log with token 0)
+    band_panels   what panels over training share: mean lines, t bands, fitted limits, zooms
+    curves        figures over training tokens: loss and key PR, the downstream measures
+    rank_scatter  key PR against each downstream measure, every eval point and run end
     layer_plots   figures across layers and heads (analyze's layer x head heatmap too)
     figures       which figures a report draws
     study_setup   the study described: setup, arms, run status, shared settings
-    doc           the block model rendered to markdown and HTML
+    blocks        the document's building blocks, rendered to markdown and HTML
     document      the report's sections in order, report.md, report.html and the terminal text
     model_summary the key-PR summary `rankscope analyze` writes for one model
 """

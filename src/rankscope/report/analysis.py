@@ -13,7 +13,7 @@ import pandas as pd
 from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
 from .factorial import Grid, effects_table, find_grid
 from .kv_headroom import headroom_frame, headroom_table, run_tolerance
-from .layers import Diagnosis, diagnoses, functional_rank_data, rank_sweep_curves
+from .layer_tables import Diagnosis, diagnoses, functional_rank_data, rank_sweep_curves
 from .load import StudyData
 from .paradox import paradox_table
 from .quantities import KEY_FUNCTIONAL_RANK, VAL_LOSS, Quantity, probe_quantity
@@ -141,10 +141,10 @@ class FigureData:
     seeds: dict[str, int]  # seeds per arm behind those two
     downstream: list[tuple[Quantity, pd.DataFrame]]  # each downstream measure per arm and eval point
     downstream_seeds: dict[str, int]
-    functional_rank: dict[str, pd.DataFrame]  # layers.functional_rank_data: per arm, per layer
+    functional_rank: dict[str, pd.DataFrame]  # layer_tables.functional_rank_data: per arm, per layer
     functional_rank_tokens: dict[str, int]
     functional_rank_seeds: dict[str, int]
-    rank_sweep: dict[str, pd.DataFrame]  # layers.rank_sweep_curves, where functional rank was measured
+    rank_sweep: dict[str, pd.DataFrame]  # layer_tables.rank_sweep_curves, where functional rank was measured
     scatter: pd.DataFrame  # compare.rank_downstream_frame: per run and eval point
     scatter_targets: list[Quantity]
     scatter_stats: dict[str, tuple[float, float, int]]  # per target: Pearson r, its p and n over run ends

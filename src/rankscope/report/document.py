@@ -1,4 +1,4 @@
-"""The study report as one document: its sections in reading order as blocks (`doc.py`), written to
+"""The study report as one document: its sections in reading order as blocks (`blocks.py`), written to
 report.md (figures as relative links) and to one self-contained report.html (figures embedded), so
 the two always agree; and the paradox table as plain text for the terminal.
 
@@ -20,15 +20,15 @@ from ..settings.units import fmt_count
 from ..settings.vocab import site_description
 from ..storage.fsio import write_text
 from .analysis import ReportNumbers, compute_numbers
+from .blocks import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown
 from .compare import NOT_COMPARABLE
-from .doc import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown
 from .factorial import effect_rows
 from .factorial import sentences as factorial_sentences
 from .figures import draw_figures
 from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, resolving_decimals, signed
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import headroom_blocks
-from .layers import DIAGNOSIS, collapse_rule, collapsed_rows
+from .layer_tables import DIAGNOSIS, collapse_rule, collapsed_rows
 from .load import StudyData, StudyDirs, load_study
 from .paradox import format_table, paradox_blocks
 from .plotstyle import Plot

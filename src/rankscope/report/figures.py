@@ -2,7 +2,8 @@
 chance and floor levels, and which arms are still at them.
 
 The data comes summarised from `analysis.figure_data`; the drawing is in `curves.py` (over
-training), `heatmaps.py` (layers over training) and `layer_plots.py` (across layers). A figure whose
+training), `rank_scatter.py` (rank against downstream), `heatmaps.py` (layers over training) and
+`layer_plots.py` (across layers). A figure whose
 data is absent is left out. Arms are drawn together (overlaid, or side by side on shared scales) so
 they are compared without scrolling: the figures that used to come one per arm are now one
 `<kind>_arms.png` each (the diagnosis continues in `diagnosis_arms_2.png` and on when more arms
@@ -18,7 +19,7 @@ import pandas as pd
 
 from ..settings.vocab import site_description
 from .analysis import ReportNumbers, figure_data
-from .curves import plot_downstream, plot_loss_pr, plot_rank_scatter
+from .curves import plot_downstream, plot_loss_pr
 from .heatmaps import plot_pr_heatmaps
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import plot_kv_headroom
@@ -30,7 +31,7 @@ from .layer_plots import (
     plot_layer_pr,
     plot_rank_sweep,
 )
-from .layers import collapse_rule
+from .layer_tables import collapse_rule
 from .plotstyle import Plot, arm_colors
 from .quantities import (
     AT,
@@ -43,6 +44,7 @@ from .quantities import (
     quantity_name,
     still_at_chance,
 )
+from .rank_scatter import plot_rank_scatter
 from .series import choose_points, seed_values
 from .trajectory import plot_contrast_trajectories
 

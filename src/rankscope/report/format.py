@@ -2,7 +2,7 @@
 decimals chosen per quantity, one difference in words, and plain-text tables for a terminal.
 
 Strings only; the numbers come from `stats.py` and the tables that use them. Markdown and HTML
-tables are the document model's (`doc.py`).
+tables are the document model's (`blocks.py`).
 """
 
 from __future__ import annotations

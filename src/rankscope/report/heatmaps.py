@@ -20,9 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .curves import log_axis_clause, tokens_axis
 from .format import seeds_text
 from .plotstyle import MAX_WIDTH_IN, Plot, new_figure, save
+from .token_axis import log_axis_clause, tokens_axis
 
 
 def wrap_phrases(text: str, width: int) -> str:

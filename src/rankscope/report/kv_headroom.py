@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..settings.units import fmt_count
-from .doc import Block, Para, Table, code, md_escape
+from .blocks import Block, Para, Table, code, md_escape
 from .plotstyle import Plot, new_figure, save, style_axes
 
 KV_METRICS = ("kv_rank", "kv_dloss", "kv_r90")  # headroom.KV_METRICS (this module stays torch-free)

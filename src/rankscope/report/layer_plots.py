@@ -18,7 +18,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from ..settings.units import fmt_count
 from .format import seeds_text
-from .layers import DiagPanel
+from .layer_tables import DiagPanel
 from .plotstyle import (
     CHANCE,
     FLAG,
@@ -125,7 +125,7 @@ DIAG_MAX_ARMS = 4  # arms per diagnosis figure: more are split over several figu
 
 @dataclass(frozen=True)
 class DiagColumn:
-    """One arm's column of the diagnosis figure (from `layers.Diagnosis`)."""
+    """One arm's column of the diagnosis figure (from `layer_tables.Diagnosis`)."""
 
     arm: str
     panels: list[DiagPanel]
@@ -164,7 +164,7 @@ def plot_diagnosis(
     flag_rule: str = "",
 ) -> Plot | None:
     """The arms side by side (one column each), one quantity per row, across the layers of each arm
-    at its END; every row's y-range is shared by all arms (`layers.diagnoses`), so a row reads
+    at its END; every row's y-range is shared by all arms (`layer_tables.diagnoses`), so a row reads
     across. The collapsed layers of an arm (`flagged`) are shaded in its column, so what they did
     differently lines up.
 
@@ -303,7 +303,7 @@ def plot_functional_rank(
     whisk = max(
         float(np.nanmax(np.append(d["hi"].to_numpy(float), -np.inf))) for a, d in data.items() if a in arms and len(d)
     )
-    top = max(top, min(whisk, top * 1.25))  # whiskers never set the scale (see layers.diagnoses)
+    top = max(top, min(whisk, top * 1.25))  # whiskers never set the scale (see layer_tables.diagnoses)
     top = max(top, head_dim or 0) * 1.08
     max_n = 1
     for i, (ax, a) in enumerate(zip(axes, arms)):

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..settings.units import fmt_count
-from .doc import Block, Para, Table, md_escape, to_markdown
+from .blocks import Block, Para, Table, md_escape, to_markdown
 from .format import bare_p, decimals_for, describe, fmt_interval, fmt_mean_ci, resolving_decimals, signed, text_table
 from .quantities import VAL_LOSS, probe_quantity
 from .series import CELL_STATS, arm_order, cell_of, choose_points, downstream_series, quantity_series, seed_values

@@ -9,7 +9,7 @@ function returns a `Plot` (path and a caption that says what the figure shows, b
 None when its data is absent, so the report never embeds an empty axis.
 
 Sizes: report.html shows every figure at its natural size, one figure inch as `DISPLAY_DPI` CSS
-pixels (`doc.py` reads the size from the PNG), so a figure is designed at the size it is read:
+pixels (`blocks.py` reads the size from the PNG), so a figure is designed at the size it is read:
 at most `MAX_WIDTH_IN` wide (the HTML's text column) and text no smaller than `SMALL` points
 (10 px at 80 px per inch; tick labels at matplotlib's 10 pt are 11 px). PNGs are written at
 `DPI` = twice that, sharp on high-density screens.
@@ -37,7 +37,7 @@ from ..storage import fsio
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 from ..settings.units import fmt_count_ticks
-from .doc import DISPLAY_DPI
+from .blocks import DISPLAY_DPI
 
 DPI = 2 * DISPLAY_DPI  # pixels per figure inch in the PNG: two per displayed CSS pixel
 MAX_WIDTH_IN = 14.0  # the HTML's text column (about 1130 px) at DISPLAY_DPI

@@ -2,8 +2,8 @@
 better, and the chance or floor level a quantity starts from (`chance_level`, and `still_at_chance`:
 has it left that level?). A registry only; `series.py` reads their values from the store's tables.
 
-Site and metric names come from `rankscope.settings.vocab` and `rankscope.measure.metrics`; a probe quantity is
-keyed ``"<site>:<metric>"`` (``"k:pr_sv"``: the seed's mean key PR), a scalar one by its column.
+Site and metric names come from `rankscope.settings.vocab`; a probe quantity is keyed
+``"<site>:<metric>"`` (``"k:pr_sv"``: the seed's mean key PR), a scalar one by its column.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..measure.metrics import SPECTRUM, metric_label
-from ..settings.vocab import site_description, site_label
+from ..settings.vocab import SPECTRUM, metric_label, site_description, site_label
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ INDUCTION_MAX = Quantity(
 )
 # The downstream measures the seed asks about ("is QK-Norm cheating?"), in report order.
 DOWNSTREAM = ("ood_loss", "icl_score", "induction_loss", "induction_score", "induction_max")
-# The keys' functional rank (evals.functional_rank, per layer, averaged over layers): the fewest
+# The keys' functional rank (measure.functional_rank, per layer, averaged over layers): the fewest
 # key dimensions that keep the loss within 1%. No direction: fewer needed is neither good nor bad.
 KEY_FUNCTIONAL_RANK = Quantity(
     "k:functional_rank",
@@ -152,7 +151,7 @@ class ChanceLevel:
 
 
 def uniform_induction_score(seq_len: int) -> float:
-    """The induction score (`evals.InductionScores`) of uniform causal attention on a sequence of
+    """The induction score (`measure.induction.InductionScores`) of uniform causal attention on a sequence of
     `seq_len` tokens (two copies of seq_len // 2): a query at position i gives each of its i + 1
     keys 1 / (i + 1), averaged over the second copy's positions i = L .. 2L - 1; about ln 2 / L."""
     L = int(seq_len) // 2

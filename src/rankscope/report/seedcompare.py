@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..settings.config import MUON_PARTITION, muon_partition
+from ..settings.muon_qkvo import MUON_PARTITION, muon_partition
 from ..settings.seedref import SEED_FIGURES_NOTE
 from ..settings.units import fmt_count
-from .doc import md_escape
+from .blocks import md_escape
 from .format import seeds_text
 from .load import StudyData
 from .series import INTERPOLATE, quantity_series, runs_at

@@ -10,7 +10,7 @@ from typing import Any
 from ..settings.flat import flatten
 from ..settings.seedref import SEED_DATA, differences, reference_for, show_value
 from ..settings.units import fmt_count
-from .doc import Table, code, md_escape
+from .blocks import Table, code, md_escape
 from .load import Run, StudyData
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 
 from ..settings.units import fmt_count
-from .doc import md_escape
+from .blocks import md_escape
 from .format import decimals_for, fmt_interval, fmt_p, resolving_decimals, seeds_text, signed
 from .kv_headroom import SHOWN_SITES
-from .layers import Diagnosis, collapse_rule, functional_rank_data
+from .layer_tables import Diagnosis, collapse_rule, functional_rank_data
 from .load import StudyData
 from .paradox import table_arms
 from .quantities import (

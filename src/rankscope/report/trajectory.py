@@ -18,13 +18,13 @@ import pandas as pd
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
 
 from ..settings.units import fmt_count
-from .curves import tokens_axis
-from .doc import Block, Para, Table, md_escape
+from .blocks import Block, Para, Table, md_escape
 from .format import MINUS, decimals_for, fmt_mean_ci, resolving_decimals, signed
 from .plotstyle import Plot, new_figure, reference_line, save, style_axes
 from .quantities import Quantity
 from .series import compare_at
 from .stats import PAIRED_CONSTANT
+from .token_axis import tokens_axis
 
 COLUMNS = ["tokens", "mean", "lo", "hi", "p", "n", "test"]
 

@@ -108,38 +108,32 @@ def step_parts(cfg, device: torch.device, steps: int = 6, warmup: int = 2, compi
     the device synchronised after each: forward (the loss, under the run's autocast), backward,
     and optimizer (the gradient norm, the optimizer step and zero_grad, QK-Clip where set), as
     `train()` takes them, on a random batch, after `warmup` untimed steps (compilation, first-call
-    allocation). `compiled`: the step runs under torch.compile, as `train()` runs it when
-    `train.compiles` says so."""
-    import contextlib
-
+    allocation). The model, optimizers, compilation and autocast are the run's own
+    (`build.build_learner`) in one process; `compiled`: the step runs under torch.compile, as
+    `train()` runs it when `train.compiles` says so."""
     import torch
 
-    from ..core.model import GPT, mixed_precision, qk_clip
-    from ..core.optim import build_optimizers, optimizer_step
+    from ..core.model import qk_clip
+    from ..core.optim import optimizer_step
+    from .build import build_learner
+    from .dist import World
 
-    use_cuda = device.type == "cuda"
-    model = GPT(cfg.model)
-    model.reset_parameters(cfg.seed)
-    model.to(device).train()
-    for block in model.blocks:
-        block.attn.track_max_logit = cfg.optim.qk_clip_tau > 0
-    opt = build_optimizers(model, cfg.optim, fused=use_cuda)
-    step_model = torch.compile(model) if compiled else model
-
-    autocast = (lambda: mixed_precision(device.type)) if use_cuda else contextlib.nullcontext
+    learner = build_learner(cfg, device, World(), compiled)
+    model, opt = learner.model, learner.opt
+    model.train()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.batch_size, cfg.train.seq_len), generator=g).to(device)
 
     def sync() -> float:
-        if use_cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
     for i in range(warmup + steps):
         t0 = sync()
-        with autocast():
-            loss = step_model(x, y)
+        with learner.autocast():
+            loss = learner.loss(x, y)
         t1 = sync()
         loss.backward()
         t2 = sync()
@@ -161,8 +155,9 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     from ..settings.config import preset as get_preset
     from ..storage.provenance import cpu_info
     from ..storage.store import CONFIG, load_scalars, read_json
-    from .cadence import eval_steps
-    from .train import compiles, resolve_device, train
+    from .build import compiles, resolve_device
+    from .cadence import run_cadence
+    from .train import train
 
     cfg = apply_overrides(get_preset(preset), overrides)
     device = resolve_device(cfg.train.device)
@@ -200,8 +195,7 @@ def run_bench(preset: str, tokens: int | None, overrides: dict[str, str], progre
     each = rows["eval_s"].diff().fillna(rows["eval_s"]).to_numpy()
     eval_each = float(statistics.median(each[:-1])) if n_evals > 1 else float(each[0])
     end_extra = max(0.0, float(each[-1]) - eval_each)
-    full_steps = -(-cfg.train.tokens // tps)
-    full_evals = len(eval_steps(full_steps, tps, cfg.train.eval_every, cfg.train.eval_schedule, cfg.train.eval_points))
+    full_evals = len(run_cadence(cfg).evals)  # the preset's own schedule over its whole budget
     full_eval_s = full_evals * eval_each + end_extra
     full_s = cfg.train.tokens / tok_s + full_eval_s
     rate = statistics.mean(rates)

@@ -5,8 +5,8 @@ dotted path (`model.qk_norm=none`, `optim.muon_lr=0.024`); unknown keys, wrong t
 out of range are rejected with one clear line (nanoGPT's configurator idea, litgpt's typed Config).
 
 Every field declares what it accepts next to its default: a `Literal` of choices, or
-`Annotated[type, rule]` with a `Range`, `Match` or `Distinct` rule. `_coerce` applies the type and
-the rule wherever a value comes in (study file, `--set`, `--tokens`, `--seeds`, a saved config), so
+`Annotated[type, rule]` with a `Range`, `Match` or `Distinct` rule. `coerce.coerce` applies the type
+and the rule wherever a value comes in (study file, `--set`, `--tokens`, `--seeds`, a saved config), so
 a bad value stops the command before any data is read or anything is written; `validate` adds the
 rules that tie several fields together. This module never imports torch.
 """
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, Literal
 
 from ..errors import ConfigError
+from .coerce import coerce
+from .flat import flatten
+from .muon_qkvo import MUON_PARTITION, MUON_PARTITION_WHAT, muon_partition_checks
 from .rules import Distinct, Match, Range, show_value
-from .units import parse_count
 from .vocab import ProbeSite
 
 # Settings with a fixed set of values are typed with them: a wrong value is caught where it is
@@ -64,29 +66,6 @@ _NonNegative = Annotated[float, Range(0)]
 # Adam's betas and Muon's momentum: a momentum of 1 never takes in a gradient (torch refuses it too).
 _Momentum = Annotated[float, Range(0, 1, hi_open=True)]
 _Tokens = Annotated[int, Range(0, INT64_MAX)]
-
-
-# `optim.muon_qkvo`: an alias, or a partition of {q, k, v, o} into parts joined by "+" (each letter
-# once): "qkvo" is the seed's stack, "q+k+v+o" each matrix alone, "k+qvo" K alone beside the rest.
-MUON_PARTITION = (
-    r"stacked|separate|per_head"  # the aliases, or: every letter present, none twice, "+" between parts
-    r"|(?=[^q]*q)(?=[^k]*k)(?=[^v]*v)(?=[^o]*o)(?!.*([qkvo]).*\1)[qkvo]+(\+[qkvo]+)*"
-)
-MUON_PARTITION_WHAT = "stacked, separate, per_head or a partition of q, k, v, o such as qk+vo (each letter once)"
-_MUON_ALIASES = {"stacked": "qkvo", "separate": "q+k+v+o", "per_head": "q+k+v+o"}
-_QKVO = "qkvo"
-
-
-def muon_partition(qkvo: str, head_group: int = 0) -> tuple[tuple[str, ...], int]:
-    """The parts Muon orthogonalizes together and the heads per block, from `optim.muon_qkvo` and
-    `optim.muon_head_group`: ("qkvo",), 0 for the seed's stack. Letters keep the seed's Q, K, V, O
-    order within a part and parts are ordered by their first letter, so "vo+kq" is "qk+vo".
-    `per_head` is q+k+v+o cut into single heads unless a head group is given."""
-    parts = _MUON_ALIASES.get(qkvo, qkvo).split("+")
-    canonical = sorted(("".join(sorted(p, key=_QKVO.index)) for p in parts), key=lambda p: _QKVO.index(p[0]))
-    if qkvo == "per_head" and head_group == 0:
-        head_group = 1
-    return tuple(canonical), head_group
 
 
 @dataclass(frozen=True)
@@ -249,70 +228,6 @@ def preset(name: str) -> RunConfig:
 
 # --- overrides -------------------------------------------------------------------------------
 
-# What each plain type accepts, for messages.
-_KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _coerce(key: str, typ: Any, value: Any) -> Any:
-    """Turn a TOML value or a command-line string into the field's type and check its rule, or fail
-    with one line that names the key, the value and what is allowed."""
-    origin = typing.get_origin(typ)
-    if origin is Annotated:
-        base, *rules = typing.get_args(typ)
-        try:
-            typed = _coerce(key, base, value)
-        except ConfigError:
-            ranges = [r for r in rules if isinstance(r, Range)]
-            if ranges:  # '1e400' or 'lots' for a count: say which numbers would do
-                raise ConfigError(f"{key} must be {ranges[0].describe(base)}, got {show_value(value)}") from None
-            raise
-        for rule in rules:
-            rule.check(key, typed, value)  # the message shows the value as given: '-1', not -1.0
-        return typed
-    from_text = isinstance(value, str)
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if from_text and value.strip().lower() in ("true", "1", "yes", "on"):
-                return True
-            if from_text and value.strip().lower() in ("false", "0", "no", "off"):
-                return False
-        elif typ is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, float) and value.is_integer():  # TOML's 2.0; not inf or nan
-                return int(value)
-            if from_text:
-                try:
-                    return int(value)  # exact, however many digits ('-3' included, for a range message)
-                except ValueError:
-                    return parse_count(value)  # 2M, 1.5e6, 4_096
-        elif typ is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if from_text:
-                return float(value)
-        elif typ is str:
-            if isinstance(value, str):
-                return value
-        elif origin is Literal:
-            choices = typing.get_args(typ)
-            if isinstance(value, str) and value in choices:
-                return value
-            raise ConfigError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {show_value(value)}")
-        elif origin is tuple:
-            (inner, _) = typing.get_args(typ)
-            items = value.split(",") if from_text else value
-            if isinstance(items, (list, tuple)):
-                return tuple(_coerce(key, inner, v.strip() if isinstance(v, str) else v) for v in items if v != "")
-            raise ConfigError(f"{key} must be a comma-separated list, got {show_value(value)}")
-    except ConfigError:
-        raise
-    except (ValueError, OverflowError):  # float('x'), float(10**400), int('9' * 5000)
-        pass
-    raise ConfigError(f"{key} must be {_KIND.get(typ, getattr(typ, '__name__', str(typ)))}, got {show_value(value)}")
-
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
@@ -351,13 +266,13 @@ def _set(obj: Any, path: list[str], value: Any, key: str) -> Any:
     if len(path) == 1:
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"{key!r} is a section; set one of its fields, e.g. {key}.{fields(current)[0].name}=...")
-        return replace(obj, **{path[0]: _coerce(key, _field_types(type(obj))[path[0]], value)})
+        return replace(obj, **{path[0]: coerce(key, _field_types(type(obj))[path[0]], value)})
     if not dataclasses.is_dataclass(current):
         raise ConfigError(f"unknown setting {show_value(key)}: {path[0]} has no fields")
     return replace(obj, **{path[0]: _set(current, path[1:], value, key)})
 
 
-def _field_type(key: str) -> Any:
+def field_type(key: str) -> Any:
     """The annotated type of a dotted setting name ('train.tokens')."""
     cls: Any = RunConfig
     *sections, name = key.split(".")
@@ -370,7 +285,7 @@ def setting_value(name: str, key: str, value: Any) -> Any:
     """`value` typed and checked by setting `key`'s rule, with `name` in the message: for flags
     that stand for one setting (`--tokens` for train.tokens, each of `--seeds` for seed), so they
     accept exactly what `--set key=...` accepts."""
-    return _coerce(name, _field_type(key), value)
+    return coerce(name, field_type(key), value)
 
 
 def parse_set(items: list[str]) -> dict[str, str]:
@@ -392,7 +307,7 @@ def _check_fields(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_fields(value, key + ".")
         else:
-            _coerce(key, typ, value)
+            coerce(key, typ, value)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -413,7 +328,7 @@ def validate(cfg: RunConfig) -> None:
             f"optim.muon_ns_steps must be 1..5 for polar_express (five coefficient triples) and 1..99 otherwise, "
             f"got {o.muon_ns_steps}",
         ),
-        *(_muon_partition_checks(m, o) if o.name == "muon" else []),
+        *(muon_partition_checks(m, o) if o.name == "muon" else []),
         (
             t.batch_size % t.grad_accum == 0,
             f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum ({t.grad_accum})",
@@ -447,51 +362,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(message)
 
 
-def _muon_partition_checks(m: ModelConfig, o: OptimConfig) -> list[tuple[bool, str]]:
-    """What a Muon partition needs of the model's shapes. Whole matrices stack by rows, so a part
-    that holds O beside another matrix needs O's columns (heads x head_dim) to be d_model wide. Cut
-    into heads, every matrix of a part must have as many head groups: Q and O count query heads,
-    K and V kv heads, so a part mixing the two needs as many kv heads as query heads."""
-    parts, g = muon_partition(o.muon_qkvo, o.muon_head_group)
-    name = f"optim.muon_qkvo={o.muon_qkvo}"
-    if g == 0:
-        stacks_o = any("o" in p and len(p) > 1 for p in parts)
-        return [
-            (
-                not stacks_o or m.n_head * m.head_dim == m.d_model,
-                f"{name} stacks O's weight with other matrices by rows, which needs model.n_head x "
-                f"model.head_dim ({m.n_head} x {m.head_dim}) = model.d_model ({m.d_model}); "
-                f"use a partition with o alone (such as qkv+o), separate or per_head",
-            )
-        ]
-    counts = {"q": m.n_head, "o": m.n_head, "k": m.n_kv_head, "v": m.n_kv_head}
-    heads = {counts[x] for p in parts for x in p}
-    mixed = any(len({counts[x] for x in p}) > 1 for p in parts)
-    return [
-        (
-            all(h % g == 0 for h in heads),
-            f"optim.muon_head_group ({g}) must divide the heads it groups (model.n_head {m.n_head}"
-            + ("" if heads == {m.n_head} else f", model.n_kv_head {m.n_kv_head}")
-            + ")",
-        ),
-        (
-            not mixed,
-            f"{name} cut into heads stacks query-side (q, o) with kv-side (k, v) head groups, which needs "
-            f"model.n_kv_head ({m.n_kv_head}) = model.n_head ({m.n_head}); keep them in separate parts",
-        ),
-    ]
-
-
 def from_dict(d: Mapping[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from `to_dict()` output (for checkpoints and finished-run checks)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value
-
-    walk("", d)
-    return apply_overrides(RunConfig(), flat)
+    return apply_overrides(RunConfig(), flatten(d))

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def _bound(v: float) -> str:
+def show_bound(v: float) -> str:
     """A range's end as people read it: 1,024, 0.5, 2^63 - 1."""
     if isinstance(v, int):
         if v >= 2**31 and (v + 1) & v == 0:
@@ -46,13 +46,13 @@ class Range:
 
     def describe(self, typ: type) -> str:
         if typ is int:
-            text = f"an integer from {_bound(self.lo)} to {_bound(self.hi)}"
+            text = f"an integer from {show_bound(self.lo)} to {show_bound(self.hi)}"
         else:
-            low = f"{'>' if self.lo_open else '>='} {_bound(self.lo)}"
+            low = f"{'>' if self.lo_open else '>='} {show_bound(self.lo)}"
             if math.isinf(self.hi):
                 text = f"a finite number {low}"
             else:
-                text = f"a number {low} and {'<' if self.hi_open else '<='} {_bound(self.hi)}"
+                text = f"a number {low} and {'<' if self.hi_open else '<='} {show_bound(self.hi)}"
         return f"{text} ({self.why})" if self.why else text
 
     def check(self, key: str, value: Any, given: Any) -> None:

@@ -4,7 +4,8 @@ A *site* is where a per-head activation is read (the model's identity taps, or t
 point of another model found by `attach`); the `site` column of the probe table also holds a few
 layer-wide groups (attention statistics, QK-Norm gains, weight slices). Config validates against
 these names, the probes write them, the report displays them. Adding a site means a tap in the
-model and a line here. Metric names live with their math in `metrics.py`.
+model and a line here. A spectrum metric's name and label are here too (`SPECTRUM`); its formula is
+in `rankscope.measure.metrics`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,37 @@ def site_label(site: str) -> str:
 
 def site_description(site: str) -> str:
     return SITES[site].description if site in SITES else f"{site} site"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One spectrum metric: its column name in the probe table, how the report names it, and
+    whether it counts dimensions (then more is better, the seed's convention: "higher")."""
+
+    name: str
+    label: str
+    dimensions: bool = True
+
+
+# Every metric `measure.metrics.metrics_from_gram` returns, in table order. Adding a metric: a line
+# here, its formula in `metrics_from_gram`, and a test; the probe, the store and the report follow.
+SPECTRUM: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("pr_sv", "PR"),
+        Metric("pr_eig", "PR (covariance)"),
+        Metric("erank", "effective rank"),
+        Metric("stable_rank", "stable rank"),
+        Metric("r90", "r90"),
+        Metric("decay", "decay exponent α", dimensions=False),
+        Metric("decay_r2", "decay fit R²", dimensions=False),
+    )
+}
+METRICS: tuple[str, ...] = tuple(SPECTRUM)
+
+
+def metric_label(metric: str) -> str:
+    return SPECTRUM[metric].label if metric in SPECTRUM else metric
 
 
 # The built-in corpora `--data` and `data.path` accept by name, the default first (their

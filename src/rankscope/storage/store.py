@@ -30,13 +30,14 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RankscopeError
 from . import fsio
 from .locks import FileLock
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: `--help` and the writers never need it
+    import pandas as pd
 
 SCALAR_COLUMNS = (
     "arm",
@@ -262,6 +263,8 @@ def read_table(path: str | Path, expect: Mapping[str, Any] | None = None) -> pd.
     a row into NaN, a column of strings or a traceback. The store's text columns are read as text,
     so an arm named "001" stays "001".
     """
+    import pandas as pd
+
     path = Path(path)
     data = path.read_bytes()
     if not data.endswith(b"\n"):
@@ -372,6 +375,8 @@ def _check_values(
     thousands of lines in a long run), so the checks work on whole columns of pandas' own parse: a
     column the C parser read as numbers holds only numbers; only a column it could not is parsed
     again, cell by cell, to find the bad one."""
+    import pandas as pd
+
     bad: list[tuple[int, int, int]] = []  # (row, kind: 0 wrong type, 1 another run's, column)
     for j, col in enumerate(header):
         v = df.iloc[:, j]
@@ -414,6 +419,8 @@ def run_dirs(study_dir: str | Path) -> list[Path]:
 def _load(
     study_dirs: str | Path | Sequence[str | Path], name: str, columns: Sequence[str], finished_only: bool
 ) -> pd.DataFrame:
+    import pandas as pd
+
     if isinstance(study_dirs, (str, Path)):
         study_dirs = [study_dirs]
     frames = []
