@@ -148,3 +148,42 @@ def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak(preset, ove
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.5 <= r["estimate"] / r["measured"] <= 2.0, r
+
+
+@pytest.mark.parametrize("setting", ["train.batch_size=1048576", "probe.batch_size=1048576"])
+def test_rankscope_run_refuses_an_impossible_batch_before_writing_anything(tmp_path, setting):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rankscope",
+            "run",
+            "--set",
+            setting,
+            "--data",
+            str(shards(tmp_path)),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert "a run needs about" in lines[0] and setting.split("=")[0] in lines[0]
+    assert not out.exists()
+
+
+def test_a_study_says_its_memory_and_time_at_start(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "rankscope", "run", "--tokens", "4096", "--no-progress", "--no-report"]
+        + ["--data", str(shards(tmp_path)), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "rankscope: memory: about " in r.stderr and "available)" in r.stderr
+    assert "rankscope: time: about " in r.stderr and "for 2 runs from the start" in r.stderr

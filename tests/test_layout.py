@@ -25,7 +25,7 @@ LAYERS = {
     "report": {"settings", "storage"},
     "integrations": {"attach", "core", "data", "measure", "settings", "storage", "run"},
     "analyze": {"attach", "core", "data", "measure", "report", "run", "settings", "storage"},
-    "run": {"core", "data", "integrations", "measure", "settings", "storage", "report"},
+    "run": {"core", "data", "measure", "settings", "storage"},
 }
 
 

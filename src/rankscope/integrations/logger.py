@@ -37,10 +37,10 @@ from torch import nn
 from ..attach import Probe, device_of, reduction, token_batches
 from ..errors import RankscopeError
 from ..run.cadence import next_multiple
+from ..run.sinks import TensorBoardSink, WandbSink, installed, summarize
 from ..storage.provenance import environment, now
 from ..storage.store import RunStore, is_done, run_dir, write_start
 from .options import ProbeOptions
-from .sinks import TensorBoardSink, WandbSink, installed, summarize
 
 
 class ProbeLogger:

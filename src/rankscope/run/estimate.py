@@ -18,7 +18,8 @@ and cross-entropy's copies (10 bytes a logit), where the CPU's chunked head neve
 An evaluation runs a whole `train.batch_size` batch without gradients (one layer's transient at a
 time, and the head in chunks); the probe runs `probe.batch_size` sequences with its attention
 logits in chunks of 512 queries. The peak of the run is the largest of the three on top of what
-stays resident (weights and optimizer state).
+stays resident (weights and optimizer state); on a CPU, twice the tensors counted
+(`CPU_PROCESS_FACTOR`: what a process's resident memory measured above them).
 
 Time is `model.flops_per_token` x tokens (and the evaluations' forward passes) over a matmul rate
 measured here, at the fraction of it a step reaches (BENCHMARKS.md: 50-70% on a 2-core CPU).
@@ -41,6 +42,12 @@ from ..settings.config import RunConfig
 # small-model steps reach far less of a large bf16 matmul's rate.
 STEP_EFFICIENCY = {"cpu": 0.55, "cuda": 0.35, "mps": 0.35}
 ATTENTION_CHUNK = 512  # queries per chunk of the probe's attention logits (measure/attention.py)
+# A CPU process peaks above the tensors it holds: glibc keeps freed blocks (train.keep_freed_memory
+# raises its thresholds on purpose) and fragments them, and torch's runtime (oneDNN's scratch
+# buffers, OpenMP's threads) grows on first use. Measured over a short run of four shapes (tiny,
+# tiny with 128 probe sequences, d_model 384, deep; BENCHMARKS.md): the resident peak above the
+# process's start was 1.1-2.4x the tensors counted here. A CUDA peak is tensors alone.
+CPU_PROCESS_FACTOR = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +143,8 @@ def memory(cfg: RunConfig, device_type: str = "cpu", world_size: int = 1) -> Mem
             attention = 2 * b * m.n_head * min(ATTENTION_CHUNK, tc.seq_len) * tc.seq_len * 4
         sites = len(cfg.probe.sites) * b * tc.seq_len * m.n_head * m.head_dim * 4 * m.n_layer
         probe += forward(b) + attention + sites
-    return MemoryEstimate(params, int(resident), int(train), int(evaluation), int(probe))
+    f = 1.0 if cuda else CPU_PROCESS_FACTOR
+    return MemoryEstimate(params, int(f * resident), int(f * train), int(f * evaluation), int(f * probe))
 
 
 def available_memory(device) -> int | None:
@@ -199,3 +207,80 @@ def seconds(cfg: RunConfig, rate: float, device_type: str = "cpu", world_size: i
     eval_tokens = 2 * tc.eval_batches * tokens_per_step + cfg.probe.batch_size * tc.seq_len
     flops = steps * tokens_per_step * per_token + n_evals * eval_tokens * per_token / 3
     return flops / (rate * world_size * STEP_EFFICIENCY.get(device_type, 0.35))
+
+
+def quick_rate(device) -> float:
+    """A matmul rate measured in a few milliseconds (FLOP/s): float32 1024² on a CPU, bf16 4096² on
+    a GPU; the median of three after one warm-up. Smaller than `rankscope bench`'s, so it reads a
+    little low on a CPU, which errs towards a longer estimate."""
+    import statistics
+    import time
+
+    import torch
+
+    cuda = device.type == "cuda"
+    n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(4):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ a
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / max(statistics.median(times), 1e-9)
+
+
+def fmt_time(s: float) -> str:
+    """Seconds in the unit a person plans with: '40 s', '12 min', '3.5 h', '2.1 days'."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def memory_line(runs, world_size: int = 1) -> list[str]:
+    """Check that every run of `runs` ((arm, config) pairs) fits its device's memory, before
+    anything is written (ConfigError, one line naming the setting to lower, when one does not), and
+    say what the largest needs: the line a study prints at its start."""
+    from .build import resolve_device
+
+    worst: tuple[int, str, int | None] | None = None
+    for arm, cfg in runs:
+        device = resolve_device(cfg.train.device)
+        est, free = check_memory(cfg, device, world_size, what=f"{arm} seed {cfg.seed}")
+        if worst is None or est.peak > worst[0]:
+            worst = (est.peak, device.type, free)
+    if worst is None:
+        return []
+    peak, kind, free = worst
+    where = "the GPU has" if kind == "cuda" else "this machine has"
+    return [
+        f"rankscope: memory: about {fmt_bytes(peak)} a process at its peak (estimated"
+        + (f"; {where} {fmt_bytes(free)} available)" if free is not None else ")")
+    ]
+
+
+def time_line(runs, world_size: int = 1) -> list[str]:
+    """How long `runs` ((arm, config) pairs, each from its start) should take on this machine."""
+    from .build import resolve_device
+
+    total, rates = 0.0, {}
+    for _, cfg in runs:
+        device = resolve_device(cfg.train.device)
+        if str(device) not in rates:
+            rates[str(device)] = quick_rate(device)
+        total += seconds(cfg, rates[str(device)], device.type, world_size)
+    if not runs:
+        return []
+    n = len(runs)
+    return [
+        f"rankscope: time: about {fmt_time(total)} for {n} run{'s' if n != 1 else ''} from the start "
+        "(FLOPs at a matmul rate measured now; a guide within a factor of 2)"
+    ]

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from ..integrations.sinks import evaluation_summary, open_sinks
 from ..measure.functional_rank import functional_rank
 from ..measure.headroom import kv_headroom
 from ..measure.icl import loss_and_icl
@@ -26,6 +25,7 @@ from ..storage.store import RunStore, naming
 from .build import RunSetup
 from .progress import RunBar
 from .resume import Timers
+from .sinks import evaluation_summary, open_sinks
 
 
 class Evaluator:

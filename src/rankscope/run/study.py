@@ -26,6 +26,7 @@ from ..storage import store
 from ..storage.locks import FileLock, LockHeld
 from . import checkpoint
 from . import dist as rdist
+from .estimate import memory_line, time_line
 from .progress import StudyProgress, tokens_left
 from .studies import Study, check_seeds
 from .train import RunDiverged, resolve_device, train
@@ -197,12 +198,14 @@ def run_study(
 
 def check_machine(plan: Plan, ranks: int) -> list[str]:
     """What the plan asks of this machine, checked before anything is written: the batch of each
-    run of the slice shared between `ranks` processes (the lines saying how, returned to be said
-    with the data) and every run's device (ConfigError for one this machine lacks)."""
+    run of the slice shared between `ranks` processes, every run's device (ConfigError for one this
+    machine lacks) and its peak memory (ConfigError for one that cannot fit, `estimate`); returns
+    the lines saying how the batch is shared and what memory the largest run needs, to be said with
+    the data."""
     said = batch_lines(plan.mine, ranks)
     for device in sorted({cfg.train.device for _, cfg in plan.runs}):
         resolve_device(device)
-    return said
+    return said + memory_line(plan.mine, ranks)
 
 
 def check_folders(plan: Plan, out_dir: Path) -> list[Run]:
@@ -352,7 +355,7 @@ class _Runner:
             self.data = load_data(cfg.data.path or None, cfg.model.vocab_size, progress=False)
         note = self.plan.vocab_note
         self.say(f"rankscope: data: {self.data.source}" + (f"; {note}" if note else ""))
-        for line in self.batch_said:
+        for line in self.batch_said + time_line([(arm, c) for arm, c, _ in self.pending], self.world.size):
             self.say(line)
 
     def _prepare_folder(self, arm: str, cfg: RunConfig, rd: Path) -> None:
