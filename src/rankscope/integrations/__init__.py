@@ -18,7 +18,7 @@ from typing import Any
 
 _LAZY = {
     "ProbeLogger": ".logger",
-    "summarize": ".sinks",
+    "summarize": "..run.sinks",
     "ProbeOptions": ".options",
     "TrainerProbeCallback": ".hf_trainer",
     "LightningProbeCallback": ".lightning",
