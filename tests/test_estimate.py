@@ -156,18 +156,8 @@ def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak(preset, ove
 def test_rankscope_run_refuses_an_impossible_batch_before_writing_anything(tmp_path, setting):
     out = tmp_path / "out"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rankscope",
-            "run",
-            "--set",
-            setting,
-            "--data",
-            str(shards(tmp_path)),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "rankscope", "run", "--set", setting, "--set", "probe.downstream=false"]
+        + ["--data", str(shards(tmp_path)), "--out", str(out)],
         capture_output=True,
         text=True,
     )
@@ -182,6 +172,7 @@ def test_a_study_says_its_memory_and_time_at_start(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, "-m", "rankscope", "run", "--tokens", "4096", "--no-progress", "--no-report"]
+        + ["--set", "probe.downstream=false", "--set", "probe.kv_headroom=off"]
         + ["--data", str(shards(tmp_path)), "--out", str(out)],
         capture_output=True,
         text=True,
