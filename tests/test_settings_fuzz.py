@@ -195,3 +195,55 @@ def test_every_setting_with_every_tricky_value():
                 validate(apply_overrides(RunConfig(), {key: value}))
             except ConfigError as e:
                 one_line(e)
+
+
+# Study files as text: the structure a hand-written or generated file can have, however hostile:
+# values nested far past Python's recursion limit, integer literals past its 4,300-digit limit,
+# long strings, many keys, tables declared twice, arrays of tables, bytes that are not UTF-8.
+def nested(depth: int, open_: str, close: str, leaf: str = "1") -> str:
+    return open_ * depth + leaf + close * depth
+
+
+toml_value_text = st.one_of(
+    st.builds(nested, st.integers(0, 6000), st.just("["), st.just("]")),
+    st.builds(lambda d: "{a = " * d + "1" + "}" * d, st.integers(0, 3000)),
+    st.builds(lambda n: "9" * n, st.integers(1, 12000)),
+    st.builds(lambda n: "-" + "1_" * n + "1", st.integers(1, 3000)),
+    st.builds(lambda n, c: '"' + c * n + '"', st.integers(0, 20000), st.sampled_from(["a", "\\u00e9", "\\\\", " "])),
+    st.sampled_from(
+        ["1e400", "nan", "-inf", "0x7fffffffffffffff", "0o777", "2024-01-01T00:00:00Z", "true", "[]", "{}"]
+    ),
+    st.builds(
+        lambda xs: "[" + ", ".join(xs) + "]", st.lists(st.sampled_from(["1", '"k"', "1.5", "true"]), max_size=50)
+    ),
+    st.text(max_size=30),
+)
+toml_lines = st.one_of(
+    st.builds(
+        lambda k, v: f"{k} = {v}", st.one_of(top_keys, st.sampled_from(KEYS), st.text(max_size=8)), toml_value_text
+    ),
+    st.builds(lambda k, v: f'"{k}" = {v}', st.sampled_from(KEYS), toml_value_text),
+    st.sampled_from(["[settings]", "[arms.a]", "[arms.b]", "[arms]", "[[arms]]", "[arms.a.model]", "[settings.model]"]),
+    st.builds(lambda n: "\n".join(f"k{i} = {i}" for i in range(n)), st.integers(0, 3000)),
+    st.text(max_size=40),
+)
+
+
+@FUZZ
+@given(st.lists(toml_lines, max_size=8), st.booleans())
+def test_study_files_of_any_structure_give_a_study_or_one_line(lines, latin1):
+    """Whatever a study file holds, reading and resolving it ends in runs or in one line."""
+    from rankscope.run.studies import read_study
+
+    text = "\n".join(lines) + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/fuzz.toml"
+        with open(path, "wb") as f:
+            f.write(text.encode("latin-1", "replace") + (b"\xff\xfe" if latin1 else b""))
+        try:
+            runs = resolve(read_study(path, say=lambda line: None), {})
+        except ConfigError as e:
+            one_line(e)
+            return
+    for _, cfg in runs:
+        validate(cfg)
