@@ -180,3 +180,18 @@ def test_a_study_says_its_memory_and_time_at_start(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "rankscope: memory: about " in r.stderr and "available)" in r.stderr
     assert "rankscope: time: about " in r.stderr and "for 2 runs from the start" in r.stderr
+
+
+def test_a_busy_machine_is_named_with_the_threads_to_set(monkeypatch):
+    import os
+
+    from rankscope.run.estimate import busy_line
+
+    runs = [("a", TINY)]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 3.0, 2.0))
+    (line,) = busy_line(runs)
+    assert "load 3.1 on 2 CPUs" in line and "train.threads=N with N = 2 / processes" in line
+    assert busy_line([("a", apply_overrides(TINY, {"train.threads": "1"}))]) == []  # threads chosen: quiet
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
+    assert busy_line(runs) == []

@@ -284,3 +284,22 @@ def time_line(runs, world_size: int = 1) -> list[str]:
         f"rankscope: time: about {fmt_time(total)} for {n} run{'s' if n != 1 else ''} from the start "
         "(FLOPs at a matmul rate measured now; a guide within a factor of 2)"
     ]
+
+
+def busy_line(runs) -> list[str]:
+    """A line when this machine's CPUs are busy already and a CPU run would take all of them: two
+    processes that each use every core train at under half their rate together, where one thread
+    each (cores / processes) keeps the sum (BENCHMARKS.md, benchmarks/bench_sharing.py)."""
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on this platform
+        return []
+    all_threads = [cfg for _, cfg in runs if cfg.train.threads == 0 and cfg.train.device in ("auto", "cpu")]
+    if not all_threads or load < cpus:
+        return []
+    return [
+        f"rankscope: this machine is busy (load {load:.1f} on {cpus} CPUs) and each run takes every core: "
+        f"processes side by side each slow down by more than their number; for runs side by side, "
+        f"--set train.threads=N with N = {cpus} / processes"
+    ]

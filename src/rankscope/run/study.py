@@ -26,7 +26,7 @@ from ..storage import store
 from ..storage.locks import FileLock, LockHeld
 from . import checkpoint
 from . import dist as rdist
-from .estimate import memory_line, time_line
+from .estimate import busy_line, memory_line, time_line
 from .progress import StudyProgress, tokens_left
 from .studies import Study, check_seeds
 from .train import RunDiverged, resolve_device, train
@@ -205,7 +205,7 @@ def check_machine(plan: Plan, ranks: int) -> list[str]:
     said = batch_lines(plan.mine, ranks)
     for device in sorted({cfg.train.device for _, cfg in plan.runs}):
         resolve_device(device)
-    return said + memory_line(plan.mine, ranks)
+    return said + memory_line(plan.mine, ranks) + busy_line(plan.mine)
 
 
 def check_folders(plan: Plan, out_dir: Path) -> list[Run]:
