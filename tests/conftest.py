@@ -23,3 +23,12 @@ if TESTS not in sys.path:
 
 # Helpers that assert report the values on failure, as the test modules they came from did.
 pytest.register_assert_rewrite("_runs", "_studies")
+
+
+@pytest.fixture(scope="session")
+def whole(tmp_path_factory) -> Path:
+    """One uninterrupted tiny run (`_runs.uninterrupted`), the reference that the resume, signal,
+    fault and checkpoint tests compare their interrupted runs with; read, never written."""
+    from _runs import uninterrupted
+
+    return uninterrupted(tmp_path_factory)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import SETTINGS, Killed, assert_same_run, config, kill_after_row, shards, uninterrupted
+from _runs import SETTINGS, Killed, assert_same_run, config, kill_after_row, shards
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,11 +27,6 @@ from rankscope.run.train import RunDiverged, train
 from rankscope.storage import store
 
 NEWEST, OLDER = "step-000000010.pt", "step-000000005.pt"
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> Path:
-    return uninterrupted(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
-from _runs import assert_same_run, config, final_values, shards, uninterrupted
+from _runs import assert_same_run, config, final_values, shards
 
 from rankscope.run import checkpoint
 from rankscope.run.train import train
 from rankscope.storage import fsio, store
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> Path:
-    return uninterrupted(tmp_path_factory)
 
 
 class FullDisk(io.FileIO):

@@ -11,22 +11,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from _runs import SETTINGS, Killed, assert_same_run, config, final_values, kill_after_row, shards, uninterrupted
+from _runs import SETTINGS, Killed, assert_same_run, config, final_values, kill_after_row, shards
 
 from rankscope.errors import RankscopeError
 from rankscope.run import checkpoint
 from rankscope.run.train import RunDiverged, train
 from rankscope.settings.config import RunConfig, apply_overrides
 from rankscope.storage import store
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> Path:
-    return uninterrupted(tmp_path_factory)
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, whole):

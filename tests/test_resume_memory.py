@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from _runs import Killed, assert_same_run, config, final_values, kill_after_row, shards, uninterrupted
+from _runs import Killed, assert_same_run, config, final_values, kill_after_row, shards
 
 import rankscope.run.train as rtrain
 from rankscope.run import checkpoint
@@ -48,11 +48,6 @@ def recording_load(monkeypatch) -> list[dict]:
 
 def alive(refs: list[weakref.ref]) -> list[torch.Tensor]:
     return [t for r in refs if (t := r()) is not None]
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    return uninterrupted(tmp_path_factory)
 
 
 def test_resume_frees_the_checkpoint_before_training(tmp_path, whole, monkeypatch):

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _runs import SETTINGS, after_row, assert_same_run, config, shards, uninterrupted
+from _runs import SETTINGS, after_row, assert_same_run, config, shards
 
 from rankscope.errors import Interrupted
 from rankscope.run import checkpoint
@@ -23,11 +23,6 @@ from rankscope.run.train import train
 from rankscope.storage import store
 
 TOKENS_PER_STEP = SETTINGS["train.batch_size"] * SETTINGS["train.seq_len"]
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> Path:
-    return uninterrupted(tmp_path_factory)
 
 
 def send(signum: int):
