@@ -83,11 +83,13 @@ def device_peak(device: torch.device) -> float | None:
     return bf16_peak(torch.cuda.get_device_name(device))
 
 
-def matmul_rate(device: torch.device, reps: int = 10) -> float:
-    """Measured FLOP/s of a large square matmul: bf16 on CUDA, float32 on CPU."""
+def matmul_rate(device: torch.device, reps: int = 10, scale: int = 1) -> float:
+    """Measured FLOP/s of a large square matmul: bf16 on CUDA, float32 on CPU; `scale` > 1 divides
+    its side for a reading in milliseconds (a little low on a CPU)."""
     import torch
 
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    n //= scale
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []

@@ -30,7 +30,6 @@ before it starts.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 
@@ -194,44 +193,18 @@ def seconds(cfg: RunConfig, rate: float, device_type: str = "cpu", world_size: i
     import torch
 
     from ..core.model import GPT
-    from .cadence import eval_steps
+    from .cadence import run_cadence
 
     tc = cfg.train
     with torch.device("meta"):
         per_token = GPT(cfg.model).flops_per_token(tc.seq_len)
-    tokens_per_step = tc.batch_size * tc.seq_len
-    steps = max(1, math.ceil(tc.tokens / tokens_per_step))
-    n_evals = len(eval_steps(steps, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
+    cadence = run_cadence(cfg)
+    tokens_per_step, steps, n_evals = cadence.tokens_per_step, cadence.total_steps, len(cadence.evals)
     # an evaluation: validation (and as many out-of-distribution) batches forward, a third of a
     # training token's FLOPs each, and the probe's batch
     eval_tokens = 2 * tc.eval_batches * tokens_per_step + cfg.probe.batch_size * tc.seq_len
     flops = steps * tokens_per_step * per_token + n_evals * eval_tokens * per_token / 3
     return flops / (rate * world_size * STEP_EFFICIENCY.get(device_type, 0.35))
-
-
-def quick_rate(device) -> float:
-    """A matmul rate measured in a few milliseconds (FLOP/s): float32 1024² on a CPU, bf16 4096² on
-    a GPU; the median of three after one warm-up. Smaller than `rankscope bench`'s, so it reads a
-    little low on a CPU, which errs towards a longer estimate."""
-    import statistics
-    import time
-
-    import torch
-
-    cuda = device.type == "cuda"
-    n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(4):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ a
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - t)
-    return 2 * n**3 / max(statistics.median(times), 1e-9)
 
 
 def fmt_time(s: float) -> str:
@@ -269,13 +242,14 @@ def memory_line(runs, world_size: int = 1) -> list[str]:
 
 def time_line(runs, world_size: int = 1) -> list[str]:
     """How long `runs` ((arm, config) pairs, each from its start) should take on this machine."""
+    from .bench import matmul_rate
     from .build import resolve_device
 
     total, rates = 0.0, {}
     for _, cfg in runs:
         device = resolve_device(cfg.train.device)
         if str(device) not in rates:
-            rates[str(device)] = quick_rate(device)
+            rates[str(device)] = matmul_rate(device, reps=3, scale=2)  # milliseconds
         total += seconds(cfg, rates[str(device)], device.type, world_size)
     if not runs:
         return []
