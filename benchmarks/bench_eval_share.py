@@ -8,6 +8,8 @@ solver-call cost. What the CPU can tell is measured here, medians of interleaved
 
 - the evaluation forward before (whole logits, then float32 cross-entropy) and after (the trunk,
   then chunked per-token losses) at seed-88m widths and vocabulary, 2 layers, batch 4 x --seq;
+- four validation batches one forward each, and grouped into one forward as a run does now
+  (`estimate.eval_group`: 4 at seed-88m), same shapes;
 - the probe forward with and without the LM head, same shapes;
 - the host side of every small decomposition at full seed-88m size (it runs on the host after the
   change whatever the device): 264 W_Q/W_K slices 64 x 512, 264 key/query Grams 64 x 64 (functional
@@ -34,6 +36,7 @@ from rankscope.measure.icl import loss_and_icl, token_losses
 from rankscope.measure.metrics import eigh_batched
 from rankscope.measure.probe import GramProbe, gpt_probe
 from rankscope.measure.weight_spectra import weight_spectra
+from rankscope.run.estimate import eval_group
 from rankscope.settings.config import preset
 
 
@@ -86,6 +89,9 @@ def main() -> None:
     small = GPT(replace(mc, n_layer=2)).eval()
     ids = [torch.randint(0, mc.vocab_size, (tc.batch_size, args.seq), generator=g) for _ in range(2)]
     batches = [(ids[0], ids[1])]
+    group = eval_group(cfg, "cuda")  # what a seed-88m run on one GPU groups
+    four = [tuple(torch.randint(0, mc.vocab_size, (tc.batch_size, args.seq), generator=g) for _ in range(2))] * group
+    grouped = [(torch.cat([x for x, _ in four]), torch.cat([y for _, y in four]))]
 
     def full_probe(m: GPT) -> GramProbe:
         """gpt_probe as it was: the same sites, statistics and gains, on a forward through the head."""
@@ -97,6 +103,8 @@ def main() -> None:
     fwd = {
         "eval forward, whole logits (before)": lambda: old_losses(small, batches),
         "eval forward, trunk + chunked losses (after)": lambda: loss_and_icl(small, batches),
+        f"{group} val batches, one forward each": lambda: loss_and_icl(small, four),
+        f"{group} val batches, one grouped forward (after)": lambda: loss_and_icl(small, grouped),
         "probe, forward with LM head (before)": lambda: probe_old.measure([ids[0]]),
         "probe, trunk only (after)": lambda: probe_new.measure([ids[0]]),
     }
@@ -113,15 +121,21 @@ def main() -> None:
     ms = median_ms({**fwd, **host}, args.rounds)
 
     # --- launches, 1 and 2 layers -> 22 ------------------------------------------------------------
-    def per_layers(fn_of_model) -> tuple[int, int]:
-        c1 = count(lambda: fn_of_model(GPT(replace(mc, n_layer=1)).eval()))
-        c2 = count(lambda: fn_of_model(GPT(replace(mc, n_layer=2)).eval()))
-        return c2 - c1, 2 * c1 - c2  # per layer, fixed
+    one, two = GPT(replace(mc, n_layer=1)).eval(), GPT(replace(mc, n_layer=2)).eval()
 
-    x, y = ids
+    def per_layers(fn_of_model) -> tuple[int, int]:
+        """Operations per layer and fixed, of the work alone (the models are built outside the count)."""
+        c1, c2 = count(lambda: fn_of_model(one)), count(lambda: fn_of_model(two))
+        return c2 - c1, 2 * c1 - c2
+
+    x, y = ids  # launches at the preset's own length (the chunked head's launches grow with the tokens)
+    x, y = (torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len), generator=g) for _ in range(2))
     launches = {
         "val forward before": per_layers(lambda m: token_losses(m(x), y).sum(0)),
         "val forward after": per_layers(lambda m: loss_and_icl(m, [(x, y)])),
+        f"val forward, {group} batches grouped": per_layers(
+            lambda m: loss_and_icl(m, [(torch.cat([x] * group), torch.cat([y] * group))])
+        ),
         "probe before": per_layers(lambda m: full_probe(m).measure([x])),
         "probe after": per_layers(lambda m: gpt_probe(m, ["k"]).measure([x])),
         "block": per_layers(lambda m: m.forward_blocks(m.embed_tokens(x))),

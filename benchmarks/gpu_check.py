@@ -248,6 +248,60 @@ def check_probe_eig(ctx: Ctx) -> tuple[bool, str]:
     return ok and tf32_ok, "; ".join(parts) + f"; Grams under TF32 {'ok' if tf32_ok else 'TOO FAR'}"
 
 
+# --- (c2) evaluation forwards grouped as a run groups them --------------------------------------
+
+
+def check_eval_group(ctx: Ctx) -> tuple[bool, str]:
+    """The validation batches an evaluation runs `eval_group` at a time (4 at seed-88m): one
+    grouped forward against one forward each, the same losses, and not slower (BENCHMARKS.md models
+    the eager forward at the balance of launching and FLOPs, so grouping should pay on a GPU)."""
+    import statistics
+
+    import torch
+
+    from rankscope.core.model import GPT
+    from rankscope.measure.icl import loss_and_icl
+    from rankscope.run.estimate import eval_group
+    from rankscope.settings.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("tiny"), SMALL) if ctx.dry else preset("seed-88m")
+    device = ctx.device
+    group = eval_group(cfg, device.type)
+    if group == 1:
+        return False, f"eval_group is 1 at {cfg.train.eval_batches} batches of {cfg.train.batch_size}: nothing grouped"
+    model = GPT(cfg.model).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    shape = (group, cfg.train.batch_size, cfg.train.seq_len)
+    x, y = torch.randint(0, cfg.model.vocab_size, (2, *shape), generator=g).to(device)
+    single = list(zip(x, y))
+    grouped = [(x.flatten(0, 1), y.flatten(0, 1))]
+
+    def timed(batches) -> tuple[float, float]:
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad(), ctx.autocast():
+            loss, _ = loss_and_icl(model, batches)
+        sync(device)
+        return loss, (time.perf_counter() - t) * 1e3
+
+    timed(single), timed(grouped)  # warm-up: kernels chosen, memory pooled
+    runs = {"single": [], "grouped": []}
+    for _ in range(5):
+        for name, batches in (("single", single), ("grouped", grouped)):
+            loss, ms = timed(batches)
+            runs[name].append((loss, ms))
+    ms = {k: statistics.median(m for _, m in v) for k, v in runs.items()}
+    agree = abs(runs["grouped"][0][0] - runs["single"][0][0]) / abs(runs["single"][0][0])
+    print(f"{group} batches of {cfg.train.batch_size} x {cfg.train.seq_len}, medians of 5:")
+    print(f"one forward each {ms['single']:.1f} ms, one grouped forward {ms['grouped']:.1f} ms")
+    print(f"losses agree to {agree:.1e}")
+    ok = agree <= LOSS_RTOL and ms["grouped"] <= SLOWER_OK * ms["single"]
+    return ok, (
+        f"{group} batches: one forward each {ms['single']:.1f} ms, grouped {ms['grouped']:.1f} ms "
+        f"({ms['single'] / ms['grouped']:.2f}x); losses agree to {agree:.0e} (<= {LOSS_RTOL})"
+    )
+
+
 # --- (d) a resumed run's peak memory --------------------------------------------------------------
 
 
@@ -434,6 +488,7 @@ CHECKS: list[tuple[str, Callable[[Ctx], tuple[bool, str]], int]] = [
     ("compile-step", check_compile_step, 90),
     ("bench-seed-88m", check_bench, 120),
     ("probe-eig", check_probe_eig, 60),
+    ("eval-group", check_eval_group, 40),
     ("resume-memory", check_resume_memory, 90),
     ("seed-1.5b-memory", check_seed_1_5b_memory, 100),
     ("study", check_study, 150),

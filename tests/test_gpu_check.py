@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-NAMES = ["compile-step", "bench-seed-88m", "probe-eig", "resume-memory", "seed-1.5b-memory", "study"]
+NAMES = ["compile-step", "bench-seed-88m", "probe-eig", "eval-group", "resume-memory", "seed-1.5b-memory", "study"]
 VERDICT = re.compile(r"^(PASS|FAIL) ([\w.-]+): (.+) \[\d+ s\]$")
 
 
@@ -50,9 +50,9 @@ def test_a_failing_and_a_crashing_check_leave_the_others_running_and_fail_the_ex
     assert list(found) == NAMES  # every check, in order, once
     assert found["seed-1.5b-memory"] == ("FAIL", "RuntimeError: injected failure (GPU_CHECK_FAIL)")
     assert found["study"][0] == "FAIL" and "exited with code 3 and no verdict" in found["study"][1]
-    for name in NAMES[:4]:
+    for name in NAMES[:5]:
         assert found[name][0] == "PASS", found[name]
-    assert lines[-1] == "4 PASS, 2 FAIL" and rc == 1
+    assert lines[-1] == "5 PASS, 2 FAIL" and rc == 1
     out = tmp_path / "out"
     assert (out / "verdict.txt").read_text().splitlines() == lines[1:]
     assert "Traceback" in (out / "seed-1.5b-memory.txt").read_text()  # the details go to the log
@@ -60,6 +60,7 @@ def test_a_failing_and_a_crashing_check_leave_the_others_running_and_fail_the_ex
     assert found["compile-step"][1].startswith("loss differs by")
     assert "tokens/s (training, steady state)" in (out / "bench-seed-88m.txt").read_text()
     assert "agree 0e+00" in found["probe-eig"][1] and "Grams under TF32 ok" in found["probe-eig"][1]
+    assert found["eval-group"][1].startswith("2 batches: one forward each")
     assert "final val loss differs by 0.0e+00" in found["resume-memory"][1]  # CPU float32: bitwise
     # small text files only
     assert all(p.suffix in (".txt", ".md") and p.stat().st_size < 1_000_000 for p in out.iterdir())

@@ -29,6 +29,7 @@ from ..measure.induction import induction_batch
 from ..settings.config import RunConfig
 from . import dist as rdist
 from .cadence import Cadence, run_cadence
+from .estimate import eval_group
 
 
 def resolve_device(name: str, world: rdist.World | None = None) -> torch.device:
@@ -251,16 +252,25 @@ class FixedBatches:
     induction: torch.Tensor | None = None
 
 
-def fixed_eval_batches(cfg: RunConfig, data: TokenData, device: torch.device) -> FixedBatches:
-    """The fixed evaluation batches of a run of `cfg` on `data`, on `device`."""
+def fixed_eval_batches(cfg: RunConfig, data: TokenData, device: torch.device, world_size: int = 1) -> FixedBatches:
+    """The fixed evaluation batches of a run of `cfg` on `data`, on `device`; the validation and
+    out-of-distribution batches concatenated `eval_group` at a time, one forward each."""
     tc = cfg.train
+    group = eval_group(cfg, device.type, world_size)
 
     def on_device(batches: list) -> list:
         return [(x.to(device), y.to(device)) for x, y in batches]
 
-    fixed = FixedBatches(val=on_device(fixed_batches(data.val, tc.eval_batches, tc.batch_size, tc.seq_len)), ood=[])
+    def grouped(shards: list) -> list:
+        batches = fixed_batches(shards, tc.eval_batches, tc.batch_size, tc.seq_len)
+        return on_device(
+            (torch.cat([x for x, _ in batches[i : i + group]]), torch.cat([y for _, y in batches[i : i + group]]))
+            for i in range(0, len(batches), group)
+        )
+
+    fixed = FixedBatches(val=grouped(data.val), ood=[])
     if data.ood:
-        fixed.ood = on_device(fixed_batches(data.ood, tc.eval_batches, tc.batch_size, tc.seq_len))
+        fixed.ood = grouped(data.ood)
     if cfg.probe.enabled:
         fixed.probe = on_device(fixed_batches(data.val, 1, cfg.probe.batch_size, tc.seq_len))[0]
         if cfg.probe.downstream:  # repeated random tokens, the same for every arm and evaluation
@@ -310,7 +320,7 @@ def build_run(
     learner = build_learner(cfg, device, world, compiles(tc, device))
     sampler = BatchSampler(data.train, tc.batch_size, tc.seq_len, seed=cfg.seed)
     batches = TrainBatches(sampler, slice(world.rank * split.rows, (world.rank + 1) * split.rows), device)
-    fixed = fixed_eval_batches(cfg, data, device) if world.main else FixedBatches(val=[], ood=[])
+    fixed = fixed_eval_batches(cfg, data, device, world.size) if world.main else FixedBatches(val=[], ood=[])
     return RunSetup(
         cfg, run_cadence(cfg), Path(out_dir), arm, world, device, memory_scope, split, data, learner, batches, fixed
     )

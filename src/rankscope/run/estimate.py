@@ -15,8 +15,8 @@ is recomputed at a time. On CUDA under bf16 autocast, the matmul side is stored 
 each norm keeps its float32 input beside a bf16 copy; the training head forms float32 logits
 and cross-entropy's copies (10 bytes a logit), where the CPU's chunked head never does.
 
-An evaluation runs a whole `train.batch_size` batch without gradients (one layer's transient at a
-time, and the head in chunks); the probe runs `probe.batch_size` sequences with its attention
+An evaluation forward runs `eval_group` whole `train.batch_size` batches without gradients (one
+layer's transient at a time, and the head in chunks); the probe runs `probe.batch_size` sequences with its attention
 logits in chunks of 512 queries. The peak of the run is the largest of the three on top of what
 stays resident (weights and optimizer state); on a CPU, twice the tensors counted
 (`CPU_PROCESS_FACTOR`: what a process's resident memory measured above them).
@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..settings.config import RunConfig
+from .cadence import run_cadence
 
 # Of the measured matmul rate, the share a training step reaches (model FLOPs over time): on the
 # 2-core CPU 61% eager and 64-69% compiled at the tiny preset (BENCHMARKS.md, issue 13); a GPU's
@@ -47,6 +48,11 @@ ATTENTION_CHUNK = 512  # queries per chunk of the probe's attention logits (meas
 # tiny with 128 probe sequences, d_model 384, deep; BENCHMARKS.md): the resident peak above the
 # process's start was 1.1-2.4x the tensors counted here. A CUDA peak is tensors alone.
 CPU_PROCESS_FACTOR = 2.0
+# An evaluation forward holds at most this many tokens (issue 20). One eager forward of seed-88m's
+# 4 x 2048 batch on a GPU is 1,326 kernel launches for 6.5 ms of FLOPs, at the balance of launching
+# and computing (BENCHMARKS.md); four batches at once are compute-bound with room to spare. On a CPU
+# grouping costs and saves nothing measurable.
+EVAL_FORWARD_TOKENS = 32_768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,9 @@ class MemoryEstimate:
     params: int
     resident: int  # weights, and the optimizer's state, held through the run
     train: int  # a training step's peak: resident + gradients + activations + the backward's transient
-    evaluation: int  # an evaluation's peak: resident + one layer of a whole batch + the head's chunk
+    evaluation: int  # an evaluation's peak: resident + one layer of its forward's batches + the head's chunk
     probe: int  # the probe's peak: resident + its batch's layer transient and attention chunk
+    eval_group: int = 1  # validation batches one evaluation forward runs (`eval_group`)
 
     @property
     def peak(self) -> int:
@@ -133,7 +140,20 @@ def memory(cfg: RunConfig, device_type: str = "cpu", world_size: int = 1) -> Mem
         chunk = (512 if not cuda else max(1, (1 << 24) // m.vocab_size)) * m.vocab_size * 4 * 2
         return t * (2 * m.d_model * 4 + per_layer * unit) + chunk
 
-    evaluation = resident + forward(tc.batch_size)
+    # the largest divisor of eval_batches (so every forward holds as many rows and the mean over
+    # forwards is the mean over batches) within EVAL_FORWARD_TOKENS whose forward stays under a
+    # training step's peak: grouping never raises the run's peak
+    group = max(
+        (
+            g
+            for g in range(2, tc.eval_batches + 1)
+            if tc.eval_batches % g == 0
+            and g * tc.batch_size * tc.seq_len <= EVAL_FORWARD_TOKENS
+            and resident + forward(g * tc.batch_size) <= train
+        ),
+        default=1,
+    )
+    evaluation = resident + forward(group * tc.batch_size)
     probe = resident
     if cfg.probe.enabled:
         b = cfg.probe.batch_size
@@ -143,7 +163,15 @@ def memory(cfg: RunConfig, device_type: str = "cpu", world_size: int = 1) -> Mem
         sites = len(cfg.probe.sites) * b * tc.seq_len * m.n_head * m.head_dim * 4 * m.n_layer
         probe += forward(b) + attention + sites
     f = 1.0 if cuda else CPU_PROCESS_FACTOR
-    return MemoryEstimate(params, int(f * resident), int(f * train), int(f * evaluation), int(f * probe))
+    return MemoryEstimate(params, int(f * resident), int(f * train), int(f * evaluation), int(f * probe), group)
+
+
+def eval_group(cfg: RunConfig, device_type: str = "cpu", world_size: int = 1) -> int:
+    """How many of the `train.eval_batches` validation (and out-of-distribution) batches one
+    evaluation forward of a run of `cfg` runs at once: the largest divisor of `eval_batches` whose
+    batches hold at most `EVAL_FORWARD_TOKENS` tokens and whose forward needs no more memory than a
+    training step of this process (1 where one batch is over either already)."""
+    return memory(cfg, device_type, world_size).eval_group
 
 
 def available_memory(device) -> int | None:
@@ -193,7 +221,6 @@ def seconds(cfg: RunConfig, rate: float, device_type: str = "cpu", world_size: i
     import torch
 
     from ..core.model import GPT
-    from .cadence import run_cadence
 
     tc = cfg.train
     with torch.device("meta"):
