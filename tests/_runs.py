@@ -35,6 +35,7 @@ SETTINGS = {
     "train.eval_every": 2 * 128,
     "train.checkpoint_every": 5 * 128,
     "train.keep_checkpoints": 2,
+    "train.checkpoint_series": 0,  # the rolling window alone; test_checkpoint_series.py keeps a series
     "train.threads": 1,
 }
 TIMING = ("elapsed_s", "probe_s", "eval_s", "tokens_per_s", "peak_memory_bytes")

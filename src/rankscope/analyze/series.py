@@ -21,6 +21,7 @@ dropped and measured again); a rerun with another batch is refused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,12 @@ from .checkpoints import check_vocab, find_series, select
 from .inputs import LoadedModel, first_line
 
 SERIES = "series.json"
+SERIES_KIND = "checkpoint-series"  # study.json's "kind" for a study folder this command wrote
+# How a rankscope run keeps more checkpoints for a series (said where a series is short)
+KEEP_MORE = (
+    "a rankscope run keeps its checkpoints at train.checkpoint_series log-spaced steps (default 8) "
+    "and its newest train.keep_checkpoints"
+)
 
 
 @dataclass
@@ -44,6 +51,8 @@ class SeriesResult:
     run: Path  # its run folder
     measured: list[int]  # steps measured now
     skipped: list[int]  # steps already in the tables
+    found: list[int] = dataclasses.field(default_factory=list)  # steps of every checkpoint PATH holds
+    rankscope_run: bool = False  # PATH is a rankscope run folder
 
 
 def _fingerprint(ids: Any) -> str:
@@ -115,6 +124,7 @@ def _study_json(out: Path, name: str, seed: int) -> None:
             **study,
             "name": study.get("name") or out.name,
             "description": "checkpoint series measured by rankscope analyze --series",
+            "kind": SERIES_KIND,  # the report speaks of checkpoints, not of seeds and evaluations
             "arms": {**(study.get("arms") or {}), name: {}},
             "arm_order": order,
             "seeds": sorted({*study.get("seeds", []), seed}),
@@ -175,8 +185,10 @@ def analyze_series(
     done = _measured_steps(run)
     todo = [c for c in checkpoints if c.step not in done]
     skipped = [c.step for c in checkpoints if c.step in done]
+    own = not hub and (Path(path) / "checkpoints").is_dir()
+    found_steps = sorted(c.step for c in found)
     if not todo:
-        return SeriesResult(study, run, [], skipped)
+        return SeriesResult(study, run, [], skipped, found_steps, own)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,7 +272,7 @@ def analyze_series(
         scalars.close()
         probes.close()
     write_record(run / DONE, {"status": "done", "kind": "analyze-series", "checkpoints": len(done) + len(measured)})
-    return SeriesResult(study, run, measured, skipped)
+    return SeriesResult(study, run, measured, skipped, found_steps, own)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -290,11 +302,12 @@ def run(args: argparse.Namespace, sites: tuple[str, ...]) -> int:
         progress=not args.no_progress,
     )
     n, k = len(result.measured), len(result.skipped)
-    print(
-        f"measured {n} checkpoint{'s' if n != 1 else ''}"
-        + (f" ({k} measured before)" if k else "")
-        + f"\nseries:  {result.run}\nreport:  rankscope report {result.out}"
-    )
+    print(f"measured {n} checkpoint{'s' if n != 1 else ''}" + (f" ({k} measured before)" if k else ""))
+    if result.rankscope_run:  # how many the run kept, and how a run keeps more
+        kept = result.found
+        steps = ", ".join(map(str, kept)) if len(kept) <= 12 else f"{kept[0]} to {kept[-1]}"
+        print(f"the run kept {len(kept)} checkpoint{'s' if len(kept) != 1 else ''} (steps {steps}); {KEEP_MORE}")
+    print(f"series:  {result.run}\nreport:  rankscope report {result.out}")
     return 0
 
 

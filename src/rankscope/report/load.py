@@ -110,6 +110,12 @@ class StudyData:
     def diverged(self) -> set[tuple[str, int]]:
         return {(r.arm, r.seed) for r in self.runs if r.diverged}
 
+    @property
+    def is_series(self) -> bool:
+        """The study holds checkpoint series (`rankscope analyze --series`): each run's points are
+        checkpoints of one training run probed on one fixed batch, not a run's own evaluations."""
+        return any(s.get("kind") == "checkpoint-series" for s in self.studies)
+
     def seeds(self, arm: str | None = None) -> list[int]:
         return sorted({r.seed for r in self.runs if arm is None or r.arm == arm})
 

@@ -89,7 +89,19 @@ def setup_items(study: StudyData) -> list[str]:
     if model:
         lines.append(f"**model:** {model}")
     train = cfg.get("train") or {}
-    if train.get("batch_size") and train.get("seq_len"):
+    points = sorted(set(study.scalars["tokens"].tolist())) if len(study.scalars) else []
+    if study.is_series:  # points are checkpoints, not the run's evaluations
+        steps = sorted(set(study.scalars["step"].tolist())) if len(study.scalars) else []
+        shown = ", ".join(f"{s:,}" for s in steps) if len(steps) <= 12 else f"{steps[0]:,} to {steps[-1]:,}"
+        if steps:
+            lines.append(
+                f"**checkpoints measured:** {len(steps)} (steps {shown}; {fmt_count(points[0])} to "
+                f"{fmt_count(points[-1])} tokens), each on one fixed batch; val loss is the next-token loss on "
+                "that batch. A rankscope run keeps more for a series with `train.checkpoint_series` "
+                "(log-spaced, default 8) or `train.keep_checkpoints`"
+            )
+        points = []
+    elif train.get("batch_size") and train.get("seq_len"):
         if train.get("eval_schedule") == "log":
             when = f"; eval and probe at {train.get('eval_points', '?')} log-spaced points (and token 0)"
         elif train.get("eval_every"):
@@ -97,7 +109,6 @@ def setup_items(study: StudyData) -> list[str]:
         else:
             when = ""
         lines.append(f"**batch:** {train['batch_size']} x {train['seq_len']} tokens{when}")
-    points = sorted(set(study.scalars["tokens"].tolist())) if len(study.scalars) else []
     if points:
         lines.append(
             f"**eval points found:** {len(points)}, from {fmt_count(points[0])} to {fmt_count(points[-1])} tokens"

@@ -359,6 +359,12 @@ def summary_paragraphs(
             "one seed is shared by the arms compared (the others did not finish), so no interval is possible "
             "there: the differences below are single observations and could be seed noise."
         )
+    elif study.is_series:
+        how = (
+            "Each arm is one training run's checkpoint series (`rankscope analyze --series`), so no interval "
+            "over seeds is possible: what changes between points is one run's history, and a difference "
+            "between arms is a single observation. Series of more seeds of each arm give intervals."
+        )
     else:
         how = (
             "With one seed per arm no interval is possible: every difference below is a single observation "

@@ -74,24 +74,28 @@ class Cadence:
     functional_rank: frozenset[int]  # evaluations that also measure the functional rank
     kv_headroom: frozenset[int]  # evaluations that also measure the KV headroom
     saves: frozenset[int]  # checkpoints (besides the one a signal asks for)
+    series: frozenset[int] = frozenset()  # the checkpoints among `saves` kept for good (`train.checkpoint_series`)
 
 
 def run_cadence(cfg: Any) -> Cadence:
     """The schedules of a run of `cfg` (a `RunConfig`): `train.tokens` in steps of `batch_size` x
     `seq_len` tokens, evaluated by `train.eval_schedule`, measuring the functional rank by
     `probe.functional_rank` and the KV headroom at the end (`probe.kv_headroom = "end"`) when the
-    probe is on, and checkpointed every `train.checkpoint_every` tokens (not at step 0: nothing to
-    resume there)."""
+    probe is on, and checkpointed every `train.checkpoint_every` tokens and at the
+    `train.checkpoint_series` log-spaced steps kept for good (not at step 0: nothing to resume
+    there)."""
     tc = cfg.train
     tokens_per_step = tc.batch_size * tc.seq_len
     total = max(1, math.ceil(tc.tokens / tokens_per_step))
     evals = frozenset(eval_steps(total, tokens_per_step, tc.eval_every, tc.eval_schedule, tc.eval_points))
     probed = cfg.probe.enabled
+    series = frozenset(log_schedule(total, tc.checkpoint_series) if tc.checkpoint_series else ()) - {0}
     return Cadence(
         tokens_per_step=tokens_per_step,
         total_steps=total,
         evals=evals,
         functional_rank=functional_rank_steps(cfg.probe.functional_rank, evals, total) if probed else frozenset(),
         kv_headroom=frozenset({total}) if probed and cfg.probe.kv_headroom == "end" else frozenset(),
-        saves=frozenset(schedule(total, tokens_per_step, tc.checkpoint_every)) - {0},
+        saves=(frozenset(schedule(total, tokens_per_step, tc.checkpoint_every)) | series) - {0},
+        series=series,
     )

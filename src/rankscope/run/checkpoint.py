@@ -12,8 +12,9 @@ never puts rank 0's optimizer share there.
 
 While a run trains, the checkpoint before the newest is its fallback should the newest be
 unreadable; a finished run needs none, so `finished` removes it (`keep` - 1 remain: with the
-default of 2, the final checkpoint alone; a series kept for `rankscope analyze --series` with a
-larger `train.keep_checkpoints` stays).
+default of 2, the final checkpoint alone). The checkpoints of the run's series (`series`: the
+`train.checkpoint_series` log-spaced steps) are never removed, so `rankscope analyze --series`
+can probe a finished run over its history.
 
 A checkpoint that cannot be read (truncated by a full disk or a crashed file system, corrupted,
 refused) is skipped for the previous one with a warning; when resuming it is also renamed to
@@ -121,9 +122,16 @@ def _files(folder: Path, step: int) -> list[Path]:
 
 
 def save(
-    run_dir: str | Path, step: int, state: dict[str, Any], rank: int = 0, keep: int = 2, barrier=lambda: None
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    rank: int = 0,
+    keep: int = 2,
+    barrier=lambda: None,
+    series: frozenset[int] = frozenset(),
 ) -> None:
-    """Write this rank's part of the checkpoint of `step`; rank 0 writes last, then old ones go."""
+    """Write this rank's part of the checkpoint of `step`; rank 0 writes last, then old ones go
+    (all but the newest `keep` and those at the steps of `series`)."""
     folder = Path(run_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     if rank != 0:
@@ -131,22 +139,23 @@ def save(
     barrier()  # every rank's share is on disk before the main file says the checkpoint exists
     if rank == 0:
         _atomic_save(state, _path(run_dir, step, 0))
-        _keep_newest(run_dir, keep)  # run folders are on a file system every rank sees
+        _keep_newest(run_dir, keep, series)  # run folders are on a file system every rank sees
     barrier()
 
 
-def _keep_newest(run_dir: str | Path, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (their main files and rank shares)."""
+def _keep_newest(run_dir: str | Path, keep: int, series: frozenset[int] = frozenset()) -> None:
+    """Remove all but the newest `keep` checkpoints and those of `series` (main files and rank shares)."""
     folder = Path(run_dir) / CHECKPOINTS
     for old in steps(run_dir)[:-keep]:
-        for f in _files(folder, old):
-            f.unlink(missing_ok=True)
+        if old not in series:
+            for f in _files(folder, old):
+                f.unlink(missing_ok=True)
 
 
-def finished(run_dir: str | Path, keep: int) -> None:
+def finished(run_dir: str | Path, keep: int, series: frozenset[int] = frozenset()) -> None:
     """A run finished (done.json written): drop the fallback of its newest checkpoint, keeping the
-    newest `max(1, keep - 1)`. At 1.5B parameters a checkpoint is about 13 GB."""
-    _keep_newest(run_dir, max(1, keep - 1))
+    newest `max(1, keep - 1)` and the `series`. At 1.5B parameters a checkpoint is about 13 GB."""
+    _keep_newest(run_dir, max(1, keep - 1), series)
 
 
 def _read(run_dir: Path, step: int, rank: int) -> tuple[dict | None, tuple | None]:

@@ -77,7 +77,15 @@ def save(setup: RunSetup, state: RunState, step: int) -> None:
         saved["last_eval"] = {"val_loss": state.last.get("val_loss"), "key_pr": state.last.get("key_pr")}
     if device.type == "cuda":
         saved["rng_cuda"] = torch.cuda.get_rng_state(device)
-    checkpoint.save(setup.out_dir, step, saved, world.rank, cfg.train.keep_checkpoints, lambda: rdist.barrier(world))
+    checkpoint.save(
+        setup.out_dir,
+        step,
+        saved,
+        world.rank,
+        cfg.train.keep_checkpoints,
+        lambda: rdist.barrier(world),
+        setup.cadence.series,
+    )
 
 
 def restore(setup: RunSetup) -> RunState:

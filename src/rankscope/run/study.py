@@ -149,6 +149,7 @@ _NOT_IDENTITY = (
     "train.activation_checkpointing",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.checkpoint_series",
     "train.log",
 )
 

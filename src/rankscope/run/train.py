@@ -317,5 +317,6 @@ def finish(setup: RunSetup, state: RunState, evaluator: Evaluator | None, t_star
             evaluator.close()
             with naming(setup.out_dir / DONE):
                 evaluator.store.finish(summary)
-            checkpoint.finished(setup.out_dir, cfg.train.keep_checkpoints)  # after done.json: no fallback needed now
+            # after done.json: no fallback needed now; the series stays
+            checkpoint.finished(setup.out_dir, cfg.train.keep_checkpoints, setup.cadence.series)
     return summary

@@ -121,6 +121,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     checkpoint_every: _Tokens = 250_000  # tokens between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: Annotated[int, Range(1, 10**6)] = 2  # most recent checkpoints kept
+    # checkpoints kept for good at this many log-spaced steps (dense early), beside the newest ones, so a
+    # finished run can be probed over its history (`rankscope analyze RUN --series`); 0 = none
+    checkpoint_series: Annotated[int, Range(0, MAX_SCHEDULE)] = 8
     # stream each evaluation's losses and key PR while the run trains: tensorboard (<run>/tensorboard),
     # wandb (<run>/wandb, offline unless WANDB_MODE says otherwise); the tables are written either way
     log: Annotated[tuple[Literal["tensorboard", "wandb"], ...], Distinct()] = ()
@@ -187,6 +190,7 @@ PRESETS: dict[str, RunConfig] = {
             eval_every=819_200,
             eval_batches=20,
             checkpoint_every=5_000_000,
+            checkpoint_series=0,  # about 0.8 GB a checkpoint: 12 runs of a series each fill a 64 GB disk
         ),
         probe=ProbeConfig(batch_size=4),
     ),
@@ -213,6 +217,7 @@ PRESETS: dict[str, RunConfig] = {
             eval_every=7_864_320,
             eval_batches=1,
             checkpoint_every=10_000_000,
+            checkpoint_series=0,  # about 13 GB a checkpoint
             activation_checkpointing=True,
         ),
         probe=ProbeConfig(batch_size=8, sites=("k_pre", "k")),
