@@ -36,16 +36,20 @@ def test_a_run_of_10k_tokens_evaluated_every_2500_and_saved_every_3000():
     c = run_cadence(config(**{"train.tokens": 10_000, "train.eval_every": 2_500, "train.checkpoint_every": 3_000}))
     assert (c.tokens_per_step, c.total_steps) == (100, 100)
     assert c.evals == {0, 25, 50, 75, 100}
-    assert c.saves == {30, 60, 90, 100}  # never step 0: there is nothing to resume there
+    # never step 0: there is nothing to resume there; and the series kept for good (8 log-spaced steps)
+    assert c.series == {1, 2, 4, 7, 14, 27, 52, 100}
+    assert c.saves == {30, 60, 90, 100} | c.series
     assert c.kv_headroom == {100}  # the default probe.kv_headroom = "end"
 
 
 def test_a_budget_that_is_not_a_whole_number_of_steps_rounds_up():
     # 1,050 tokens: 11 steps of 100 (1,100 tokens); every 300: the first step at or after 300, 600, 900
-    c = run_cadence(config(**{"train.tokens": 1_050, "train.eval_every": 300, "train.checkpoint_every": 0}))
+    cfg = config(**{"train.tokens": 1_050, "train.eval_every": 300, "train.checkpoint_every": 0})
+    c = run_cadence(cfg)
     assert c.total_steps == math.ceil(1_050 / 100) == 11
     assert sorted(c.evals) == [0, 3, 6, 9, 11]
-    assert c.saves == {11}  # checkpoint_every = 0: at the end only
+    assert c.saves == {11} | c.series  # checkpoint_every = 0: at the end only, beside the series
+    assert run_cadence(apply_overrides(cfg, {"train.checkpoint_series": 0})).saves == {11}
 
 
 def test_the_log_schedule_comes_from_the_config():
