@@ -40,6 +40,7 @@ def test_step_parts_time_forward_backward_and_optimizer_and_leave_no_grads():
     assert all(v > 0 for v in parts.values())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_small_bench_reports_the_split_and_the_evaluation_share(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKSCOPE_CACHE", str(tmp_path / "cache"))

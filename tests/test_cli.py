@@ -52,6 +52,7 @@ def write_study(path: Path, arms: str, tokens: str = "2048", every: str = "1024"
     return path
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
     study = write_study(
         tmp_path / "s.toml",
@@ -137,6 +138,7 @@ def test_tiny_study_end_to_end(tmp_path, corpus, capsys):
     assert "finished with different settings (optim.muon_lr)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_study_keeps_rows_and_rerun_redoes_only_the_broken_run(tmp_path, corpus):
     study = write_study(
         tmp_path / "s.toml",

@@ -364,6 +364,7 @@ model.qk_norm = "none"
 """
 
 
+@pytest.mark.slow
 def test_a_study_run_shows_run_i_of_n_phases_and_no_nan_loss(tmp_path, capsys):
     (tmp_path / "corpus").mkdir()
     corpus = write_corpus(tmp_path / "corpus", files=12, lines=400, steps=True)

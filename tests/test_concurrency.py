@@ -202,6 +202,7 @@ def test_second_writer_of_a_run_stops_and_names_the_holder(tmp_path, corpus, cap
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_job_array_shards_side_by_side_and_a_duplicate_shard(tmp_path, corpus):
     """The README's Slurm pattern: six shards of a 2-arm x 3-seed study start together on one --out
     and one empty token cache, and shard 2 is started a second time while its first copy works."""

@@ -128,6 +128,7 @@ def probe_tolerance(metric: str, site: str, eps: float, z_max: float, value: flo
     raise KeyError(f"no tolerance for probe metric {metric!r}: derive one")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     data = shards(tmp_path)
     study = study_file(
@@ -212,6 +213,7 @@ def test_shards_cover_every_run_exactly_once():
             parse_shard(bad)
 
 
+@pytest.mark.slow
 def test_sharded_study_in_two_folders_merges_in_the_report(tmp_path, capsys):
     data = shards(tmp_path)
     study = study_file(tmp_path, '[arms.a]\nmodel.qk_norm = "learned"\n[arms.b]\nmodel.qk_norm = "none"\n')

@@ -136,6 +136,7 @@ print(json.dumps({"measured": peak - base, "estimate": memory(cfg).peak}))
     ],
     ids=["tiny", "wide", "deep-probe"],
 )
+@pytest.mark.slow
 def test_the_estimate_is_within_a_factor_of_two_of_the_measured_peak(preset, override, tmp_path):
     """The process's peak resident memory over a short run (training steps, evaluations, the
     probe) above what it held before, in a fresh process so nothing earlier counts."""
@@ -168,6 +169,7 @@ def test_rankscope_run_refuses_an_impossible_batch_before_writing_anything(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_study_says_its_memory_and_time_at_start(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run(

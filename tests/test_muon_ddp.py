@@ -84,6 +84,7 @@ def _muon_worker(rank: int, world: int, init: str, out: str, partition: str) -> 
     rdist.shutdown()  # leaves together: a rank that tears gloo down first can abort its peer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("partition", ["stacked", "qk+vo", "per_head"])
 def test_sharded_muon_steps_equal_one_process_with_one_collective_a_step(tmp_path, world, partition):
@@ -144,6 +145,7 @@ def _train_worker(rank: int, world: int, port: int, data: str, run: str, out: st
     rdist.shutdown()
 
 
+@pytest.mark.slow
 def test_ddp_sends_no_buffers_before_its_forwards(tmp_path):
     """The RoPE tables are constants and max_logit is all-reduced after the step, so DDP's buffer
     broadcast before each forward (one per micro-batch) would only cost time."""

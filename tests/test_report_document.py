@@ -183,6 +183,7 @@ def test_single_eval_point(tmp_path):
 # --- a realistic study: every metric, log-spaced eval points, seed noise --------------------------
 
 
+@pytest.mark.slow
 def test_realistic_study_report(tmp_path):
     # the seed's preset: the report also sets its numbers next to the seed study's (DESIGN.md)
     root = make_realistic_study(

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import pytest
 from _studies import make_realistic_study
 
 from rankscope.report import write_report
 from rankscope.report.seedcompare import arm_kind
 
 
+@pytest.mark.slow
 def test_seed_1_5b_reference_reads_keys_before_rope(tmp_path):
     """The 1.5B follow-up's figures are set next to a seed-1.5b study on site k_pre, its own."""
     root = make_realistic_study(

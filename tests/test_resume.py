@@ -149,6 +149,7 @@ def test_diverging_run_stops_clearly_and_keeps_rows_and_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in kept["model"].values())
 
 
+@pytest.mark.slow
 def test_cli_study_continues_after_a_diverging_run(tmp_path, capsys):
     from rankscope.cli import main
 

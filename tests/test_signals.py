@@ -225,6 +225,7 @@ def test_command_line_stops_on_a_signal_with_one_line_and_resumes_bitwise(tmp_pa
     assert_same_run(run, whole_run)
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_stops_at_the_same_step_and_resumes_bitwise(tmp_path, cli_whole):
     # SIGTERM reaches rank 0 alone: both ranks must still stop after the same step (each writes its
     # share of the checkpoint); then the newest checkpoint is damaged, so the rerun falls back to

@@ -94,6 +94,7 @@ def test_an_effect_beyond_noise_never_prints_as_zero():
     assert fmt_difference(2.0, float("nan"), float("nan"), 1) == "2.0"
 
 
+@pytest.mark.slow
 def test_the_seeds_comparison_at_another_scale_is_set_against_its_headline(tmp_path):
     root = make_realistic_study(tmp_path / "s", seeds=(0, 1), n_layer=2, n_head=2, n_points=4)
     summary = write_report(root).read_text().split("## Summary")[1].split("\n## ")[0]

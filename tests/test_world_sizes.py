@@ -104,6 +104,7 @@ SMALL = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("index", range(3))
 def test_the_readme_torchrun_commands_run_on_2_and_4_processes(tmp_path, index, ranks):
@@ -163,6 +164,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["evaluation", "done.json"])
 def test_a_failure_on_rank_0_at_the_end_stops_every_rank_at_once(tmp_path, where):
     data = shards(tmp_path)
@@ -230,6 +232,7 @@ assert groups[0] is groups[1] and dist.is_initialized()  # one group, kept from 
 """
 
 
+@pytest.mark.slow
 def test_runs_in_one_process_share_its_group_which_is_left_at_exit(tmp_path):
     data = shards(tmp_path)
     (tmp_path / "two_runs.py").write_text(TWO_RUNS)
