@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RankscopeError
-from ..storage.store import CONFIG, STUDY, read_record
+from ..storage.store import CONFIG, SERIES_KIND, STUDY, read_record
 from .checkpoints import check_vocab, find_series, select
 from .inputs import LoadedModel, first_line
 
 SERIES = "series.json"
-SERIES_KIND = "checkpoint-series"  # study.json's "kind" for a study folder this command wrote
 # How a rankscope run keeps more checkpoints for a series (said where a series is short)
 KEEP_MORE = (
     "a rankscope run keeps its checkpoints at train.checkpoint_series log-spaced steps (default 8) "

@@ -28,6 +28,7 @@ from ..storage.store import (
     PROBES,
     SCALAR_COLUMNS,
     SCALARS,
+    SERIES_KIND,
     STUDY,
     is_done,
     read_json,
@@ -114,7 +115,7 @@ class StudyData:
     def is_series(self) -> bool:
         """The study holds checkpoint series (`rankscope analyze --series`): each run's points are
         checkpoints of one training run probed on one fixed batch, not a run's own evaluations."""
-        return any(s.get("kind") == "checkpoint-series" for s in self.studies)
+        return any(s.get("kind") == SERIES_KIND for s in self.studies)
 
     def seeds(self, arm: str | None = None) -> list[int]:
         return sorted({r.seed for r in self.runs if arm is None or r.arm == arm})

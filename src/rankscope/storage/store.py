@@ -59,6 +59,9 @@ PROBE_COLUMNS = ("arm", "seed", "step", "tokens", "layer", "head", "site", "metr
 
 SCALARS, PROBES, DONE = "scalars.csv", "probes.csv", "done.json"
 CONFIG, PROVENANCE, STUDY, CHECKPOINTS = "config.json", "provenance.json", "study.json", "checkpoints"
+# study.json's "kind" in a study folder of checkpoint series (`rankscope analyze --series`), where
+# each run's points are checkpoints of one training run, not that run's own evaluations
+SERIES_KIND = "checkpoint-series"
 
 
 def run_dir(study_dir: str | Path, arm: str, seed: int) -> Path:
