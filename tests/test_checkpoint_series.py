@@ -6,7 +6,7 @@ series analysis measures them and says how many there are and how to keep more."
 from __future__ import annotations
 
 import pytest
-from _runs import Killed, assert_same_run, config, kill_after_row, shards
+from _runs import Killed, assert_same_run, config, final_values, kill_after_row, metric_rows, shards
 
 from rankscope.cli import main as rankscope_main
 from rankscope.run import checkpoint
@@ -85,3 +85,12 @@ def test_a_finished_and_a_resumed_run_keep_the_same_series_and_analyze_measures_
     assert "one training run's checkpoint series" in text
     assert "eval and probe every" not in text and "eval points found" not in text
     assert "Run more seeds" not in text
+
+
+def test_keeping_a_series_changes_nothing_a_run_computes(tmp_path, whole):
+    # `whole` is the shared uninterrupted run without a series (tests/_runs.py)
+    run = tmp_path / "with-series"
+    train(config(shards(tmp_path), **{"train.checkpoint_series": 8}), run, progress=False, arm="a")
+    assert checkpoint.steps(run) == sorted(log_spaced(16, 8))
+    assert metric_rows(run) == metric_rows(whole)
+    assert final_values(run) == final_values(whole)
