@@ -133,6 +133,11 @@ def select(
     return chosen
 
 
+def is_run_folder(path: Path) -> bool:
+    """PATH is a rankscope run folder: it has a checkpoints/ folder."""
+    return (path / CHECKPOINTS).is_dir()
+
+
 def find_series(path: str, hub: bool = False) -> tuple[list[Checkpoint], str, int, Path]:
     """(checkpoints, series name, seed, default output folder) of PATH."""
     if hub:
@@ -141,7 +146,7 @@ def find_series(path: str, hub: bool = False) -> tuple[list[Checkpoint], str, in
     p = Path(path)
     if not p.is_dir():
         raise RankscopeError(f"{p}: no such folder (--series takes a run folder or a folder of checkpoint folders)")
-    if (p / CHECKPOINTS).is_dir():
+    if is_run_folder(p):
         raw = read_record(p / CONFIG)
         name, seed = str(raw.get("arm") or p.parent.name), int(raw.get("seed") or 0)
         study = p.parent.parent if re.fullmatch(r"seed-\d+", p.name) else p
@@ -171,6 +176,7 @@ def check_vocab(checkpoints: Sequence[Checkpoint]) -> None:
 
 
 __all__ = [
+    "is_run_folder",
     "Checkpoint",
     "check_vocab",
     "find_series",

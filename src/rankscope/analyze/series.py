@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RankscopeError
+from ..report.study_setup import KEEP_MORE_CHECKPOINTS
 from ..storage.store import CONFIG, SERIES_KIND, STUDY, read_record
-from .checkpoints import check_vocab, find_series, select
+from .checkpoints import check_vocab, find_series, is_run_folder, select
 from .inputs import LoadedModel, first_line
 
 SERIES = "series.json"
-# How a rankscope run keeps more checkpoints for a series (said where a series is short)
 KEEP_MORE = (
     "a rankscope run keeps its checkpoints at train.checkpoint_series log-spaced steps (default 8) "
     "and its newest train.keep_checkpoints"
@@ -184,7 +184,7 @@ def analyze_series(
     done = _measured_steps(run)
     todo = [c for c in checkpoints if c.step not in done]
     skipped = [c.step for c in checkpoints if c.step in done]
-    own = not hub and (Path(path) / "checkpoints").is_dir()
+    own = not hub and is_run_folder(Path(path))
     found_steps = sorted(c.step for c in found)
     if not todo:
         return SeriesResult(study, run, [], skipped, found_steps, own)
@@ -305,7 +305,8 @@ def run(args: argparse.Namespace, sites: tuple[str, ...]) -> int:
     if result.rankscope_run:  # how many the run kept, and how a run keeps more
         kept = result.found
         steps = ", ".join(map(str, kept)) if len(kept) <= 12 else f"{kept[0]} to {kept[-1]}"
-        print(f"the run kept {len(kept)} checkpoint{'s' if len(kept) != 1 else ''} (steps {steps}); {KEEP_MORE}")
+        plural = "s" if len(kept) != 1 else ""
+        print(f"the run kept {len(kept)} checkpoint{plural} (steps {steps}); {KEEP_MORE_CHECKPOINTS}")
     print(f"series:  {result.run}\nreport:  rankscope report {result.out}")
     return 0
 

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..settings.config import TrainConfig
 from ..settings.flat import flatten
 from ..settings.seedref import SEED_DATA, differences, reference_for, show_value
 from ..settings.units import fmt_count
 from .blocks import Table, code, md_escape
 from .load import Run, StudyData
+
+# How a rankscope run keeps more checkpoints for `rankscope analyze --series` (said by the command
+# and by the report of a series)
+KEEP_MORE_CHECKPOINTS = (
+    "a rankscope run keeps its checkpoints at train.checkpoint_series log-spaced steps "
+    f"(default {TrainConfig().checkpoint_series}) and its newest train.keep_checkpoints"
+)
 
 
 def _value(v: Any) -> str:
@@ -91,16 +99,7 @@ def setup_items(study: StudyData) -> list[str]:
     train = cfg.get("train") or {}
     points = sorted(set(study.scalars["tokens"].tolist())) if len(study.scalars) else []
     if study.is_series:  # points are checkpoints, not the run's evaluations
-        steps = sorted(set(study.scalars["step"].tolist())) if len(study.scalars) else []
-        shown = ", ".join(f"{s:,}" for s in steps) if len(steps) <= 12 else f"{steps[0]:,} to {steps[-1]:,}"
-        if steps:
-            lines.append(
-                f"**checkpoints measured:** {len(steps)} (steps {shown}; {fmt_count(points[0])} to "
-                f"{fmt_count(points[-1])} tokens), each on one fixed batch; val loss is the next-token loss on "
-                "that batch. A rankscope run keeps more for a series with `train.checkpoint_series` "
-                "(log-spaced, default 8) or `train.keep_checkpoints`"
-            )
-        points = []
+        lines += _checkpoint_items(study, points)
     elif train.get("batch_size") and train.get("seq_len"):
         if train.get("eval_schedule") == "log":
             when = f"; eval and probe at {train.get('eval_points', '?')} log-spaced points (and token 0)"
@@ -109,7 +108,7 @@ def setup_items(study: StudyData) -> list[str]:
         else:
             when = ""
         lines.append(f"**batch:** {train['batch_size']} x {train['seq_len']} tokens{when}")
-    if points:
+    if points and not study.is_series:
         lines.append(
             f"**eval points found:** {len(points)}, from {fmt_count(points[0])} to {fmt_count(points[-1])} tokens"
         )
@@ -127,6 +126,19 @@ def setup_items(study: StudyData) -> list[str]:
             + (f" on a fixed batch of {probe['batch_size']} sequences" if probe.get("batch_size") else "")
         )
     return lines
+
+
+def _checkpoint_items(study: StudyData, points: list[int]) -> list[str]:
+    """The checkpoints a series measured (steps and tokens), and how a run keeps more."""
+    steps = sorted(set(study.scalars["step"].tolist())) if len(study.scalars) else []
+    if not steps:
+        return []
+    shown = ", ".join(f"{s:,}" for s in steps) if len(steps) <= 12 else f"{steps[0]:,} to {steps[-1]:,}"
+    return [
+        f"**checkpoints measured:** {len(steps)} (steps {shown}; {fmt_count(points[0])} to "
+        f"{fmt_count(points[-1])} tokens), each on one fixed batch; val loss is the next-token loss on that "
+        f"batch. For more, {KEEP_MORE_CHECKPOINTS}"
+    ]
 
 
 def _seed_difference_items(study: StudyData) -> list[str]:

@@ -16,8 +16,8 @@ each norm keeps its float32 input beside a bf16 copy; the training head forms fl
 and cross-entropy's copies (10 bytes a logit), where the CPU's chunked head never does.
 
 An evaluation forward runs `eval_group` whole `train.batch_size` batches without gradients (one
-layer's transient at a time, and the head in chunks); the probe runs `probe.batch_size` sequences with its attention
-logits in chunks of 512 queries. The peak of the run is the largest of the three on top of what
+layer's transient at a time, and the head in chunks); the probe runs `probe.batch_size` sequences
+with its attention logits in chunks of 512 queries. The peak of the run is the largest of the three on top of what
 stays resident (weights and optimizer state); on a CPU, twice the tensors counted
 (`CPU_PROCESS_FACTOR`: what a process's resident memory measured above them).
 
