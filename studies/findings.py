@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankscope.report.format import fmt_mean_ci
+from rankscope.report.format import bare_p, fmt_mean_ci, seeds_text
+from rankscope.report.layer_contrasts import layer_contrasts
 from rankscope.report.load import StudyData, load_study
 from rankscope.report.plotstyle import new_figure, reference_line, save, style_axes
 from rankscope.report.series import layer_means, quantity_series, seed_stats
@@ -88,21 +89,36 @@ def print_trajectory(name: str, study: StudyData, treatment: str, control: str) 
     return pr
 
 
-def print_layers(name: str, study: StudyData, arms: list[str]) -> None:
-    """Per-layer key PR at each arm's last point: mean over heads, then seeds, with its interval."""
-    lm = layer_means(study.probes, "k", "pr_sv")
-    print(f"\n### {name}: key PR per layer at the end\n")
-    end = {a: int(lm.loc[lm["arm"] == a, "tokens"].max()) for a in arms if (lm["arm"] == a).any()}
-    layers = sorted(lm["layer"].unique())
-    print("| layer | " + " | ".join(f"{a} @ {end[a] / 1e6:.3g}M" for a in end) + " |")
-    print("| ---: | " + " | ".join("---:" for _ in end) + " |")
-    for layer in layers:
-        cells = []
-        for a, t in end.items():
-            sub = lm[(lm["arm"] == a) & (lm["tokens"] == t) & (lm["layer"] == layer)]
-            st = seed_stats(sub, by=("arm",))
-            cells.append(fmt_row(*st[["mean", "lo", "hi", "n"]].iloc[0]) if len(st) else "–")
-        print(f"| {layer} | " + " | ".join(cells) + " |")
+def print_layers(name: str, study: StudyData, treatment: str, control: str) -> None:
+    """Per layer at the arms' common end, seed by seed (`report.layer_contrasts`): key PR of each arm
+    and their difference, with Holm's adjustment over layers; the same difference in the W_K-update PR
+    and in K's share of the attention update (the mechanism of section 7), where recorded."""
+    ends = {}
+    for arm in (treatment, control):
+        t = study.probes.loc[(study.probes["arm"] == arm) & (study.probes["site"] == "k"), "tokens"]
+        if len(t):
+            ends[arm] = int(t.max())
+    found = {
+        (site, metric): layer_contrasts(layer_means(study.probes, site, metric), [(treatment, control)], ends)
+        for site, metric in (("k", "pr_sv"), ("dw_k", "pr_sv"), ("dw_k", "k_share"))
+    }
+    if not found[("k", "pr_sv")]:
+        return
+    key = found[("k", "pr_sv")][0]
+    print(f"\n### {name}: {treatment} − {control} per layer at {key.tokens / 1e6:.3g}M tokens ({seeds_text(key.n)})\n")
+    header = [f"key PR {treatment}", f"key PR {control}", "Δ key PR", "p (Holm)", "Δ W_K-update PR", "Δ K's share"]
+    print("| layer | " + " | ".join(header) + " |")
+    print("| ---: |" + " ---: |" * len(header))
+    for _, r in key.rows.iterrows():
+        cells = [f"{r['treatment']:.1f}", f"{r['control']:.1f}", fmt_row(r["mean"], r["lo"], r["hi"], int(r["n"]))]
+        cells.append(bare_p(r["p_holm"]))
+        for q, d in ((("dw_k", "pr_sv"), 1), (("dw_k", "k_share"), 3)):
+            other = found[q][0].rows if found[q] else None
+            hit = other[other["layer"] == r["layer"]] if other is not None else []
+            cells.append(fmt_row(*hit[["mean", "lo", "hi", "n"]].iloc[0], d=d) if len(hit) else "–")
+        print(f"| {int(r['layer'])} | " + " | ".join(cells) + " |")
+    named = key.beyond_noise()
+    print(f"\nLayers beyond seed noise after Holm's adjustment: {', '.join(map(str, named)) or 'none'}.")
 
 
 def print_partitions(study: StudyData) -> None:
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print_trajectory("seed-steps-25m", studies["seed-steps-25m"], "qk-norm-adamw", "qk-norm")
     for name in ("seed-steps-16m", "seed-steps-25m", "depth"):
         if name in studies:
-            print_layers(name, studies[name], studies[name].arms)
+            print_layers(name, studies[name], "qk-norm", "no-norm")
     if "depth" in studies:
         print_trajectory("depth", studies["depth"], "qk-norm", "no-norm")
     if "muon-partitions" in studies:

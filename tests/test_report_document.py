@@ -63,7 +63,8 @@ def test_write_report_files_links_and_html(tmp_path):
     # an older study: no downstream, gains, functional rank -> none of those figures; key PR
     # against val loss is still drawn
     # the arms side by side in one figure of each kind
-    expected = ["loss_pr.png", "contrasts.png", "pr_vs_downstream.png", "diagnosis_arms.png", "layer_pr_arms.png"]
+    expected = ["loss_pr.png", "contrasts.png", "layer_contrasts.png", "pr_vs_downstream.png", "diagnosis_arms.png"]
+    expected += ["layer_pr_arms.png"]
     expected.append("pr_heatmap_arms.png")
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(expected)
     md = path.read_text()

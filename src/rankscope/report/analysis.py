@@ -13,6 +13,7 @@ import pandas as pd
 from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
 from .factorial import Grid, effects_table, find_grid
 from .kv_headroom import headroom_frame, headroom_table, run_tolerance
+from .layer_contrasts import LayerContrast, layer_contrasts
 from .layer_tables import Diagnosis, diagnoses, functional_rank_data, rank_sweep_curves
 from .load import StudyData
 from .paradox import paradox_table
@@ -45,6 +46,8 @@ class ReportNumbers:
     # each contrast over training (trajectory.contrast_trajectory) of the quantities in TRAJECTORY_KEYS
     trajectories: list[tuple[Quantity, dict[tuple[str, str], pd.DataFrame]]] = field(default_factory=list)
     tokens_per_step: int | None = None  # shared by every run, for a steps axis
+    # each contrast layer by layer at its arms' common end, on the probe quantity (layer_contrasts)
+    layer_contrasts: list[LayerContrast] = field(default_factory=list)
 
 
 # The quantities whose contrasts the report follows over training: loss, the probe quantity, and
@@ -110,6 +113,9 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
         numbers.kv_table = headroom_table(numbers.kv_frame, head_dim, arms=arms)
     numbers.kv_tol = run_tolerance([r.config for r in study.runs])
     numbers.trajectories = _trajectories(study, [VAL_LOSS, pr_q, UPDATE_PR], series)
+    layers = layer_means(study.probes, site, metric)
+    if layers["layer"].nunique() >= 2:  # one layer is the network-wide mean the paradox table gives
+        numbers.layer_contrasts = layer_contrasts(layers, study.contrasts, ends)
     per_step = {r.config.get("tokens_per_step") for r in study.runs}
     numbers.tokens_per_step = int(per_step.pop()) if len(per_step) == 1 and None not in per_step else None
     return numbers

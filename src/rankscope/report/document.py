@@ -28,6 +28,8 @@ from .figures import draw_figures
 from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, resolving_decimals, signed
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import headroom_blocks
+from .layer_contrasts import PLOT as LAYER_CONTRASTS_PLOT
+from .layer_contrasts import layer_contrast_blocks
 from .layer_tables import DIAGNOSIS, collapse_rule, collapsed_rows
 from .load import StudyData, StudyDirs, load_study
 from .paradox import format_table, paradox_blocks
@@ -284,6 +286,11 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
     section("Over training", _figures(plots, lambda n: n in ("loss_pr.png", "downstream.png")))
     contrasts = trajectory_blocks(numbers.trajectories, numbers.tokens_per_step)
     section("The contrasts over training", contrasts + _figures(plots, "contrasts.png".__eq__))
+    section(
+        "The contrasts layer by layer",
+        layer_contrast_blocks(numbers.layer_contrasts, quantity.removeprefix("mean "))
+        + _figures(plots, LAYER_CONTRASTS_PLOT.__eq__),
+    )
     if len(arms) > 2:
         section("Every pair of arms, seed by seed", _pairwise_blocks(numbers.pairwise))
     diag = _figures(plots, lambda n: n.startswith("diagnosis_"))

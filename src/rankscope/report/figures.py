@@ -23,6 +23,8 @@ from .curves import plot_downstream, plot_loss_pr
 from .heatmaps import plot_pr_heatmaps
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import plot_kv_headroom
+from .layer_contrasts import PLOT as LAYER_CONTRASTS_PLOT
+from .layer_contrasts import plot_layer_contrasts
 from .layer_plots import (
     DiagColumn,
     diagnosis_groups,
@@ -127,6 +129,15 @@ def draw_figures(numbers: ReportNumbers, plots_dir: Path) -> list[Plot]:
         drawn.append(
             plot_contrast_trajectories(
                 numbers.trajectories, plots_dir / "contrasts.png", tokens_per_step=numbers.tokens_per_step
+            )
+        )
+    if numbers.layer_contrasts:
+        drawn.append(
+            plot_layer_contrasts(
+                numbers.layer_contrasts,
+                plots_dir / LAYER_CONTRASTS_PLOT,
+                what=quantity.removeprefix("mean "),
+                unit="dimensions" if counts_dimensions(metric) else "value",
             )
         )
     # why do some layers collapse: the arms side by side, each quantity's y-range shared by all arms
