@@ -31,6 +31,7 @@ from rankscope.report.layer_contrasts import layer_contrasts
 from rankscope.report.load import StudyData, load_study
 from rankscope.report.plotstyle import new_figure, reference_line, save, style_axes
 from rankscope.report.series import layer_means, quantity_series, seed_stats
+from rankscope.report.stats import correlate
 from rankscope.report.trajectory import contrast_trajectory
 
 # The seed's published single-seed figures (DESIGN.md): QK-Norm minus none in mean key PR, at its
@@ -119,6 +120,26 @@ def print_layers(name: str, study: StudyData, treatment: str, control: str) -> N
         print(f"| {int(r['layer'])} | " + " | ".join(cells) + " |")
     named = key.beyond_noise()
     print(f"\nLayers beyond seed noise after Holm's adjustment: {', '.join(map(str, named)) or 'none'}.")
+    gaps = [per_run_gap(study.probes, site, metric, treatment, control, key.tokens) for site, metric in GAP_PAIR]
+    both = pd.concat(gaps, axis=1, keys=[f"{s}:{m}" for s, m in GAP_PAIR]).dropna()
+    if len(both) >= 3:
+        c = correlate(both.iloc[:, 0], both.iloc[:, 1])
+        print(
+            f"Δ key PR against Δ W_K-update PR over the {len(both)} layer-seeds: Pearson r = {c.pearson:.2f} "
+            f"[{c.pearson_lo:.2f}, {c.pearson_hi:.2f}], Spearman ρ = {c.spearman:.2f}"
+        )
+
+
+GAP_PAIR = (("k", "pr_sv"), ("dw_k", "pr_sv"))
+
+
+def per_run_gap(probes: pd.DataFrame, site: str, metric: str, treatment: str, control: str, tokens: int) -> pd.Series:
+    """`treatment − control` per (seed, layer) at `tokens`: each layer's mean over heads, seed by seed."""
+    lm = layer_means(probes, site, metric)
+    at = lm[lm["tokens"] == tokens].pivot_table(index=["seed", "layer"], columns="arm", values="value")
+    if treatment not in at or control not in at:
+        return pd.Series(dtype=float)
+    return at[treatment] - at[control]
 
 
 def print_partitions(study: StudyData) -> None:
