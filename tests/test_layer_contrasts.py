@@ -13,7 +13,14 @@ from scipy import stats as sps
 
 from rankscope.report import load_study, write_report
 from rankscope.report.analysis import compute_numbers
-from rankscope.report.layer_contrasts import common_end, describe, layer_contrast, layer_contrasts
+from rankscope.report.layer_contrasts import (
+    common_end,
+    describe,
+    layer_contrast,
+    layer_contrasts,
+    layer_list,
+    summary_sentence,
+)
 from rankscope.report.stats import PAIRED, PAIRED_CONSTANT, SINGLE, WELCH
 
 SEEDS, LAYERS, END = (0, 1, 2, 3), 6, 5000
@@ -101,9 +108,14 @@ def test_the_words_name_the_extremes_and_the_layers_beyond_noise():
     c = layer_contrast(layers_frame(), "a", "b", END)
     text = describe(c, "key PR", 1)
     top = int(c.rows.loc[c.rows["mean"].idxmax(), "layer"])
-    assert text.startswith("Key PR, a − b at 5k tokens (4 seeds): most negative in layer 2 (−7.2 [")
-    assert f"most positive in layer {top} (" in text
+    assert text.startswith("Key PR, a − b at 5k tokens (4 seeds): from −7.2 [")
+    assert "] in layer 2 to " in text and f"] in layer {top};" in text
     assert "beyond seed noise after Holm's adjustment over 6 layers: layer 2." in text
+    assert (layer_list([3]), layer_list([1, 3]), layer_list([0, 2, 3])) == (
+        "layer 3",
+        "layers 1 and 3",
+        "layers 0, 2 and 3",
+    )
     f = layers_frame()
     f.loc[f["arm"] == "a", "value"] = f.loc[f["arm"] == "b", "value"].to_numpy()  # no difference anywhere
     none = describe(layer_contrast(f, "a", "b", END), "key PR", 1)
@@ -136,3 +148,18 @@ def test_the_realistic_study_finds_its_collapsed_layers(tmp_path):
     others = [v for k, v in gaps.items() if k not in (1, 3)]
     assert max(gaps[1], gaps[3]) < min(others)
     assert {1, 3} <= set(qk.beyond_noise())
+
+
+def test_the_summary_names_the_layers_beyond_noise_or_none():
+    c = layer_contrast(layers_frame(), "a", "b", END)
+    line = summary_sentence([c], "key PR")
+    mean2 = c.rows.loc[c.rows["layer"] == 2, "mean"].iloc[0]
+    assert line.endswith(f"**a** − **b**: layer 2 (−{abs(mean2):.1f}).")
+    f = layers_frame()
+    f.loc[f["layer"] == 2, "value"] = f.loc[f["layer"] == 1, "value"].to_numpy()  # layer 2's shift gone
+    quiet = layer_contrast(f, "a", "b", END)
+    assert quiet.beyond_noise() == []
+    assert summary_sentence([c, quiet], "key PR").endswith("**a** − **b**: no layer of 6.")
+    # one seed: nothing can be judged, so the summary says nothing about layers
+    assert summary_sentence([layer_contrast(layers_frame(seeds=(0,)), "a", "b", END)], "key PR") is None
+    assert summary_sentence([], "key PR") is None

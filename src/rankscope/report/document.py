@@ -29,7 +29,7 @@ from .format import bare_p, decimals_for, fmt_interval, fmt_mean_ci, resolving_d
 from .kv_headroom import PLOT as KV_PLOT
 from .kv_headroom import headroom_blocks
 from .layer_contrasts import PLOT as LAYER_CONTRASTS_PLOT
-from .layer_contrasts import layer_contrast_blocks
+from .layer_contrasts import layer_contrast_blocks, summary_sentence
 from .layer_tables import DIAGNOSIS, collapse_rule, collapsed_rows
 from .load import StudyData, StudyDirs, load_study
 from .paradox import format_table, paradox_blocks
@@ -223,6 +223,7 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
                     crossed,
                     chance_lines,
                     at_chance,
+                    summary_sentence(numbers.layer_contrasts, quantity.removeprefix("mean ")),
                 )
             ],
         )

@@ -117,19 +117,42 @@ def describe(c: LayerContrast, what: str, d: int) -> str:
     lo, hi = r.loc[r["mean"].idxmin()], r.loc[r["mean"].idxmax()]
     text = (
         f"{what[0].upper()}{what[1:]}, {c.treatment} {MINUS} {c.control} at {fmt_count(c.tokens)} tokens "
-        f"({seeds_text(c.n)}): most negative in layer {int(lo['layer'])} ({_cell(lo, d)}), most positive "
-        f"in layer {int(hi['layer'])} ({_cell(hi, d)})"
+        f"({seeds_text(c.n)}): from {_cell(lo, d)} in layer {int(lo['layer'])} to {_cell(hi, d)} in layer "
+        f"{int(hi['layer'])}"
     )
     if c.n < 2 or (r["test"] == SINGLE).all():
         return text + "; one seed: no layer can be told from seed noise."
     named = c.beyond_noise()
     if not named:
         return text + f"; no layer stands out from seed noise after Holm's adjustment over {len(r)} layers."
+    return text + f"; beyond seed noise after Holm's adjustment over {len(r)} layers: {layer_list(named)}."
+
+
+def layer_list(layers: Sequence[int]) -> str:
+    """'layer 3', 'layers 1 and 3', 'layers 0, 2 and 3'."""
+    names = [str(x) for x in layers]
+    if len(names) == 1:
+        return f"layer {names[0]}"
+    return f"layers {', '.join(names[:-1])} and {names[-1]}"
+
+
+def summary_sentence(contrasts: Sequence[LayerContrast], what: str) -> str | None:
+    """One sentence for the report's summary: in which layers each contrast stands out from seed
+    noise after Holm's adjustment over its layers (None without a contrast of two or more seeds)."""
+    judged = [c for c in contrasts if c.n >= 2 and not (c.rows["test"] == SINGLE).all()]
+    if not judged:
+        return None
+    parts = []
+    for c in judged:
+        named = c.beyond_noise()
+        mean = c.rows.set_index("layer")["mean"]
+        d = decimals_for(pd.concat([c.rows["treatment"], c.rows["control"]]).tolist(), what)
+        values = ", ".join(f"{x} ({signed(mean[x], d)})" for x in named)
+        where = f"layer{'s' if len(named) > 1 else ''} {values}" if named else f"no layer of {len(c.rows)}"
+        parts.append(f"**{md_escape(c.treatment)}** {MINUS} **{md_escape(c.control)}**: {where}")
     return (
-        text
-        + f"; beyond seed noise after Holm's adjustment over {len(r)} layers: "
-        + ", ".join(f"layer {x}" for x in named)
-        + "."
+        f"Layer by layer ({what}, seed by seed at each contrast's end, Holm's adjustment over layers), the "
+        "difference stands out from seed noise in " + "; ".join(parts) + "."
     )
 
 
@@ -224,5 +247,6 @@ __all__ = [
     "layer_contrast",
     "layer_contrasts",
     "layer_contrast_blocks",
+    "summary_sentence",
     "plot_layer_contrasts",
 ]

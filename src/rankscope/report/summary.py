@@ -317,6 +317,7 @@ def summary_paragraphs(
     crossed_lines: Sequence[str] = (),
     chance_lines: Sequence[str] = (),
     at_chance: Collection[str] = (),
+    layer_line: str | None = None,
 ) -> list[str]:
     """The report's opening paragraphs, in markdown: the study's contrasts first (the pairs of
     arms it exists to compare, `table.attrs["contrasts"]`), then `crossed_lines`: when the arms
@@ -406,6 +407,8 @@ def summary_paragraphs(
             )
         else:
             out.append(f"No layer collapsed by the report's rule ({collapse_rule()}).")
+    if layer_line:
+        out.append(layer_line)
     if div:
         many = len(div) > 1
         out.append(
