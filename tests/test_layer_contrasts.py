@@ -154,12 +154,13 @@ def test_the_summary_names_the_layers_beyond_noise_or_none():
     c = layer_contrast(layers_frame(), "a", "b", END)
     line = summary_sentence([c], "key PR")
     mean2 = c.rows.loc[c.rows["layer"] == 2, "mean"].iloc[0]
-    assert line.endswith(f"**a** − **b**: layer 2 (−{abs(mean2):.1f}).")
+    assert line.endswith(f"stands out from seed noise: **a** − **b** in layer 2 (−{abs(mean2):.1f}).")
     f = layers_frame()
     f.loc[f["layer"] == 2, "value"] = f.loc[f["layer"] == 1, "value"].to_numpy()  # layer 2's shift gone
     quiet = layer_contrast(f, "a", "b", END)
     assert quiet.beyond_noise() == []
-    assert summary_sentence([c, quiet], "key PR").endswith("**a** − **b**: no layer of 6.")
+    both = summary_sentence([c, quiet], "key PR")
+    assert both.endswith("**a** − **b** in layer 2 (−7.2); **a** − **b** in no layer of 6.")
     # one seed: nothing can be judged, so the summary says nothing about layers
     assert summary_sentence([layer_contrast(layers_frame(seeds=(0,)), "a", "b", END)], "key PR") is None
     assert summary_sentence([], "key PR") is None

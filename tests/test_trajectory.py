@@ -106,3 +106,39 @@ def test_the_seeds_comparison_at_another_scale_is_set_against_its_headline(tmp_p
     assert "The two can differ by scale (width, depth), training length" in summary
     plain = make_study(tmp_path / "p", {"a": "qk", "b": "qk"}, [0])  # no arm without QK-Norm: no headline
     assert "The seed saw" not in write_report(plain).read_text()
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        (0, 4096, 8192, 40960, 409_600, 8_000_000),  # log schedule from token 0: symlog
+        (4096, 8192, 40960, 409_600, 8_000_000),  # log without token 0
+        (0, 204_800, 409_600, 1_003_520),  # linear
+    ],
+    ids=["symlog", "log", "linear"],
+)
+def test_each_step_tick_sits_over_its_tokens(tokens):
+    """The top axis's label for N steps is drawn where the bottom axis has N x tokens_per_step tokens,
+    whatever the bottom axis's scale (a secondary axis once placed them linearly under symlog)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from rankscope.report.plotstyle import new_figure
+    from rankscope.report.token_axis import tokens_axis
+    from rankscope.report.trajectory import _steps_axis
+
+    per_step = 4096
+    t = np.array(tokens, dtype=float)
+    fig = new_figure(6, 3)
+    ax = fig.subplots()
+    ax.plot(t, np.zeros_like(t))
+    log = tokens_axis(ax, t)
+    _steps_axis(ax, per_step, log, float(t[t > 0].min()))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    top = ([a for a in fig.axes if a is not ax] + list(ax.child_axes))[0]  # a twin, or a secondary axis
+    labels = [lab for lab in top.xaxis.get_ticklabels() if lab.get_visible() and lab.get_text()]
+    assert len(labels) >= 4
+    for lab in labels:
+        box = lab.get_window_extent(canvas.get_renderer())
+        at = ax.transData.transform((int(lab.get_text().replace(",", "")) * per_step, 0.0))[0]
+        assert (box.x0 + box.x1) / 2 == pytest.approx(at, abs=1.0), lab.get_text()

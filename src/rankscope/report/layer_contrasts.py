@@ -128,7 +128,7 @@ def describe(c: LayerContrast, what: str, d: int) -> str:
     return text + f"; beyond seed noise after Holm's adjustment over {len(r)} layers: {layer_list(named)}."
 
 
-def layer_list(layers: Sequence[int]) -> str:
+def layer_list(layers: Sequence[int | str]) -> str:
     """'layer 3', 'layers 1 and 3', 'layers 0, 2 and 3'."""
     names = [str(x) for x in layers]
     if len(names) == 1:
@@ -147,12 +147,11 @@ def summary_sentence(contrasts: Sequence[LayerContrast], what: str) -> str | Non
         named = c.beyond_noise()
         mean = c.rows.set_index("layer")["mean"]
         d = decimals_for(pd.concat([c.rows["treatment"], c.rows["control"]]).tolist(), what)
-        values = ", ".join(f"{x} ({signed(mean[x], d)})" for x in named)
-        where = f"layer{'s' if len(named) > 1 else ''} {values}" if named else f"no layer of {len(c.rows)}"
-        parts.append(f"**{md_escape(c.treatment)}** {MINUS} **{md_escape(c.control)}**: {where}")
+        where = layer_list([f"{x} ({signed(mean[x], d)})" for x in named]) if named else f"no layer of {len(c.rows)}"
+        parts.append(f"**{md_escape(c.treatment)}** {MINUS} **{md_escape(c.control)}** in {where}")
     return (
-        f"Layer by layer ({what}, seed by seed at each contrast's end, Holm's adjustment over layers), the "
-        "difference stands out from seed noise in " + "; ".join(parts) + "."
+        f"Layer by layer ({what}, seed by seed at each contrast's end, Holm's adjustment over layers), where "
+        "each contrast stands out from seed noise: " + "; ".join(parts) + "."
     )
 
 

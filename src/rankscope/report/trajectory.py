@@ -174,7 +174,16 @@ def _steps_axis(ax, tokens_per_step: int, log: bool, first: float) -> None:
     else:
         candidates = list(MaxNLocator(nbins=6, integer=True).tick_values(0, last))
     steps = [int(c) for c in candidates if lo <= c * tokens_per_step <= hi]
-    top = ax.secondary_xaxis("top", functions=(lambda t: t, lambda t: t))
+    # a twin with the bottom axis's own scale: a secondary axis follows a log scale but places its
+    # ticks linearly under symlog (the token axis whenever token 0 is drawn)
+    top = ax.twiny()
+    if ax.get_xscale() == "symlog":
+        tr = ax.xaxis.get_transform()
+        top.set_xscale("symlog", base=tr.base, linthresh=tr.linthresh, linscale=tr.linscale)
+    else:
+        top.set_xscale(ax.get_xscale())
+    top.set_xlim(ax.get_xlim())
+    top.spines[["left", "right", "bottom"]].set_visible(False)
     top.xaxis.set_major_locator(FixedLocator([c * tokens_per_step for c in steps]))
     top.xaxis.set_minor_locator(NullLocator())
     top.xaxis.set_major_formatter(FixedFormatter([f"{c:,}" for c in steps]))
