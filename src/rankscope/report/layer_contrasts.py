@@ -216,7 +216,8 @@ def plot_layer_contrasts(
         if named.any():
             ax.scatter(x[named], m[named], s=30, color="C3", zorder=3, label="beyond seed noise (Holm)")
         if (~named).any():
-            ax.scatter(x[~named], m[~named], s=30, facecolors="white", edgecolors="C0", zorder=3, label="within noise")
+            rest = "within noise" if c.n >= 2 else "one seed: no interval"
+            ax.scatter(x[~named], m[~named], s=30, facecolors="white", edgecolors="C0", zorder=3, label=rest)
         ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
         ax.set_xlabel("layer")
         ax.set_ylabel(f"difference in {what} ({unit})")
