@@ -288,3 +288,32 @@ def test_titles_break_between_phrases():
         "(pr_sv of keys after QK-Norm and RoPE; 1 = one direction,",
         "64 = all 64)",
     ]
+
+
+def test_layer_bar_labels_stay_inside_their_panel(tmp_path, monkeypatch):
+    """Two seeds give whiskers of t = 12.7 standard errors, far past the panel's top: each bar's value
+    label must still sit inside the panel (above its whisker where there is room, else on the bar),
+    never up in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import rankscope.report.layer_plots as lp
+
+    drawn = {}
+    monkeypatch.setattr(lp, "save", lambda fig, path: drawn.setdefault("fig", fig))
+    rows = []
+    for arm, wide in (("a", True), ("b", False)):
+        for layer in range(16):
+            m = 36.0 + (layer % 3)
+            half = (40.0 if layer % 2 else 6.0) if wide else 0.0
+            rows.append((arm, layer, m, m - half, m + half, 2 if wide else 1, 2_000_000))
+    bars = pd.DataFrame(rows, columns=["arm", "layer", "mean", "lo", "hi", "n", "tokens"])
+    lp.plot_layer_pr(bars, ["a", "b"], {"a": "C0", "b": "C1"}, tmp_path / "x.png", ymax=70.0, head_dim=64)
+    fig = drawn["fig"]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax = fig.axes[0]
+    top = ax.get_window_extent().y1
+    labels = [t for t in ax.texts if re.fullmatch(r"\d+", t.get_text())]
+    assert len(labels) == 32
+    for t in labels:
+        assert t.get_window_extent(canvas.get_renderer()).y1 <= top + 1, t.get_text()
