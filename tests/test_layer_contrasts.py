@@ -99,6 +99,16 @@ def test_unshared_seeds_fall_back_to_welch_and_one_seed_gives_no_interval():
         # the arms' means over all their seeds, as the difference uses them
         assert (row["treatment"], row["control"]) == pytest.approx((va.mean(), vb.mean()))
 
+    # a run still going: one seed shared, a second in one arm only. The difference is that seed's,
+    # and so are the arms' values beside it (treatment − control reads as the difference shown)
+    partial = f[(f["arm"] == "a") & f["seed"].isin((0, 1)) | (f["arm"] == "b") & (f["seed"] == 0)]
+    c = layer_contrast(partial, "a", "b", END)
+    assert set(c.rows["test"]) == {SINGLE}
+    assert (c.rows["treatment"] - c.rows["control"]).tolist() == pytest.approx(c.rows["mean"].tolist())
+    seed0 = partial[(partial["tokens"] == END) & (partial["seed"] == 0)]
+    seed0 = seed0.pivot(index="layer", columns="arm", values="value")
+    assert c.rows["mean"].tolist() == pytest.approx((seed0["a"] - seed0["b"]).tolist())
+
     one = layer_contrast(f[f["seed"] == 0], "a", "b", END)
     assert set(one.rows["test"]) == {SINGLE} and one.rows["lo"].isna().all() and one.beyond_noise() == []
     assert "one seed: no layer can be told from seed noise" in describe(one, "key PR", 1)

@@ -23,9 +23,10 @@ from matplotlib.ticker import MaxNLocator
 
 from ..settings.units import fmt_count
 from .blocks import Block, Para, Table, md_escape
-from .format import MINUS, bare_p, decimals_for, fmt_mean_ci, resolving_decimals, seeds_text, signed
+from .format import MINUS, bare_p, decimals_for, seeds_text, signed
 from .plotstyle import Plot, ci_err, new_figure, reference_line, save, style_axes
-from .stats import PAIRED_CONSTANT, SINGLE, holm, paired_difference
+from .stats import SINGLE, holm, paired_difference
+from .trajectory import difference_cell
 
 COLUMNS = ["layer", "treatment", "control", "mean", "lo", "hi", "p", "p_holm", "n", "test"]
 PLOT = "layer_contrasts.png"
@@ -77,7 +78,7 @@ def layer_contrast(layers: pd.DataFrame, treatment: str, control: str, tokens: i
         }
         ta, ca = values.get(treatment, {}), values.get(control, {})
         d = paired_difference(ta, ca, names=(treatment, control))
-        use = d.seeds if len(d.seeds) >= 2 else None
+        use = d.seeds or None  # the seeds the difference is taken over; all of each arm's for Welch
         means = [float(np.mean([v[s] for s in (use or v)])) if v else math.nan for v in (ta, ca)]
         rows.append([int(layer), *means, d.mean, d.lo, d.hi, d.p, math.nan, d.n, d.test])
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -102,23 +103,16 @@ def layer_contrasts(
 # --- words and tables -----------------------------------------------------------------------------
 
 
-def _cell(row: pd.Series, d: int) -> str:
-    if row["test"] == PAIRED_CONSTANT:
-        return f"{signed(float(row['mean']), d)} (same in every seed)"
-    m, lo, hi = float(row["mean"]), float(row["lo"]), float(row["hi"])
-    return fmt_mean_ci(m, lo, hi, int(row["n"]), resolving_decimals(d, m, lo, hi))
-
-
 def describe(c: LayerContrast, what: str, d: int) -> str:
     """Where in depth the difference is largest, and which layers stand out from seed noise."""
     r = c.rows[np.isfinite(c.rows["mean"].to_numpy(float))]
     if not len(r):
         return f"{c.treatment} {MINUS} {c.control}: no layer has both arms at {fmt_count(c.tokens)} tokens."
     lo, hi = r.loc[r["mean"].idxmin()], r.loc[r["mean"].idxmax()]
+    low, high = difference_cell(lo, d), difference_cell(hi, d)
     text = (
         f"{what[0].upper()}{what[1:]}, {c.treatment} {MINUS} {c.control} at {fmt_count(c.tokens)} tokens "
-        f"({seeds_text(c.n)}): from {_cell(lo, d)} in layer {int(lo['layer'])} to {_cell(hi, d)} in layer "
-        f"{int(hi['layer'])}"
+        f"({seeds_text(c.n)}): from {low} in layer {int(lo['layer'])} to {high} in layer {int(hi['layer'])}"
     )
     if c.n < 2 or (r["test"] == SINGLE).all():
         return text + "; one seed: no layer can be told from seed noise."
@@ -177,7 +171,7 @@ def layer_contrast_blocks(contrasts: Sequence[LayerContrast], what: str) -> list
                 str(int(r["layer"])),
                 signed(float(r["treatment"]), d),
                 signed(float(r["control"]), d),
-                _cell(r, d),
+                difference_cell(r, d),
                 bare_p(float(r["p"])),
                 bare_p(float(r["p_holm"])),
             ]

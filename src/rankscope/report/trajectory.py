@@ -62,12 +62,14 @@ def describe(trajectory: pd.DataFrame, treatment: str, control: str, what: str, 
     )
     name = f"{what[0].upper()}{what[1:]}, {treatment} {MINUS} {control}"
     return (
-        f"{name}: {_cell(first, decimals)} at {fmt_count(int(first['tokens']))} tokens, "
-        f"{_cell(last, decimals)} at {fmt_count(int(last['tokens']))}; {where}."
+        f"{name}: {difference_cell(first, decimals)} at {fmt_count(int(first['tokens']))} tokens, "
+        f"{difference_cell(last, decimals)} at {fmt_count(int(last['tokens']))}; {where}."
     )
 
 
-def _cell(row: pd.Series, d: int) -> str:
+def difference_cell(row: pd.Series, d: int) -> str:
+    """A row's difference (mean, lo, hi, n, test) as text: the interval where there is one, and
+    the words for a difference that is the same in every seed."""
     if row["test"] == PAIRED_CONSTANT:  # a zero-width interval: say why
         return f"{signed(float(row['mean']), d)} (same in every seed)"
     m, lo, hi = float(row["mean"]), float(row["lo"]), float(row["hi"])
@@ -103,7 +105,7 @@ def trajectory_blocks(
             row = [fmt_count(t)] + ([f"{t // tokens_per_step:,}"] if tokens_per_step else [])
             for q, x in cols:
                 hit = x[x["tokens"] == t]
-                row.append(_cell(hit.iloc[0], digits[q.key]) if len(hit) else "–")
+                row.append(difference_cell(hit.iloc[0], digits[q.key]) if len(hit) else "–")
             rows.append(row)
         blocks.append(Para(f"**{md_escape(a)} {MINUS} {md_escape(b)}** at every eval point:"))
         blocks.append(Table(header, rows, ["r"] * len(header)))
