@@ -26,6 +26,7 @@ from .plotstyle import (
     REFERENCE,
     SMALL,
     Plot,
+    bar_label,
     ci_bars,
     new_figure,
     reference_line,
@@ -74,20 +75,7 @@ def plot_layer_pr(
         if label_values:
             for xi, y, top in zip(x, means, tops):
                 if np.isfinite(y):
-                    # above the whisker; a whisker that reaches the panel's top (two seeds: t = 12.7)
-                    # would carry it into the title, so then the label sits on the bar, over the whisker
-                    clipped = top > 0.92 * ymax  # 8% of the panel: room for the label's height
-                    ax.annotate(
-                        f"{y:.0f}" if ymax >= 20 else f"{y:.1f}",
-                        (xi, y if clipped else top),
-                        xytext=(0, 2),
-                        textcoords="offset points",
-                        ha="center",
-                        va="bottom",
-                        fontsize=SMALL,
-                        bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.85) if clipped else None,
-                        zorder=4,
-                    )
+                    bar_label(ax, xi, y, top, ymax, f"{y:.0f}" if ymax >= 20 else f"{y:.1f}")
         handles.append(Patch(facecolor=colors[a]))
         labels.append(f"{a}: mean over layers {np.nanmean(means):.1f}" + (f" ({seeds_text(n)})" if n > 1 else ""))
     ax.set_ylim(0, ymax)

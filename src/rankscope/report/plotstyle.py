@@ -266,6 +266,15 @@ def ci_err(means: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.vstack([means - lo, hi - means])
 
 
+def bar_label(ax: Axes, x: float, y: float, top: float, ymax: float, text: str) -> None:
+    """A bar's value printed above its whisker (`top`), or on the bar, boxed over the whisker, when
+    the whisker nears the panel's top (two seeds: t = 12.7), where the label would meet the title."""
+    clipped = top > 0.92 * ymax  # the label's height is about 8% of a panel
+    box = dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.85) if clipped else None
+    kw = dict(textcoords="offset points", ha="center", va="bottom", fontsize=SMALL, bbox=box, zorder=4)
+    ax.annotate(text, (x, y if clipped else top), xytext=(0, 2), **kw)
+
+
 def ci_bars(ax: Axes, x: np.ndarray, stats: Any, width: float, **bar_kw: Any) -> np.ndarray:
     """Bars of `stats`' "mean" at x, with whiskers of its 95% interval ("lo", "hi") when any bar
     stands on more than one seed ("n"); returns the top of each bar or whisker (for labels)."""
@@ -279,6 +288,7 @@ def ci_bars(ax: Axes, x: np.ndarray, stats: Any, width: float, **bar_kw: Any) ->
 
 
 __all__ = [
+    "bar_label",
     "ci_bars",
     "DPI",
     "MAX_WIDTH_IN",
