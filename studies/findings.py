@@ -120,14 +120,15 @@ def print_layers(name: str, study: StudyData, treatment: str, control: str) -> N
         print(f"| {int(r['layer'])} | " + " | ".join(cells) + " |")
     named = key.beyond_noise()
     print(f"\nLayers beyond seed noise after Holm's adjustment: {', '.join(map(str, named)) or 'none'}.")
-    gaps = [per_run_gap(study.probes, site, metric, treatment, control, key.tokens) for site, metric in GAP_PAIR]
-    both = pd.concat(gaps, axis=1, keys=[f"{s}:{m}" for s, m in GAP_PAIR]).dropna()
-    if len(both) >= 3:
-        c = correlate(both.iloc[:, 0], both.iloc[:, 1])
-        print(
-            f"Δ key PR against Δ W_K-update PR over the {len(both)} layer-seeds: Pearson r = {c.pearson:.2f} "
-            f"[{c.pearson_lo:.2f}, {c.pearson_hi:.2f}], Spearman ρ = {c.spearman:.2f}"
-        )
+    print("\nΔ key PR against Δ W_K-update PR over the layer-seeds (Pearson r [95% CI], Spearman ρ), by step:\n")
+    tps = tokens_per_step(study)
+    for t in sorted(study.probes["tokens"].unique()):
+        gaps = [per_run_gap(study.probes, site, metric, treatment, control, int(t)) for site, metric in GAP_PAIR]
+        both = pd.concat(gaps, axis=1).dropna()
+        if len(both) >= 3:
+            c = correlate(both.iloc[:, 0], both.iloc[:, 1])
+            ci = f"[{c.pearson_lo:.2f}, {c.pearson_hi:.2f}]" if math.isfinite(c.pearson_lo) else ""
+            print(f"- step {int(t) // tps:,} ({len(both)}): r = {c.pearson:.2f} {ci}, ρ = {c.spearman:.2f}")
 
 
 GAP_PAIR = (("k", "pr_sv"), ("dw_k", "pr_sv"))
