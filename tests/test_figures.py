@@ -10,9 +10,11 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.special import digamma
 
+import rankscope.report.layer_plots as lp
 from rankscope.report.band_panels import fit_to_lines
 from rankscope.report.blocks import DISPLAY_DPI, Para, png_display_size, to_html
 from rankscope.report.blocks import Figure as FigureBlock
@@ -294,9 +296,6 @@ def test_layer_bar_labels_stay_inside_their_panel(tmp_path, monkeypatch):
     """Two seeds give whiskers of t = 12.7 standard errors, far past the panel's top: each bar's value
     label must still sit inside the panel (above its whisker where there is room, else on the bar),
     never up in the title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    import rankscope.report.layer_plots as lp
 
     drawn = {}
     monkeypatch.setattr(lp, "save", lambda fig, path: drawn.setdefault("fig", fig))

@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from _studies import make_realistic_study, make_study
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats as sps
 
 from rankscope.report import write_report
-from rankscope.report.trajectory import contrast_trajectory, describe, sign_changes
+from rankscope.report.plotstyle import new_figure
+from rankscope.report.token_axis import tokens_axis
+from rankscope.report.trajectory import contrast_trajectory, describe, sign_changes, steps_axis
 
 SEEDS, TOKENS = (0, 1, 2, 3), (0, 1000, 2000, 4000, 8000)
 
@@ -120,19 +123,13 @@ def test_the_seeds_comparison_at_another_scale_is_set_against_its_headline(tmp_p
 def test_each_step_tick_sits_over_its_tokens(tokens):
     """The top axis's label for N steps is drawn where the bottom axis has N x tokens_per_step tokens,
     whatever the bottom axis's scale (a secondary axis once placed them linearly under symlog)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from rankscope.report.plotstyle import new_figure
-    from rankscope.report.token_axis import tokens_axis
-    from rankscope.report.trajectory import _steps_axis
-
     per_step = 4096
     t = np.array(tokens, dtype=float)
     fig = new_figure(6, 3)
     ax = fig.subplots()
     ax.plot(t, np.zeros_like(t))
     log = tokens_axis(ax, t)
-    _steps_axis(ax, per_step, log, float(t[t > 0].min()))
+    steps_axis(ax, per_step, log, float(t[t > 0].min()))
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     top = ([a for a in fig.axes if a is not ax] + list(ax.child_axes))[0]  # a twin, or a secondary axis

@@ -144,7 +144,7 @@ def plot_contrast_trajectories(
             ax.set_xlim(all_tokens.min() - 0.03 * np.ptp(all_tokens), all_tokens.max() * 1.03)
         if tokens_per_step:
             positive = all_tokens[all_tokens > 0]
-            _steps_axis(ax, tokens_per_step, log, float(positive.min()) if len(positive) else 0.0)
+            steps_axis(ax, tokens_per_step, log, float(positive.min()) if len(positive) else 0.0)
         ax.set_ylabel(f"difference in {q.label}" + (f" ({q.unit})" if q.unit else ""))
         ax.set_title(q.label, fontsize=10)
         style_axes(ax)
@@ -164,7 +164,7 @@ def plot_contrast_trajectories(
     return Plot(save(fig, path), caption)
 
 
-def _steps_axis(ax, tokens_per_step: int, log: bool, first: float) -> None:
+def steps_axis(ax, tokens_per_step: int, log: bool, first: float) -> None:
     """Optimizer steps on the top axis (the seed's figures are at 1,953 and 6,104 steps): ticks at
     round step counts placed at their token positions, so they follow the bottom axis's scale (on a
     log axis from `first`, the first positive eval point, where the decades start)."""
