@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from _studies import N_LAYER, assert_png, make_realistic_study, make_study
+from _studies import N_LAYER, assert_png, make_realistic_study, make_study, pr, write_run
 from scipy import stats as sps
 
 from rankscope.report import load_study, write_report
@@ -21,7 +21,9 @@ from rankscope.report.layer_contrasts import (
     layer_list,
     summary_sentence,
 )
+from rankscope.report.series import layer_means
 from rankscope.report.stats import PAIRED, PAIRED_CONSTANT, SINGLE, WELCH
+from rankscope.storage.store import write_record
 
 SEEDS, LAYERS, END = (0, 1, 2, 3), 6, 5000
 SHIFT = {2: -8.0, 4: 0.6}  # layer 2: a large shift in every seed; layer 4: a small one lost in noise
@@ -174,3 +176,39 @@ def test_the_summary_names_the_layers_beyond_noise_or_none():
     # one seed: nothing can be judged, so the summary says nothing about layers
     assert summary_sentence([layer_contrast(layers_frame(seeds=(0,)), "a", "b", END)], "key PR") is None
     assert summary_sentence([], "key PR") is None
+
+
+def test_the_report_sets_the_update_pr_beside_each_layer(tmp_path):
+    """Where the runs record the W_K-update PR, each layer's row carries its contrast as well: its own
+    paired t over seeds at the key-PR contrast's point (here: the update 5 dimensions narrower in layer
+    1 under "qk", plus seed noise; key PR as in `_studies.pr`)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "s"
+    root.mkdir()
+    write_record(root / "study.json", {"name": "u", "arms": {"qk": {}, "none": {}}, "contrasts": [["qk", "none"]]})
+    config = {"model": {"n_layer": 2, "n_head": 2, "head_dim": 8, "d_model": 16}, "train": {"tokens": 400}}
+    for arm in ("qk", "none"):
+        for seed in (0, 1, 2):
+            points = []
+            for t in (0, 200, 400):
+                rows = [(la, h, "k", "pr_sv", pr(arm, seed, la, h, t)) for la in range(2) for h in range(2)]
+                shift = -5.0 if arm == "qk" and t == 400 else 0.0
+                update = [30 + seed + shift * la + rng.normal() for la in range(2) for _ in range(2)]
+                rows += [(i // 2, i % 2, "dw_k", "pr_sv", v) for i, v in enumerate(update)]
+                points.append((t, 5.0 - t / 1000, rows))
+            write_run(root, arm, seed, {**config, "arm": arm, "seed": seed}, points, summary={"tokens": 400})
+    study = load_study(root)
+    numbers = compute_numbers(study)
+    (key,), (upd,) = numbers.layer_contrasts, numbers.update_layer_contrasts
+    assert (upd.treatment, upd.control, upd.tokens) == (key.treatment, key.control, key.tokens) == ("qk", "none", 400)
+    direct = layer_means(study.probes, "dw_k", "pr_sv")
+    for _, row in upd.rows.iterrows():
+        at = direct[(direct["tokens"] == 400) & (direct["layer"] == row["layer"])]
+        at = at.pivot(index="seed", columns="arm", values="value")
+        assert row["mean"] == pytest.approx((at["qk"] - at["none"]).mean())
+        assert row["p"] == pytest.approx(sps.ttest_rel(at["qk"], at["none"]).pvalue)
+    assert upd.rows.loc[upd.rows["layer"] == 1, "mean"].iloc[0] == pytest.approx(-5.0, abs=2.5)
+    text = write_report(root, tmp_path / "out").read_text()
+    section = text.split("## The contrasts layer by layer", 1)[1].split("\n## ", 1)[0]
+    assert "| Δ W_K-update PR [95% CI] |" in section
+    assert "The last column is the same difference in W_K-update PR" in section

@@ -13,7 +13,7 @@ import pandas as pd
 from .compare import correlation_table, pairwise_comparisons, rank_downstream_frame
 from .factorial import Grid, effects_table, find_grid
 from .kv_headroom import headroom_frame, headroom_table, run_tolerance
-from .layer_contrasts import LayerContrast, layer_contrasts
+from .layer_contrasts import LayerContrast, layer_contrast, layer_contrasts
 from .layer_tables import Diagnosis, diagnoses, functional_rank_data, rank_sweep_curves
 from .load import StudyData
 from .paradox import paradox_table
@@ -48,6 +48,8 @@ class ReportNumbers:
     tokens_per_step: int | None = None  # shared by every run, for a steps axis
     # each contrast layer by layer at its arms' common end, on the probe quantity (layer_contrasts)
     layer_contrasts: list[LayerContrast] = field(default_factory=list)
+    # the same in the W_K-update PR, where recorded, at each contrast's point of the probe quantity
+    update_layer_contrasts: list[LayerContrast] = field(default_factory=list)
 
 
 # The quantities whose contrasts the report follows over training: loss, the probe quantity, and
@@ -116,6 +118,11 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     layers = layer_means(study.probes, site, metric)
     if layers["layer"].nunique() >= 2:  # one layer is the network-wide mean the paradox table gives
         numbers.layer_contrasts = layer_contrasts(layers, study.contrasts, ends)
+        update = layer_means(study.probes, "dw_k", "pr_sv")
+        if (site, metric) != ("dw_k", "pr_sv") and len(update):
+            numbers.update_layer_contrasts = [
+                layer_contrast(update, c.treatment, c.control, c.tokens) for c in numbers.layer_contrasts
+            ]
     per_step = {r.config.get("tokens_per_step") for r in study.runs}
     numbers.tokens_per_step = int(per_step.pop()) if len(per_step) == 1 and None not in per_step else None
     return numbers

@@ -19,7 +19,7 @@ import pandas as pd
 from ..settings.units import fmt_count
 from ..settings.vocab import site_description
 from ..storage.fsio import write_text
-from .analysis import ReportNumbers, compute_numbers
+from .analysis import UPDATE_PR, ReportNumbers, compute_numbers
 from .blocks import Block, Box, Bullets, Details, Figure, Heading, Para, Table, code, md_escape, to_html, to_markdown
 from .compare import NOT_COMPARABLE
 from .factorial import effect_rows
@@ -289,7 +289,12 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
     section("The contrasts over training", contrasts + _figures(plots, "contrasts.png".__eq__))
     section(
         "The contrasts layer by layer",
-        layer_contrast_blocks(numbers.layer_contrasts, quantity.removeprefix("mean "))
+        layer_contrast_blocks(
+            numbers.layer_contrasts,
+            quantity.removeprefix("mean "),
+            numbers.update_layer_contrasts,
+            UPDATE_PR.label.removeprefix("mean "),
+        )
         + _figures(plots, LAYER_CONTRASTS_PLOT.__eq__),
     )
     if len(arms) > 2:

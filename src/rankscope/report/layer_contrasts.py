@@ -149,25 +149,37 @@ def summary_sentence(contrasts: Sequence[LayerContrast], what: str) -> str | Non
     )
 
 
-def layer_contrast_blocks(contrasts: Sequence[LayerContrast], what: str) -> list[Block]:
-    """An introduction, then per contrast a sentence and a table of every layer."""
+def layer_contrast_blocks(
+    contrasts: Sequence[LayerContrast], what: str, beside: Sequence[LayerContrast] = (), beside_what: str = ""
+) -> list[Block]:
+    """An introduction, then per contrast a sentence and a table of every layer; `beside`: the same
+    contrasts in another per-layer quantity (`beside_what`), a column of its difference in each row
+    (the report puts the W_K-update PR there: where the keys narrow, did their update narrow?)."""
     if not contrasts:
         return []
-    blocks: list[Block] = [
-        Para(
-            f"Each contrast in each layer: {what} (mean over the layer's heads) as treatment − control, seed by "
-            "seed, at the last eval point both arms reached, with a 95% paired t-interval over seeds. With many "
-            "layers some interval excludes 0 by chance; the last column adjusts each layer's p by Holm's method "
-            "over the contrast's layers, and only layers below 0.05 there are named as beyond seed noise."
-        )
-    ]
+    intro = (
+        f"Each contrast in each layer: {what} (mean over the layer's heads) as treatment − control, seed by "
+        "seed, at the last eval point both arms reached, with a 95% paired t-interval over seeds. With many "
+        "layers some interval excludes 0 by chance; the p (Holm) column adjusts each layer's p by Holm's method "
+        "over the contrast's layers, and only layers below 0.05 there are named as beyond seed noise."
+    )
+    others = {(o.treatment, o.control, o.tokens): o for o in beside}
+    if others:
+        intro += f" The last column is the same difference in {beside_what}, at the same point."
+    blocks: list[Block] = [Para(intro)]
     for c in contrasts:
         d = decimals_for(pd.concat([c.rows["treatment"], c.rows["control"]]).tolist(), what)
         blocks.append(Para(describe(c, what, d)))
         t, k = md_escape(c.treatment), md_escape(c.control)
         header = ["layer", t, k, f"{t} {MINUS} {k} [95% CI]", "p", "p (Holm)"]
-        rows = [
-            [
+        other = others.get((c.treatment, c.control, c.tokens))
+        if other is not None:
+            header.append(f"Δ {beside_what} [95% CI]")
+            by_layer = other.rows.set_index("layer")
+            od = decimals_for(pd.concat([other.rows["treatment"], other.rows["control"]]).tolist(), beside_what)
+        rows = []
+        for _, r in c.rows.iterrows():
+            row = [
                 str(int(r["layer"])),
                 signed(float(r["treatment"]), d),
                 signed(float(r["control"]), d),
@@ -175,8 +187,10 @@ def layer_contrast_blocks(contrasts: Sequence[LayerContrast], what: str) -> list
                 bare_p(float(r["p"])),
                 bare_p(float(r["p_holm"])),
             ]
-            for _, r in c.rows.iterrows()
-        ]
+            if other is not None:
+                hit = r["layer"] in by_layer.index
+                row.append(difference_cell(by_layer.loc[r["layer"]], od) if hit else "–")
+            rows.append(row)
         blocks.append(Table(header, rows, ["r"] * len(header)))
     return blocks
 
