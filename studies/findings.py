@@ -74,6 +74,9 @@ def print_trajectory(name: str, study: StudyData, treatment: str, control: str) 
     loss = trajectory_table(study, treatment, control, "val_loss")
     arms = seed_stats(quantity_series(study.scalars, study.probes, KEY_PR))
     print(f"\n### {name}: {treatment} − {control}, mean key PR and val loss at every probe point\n")
+    if not len(pr):
+        print("(no probe point reached by both arms yet)")
+        return pr
     print("| steps | tokens | passes | key PR " + treatment + " | key PR " + control + " | Δ key PR | Δ val loss |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for _, r in pr.iterrows():
