@@ -130,9 +130,23 @@ def test_unfinished_run_lowers_n_at_end_but_counts_earlier(tmp_path):
     )
     md = write_report(root).read_text()
     assert f"`none` seed 2: **running** (last eval at 200 of 400 tokens; pid {os.getpid()} on" in md
+    assert "(4 finished, 1 still running: their points so far)" in md  # said once
     # a holder that is gone leaves the file behind: the run is stopped, not running
     lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
     assert "**stopped**" in write_report(root).read_text()
+
+
+def test_an_arm_without_runs_yet_is_named_in_the_summary(tmp_path):
+    root = make_study(tmp_path / "s", {"qk": "qk", "none": "none"}, [0, 1])
+    study = json.loads((root / "study.json").read_text())
+    study["arms"]["later"] = {"model.qk_norm": "none"}  # declared, no run folder yet (a shard still to come)
+    (root / "study.json").write_text(json.dumps(study))
+    md = write_report(root).read_text()
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    # the seed count is the arms that ran, not "up to 2 seeds" because one arm has none
+    assert "This study ran 3 arms × 2 seeds (4 runs: 4 finished)" in summary
+    assert "; not started yet: **later**." in summary
+    assert "`later` seed 0: **not started**" in md
 
 
 def test_diverged_run_is_listed_as_diverged_not_finished(tmp_path):

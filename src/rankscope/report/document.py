@@ -198,7 +198,6 @@ def build_blocks(numbers: ReportNumbers, plots: list[Plot]) -> list[Block]:
         Para(
             f"*rankscope report over {len(study.runs)} runs ({n_done} finished"
             + (f", {n_div} diverged" if n_div else "")
-            + (f", {n_running} still running" if n_running else "")
             + (f", {n_running} still running: their points so far" if n_running else "")
             + f") from {sources}.*",
             css="meta",

@@ -327,6 +327,8 @@ def summary_paragraphs(
     n_done = sum(r.done for r in runs)
     div = [r for r in runs if r.diverged]
     seeds_per_arm = {a: len({r.seed for r in runs if r.arm == a}) for a in arms}
+    waiting = [a for a, n in seeds_per_arm.items() if not n]  # declared, no run folder yet
+    seeds_per_arm = {a: n for a, n in seeds_per_arm.items() if n} or seeds_per_arm
     most = max(seeds_per_arm.values(), default=0)
     out = []
     presets = sorted({str(s["preset"]) for s in study.studies if s.get("preset")})
@@ -340,6 +342,7 @@ def summary_paragraphs(
         + ")"
         + (f", preset {', '.join(f'`{p}`' for p in presets)}" if presets else "")
         + (f", {' / '.join(fmt_count(b) for b in budget)} tokens per run" if budget else "")
+        + (f"; not started yet: {', '.join(_b(a) for a in waiting)}" if waiting else "")
     )
     # seeds that actually entered a comparison at the end (a seed still running or diverged does not)
     end_n = [
