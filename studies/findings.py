@@ -228,6 +228,8 @@ def plot_memorization(studies: list[tuple[str, StudyData]], path: Path) -> None:
             for col, ls in (("train_loss", "--"), ("val_loss", "-")):
                 st = seed_stats(quantity_series(study.scalars, study.probes, col))
                 st = st[(st["arm"] == arm) & (st["tokens"] > 0)]
+                if not len(st):  # an arm not started yet
+                    continue
                 ax.plot(st["tokens"] / tps, st["mean"], ls=ls, color=f"C{i}", lw=1.3, label=f"{arm} {col[:-5]}")
         ax.set_xscale("log")
         ax.set_xlabel("optimizer steps (log scale)")
