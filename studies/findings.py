@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 
 from rankscope.report.format import bare_p, fmt_mean_ci, seeds_text
-from rankscope.report.layer_contrasts import layer_contrasts
+from rankscope.report.layer_contrasts import layer_contrast, layer_contrasts
 from rankscope.report.load import StudyData, load_study
 from rankscope.report.plotstyle import new_figure, reference_line, save, style_axes
-from rankscope.report.series import layer_means, quantity_series, seed_stats
+from rankscope.report.series import choose_points, layer_means, quantity_series, seed_stats
 from rankscope.report.stats import correlate
 from rankscope.report.trajectory import contrast_trajectory
 
@@ -95,20 +95,16 @@ def print_trajectory(name: str, study: StudyData, treatment: str, control: str) 
 
 def print_layers(name: str, study: StudyData, treatment: str, control: str) -> None:
     """Per layer at the arms' common end, seed by seed (`report.layer_contrasts`): key PR of each arm
-    and their difference, with Holm's adjustment over layers; the same difference in the W_K-update PR
-    and in K's share of the attention update (the mechanism of section 7), where recorded."""
-    ends = {}
-    for arm in (treatment, control):
-        t = study.probes.loc[(study.probes["arm"] == arm) & (study.probes["site"] == "k"), "tokens"]
-        if len(t):
-            ends[arm] = int(t.max())
-    found = {
-        (site, metric): layer_contrasts(layer_means(study.probes, site, metric), [(treatment, control)], ends)
-        for site, metric in (("k", "pr_sv"), ("dw_k", "pr_sv"), ("dw_k", "k_share"))
-    }
-    if not found[("k", "pr_sv")]:
+    and their difference, with Holm's adjustment over layers; at the same point, the same difference
+    in the W_K-update PR and in K's share of the attention update (the mechanism of section 7), where
+    recorded; then how the key-PR and update-PR gaps go together over the layer-seeds at each point."""
+    lms = {q: layer_means(study.probes, *q) for q in (("k", "pr_sv"), ("dw_k", "pr_sv"), ("dw_k", "k_share"))}
+    _, ends = choose_points(quantity_series(study.scalars, study.probes, KEY_PR), study.arms, study.finished)
+    found = layer_contrasts(lms[("k", "pr_sv")], [(treatment, control)], ends)
+    if not found:
         return
-    key = found[("k", "pr_sv")][0]
+    key = found[0]
+    beside = {q: layer_contrast(lms[q], treatment, control, key.tokens).rows.set_index("layer") for q in GAP_COLUMNS}
     print(f"\n### {name}: {treatment} − {control} per layer at {key.tokens / 1e6:.3g}M tokens ({seeds_text(key.n)})\n")
     header = [f"key PR {treatment}", f"key PR {control}", "Δ key PR", "p (Holm)", "Δ W_K-update PR", "Δ K's share"]
     print("| layer | " + " | ".join(header) + " |")
@@ -116,31 +112,31 @@ def print_layers(name: str, study: StudyData, treatment: str, control: str) -> N
     for _, r in key.rows.iterrows():
         cells = [f"{r['treatment']:.1f}", f"{r['control']:.1f}", fmt_row(r["mean"], r["lo"], r["hi"], int(r["n"]))]
         cells.append(bare_p(r["p_holm"]))
-        for q, d in ((("dw_k", "pr_sv"), 1), (("dw_k", "k_share"), 3)):
-            other = found[q][0].rows if found[q] else None
-            hit = other[other["layer"] == r["layer"]] if other is not None else []
-            cells.append(fmt_row(*hit[["mean", "lo", "hi", "n"]].iloc[0], d=d) if len(hit) else "–")
+        for q, d in GAP_COLUMNS.items():
+            rows = beside[q]
+            hit = rows.loc[r["layer"]] if r["layer"] in rows.index else None
+            cells.append(fmt_row(hit["mean"], hit["lo"], hit["hi"], int(hit["n"]), d=d) if hit is not None else "–")
         print(f"| {int(r['layer'])} | " + " | ".join(cells) + " |")
     named = key.beyond_noise()
     print(f"\nLayers beyond seed noise after Holm's adjustment: {', '.join(map(str, named)) or 'none'}.")
     print("\nΔ key PR against Δ W_K-update PR over the layer-seeds (Pearson r [95% CI], Spearman ρ), by step:\n")
     tps = tokens_per_step(study)
-    for t in sorted(study.probes["tokens"].unique()):
-        gaps = [per_run_gap(study.probes, site, metric, treatment, control, int(t)) for site, metric in GAP_PAIR]
-        both = pd.concat(gaps, axis=1).dropna()
-        if len(both) >= 3:
-            c = correlate(both.iloc[:, 0], both.iloc[:, 1])
+    gaps = [per_run_gaps(lms[q], treatment, control) for q in (("k", "pr_sv"), ("dw_k", "pr_sv"))]
+    both = pd.concat(gaps, axis=1).dropna()
+    for t, at in both.groupby(level="tokens"):
+        if len(at) >= 3:
+            c = correlate(at.iloc[:, 0], at.iloc[:, 1])
             ci = f"[{c.pearson_lo:.2f}, {c.pearson_hi:.2f}]" if math.isfinite(c.pearson_lo) else ""
-            print(f"- step {int(t) // tps:,} ({len(both)}): r = {c.pearson:.2f} {ci}, ρ = {c.spearman:.2f}")
+            print(f"- step {int(t) // tps:,} ({len(at)}): r = {c.pearson:.2f} {ci}, ρ = {c.spearman:.2f}")
 
 
-GAP_PAIR = (("k", "pr_sv"), ("dw_k", "pr_sv"))
+# the update's columns beside key PR in the per-layer tables, with their decimals
+GAP_COLUMNS = {("dw_k", "pr_sv"): 1, ("dw_k", "k_share"): 3}
 
 
-def per_run_gap(probes: pd.DataFrame, site: str, metric: str, treatment: str, control: str, tokens: int) -> pd.Series:
-    """`treatment − control` per (seed, layer) at `tokens`: each layer's mean over heads, seed by seed."""
-    lm = layer_means(probes, site, metric)
-    at = lm[lm["tokens"] == tokens].pivot_table(index=["seed", "layer"], columns="arm", values="value")
+def per_run_gaps(layers: pd.DataFrame, treatment: str, control: str) -> pd.Series:
+    """`treatment − control` per (tokens, seed, layer), from `series.layer_means` rows."""
+    at = layers.pivot_table(index=["tokens", "seed", "layer"], columns="arm", values="value")
     if treatment not in at or control not in at:
         return pd.Series(dtype=float)
     return at[treatment] - at[control]

@@ -36,10 +36,6 @@ from .checkpoints import check_vocab, find_series, is_run_folder, select
 from .inputs import LoadedModel, first_line
 
 SERIES = "series.json"
-KEEP_MORE = (
-    "a rankscope run keeps its checkpoints at train.checkpoint_series log-spaced steps (default 8) "
-    "and its newest train.keep_checkpoints"
-)
 
 
 @dataclass

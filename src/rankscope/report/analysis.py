@@ -118,8 +118,8 @@ def compute_numbers(study: StudyData, site: str = "k", metric: str = "pr_sv") ->
     layers = layer_means(study.probes, site, metric)
     if layers["layer"].nunique() >= 2:  # one layer is the network-wide mean the paradox table gives
         numbers.layer_contrasts = layer_contrasts(layers, study.contrasts, ends)
-        update = layer_means(study.probes, "dw_k", "pr_sv")
-        if (site, metric) != ("dw_k", "pr_sv") and len(update):
+        update = layer_means(study.probes, "dw_k", "pr_sv") if (site, metric) != ("dw_k", "pr_sv") else []
+        if len(update):
             numbers.update_layer_contrasts = [
                 layer_contrast(update, c.treatment, c.control, c.tokens) for c in numbers.layer_contrasts
             ]
